@@ -1,0 +1,1 @@
+"""callcredit server: the single-writer balance authority."""
