@@ -1,0 +1,87 @@
+"""The pure balance state machine: no grpc, sqlalchemy, asyncio or clock.
+
+Every operation is a function of (state, now_ms, command). Time is an argument,
+results are values (see outcomes.py), and exceptions are bugs (InvariantViolation).
+"""
+
+from __future__ import annotations
+
+from callcredit_server.core.commands import (
+    Adjust,
+    Command,
+    CreateAccount,
+    PutTariff,
+    Release,
+    Renew,
+    Reserve,
+    Tick,
+    TopUp,
+    UpdateAccount,
+)
+from callcredit_server.core.machine import InvariantViolation, StateMachine, Step
+from callcredit_server.core.model import (
+    AccountStatus,
+    AccountView,
+    CallRecord,
+    CallState,
+    EntryKind,
+    Grant,
+    LedgerEntry,
+    Rate,
+    ReleaseResult,
+    Tariff,
+)
+from callcredit_server.core.outcomes import (
+    AccountResult,
+    GrantPush,
+    GrantResult,
+    Outcome,
+    Push,
+    Reason,
+    Refused,
+    ReleaseOutcome,
+    TariffResult,
+    Termination,
+    TickResult,
+)
+from callcredit_server.core.rating import billed_seconds, cost, max_affordable_seconds
+
+__all__ = [
+    "AccountResult",
+    "AccountStatus",
+    "AccountView",
+    "Adjust",
+    "CallRecord",
+    "CallState",
+    "Command",
+    "CreateAccount",
+    "EntryKind",
+    "Grant",
+    "GrantPush",
+    "GrantResult",
+    "InvariantViolation",
+    "LedgerEntry",
+    "Outcome",
+    "Push",
+    "PutTariff",
+    "Rate",
+    "Reason",
+    "Refused",
+    "Release",
+    "ReleaseOutcome",
+    "ReleaseResult",
+    "Renew",
+    "Reserve",
+    "StateMachine",
+    "Step",
+    "Tariff",
+    "TariffResult",
+    "Termination",
+    "Tick",
+    "TickResult",
+    "TopUp",
+    "UpdateAccount",
+    "billed_seconds",
+    "cost",
+    "max_affordable_seconds",
+]

@@ -1,0 +1,90 @@
+"""Commands: every change the state machine accepts, as plain values.
+
+A command is what the journal records (with the time it was applied), so it
+carries every setting its outcome depends on: a Reserve carries its resolved
+grant and validity, a Tick its retention, so replay is exact whatever the flags
+of the restarted server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from callcredit_server.core.model import AccountStatus, Tariff
+
+
+@dataclass(frozen=True, slots=True)
+class CreateAccount:
+    account_id: str
+    currency: str
+    tariff_id: str
+    credit_limit: int
+    max_concurrent_calls: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateAccount:
+    account_id: str
+    status: AccountStatus | None = None
+    tariff_id: str | None = None
+    credit_limit: int | None = None
+    max_concurrent_calls: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TopUp:
+    account_id: str
+    amount: int
+    idempotency_key: str
+    reference: str
+
+
+@dataclass(frozen=True, slots=True)
+class Adjust:
+    account_id: str
+    amount: int
+    idempotency_key: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PutTariff:
+    tariff: Tariff
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    call_id: str
+    account_id: str
+    destination: str
+    requested_seconds: int
+    grant_seconds: int  # g = min(requested or default, max), resolved by the server
+    validity_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Renew:
+    call_id: str
+    sequence: int
+    used_seconds: int
+    requested_seconds: int
+    grant_seconds: int
+    validity_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    call_id: str
+    used_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passes: expire calls past their validity, forget what left the window."""
+
+    retention_ms: int
+
+
+Command = (
+    CreateAccount | UpdateAccount | TopUp | Adjust | PutTariff | Reserve | Renew | Release | Tick
+)

@@ -1,0 +1,666 @@
+"""The balance state machine: every rule of DESIGN.md, one command at a time.
+
+`StateMachine.apply(command, now_ms)` is a function of (state, time, command).
+Each handler runs all of its checks first, in the order DESIGN.md gives, each
+returning a named refusal; after the line marked `# -- commit point --` the
+command must succeed, and only then does state change. A refused command changes
+nothing (expiries that fell due before it are time passing, not the command).
+
+`Step.changed` says whether the command must be journaled: replaying every
+changed command at its time rebuilds the same state, because nothing here reads
+a clock, a random source or the environment.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+
+from callcredit_server.core.commands import (
+    Adjust,
+    Command,
+    CreateAccount,
+    PutTariff,
+    Release,
+    Renew,
+    Reserve,
+    Tick,
+    TopUp,
+    UpdateAccount,
+)
+from callcredit_server.core.model import (
+    Account,
+    AccountStatus,
+    AccountView,
+    Call,
+    CallRecord,
+    CallState,
+    EntryKind,
+    LedgerEntry,
+    ReleaseResult,
+    Tariff,
+)
+from callcredit_server.core.outcomes import (
+    AccountResult,
+    GrantPush,
+    GrantResult,
+    Outcome,
+    Push,
+    Reason,
+    Refused,
+    ReleaseOutcome,
+    TariffResult,
+    Termination,
+    TickResult,
+)
+from callcredit_server.core.rating import billed_seconds, cost, max_affordable_seconds
+from callcredit_server.core.validation import MAX_BALANCE, violations
+
+# Expiry is bounded work per step (TigerBeetle expires pending transfers in
+# bounded batches too): a burst of due calls is spread over the next steps.
+MAX_EXPIRIES_PER_STEP = 10_000
+
+
+class InvariantViolation(Exception):
+    """A bug: the state broke a rule that no input may break. The server must stop."""
+
+
+@dataclass(slots=True)
+class Step:
+    """What one command did: the answer, and what must be journaled and pushed."""
+
+    outcome: Outcome
+    changed: bool
+    entries: list[LedgerEntry] = field(default_factory=list)
+    calls: list[CallRecord] = field(default_factory=list)
+    pushes: list[Push] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyRecord:
+    """A remembered TopUp/Adjust: what was asked and what was answered."""
+
+    fingerprint: tuple[str, int, str]
+    answer: AccountView
+
+
+def _refuse(reason: Reason, message: str) -> Refused:
+    return Refused(reason, message)
+
+
+class StateMachine:
+    """Accounts, tariffs and calls in memory, changed only through `apply`."""
+
+    def __init__(self) -> None:
+        self.accounts: dict[str, Account] = {}
+        self.tariffs: dict[str, Tariff] = {}
+        # Open calls, and ended ones still within the reconciliation window.
+        self.calls: dict[str, Call] = {}
+        self.now_ms = 0
+        self.last_entry_id = 0
+        self.last_call_seq = 0
+        self.ledger_total = 0  # sum of every entry's amount: must equal sum of balances
+        self._expiries: list[tuple[int, int, str]] = []  # (expires_at_ms, call_seq, call_id)
+        self._ended: deque[tuple[int, str]] = deque()  # (ended_at_ms, call_id)
+        self._keys: dict[tuple[str, str], _KeyRecord] = {}
+        self._key_times: deque[tuple[int, str, str]] = deque()  # (at_ms, account_id, key)
+        # Effects of the step in progress.
+        self._changed = False
+        self._entries: list[LedgerEntry] = []
+        self._touched: dict[str, Call] = {}
+        self._pushes: list[Push] = []
+        self._accounts_touched: dict[str, Account] = {}
+        self._expired = 0
+
+    # ----------------------------------------------------------------- apply
+
+    def apply(self, command: Command, now_ms: int) -> Step:
+        """Apply one command at time `now_ms` (never earlier than the last)."""
+        if now_ms < self.now_ms:
+            raise InvariantViolation(f"time went back: {now_ms} < {self.now_ms}")
+        self.now_ms = now_ms
+        self._changed = False
+        self._entries = []
+        self._touched = {}
+        self._pushes = []
+        self._accounts_touched = {}
+        self._expired = self._expire_due()
+        problems = violations(command)
+        if problems:
+            text = "; ".join(f"{name}: {why}" for name, why in problems)
+            outcome: Outcome = Refused(Reason.INVALID_ARGUMENT, text, tuple(problems))
+        else:
+            outcome = self._dispatch(command)
+        self._check_touched()
+        return Step(
+            outcome=outcome,
+            changed=self._changed,
+            entries=self._entries,
+            calls=[call.record() for call in self._touched.values()],
+            pushes=self._pushes,
+        )
+
+    def _dispatch(self, command: Command) -> Outcome:
+        match command:
+            case CreateAccount():
+                return self._create_account(command)
+            case UpdateAccount():
+                return self._update_account(command)
+            case TopUp():
+                fingerprint = ("TOP_UP", command.amount, command.reference)
+                return self._move_money(
+                    command.account_id,
+                    command.amount,
+                    command.idempotency_key,
+                    command.reference,
+                    EntryKind.TOP_UP,
+                    fingerprint,
+                )
+            case Adjust():
+                fingerprint = ("ADJUSTMENT", command.amount, command.reason)
+                return self._move_money(
+                    command.account_id,
+                    command.amount,
+                    command.idempotency_key,
+                    command.reason,
+                    EntryKind.ADJUSTMENT,
+                    fingerprint,
+                )
+            case PutTariff():
+                return self._put_tariff(command)
+            case Reserve():
+                return self._reserve(command)
+            case Renew():
+                return self._renew(command)
+            case Release():
+                return self._release(command)
+            case Tick():
+                return self._tick(command)
+
+    # ------------------------------------------------------------- accounts
+
+    def _create_account(self, c: CreateAccount) -> Outcome:
+        if c.account_id in self.accounts:
+            return _refuse(Reason.ACCOUNT_EXISTS, f"account {c.account_id!r} exists")
+        tariff = self.tariffs.get(c.tariff_id)
+        if tariff is None:
+            return _refuse(Reason.TARIFF_NOT_FOUND, f"no tariff {c.tariff_id!r}")
+        if tariff.currency != c.currency:
+            return _refuse(
+                Reason.CURRENCY_MISMATCH,
+                f"tariff {c.tariff_id!r} is in {tariff.currency}, account in {c.currency}",
+            )
+        # -- commit point --
+        self._changed = True
+        account = Account(
+            account_id=c.account_id,
+            currency=c.currency,
+            tariff_id=c.tariff_id,
+            credit_limit=c.credit_limit,
+            max_concurrent_calls=c.max_concurrent_calls,
+        )
+        self.accounts[c.account_id] = account
+        self._accounts_touched[c.account_id] = account
+        return AccountResult(account.view())
+
+    def _update_account(self, c: UpdateAccount) -> Outcome:
+        account = self.accounts.get(c.account_id)
+        if account is None:
+            return _refuse(Reason.ACCOUNT_NOT_FOUND, f"no account {c.account_id!r}")
+        if account.status is AccountStatus.CLOSED:
+            return _refuse(Reason.ACCOUNT_CLOSED, f"account {c.account_id!r} is closed")
+        if c.tariff_id is not None:
+            tariff = self.tariffs.get(c.tariff_id)
+            if tariff is None:
+                return _refuse(Reason.TARIFF_NOT_FOUND, f"no tariff {c.tariff_id!r}")
+            if tariff.currency != account.currency:
+                return _refuse(
+                    Reason.CURRENCY_MISMATCH,
+                    f"tariff {c.tariff_id!r} is in {tariff.currency}, "
+                    f"account in {account.currency}",
+                )
+        if c.credit_limit is not None and account.balance + c.credit_limit < account.reserved:
+            return _refuse(
+                Reason.INSUFFICIENT_FUNDS,
+                f"credit limit {c.credit_limit} would make available negative "
+                f"(balance {account.balance}, reserved {account.reserved})",
+            )
+        if c.status is AccountStatus.CLOSED and account.open_calls:
+            return _refuse(
+                Reason.ACCOUNT_HAS_OPEN_CALLS,
+                f"account {c.account_id!r} has {len(account.open_calls)} open calls",
+            )
+        # -- commit point --
+        grew = False
+        if c.tariff_id is not None and c.tariff_id != account.tariff_id:
+            account.tariff_id = c.tariff_id
+            self._changed = True
+        if c.max_concurrent_calls is not None and (
+            c.max_concurrent_calls != account.max_concurrent_calls
+        ):
+            account.max_concurrent_calls = c.max_concurrent_calls
+            self._changed = True
+        if c.credit_limit is not None and c.credit_limit != account.credit_limit:
+            grew = c.credit_limit > account.credit_limit
+            account.credit_limit = c.credit_limit
+            self._changed = True
+        if c.status is not None and c.status is not account.status:
+            account.status = c.status
+            self._changed = True
+            if c.status is AccountStatus.SUSPENDED:
+                self._suspend_calls(account)
+            elif c.status is AccountStatus.ACTIVE:
+                grew = True
+        self._accounts_touched[account.account_id] = account
+        if grew:
+            self._regrant(account)
+        return AccountResult(account.view())
+
+    def _suspend_calls(self, account: Account) -> None:
+        """Order every open call to hang up; their grants are final from now on."""
+        for call in account.open_calls.values():
+            self._set_final(account, call, True)
+            self._touched[call.call_id] = call
+            self._pushes.append(Termination(call.call_id, Reason.ACCOUNT_SUSPENDED.value))
+
+    def _move_money(
+        self,
+        account_id: str,
+        amount: int,
+        key: str,
+        text: str,
+        kind: EntryKind,
+        fingerprint: tuple[str, int, str],
+    ) -> Outcome:
+        account = self.accounts.get(account_id)
+        if account is None:
+            return _refuse(Reason.ACCOUNT_NOT_FOUND, f"no account {account_id!r}")
+        remembered = self._keys.get((account_id, key))
+        if remembered is not None:
+            if remembered.fingerprint == fingerprint:
+                return AccountResult(remembered.answer)
+            return _refuse(
+                Reason.IDEMPOTENCY_KEY_CONFLICT,
+                f"idempotency key {key!r} was used with different fields",
+            )
+        if account.status is AccountStatus.CLOSED:
+            return _refuse(Reason.ACCOUNT_CLOSED, f"account {account_id!r} is closed")
+        if amount < 0 and account.available + amount < 0:
+            return _refuse(
+                Reason.INSUFFICIENT_FUNDS,
+                f"adjustment {amount} exceeds available {account.available}",
+            )
+        if account.balance + amount > MAX_BALANCE:
+            return Refused(
+                Reason.INVALID_ARGUMENT,
+                f"amount: would take the balance over {MAX_BALANCE}",
+                (("amount", f"would take the balance over {MAX_BALANCE}"),),
+            )
+        # -- commit point --
+        self._changed = True
+        self._post(account, kind, amount, call_id="", reference=text, key=key)
+        if amount > 0:
+            self._regrant(account)
+        answer = account.view()
+        self._keys[(account_id, key)] = _KeyRecord(fingerprint, answer)
+        self._key_times.append((self.now_ms, account_id, key))
+        return AccountResult(answer)
+
+    def _put_tariff(self, c: PutTariff) -> Outcome:
+        existing = self.tariffs.get(c.tariff.tariff_id)
+        if existing is not None and existing.currency != c.tariff.currency:
+            return _refuse(
+                Reason.CURRENCY_MISMATCH,
+                f"tariff {c.tariff.tariff_id!r} is in {existing.currency}; "
+                "a tariff's currency cannot change",
+            )
+        # -- commit point --
+        self._changed = True
+        self.tariffs[c.tariff.tariff_id] = c.tariff
+        return TariffResult(c.tariff)
+
+    # ---------------------------------------------------------------- calls
+
+    def _reserve(self, c: Reserve) -> Outcome:
+        destination = c.destination.removeprefix("+")
+        call = self.calls.get(c.call_id)
+        if call is not None:
+            asked = (c.account_id, destination, c.requested_seconds)
+            if asked != (call.account_id, call.destination, call.requested_seconds):
+                return _refuse(
+                    Reason.CALL_ID_CONFLICT,
+                    f"call {c.call_id!r} was reserved with different parameters",
+                )
+            if call.state is not CallState.ACTIVE:
+                return _refuse(Reason.CALL_ALREADY_ENDED, f"call {c.call_id!r} has ended")
+            return GrantResult(call.grant())
+        account = self.accounts.get(c.account_id)
+        if account is None:
+            return _refuse(Reason.ACCOUNT_NOT_FOUND, f"no account {c.account_id!r}")
+        if account.status is AccountStatus.SUSPENDED:
+            return _refuse(Reason.ACCOUNT_SUSPENDED, f"account {c.account_id!r} is suspended")
+        if account.status is AccountStatus.CLOSED:
+            return _refuse(Reason.ACCOUNT_CLOSED, f"account {c.account_id!r} is closed")
+        cap = account.max_concurrent_calls
+        if cap and len(account.open_calls) >= cap:
+            return _refuse(
+                Reason.CONCURRENT_CALL_LIMIT,
+                f"account {c.account_id!r} has {cap} open calls, its cap",
+            )
+        rate = self.tariffs[account.tariff_id].rate_for(destination)
+        if rate is None:
+            return _refuse(
+                Reason.NO_RATE_FOR_DESTINATION,
+                f"tariff {account.tariff_id!r} has no rate for {destination}",
+            )
+        allowed = max_affordable_seconds(rate, c.grant_seconds, account.available)
+        if allowed == 0:
+            return _refuse(
+                Reason.INSUFFICIENT_FUNDS,
+                f"available {account.available} does not cover one second "
+                f"({cost(rate, 1)}) to {destination}",
+            )
+        # -- commit point --
+        self._changed = True
+        self.last_call_seq += 1
+        call = Call(
+            call_id=c.call_id,
+            call_seq=self.last_call_seq,
+            account_id=c.account_id,
+            destination=destination,
+            requested_seconds=c.requested_seconds,
+            rate=rate,
+            grant_seconds=c.grant_seconds,
+            validity_seconds=c.validity_seconds,
+            started_at_ms=self.now_ms,
+            expires_at_ms=0,
+            allowed_seconds=allowed,
+            held=cost(rate, allowed),
+        )
+        self.calls[call.call_id] = call
+        account.open_calls[call.call_id] = call
+        account.reserved += call.held
+        self._set_final(account, call, allowed < c.grant_seconds)
+        self._refresh_validity(call)
+        self._touched[call.call_id] = call
+        self._accounts_touched[account.account_id] = account
+        return GrantResult(call.grant())
+
+    def _renew(self, c: Renew) -> Outcome:
+        call = self.calls.get(c.call_id)
+        if call is None:
+            return _refuse(Reason.CALL_NOT_FOUND, f"no call {c.call_id!r}")
+        self._expire_if_due(call)
+        if call.state is not CallState.ACTIVE:
+            return _refuse(Reason.CALL_ALREADY_ENDED, f"call {c.call_id!r} has ended")
+        if c.sequence == call.last_sequence and call.last_renew is not None:
+            return GrantResult(call.last_renew)
+        if c.sequence <= call.last_sequence:
+            return GrantResult(call.grant())
+        if c.used_seconds < call.used_seconds:
+            message = f"must not be lower than the {call.used_seconds} already reported"
+            return Refused(
+                Reason.INVALID_ARGUMENT,
+                f"used_seconds: {message}",
+                (("used_seconds", message),),
+            )
+        account = self.accounts[call.account_id]
+        # -- commit point --
+        self._changed = True
+        call.used_seconds = c.used_seconds
+        call.last_sequence = c.sequence
+        call.grant_seconds = c.grant_seconds
+        call.validity_seconds = c.validity_seconds
+        if account.status is AccountStatus.ACTIVE:
+            self._extend(account, call)
+        else:
+            self._set_final(account, call, True)
+        self._refresh_validity(call)
+        call.last_renew = call.grant()
+        self._touched[call.call_id] = call
+        self._accounts_touched[account.account_id] = account
+        return GrantResult(call.last_renew)
+
+    def _release(self, c: Release) -> Outcome:
+        call = self.calls.get(c.call_id)
+        if call is None:
+            return _refuse(Reason.CALL_NOT_FOUND, f"no call {c.call_id!r}")
+        self._expire_if_due(call)
+        if call.release is not None:
+            if call.release.used_seconds == c.used_seconds:
+                return ReleaseOutcome(call.release)
+            return _refuse(
+                Reason.CALL_ALREADY_ENDED,
+                f"call {c.call_id!r} was released with {call.release.used_seconds} seconds",
+            )
+        if c.used_seconds < call.used_seconds:
+            message = f"must not be lower than the {call.used_seconds} already reported"
+            return Refused(
+                Reason.INVALID_ARGUMENT,
+                f"used_seconds: {message}",
+                (("used_seconds", message),),
+            )
+        account = self.accounts[call.account_id]
+        if call.state is CallState.EXPIRED:
+            return self._late_release(account, call, c.used_seconds)
+        # -- commit point --
+        self._changed = True
+        price = cost(call.rate, c.used_seconds)
+        self._close(account, call, CallState.RELEASED)
+        charge = min(price, account.available)
+        if charge:
+            self._post(account, EntryKind.CALL_CHARGE, -charge, call_id=call.call_id)
+        call.used_seconds = c.used_seconds
+        call.charged = charge
+        call.shortfall = price - charge
+        call.release = self._release_result(account, call)
+        self._regrant(account)
+        return ReleaseOutcome(call.release)
+
+    def _late_release(self, account: Account, call: Call, used_seconds: int) -> Outcome:
+        """Re-rate an expired call to what it used; refund what it was overcharged."""
+        if account.status is AccountStatus.CLOSED:
+            return _refuse(Reason.ACCOUNT_CLOSED, f"account {account.account_id!r} is closed")
+        # -- commit point --
+        self._changed = True
+        price = cost(call.rate, used_seconds)
+        charged = min(price, call.charged)
+        refund = call.charged - charged
+        if refund:
+            self._post(account, EntryKind.REFUND, refund, call_id=call.call_id)
+        call.used_seconds = used_seconds
+        call.charged = charged
+        call.shortfall = price - charged
+        call.release = self._release_result(account, call)
+        self._touched[call.call_id] = call
+        if refund:
+            self._regrant(account)
+        return ReleaseOutcome(call.release)
+
+    def _release_result(self, account: Account, call: Call) -> ReleaseResult:
+        return ReleaseResult(
+            call_id=call.call_id,
+            used_seconds=call.used_seconds,
+            billed_seconds=billed_seconds(call.rate, call.used_seconds),
+            charged=call.charged,
+            shortfall=call.shortfall,
+            balance=account.balance,
+        )
+
+    def _tick(self, c: Tick) -> Outcome:
+        """Forget ended calls and idempotency keys older than the retention window."""
+        cutoff_ms = self.now_ms - c.retention_ms
+        forgotten = 0
+        while self._ended and self._ended[0][0] <= cutoff_ms:
+            _, call_id = self._ended.popleft()
+            del self.calls[call_id]
+            forgotten += 1
+        while self._key_times and self._key_times[0][0] <= cutoff_ms:
+            _, account_id, key = self._key_times.popleft()
+            del self._keys[(account_id, key)]
+            forgotten += 1
+        if forgotten:
+            self._changed = True
+        return TickResult(expired=self._expired, forgotten=forgotten)
+
+    # -------------------------------------------------------------- helpers
+
+    def _extend(self, account: Account, call: Call) -> None:
+        """Grow the call's allowance to one grant beyond its use, as funds allow."""
+        wanted = call.used_seconds + call.grant_seconds
+        target = max(call.allowed_seconds, wanted)
+        allowed = max_affordable_seconds(call.rate, target, call.held + account.available)
+        if allowed < call.allowed_seconds:
+            raise InvariantViolation(f"call {call.call_id} would lose granted seconds")
+        hold = cost(call.rate, allowed)
+        account.reserved += hold - call.held
+        call.held = hold
+        call.allowed_seconds = allowed
+        self._set_final(account, call, allowed < wanted)
+
+    def _regrant(self, account: Account) -> None:
+        """Extend final grants, oldest call first, now that `available` grew."""
+        if account.status is not AccountStatus.ACTIVE:
+            return
+        for call_seq in sorted(account.final_calls):
+            if account.available <= 0:
+                break
+            call = account.final_calls[call_seq]
+            before = call.allowed_seconds
+            self._extend(account, call)
+            if call.allowed_seconds > before:
+                self._refresh_validity(call)
+                self._touched[call.call_id] = call
+                self._pushes.append(GrantPush(call.grant()))
+        self._accounts_touched[account.account_id] = account
+
+    def _set_final(self, account: Account, call: Call, final: bool) -> None:
+        call.final = final
+        if final:
+            account.final_calls[call.call_seq] = call
+        else:
+            account.final_calls.pop(call.call_seq, None)
+
+    def _refresh_validity(self, call: Call) -> None:
+        call.expires_at_ms = self.now_ms + call.validity_seconds * 1000
+        heapq.heappush(self._expiries, (call.expires_at_ms, call.call_seq, call.call_id))
+
+    def _expire_due(self) -> int:
+        expired = 0
+        while (
+            self._expiries
+            and self._expiries[0][0] < self.now_ms
+            and expired < MAX_EXPIRIES_PER_STEP
+        ):
+            expires_at_ms, _, call_id = heapq.heappop(self._expiries)
+            call = self.calls.get(call_id)
+            # Entries left behind by renewals are stale: the call moved its deadline.
+            if call is not None and call.expires_at_ms == expires_at_ms:
+                expired += self._expire_if_due(call)
+        return expired
+
+    def _expire_if_due(self, call: Call) -> int:
+        """Expire `call` if its validity ran out: charge the most it was allowed."""
+        if call.state is not CallState.ACTIVE or call.expires_at_ms >= self.now_ms:
+            return 0
+        self._changed = True
+        account = self.accounts[call.account_id]
+        charge = call.held
+        self._close(account, call, CallState.EXPIRED)
+        if charge:
+            self._post(account, EntryKind.EXPIRY_CHARGE, -charge, call_id=call.call_id)
+        call.charged = charge
+        return 1
+
+    def _close(self, account: Account, call: Call, state: CallState) -> None:
+        """End an open call: free its hold and remember it for the window."""
+        account.reserved -= call.held
+        call.held = 0
+        call.state = state
+        call.ended_at_ms = self.now_ms
+        self._set_final(account, call, False)
+        del account.open_calls[call.call_id]
+        self._ended.append((self.now_ms, call.call_id))
+        self._touched[call.call_id] = call
+        self._accounts_touched[account.account_id] = account
+
+    def _post(
+        self,
+        account: Account,
+        kind: EntryKind,
+        amount: int,
+        *,
+        call_id: str,
+        reference: str = "",
+        key: str = "",
+    ) -> None:
+        """The only place a balance changes: every change is a ledger entry."""
+        account.balance += amount
+        self.ledger_total += amount
+        self.last_entry_id += 1
+        self._entries.append(
+            LedgerEntry(
+                entry_id=self.last_entry_id,
+                account_id=account.account_id,
+                kind=kind,
+                amount=amount,
+                balance_after=account.balance,
+                call_id=call_id,
+                reference=reference,
+                idempotency_key=key,
+                created_at_ms=self.now_ms,
+            )
+        )
+        self._accounts_touched[account.account_id] = account
+
+    def _check_touched(self) -> None:
+        for account in self._accounts_touched.values():
+            if account.available < 0 or account.reserved < 0:
+                raise InvariantViolation(
+                    f"account {account.account_id}: available {account.available}, "
+                    f"reserved {account.reserved}"
+                )
+
+    # ---------------------------------------------------------------- reads
+
+    def account(self, account_id: str) -> AccountView | None:
+        account = self.accounts.get(account_id)
+        return None if account is None else account.view()
+
+    def call(self, call_id: str) -> CallRecord | None:
+        call = self.calls.get(call_id)
+        return None if call is None else call.record()
+
+    def open_calls(self, account_id: str) -> list[CallRecord]:
+        """The account's open calls, newest first."""
+        account = self.accounts.get(account_id)
+        if account is None:
+            return []
+        return [call.record() for call in reversed(account.open_calls.values())]
+
+    def next_expiry_ms(self) -> int | None:
+        """When the earliest open call may expire (possibly a stale, earlier time)."""
+        return self._expiries[0][0] if self._expiries else None
+
+    def audit(self) -> list[str]:
+        """Check every invariant across the whole state; the problems found."""
+        problems: list[str] = []
+        balances = 0
+        for account in self.accounts.values():
+            balances += account.balance
+            holds = sum(call.held for call in account.open_calls.values())
+            if holds != account.reserved:
+                problems.append(f"{account.account_id}: reserved {account.reserved} != {holds}")
+            if account.available < 0:
+                problems.append(f"{account.account_id}: available {account.available} < 0")
+            for call in account.open_calls.values():
+                if call.state is not CallState.ACTIVE or self.calls.get(call.call_id) is not call:
+                    problems.append(f"{call.call_id}: open but {call.state}")
+                if call.held != cost(call.rate, call.allowed_seconds):
+                    problems.append(f"{call.call_id}: held {call.held} != cost of allowed")
+                if call.final != (call.call_seq in account.final_calls):
+                    problems.append(f"{call.call_id}: final flag and final set disagree")
+        if balances != self.ledger_total:
+            problems.append(f"sum of balances {balances} != sum of entries {self.ledger_total}")
+        return problems

@@ -1,0 +1,236 @@
+"""The state machine's data: accounts, tariffs, calls, and the values it hands out.
+
+Amounts are int minor units; prices int micros of the minor unit per minute; times
+int milliseconds since the Unix epoch (`*_ms`), given by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+MAX_PREFIX_DIGITS = 16
+
+
+class AccountStatus(StrEnum):
+    """What an account may do (AccountStatus in the contract)."""
+
+    ACTIVE = "ACTIVE"
+    SUSPENDED = "SUSPENDED"
+    CLOSED = "CLOSED"
+
+
+class CallState(StrEnum):
+    """Where a call is in its life (CallState in the contract)."""
+
+    ACTIVE = "ACTIVE"
+    RELEASED = "RELEASED"
+    EXPIRED = "EXPIRED"
+
+
+class EntryKind(StrEnum):
+    """Why a ledger entry changed a balance (EntryKind in the contract)."""
+
+    TOP_UP = "TOP_UP"
+    ADJUSTMENT = "ADJUSTMENT"
+    CALL_CHARGE = "CALL_CHARGE"
+    EXPIRY_CHARGE = "EXPIRY_CHARGE"
+    REFUND = "REFUND"
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """The price of calls to destinations starting with `prefix`."""
+
+    prefix: str
+    price_per_minute_micros: int
+    first_increment_seconds: int
+    next_increment_seconds: int
+    connect_fee: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tariff:
+    """Rates in one currency, looked up by the longest matching prefix."""
+
+    tariff_id: str
+    currency: str
+    rates: tuple[Rate, ...]
+    _by_prefix: dict[str, Rate] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_prefix", {r.prefix: r for r in self.rates})
+
+    def rate_for(self, destination: str) -> Rate | None:
+        """The rate of the longest prefix of `destination` (digits only), if any."""
+        for length in range(min(len(destination), MAX_PREFIX_DIGITS), -1, -1):
+            rate = self._by_prefix.get(destination[:length])
+            if rate is not None:
+                return rate
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """How long a call may last (Grant in the contract)."""
+
+    call_id: str
+    allowed_seconds: int
+    final: bool
+    validity_seconds: int
+    held: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseResult:
+    """The answer to a Release, kept so that a repeat gets the same answer."""
+
+    call_id: str
+    used_seconds: int
+    billed_seconds: int
+    charged: int
+    shortfall: int
+    balance: int
+
+
+@dataclass(frozen=True, slots=True)
+class AccountView:
+    """An account as it stood at one instant (Account in the contract)."""
+
+    account_id: str
+    currency: str
+    status: AccountStatus
+    tariff_id: str
+    balance: int
+    reserved: int
+    available: int
+    credit_limit: int
+    max_concurrent_calls: int
+    active_calls: int
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One signed change of a balance. Entries of an account sum to its balance."""
+
+    entry_id: int
+    account_id: str
+    kind: EntryKind
+    amount: int
+    balance_after: int
+    call_id: str
+    reference: str
+    idempotency_key: str
+    created_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """A call as it stood at one instant: what is written to history and read back."""
+
+    call_id: str
+    call_seq: int
+    account_id: str
+    destination: str
+    state: CallState
+    allowed_seconds: int
+    used_seconds: int
+    held: int
+    charged: int
+    shortfall: int
+    rate: Rate
+    started_at_ms: int
+    ended_at_ms: int | None
+    final: bool
+    expires_at_ms: int | None
+    last_sequence: int
+
+
+@dataclass(slots=True)
+class Call:
+    """A call the state machine still remembers (open, or ended within the window)."""
+
+    call_id: str
+    call_seq: int  # order of reservation across the server: "oldest first"
+    account_id: str
+    destination: str  # digits, '+' removed
+    requested_seconds: int  # as asked at Reserve, to recognise a repeat
+    rate: Rate  # frozen at Reserve
+    grant_seconds: int  # the g of the last Reserve/Renew, reused by re-grants
+    validity_seconds: int
+    started_at_ms: int
+    expires_at_ms: int
+    state: CallState = CallState.ACTIVE
+    allowed_seconds: int = 0
+    used_seconds: int = 0
+    held: int = 0
+    final: bool = False
+    last_sequence: int = 0
+    last_renew: Grant | None = None
+    charged: int = 0
+    shortfall: int = 0
+    ended_at_ms: int | None = None
+    release: ReleaseResult | None = None
+
+    def grant(self) -> Grant:
+        """The call's current grant."""
+        return Grant(
+            self.call_id, self.allowed_seconds, self.final, self.validity_seconds, self.held
+        )
+
+    def record(self) -> CallRecord:
+        """An immutable copy for history and reads."""
+        active = self.state is CallState.ACTIVE
+        return CallRecord(
+            call_id=self.call_id,
+            call_seq=self.call_seq,
+            account_id=self.account_id,
+            destination=self.destination,
+            state=self.state,
+            allowed_seconds=self.allowed_seconds,
+            used_seconds=self.used_seconds,
+            held=self.held,
+            charged=self.charged,
+            shortfall=self.shortfall,
+            rate=self.rate,
+            started_at_ms=self.started_at_ms,
+            ended_at_ms=self.ended_at_ms,
+            final=self.final,
+            expires_at_ms=self.expires_at_ms if active else None,
+            last_sequence=self.last_sequence,
+        )
+
+
+@dataclass(slots=True)
+class Account:
+    """A prepaid balance. `reserved` is the sum of the holds of its open calls."""
+
+    account_id: str
+    currency: str
+    tariff_id: str
+    credit_limit: int
+    max_concurrent_calls: int
+    status: AccountStatus = AccountStatus.ACTIVE
+    balance: int = 0
+    reserved: int = 0
+    open_calls: dict[str, Call] = field(default_factory=dict)
+    # Open calls whose grant is final, by call_seq: candidates for a re-grant.
+    final_calls: dict[int, Call] = field(default_factory=dict)
+
+    @property
+    def available(self) -> int:
+        return self.balance + self.credit_limit - self.reserved
+
+    def view(self) -> AccountView:
+        return AccountView(
+            account_id=self.account_id,
+            currency=self.currency,
+            status=self.status,
+            tariff_id=self.tariff_id,
+            balance=self.balance,
+            reserved=self.reserved,
+            available=self.available,
+            credit_limit=self.credit_limit,
+            max_concurrent_calls=self.max_concurrent_calls,
+            active_calls=len(self.open_calls),
+        )

@@ -1,0 +1,87 @@
+"""Outcomes: what the state machine answers, as named values.
+
+A refusal is a `Refused` with a `Reason` (DESIGN.md, Errors); it changed nothing.
+Pushes are what the server must tell dialers beyond the answer itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from callcredit_server.core.model import AccountView, Grant, ReleaseResult, Tariff
+
+
+class Reason(StrEnum):
+    """Why a request was refused: the ErrorInfo reason of the contract."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    ACCOUNT_NOT_FOUND = "ACCOUNT_NOT_FOUND"
+    TARIFF_NOT_FOUND = "TARIFF_NOT_FOUND"
+    CALL_NOT_FOUND = "CALL_NOT_FOUND"
+    ACCOUNT_EXISTS = "ACCOUNT_EXISTS"
+    CALL_ID_CONFLICT = "CALL_ID_CONFLICT"
+    IDEMPOTENCY_KEY_CONFLICT = "IDEMPOTENCY_KEY_CONFLICT"
+    INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
+    ACCOUNT_SUSPENDED = "ACCOUNT_SUSPENDED"
+    ACCOUNT_CLOSED = "ACCOUNT_CLOSED"
+    NO_RATE_FOR_DESTINATION = "NO_RATE_FOR_DESTINATION"
+    CALL_ALREADY_ENDED = "CALL_ALREADY_ENDED"
+    CURRENCY_MISMATCH = "CURRENCY_MISMATCH"
+    # Not in DESIGN.md's table: closing an account that still has open calls.
+    ACCOUNT_HAS_OPEN_CALLS = "ACCOUNT_HAS_OPEN_CALLS"
+    CONCURRENT_CALL_LIMIT = "CONCURRENT_CALL_LIMIT"
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reason: Reason
+    message: str
+    field_violations: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AccountResult:
+    account: AccountView
+
+
+@dataclass(frozen=True, slots=True)
+class TariffResult:
+    tariff: Tariff
+
+
+@dataclass(frozen=True, slots=True)
+class GrantResult:
+    grant: Grant
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOutcome:
+    result: ReleaseResult
+
+
+@dataclass(frozen=True, slots=True)
+class TickResult:
+    expired: int
+    forgotten: int
+
+
+Outcome = Refused | AccountResult | TariffResult | GrantResult | ReleaseOutcome | TickResult
+
+
+@dataclass(frozen=True, slots=True)
+class GrantPush:
+    """A call's final grant was extended: tell the stream that carries it."""
+
+    grant: Grant
+
+
+@dataclass(frozen=True, slots=True)
+class Termination:
+    """Order the dialer carrying `call_id` to hang up now."""
+
+    call_id: str
+    reason: str
+
+
+Push = GrantPush | Termination

@@ -1,0 +1,149 @@
+"""Input limits (DESIGN.md, Contract): checked before anything else, changing nothing.
+
+Each function returns the field violations of one command, empty when valid.
+"""
+
+from __future__ import annotations
+
+import re
+
+from callcredit_server.core.commands import (
+    Adjust,
+    Command,
+    CreateAccount,
+    PutTariff,
+    Release,
+    Renew,
+    Reserve,
+    Tick,
+    TopUp,
+    UpdateAccount,
+)
+from callcredit_server.core.model import MAX_PREFIX_DIGITS
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+DESTINATION_PATTERN = re.compile(r"\+?[0-9]{1,32}")
+CURRENCY_PATTERN = re.compile(r"[A-Z]{3}")
+PREFIX_PATTERN = re.compile(rf"[0-9]{{0,{MAX_PREFIX_DIGITS}}}")
+MAX_AMOUNT = 10**15
+MAX_CREDIT_LIMIT = 10**15
+MAX_BALANCE = 10**18  # keeps every balance well inside int64
+MAX_PRICE_PER_MINUTE_MICROS = 10**12
+MAX_INCREMENT_SECONDS = 3_600
+MAX_CONNECT_FEE = 10**9
+MAX_SECONDS = 86_400
+MAX_RATES_PER_TARIFF = 10_000
+MAX_CALLS = 1_000_000  # max_concurrent_calls
+MAX_TEXT_CHARS = 256  # top-up reference, adjustment reason
+MAX_SEQUENCE = 2**63 - 1
+
+Violations = list[tuple[str, str]]
+
+
+def _id(out: Violations, name: str, value: str) -> None:
+    if not ID_PATTERN.fullmatch(value):
+        out.append((name, "must be 1-128 characters of [A-Za-z0-9._:@-]"))
+
+
+def _range(out: Violations, name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        out.append((name, f"must be between {low} and {high}"))
+
+
+def _text(out: Violations, name: str, value: str) -> None:
+    if len(value) > MAX_TEXT_CHARS:
+        out.append((name, f"must be at most {MAX_TEXT_CHARS} characters"))
+
+
+def _currency(out: Violations, value: str) -> None:
+    if not CURRENCY_PATTERN.fullmatch(value):
+        out.append(("currency", "must be three upper-case letters (ISO 4217)"))
+
+
+def _seconds(out: Violations, name: str, value: int) -> None:
+    _range(out, name, value, 0, MAX_SECONDS)
+
+
+def violations(command: Command) -> Violations:
+    """Every way `command` breaks the input limits."""
+    out: Violations = []
+    match command:
+        case CreateAccount():
+            _id(out, "account_id", command.account_id)
+            _currency(out, command.currency)
+            _id(out, "tariff_id", command.tariff_id)
+            _range(out, "credit_limit", command.credit_limit, 0, MAX_CREDIT_LIMIT)
+            _range(out, "max_concurrent_calls", command.max_concurrent_calls, 0, MAX_CALLS)
+        case UpdateAccount():
+            _id(out, "account_id", command.account_id)
+            if command.tariff_id is not None:
+                _id(out, "tariff_id", command.tariff_id)
+            if command.credit_limit is not None:
+                _range(out, "credit_limit", command.credit_limit, 0, MAX_CREDIT_LIMIT)
+            if command.max_concurrent_calls is not None:
+                _range(
+                    out,
+                    "max_concurrent_calls",
+                    command.max_concurrent_calls,
+                    0,
+                    MAX_CALLS,
+                )
+        case TopUp():
+            _id(out, "account_id", command.account_id)
+            _range(out, "amount", command.amount, 1, MAX_AMOUNT)
+            _id(out, "idempotency_key", command.idempotency_key)
+            _text(out, "reference", command.reference)
+        case Adjust():
+            _id(out, "account_id", command.account_id)
+            _range(out, "amount", command.amount, -MAX_AMOUNT, MAX_AMOUNT)
+            if command.amount == 0:
+                out.append(("amount", "must not be zero"))
+            _id(out, "idempotency_key", command.idempotency_key)
+            _text(out, "reason", command.reason)
+        case PutTariff():
+            _tariff(out, command)
+        case Reserve():
+            _id(out, "call_id", command.call_id)
+            _id(out, "account_id", command.account_id)
+            if not DESTINATION_PATTERN.fullmatch(command.destination):
+                out.append(("destination", "must be 1-32 digits after an optional '+'"))
+            _seconds(out, "requested_seconds", command.requested_seconds)
+        case Renew():
+            _id(out, "call_id", command.call_id)
+            _range(out, "sequence", command.sequence, 1, MAX_SEQUENCE)
+            _seconds(out, "used_seconds", command.used_seconds)
+            _seconds(out, "requested_seconds", command.requested_seconds)
+        case Release():
+            _id(out, "call_id", command.call_id)
+            _seconds(out, "used_seconds", command.used_seconds)
+        case Tick():
+            pass
+    return out
+
+
+def _tariff(out: Violations, command: PutTariff) -> None:
+    tariff = command.tariff
+    _id(out, "tariff.tariff_id", tariff.tariff_id)
+    if not CURRENCY_PATTERN.fullmatch(tariff.currency):
+        out.append(("tariff.currency", "must be three upper-case letters (ISO 4217)"))
+    if len(tariff.rates) > MAX_RATES_PER_TARIFF:
+        out.append(("tariff.rates", f"must hold at most {MAX_RATES_PER_TARIFF} rates"))
+        return
+    seen: set[str] = set()
+    for i, rate in enumerate(tariff.rates):
+        name = f"tariff.rates[{i}]"
+        if not PREFIX_PATTERN.fullmatch(rate.prefix):
+            out.append((f"{name}.prefix", f"must be 0-{MAX_PREFIX_DIGITS} digits"))
+        elif rate.prefix in seen:
+            out.append((f"{name}.prefix", "must be unique within the tariff"))
+        seen.add(rate.prefix)
+        _range(
+            out,
+            f"{name}.price_per_minute_micros",
+            rate.price_per_minute_micros,
+            0,
+            MAX_PRICE_PER_MINUTE_MICROS,
+        )
+        for field_name in ("first_increment_seconds", "next_increment_seconds"):
+            _range(out, f"{name}.{field_name}", getattr(rate, field_name), 1, MAX_INCREMENT_SECONDS)
+        _range(out, f"{name}.connect_fee", rate.connect_fee, 0, MAX_CONNECT_FEE)
