@@ -59,9 +59,10 @@ class CallcreditError(Exception):
         status = rpc_status.from_call(error)  # type: ignore[arg-type]
         if status is not None:
             return cls.from_status(status)
-        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-        details = error.details() if isinstance(error, grpc.Call) else str(error)
-        return cls(code.name, details or "", code)
+        if isinstance(error, grpc.Call | grpc.aio.AioRpcError):
+            code = error.code()
+            return cls(code.name, error.details() or "", code)
+        return cls(grpc.StatusCode.UNKNOWN.name, str(error))
 
 
 class StreamClosedError(CallcreditError):

@@ -1,0 +1,315 @@
+"""The admin client: accounts, tariffs, money, and reads of calls and the ledger.
+
+``AdminClient`` wraps ``AdminService`` (proto/callcredit/v1/admin.proto) in one async
+method per RPC that takes plain keyword arguments and returns the proto message the
+server answered (``Account``, ``Tariff``, ``Call``, or a list of them)::
+
+    async with AdminClient("127.0.0.1:50051") as admin:
+        await admin.put_tariff("vn-std", "VND", [RateSpec("84", 1_200_000, 60, 60)])
+        await admin.create_account("acme", currency="VND", tariff_id="vn-std")
+        account = await admin.top_up("acme", 500_000, idempotency_key="inv-2024-001")
+
+Every amount is an ``int`` in the account currency's minor unit. A refused or failed
+request raises ``CallcreditError`` (callcredit.errors): gRPC errors are translated once,
+here, and never leak past this module.
+
+Top-ups and adjustments take a required ``idempotency_key``: a retry of a request whose
+answer was lost (timeout, dropped connection) must reuse the key of the first attempt,
+or the money would move twice. The client therefore never invents a key itself — only
+the caller knows which attempts are "the same" request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+
+import grpc
+
+from callcredit.errors import CallcreditError
+from callcredit.v1 import admin_pb2, admin_pb2_grpc
+
+__all__ = ["DEFAULT_TIMEOUT_SECONDS", "AdminClient", "RateSpec"]
+
+# An admin request is one state-machine command plus one group commit of the journal:
+# milliseconds when healthy. Ten seconds leaves room for a slow disk or a busy server
+# while still failing a script within a human's patience when the server is gone.
+DEFAULT_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class RateSpec:
+    """One rate of a tariff, as plain Python values (see the proto ``Rate``).
+
+    The increments default to 1/1 (per-second billing): the one choice that never bills
+    a caller for time they did not use, so forgetting them cannot overcharge anyone.
+    """
+
+    prefix: str
+    price_per_minute_micros: int
+    first_increment_seconds: int = 1
+    next_increment_seconds: int = 1
+    connect_fee: int = 0
+
+    def to_proto(self) -> admin_pb2.Rate:
+        """The wire form of this rate."""
+        return admin_pb2.Rate(
+            prefix=self.prefix,
+            price_per_minute_micros=self.price_per_minute_micros,
+            first_increment_seconds=self.first_increment_seconds,
+            next_increment_seconds=self.next_increment_seconds,
+            connect_fee=self.connect_fee,
+        )
+
+
+@contextmanager
+def _translated_errors() -> Iterator[None]:
+    """Turn a failed RPC into a CallcreditError: the one translation boundary."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise CallcreditError.from_rpc_error(exc) from exc
+
+
+class AdminClient:
+    """An async client for AdminService.
+
+    Built from a target (``"host:port"``; the client then owns an insecure channel and
+    closes it) or from an existing ``grpc.aio.Channel`` (for TLS or custom options; the
+    caller keeps ownership and closes it). Each RPC gets a deadline of
+    ``timeout_seconds``: an admin call that cannot be answered should fail, not hang.
+    """
+
+    def __init__(
+        self,
+        target: str | grpc.aio.Channel,
+        *,
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> None:
+        self._owns_channel = isinstance(target, str)
+        self._channel: grpc.aio.Channel = (
+            grpc.aio.insecure_channel(target) if isinstance(target, str) else target
+        )
+        # Not annotated: with grpc's type stubs this infers AdminServiceAsyncStub;
+        # without them grpc is untyped and each RPC answers Any, which the annotated
+        # ``response`` variables below turn back into the proto types.
+        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self._timeout_seconds = timeout_seconds
+
+    async def __aenter__(self) -> AdminClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel if this client opened it; a borrowed channel stays open."""
+        if self._owns_channel:
+            await self._channel.close()
+
+    async def create_account(
+        self,
+        account_id: str,
+        *,
+        currency: str,
+        tariff_id: str,
+        credit_limit: int = 0,
+        max_concurrent_calls: int = 0,
+    ) -> admin_pb2.Account:
+        """Open an account with a zero balance (``ACCOUNT_EXISTS`` if the id is taken).
+
+        ``credit_limit`` 0 keeps it strictly prepaid; ``max_concurrent_calls`` 0 means
+        no cap.
+        """
+        request = admin_pb2.CreateAccountRequest(
+            account_id=account_id,
+            currency=currency,
+            tariff_id=tariff_id,
+            credit_limit=credit_limit,
+            max_concurrent_calls=max_concurrent_calls,
+        )
+        with _translated_errors():
+            response: admin_pb2.CreateAccountResponse = await self._stub.CreateAccount(
+                request, timeout=self._timeout_seconds
+            )
+        return response.account
+
+    async def get_account(self, account_id: str) -> admin_pb2.Account:
+        """Read an account's balance, holds and limits."""
+        request = admin_pb2.GetAccountRequest(account_id=account_id)
+        with _translated_errors():
+            response: admin_pb2.GetAccountResponse = await self._stub.GetAccount(
+                request, timeout=self._timeout_seconds
+            )
+        return response.account
+
+    async def update_account(
+        self,
+        account_id: str,
+        *,
+        status: admin_pb2.AccountStatus.ValueType | None = None,
+        tariff_id: str | None = None,
+        credit_limit: int | None = None,
+        max_concurrent_calls: int | None = None,
+    ) -> admin_pb2.Account:
+        """Change only the fields given; ``None`` leaves a field as it is.
+
+        The request's fields are proto3 ``optional``, so "not given" is sent as unset
+        rather than as 0 or "" — which would mean "no cap" or an invalid tariff.
+        """
+        request = admin_pb2.UpdateAccountRequest(account_id=account_id)
+        if status is not None:
+            request.status = status
+        if tariff_id is not None:
+            request.tariff_id = tariff_id
+        if credit_limit is not None:
+            request.credit_limit = credit_limit
+        if max_concurrent_calls is not None:
+            request.max_concurrent_calls = max_concurrent_calls
+        with _translated_errors():
+            response: admin_pb2.UpdateAccountResponse = await self._stub.UpdateAccount(
+                request, timeout=self._timeout_seconds
+            )
+        return response.account
+
+    async def top_up(
+        self,
+        account_id: str,
+        amount: int,
+        *,
+        idempotency_key: str,
+        reference: str = "",
+    ) -> admin_pb2.Account:
+        """Add ``amount`` (> 0, minor units) and answer the account after it.
+
+        A repeat with the same key and fields returns the first answer and moves no
+        money; the same key with any field different is ``IDEMPOTENCY_KEY_CONFLICT``.
+        """
+        request = admin_pb2.TopUpRequest(
+            account_id=account_id,
+            amount=amount,
+            idempotency_key=idempotency_key,
+            reference=reference,
+        )
+        with _translated_errors():
+            response: admin_pb2.TopUpResponse = await self._stub.TopUp(
+                request, timeout=self._timeout_seconds
+            )
+        return response.account
+
+    async def adjust(
+        self,
+        account_id: str,
+        amount: int,
+        *,
+        idempotency_key: str,
+        reason: str = "",
+    ) -> admin_pb2.Account:
+        """Add (``amount`` > 0) or remove (< 0) money and answer the account after it.
+
+        A removal that would make ``available`` negative is ``INSUFFICIENT_FUNDS``.
+        Keys are shared with top-ups (same account scope), with the same repeat rules.
+        """
+        request = admin_pb2.AdjustRequest(
+            account_id=account_id,
+            amount=amount,
+            idempotency_key=idempotency_key,
+            reason=reason,
+        )
+        with _translated_errors():
+            response: admin_pb2.AdjustResponse = await self._stub.Adjust(
+                request, timeout=self._timeout_seconds
+            )
+        return response.account
+
+    async def put_tariff(
+        self,
+        tariff_id: str,
+        currency: str,
+        rates: Iterable[RateSpec | admin_pb2.Rate],
+    ) -> admin_pb2.Tariff:
+        """Create or replace a tariff, whole; open calls keep the rate they reserved."""
+        tariff = admin_pb2.Tariff(
+            tariff_id=tariff_id,
+            currency=currency,
+            rates=[rate.to_proto() if isinstance(rate, RateSpec) else rate for rate in rates],
+        )
+        request = admin_pb2.PutTariffRequest(tariff=tariff)
+        with _translated_errors():
+            response: admin_pb2.PutTariffResponse = await self._stub.PutTariff(
+                request, timeout=self._timeout_seconds
+            )
+        return response.tariff
+
+    async def get_tariff(self, tariff_id: str) -> admin_pb2.Tariff:
+        """Read a tariff."""
+        request = admin_pb2.GetTariffRequest(tariff_id=tariff_id)
+        with _translated_errors():
+            response: admin_pb2.GetTariffResponse = await self._stub.GetTariff(
+                request, timeout=self._timeout_seconds
+            )
+        return response.tariff
+
+    async def get_call(self, call_id: str) -> admin_pb2.Call:
+        """Read one call, active or ended."""
+        request = admin_pb2.GetCallRequest(call_id=call_id)
+        with _translated_errors():
+            response: admin_pb2.GetCallResponse = await self._stub.GetCall(
+                request, timeout=self._timeout_seconds
+            )
+        return response.call
+
+    async def list_calls(
+        self,
+        account_id: str,
+        *,
+        active_only: bool = False,
+        limit: int = 0,
+        page_token: str = "",
+    ) -> admin_pb2.ListCallsResponse:
+        """One page of an account's calls, newest first.
+
+        Answers the whole response because the caller needs ``next_page_token`` (empty
+        on the last page) to ask for the next one. ``limit`` 0 lets the server choose.
+        """
+        request = admin_pb2.ListCallsRequest(
+            account_id=account_id,
+            active_only=active_only,
+            limit=limit,
+            page_token=page_token,
+        )
+        with _translated_errors():
+            response: admin_pb2.ListCallsResponse = await self._stub.ListCalls(
+                request, timeout=self._timeout_seconds
+            )
+        return response
+
+    async def list_entries(
+        self,
+        account_id: str,
+        *,
+        after_entry_id: int = 0,
+        limit: int = 0,
+    ) -> list[admin_pb2.LedgerEntry]:
+        """Ledger entries with ``entry_id > after_entry_id``, oldest first.
+
+        The next page starts after the last entry returned, so a plain list is all a
+        caller needs. ``limit`` 0 lets the server choose.
+        """
+        request = admin_pb2.ListEntriesRequest(
+            account_id=account_id,
+            after_entry_id=after_entry_id,
+            limit=limit,
+        )
+        with _translated_errors():
+            response: admin_pb2.ListEntriesResponse = await self._stub.ListEntries(
+                request, timeout=self._timeout_seconds
+            )
+        return list(response.entries)
