@@ -232,7 +232,7 @@ class StateMachine:
                 f"account {c.account_id!r} has {len(account.open_calls)} open calls",
             )
         # -- commit point --
-        grew = False
+        grew = resumed = False
         if c.tariff_id is not None and c.tariff_id != account.tariff_id:
             account.tariff_id = c.tariff_id
             self._changed = True
@@ -251,10 +251,10 @@ class StateMachine:
             if c.status is AccountStatus.SUSPENDED:
                 self._suspend_calls(account)
             elif c.status is AccountStatus.ACTIVE:
-                grew = True
+                grew = resumed = True
         self._accounts_touched[account.account_id] = account
         if grew:
-            self._regrant(account)
+            self._regrant(account, resumed=resumed)
         return AccountResult(account.view())
 
     def _suspend_calls(self, account: Account) -> None:
@@ -326,6 +326,9 @@ class StateMachine:
         destination = c.destination.removeprefix("+")
         call = self.calls.get(c.call_id)
         if call is not None:
+            # As Renew and Release do: a call past its deadline that the bounded
+            # expiry batch has not reached yet must not be answered as ACTIVE.
+            self._expire_if_due(call)
             asked = (c.account_id, destination, c.requested_seconds)
             if asked != (call.account_id, call.destination, call.requested_seconds):
                 return _refuse(
@@ -519,17 +522,23 @@ class StateMachine:
         call.allowed_seconds = allowed
         self._set_final(account, call, allowed < wanted)
 
-    def _regrant(self, account: Account) -> None:
-        """Extend final grants, oldest call first, now that `available` grew."""
+    def _regrant(self, account: Account, *, resumed: bool = False) -> None:
+        """Extend final grants, oldest call first, now that `available` grew.
+
+        A grant that funds cut holds no unpaid seconds, so once `available` is spent
+        the rest cannot change. On resume, though, every grant was cut by the status:
+        each is looked at even with nothing available, since its hold may already pay
+        for more seconds and its `final` must be lifted.
+        """
         if account.status is not AccountStatus.ACTIVE:
             return
         for call_seq in sorted(account.final_calls):
-            if account.available <= 0:
+            if account.available <= 0 and not resumed:
                 break
             call = account.final_calls[call_seq]
-            before = call.allowed_seconds
+            before = call.grant()
             self._extend(account, call)
-            if call.allowed_seconds > before:
+            if call.grant() != before:
                 self._refresh_validity(call)
                 self._touched[call.call_id] = call
                 self._pushes.append(GrantPush(call.grant()))

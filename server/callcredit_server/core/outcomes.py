@@ -75,6 +75,10 @@ class GrantPush:
 
     grant: Grant
 
+    @property
+    def call_id(self) -> str:
+        return self.grant.call_id
+
 
 @dataclass(frozen=True, slots=True)
 class Termination:

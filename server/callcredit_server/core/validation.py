@@ -22,8 +22,10 @@ from callcredit_server.core.commands import (
 from callcredit_server.core.model import MAX_PREFIX_DIGITS
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+ID_RULE = "must be 1-128 characters of [A-Za-z0-9._:@-]"
 DESTINATION_PATTERN = re.compile(r"\+?[0-9]{1,32}")
 CURRENCY_PATTERN = re.compile(r"[A-Z]{3}")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 PREFIX_PATTERN = re.compile(rf"[0-9]{{0,{MAX_PREFIX_DIGITS}}}")
 MAX_AMOUNT = 10**15
 MAX_CREDIT_LIMIT = 10**15
@@ -42,7 +44,7 @@ Violations = list[tuple[str, str]]
 
 def _id(out: Violations, name: str, value: str) -> None:
     if not ID_PATTERN.fullmatch(value):
-        out.append((name, "must be 1-128 characters of [A-Za-z0-9._:@-]"))
+        out.append((name, ID_RULE))
 
 
 def _range(out: Violations, name: str, value: int, low: int, high: int) -> None:
@@ -53,6 +55,9 @@ def _range(out: Violations, name: str, value: int, low: int, high: int) -> None:
 def _text(out: Violations, name: str, value: str) -> None:
     if len(value) > MAX_TEXT_CHARS:
         out.append((name, f"must be at most {MAX_TEXT_CHARS} characters"))
+    elif CONTROL_CHARACTERS.search(value):
+        # PostgreSQL text cannot hold NUL, and no reference needs a control character.
+        out.append((name, "must not contain control characters"))
 
 
 def _currency(out: Violations, value: str) -> None:

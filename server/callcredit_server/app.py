@@ -1,0 +1,178 @@
+"""Assembly: recover the state from the journal, start the writer, serve gRPC.
+
+`start(settings)` returns a `RunningServer` bound to its port (port 0 picks a
+free one, as tests do); `RunningServer.stop()` drains and makes everything durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from callcredit_server.convert import GrantPolicy
+from callcredit_server.core import InvariantViolation, StateMachine
+from callcredit_server.journal import Journal
+from callcredit_server.service import AdminServicer, CreditControlServicer
+from callcredit_server.writer import Writer
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # a full 10,000-operation ControlRequest fits
+HISTORY_READ_THREADS = 2
+DEFAULT_DATABASE_URL = "sqlite:///./data/callcredit.db"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the server is configured with (see cli.py for flags and defaults)."""
+
+    listen: str = "127.0.0.1:50051"
+    database_url: str = DEFAULT_DATABASE_URL
+    grant_seconds: int = 60
+    max_grant_seconds: int = 600
+    validity_seconds: int = 120
+    retention_seconds: int = 86_400
+    tick_interval_ms: int = 250
+
+    def problems(self) -> list[str]:
+        """What makes these settings unusable, in words for the operator."""
+        out = []
+        if not 1 <= self.max_grant_seconds <= 86_400:
+            out.append("--max-grant-seconds must be between 1 and 86400")
+        if not 1 <= self.grant_seconds <= self.max_grant_seconds:
+            out.append("--grant-seconds must be between 1 and --max-grant-seconds")
+        if not 1 <= self.validity_seconds <= 86_400:
+            out.append("--validity-seconds must be between 1 and 86400")
+        if self.retention_seconds < self.validity_seconds:
+            out.append("--retention-seconds must be at least --validity-seconds")
+        if not 10 <= self.tick_interval_ms <= 60_000:
+            out.append("--tick-interval-ms must be between 10 and 60000")
+        return out
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def recover(journal: Journal) -> StateMachine:
+    """Rebuild the state by replaying every journaled command at its recorded time."""
+    machine = StateMachine()
+    count = 0
+    for seq, at_ms, command in journal.replay():
+        step = machine.apply(command, at_ms)
+        if not step.changed:
+            raise InvariantViolation(f"journal record {seq} changed nothing on replay")
+        count += 1
+    problems = machine.audit()
+    if problems:
+        raise InvariantViolation("state rebuilt from the journal is broken: " + "; ".join(problems))
+    log.info(
+        "recovered %d journal records: %d accounts, %d calls in memory",
+        count,
+        len(machine.accounts),
+        len(machine.calls),
+    )
+    return machine
+
+
+@dataclass(slots=True)
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    writer: Writer
+    journal: Journal
+    health: HealthServicer
+    history: ThreadPoolExecutor
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        await self.writer.stop()
+        self.history.shutdown(wait=True)
+        self.journal.close()
+
+
+async def start(
+    settings: Settings, *, clock_ms: Callable[[], int] = wall_clock_ms
+) -> RunningServer:
+    """Recover, then serve on settings.listen. Raises if the journal cannot be read."""
+    journal = Journal(settings.database_url)
+    try:
+        machine = await asyncio.to_thread(recover, journal)
+    except BaseException:
+        journal.close()
+        raise
+    writer = Writer(
+        machine,
+        journal,
+        clock_ms=clock_ms,
+        retention_ms=settings.retention_seconds * 1000,
+        tick_interval_s=settings.tick_interval_ms / 1000,
+    )
+    health = HealthServicer()
+    history = ThreadPoolExecutor(HISTORY_READ_THREADS, thread_name_prefix="history")
+    policy = GrantPolicy(
+        settings.grant_seconds, settings.max_grant_seconds, settings.validity_seconds
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+    )
+    credit_control_pb2_grpc.add_CreditControlServiceServicer_to_server(
+        CreditControlServicer(writer, policy), server
+    )
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminServicer(writer, journal, history), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    services = (
+        credit_control_pb2.DESCRIPTOR.services_by_name["CreditControlService"].full_name,
+        admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(services, server)
+    port = server.add_insecure_port(settings.listen)
+    writer.start()
+    await server.start()
+    loop = asyncio.get_running_loop()
+
+    marking: set[asyncio.Task[None]] = set()
+
+    async def mark_not_serving() -> None:
+        for service in ("", *services[:2]):
+            await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def not_serving(_: BaseException) -> None:
+        task = loop.create_task(mark_not_serving())
+        marking.add(task)
+        task.add_done_callback(marking.discard)
+
+    writer.on_failure(not_serving)
+    for service in ("", *services[:2]):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("callcredit serving on port %d, journal %s", port, _safe_url(settings.database_url))
+    return RunningServer(server, port, writer, journal, health, history)
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without its password, for logs."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,381 @@
+"""Commands <-> compact JSON: the body of a journal record.
+
+The format is a persistent contract: a journal written today must replay after
+any refactor of the command classes. So every kind name and every key is
+spelled out here, never derived from class or field names, and a rename in
+commands.py fails type checking here instead of silently changing the format.
+
+Encoding is as strict as decoding (an `int` field must hold an `int`, not a
+`bool`; an enum field its enum): a record that could not be read back must fail
+when it is written, while the writer can still stop, not at the next start.
+
+The codec must round-trip any value the command classes can hold, not only
+valid ones: a command the state machine refuses is still journaled when calls
+expired in the same step (`Step.changed`), and replay must refuse it the same way.
+
+Bodies are ASCII (`ensure_ascii`): text such as a top-up reference may hold any
+character, and an ASCII body is safe in any database text column (PostgreSQL
+text cannot hold NUL; escaped as \\u0000 it can).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from callcredit_server.core.commands import (
+    Adjust,
+    Command,
+    CreateAccount,
+    PutTariff,
+    Release,
+    Renew,
+    Reserve,
+    Tick,
+    TopUp,
+    UpdateAccount,
+)
+from callcredit_server.core.model import AccountStatus, Rate, Tariff
+
+__all__ = ["KINDS", "CodecError", "decode_command", "encode_command"]
+
+# The journal's `kind` column. Never rename one: journals on disk hold these.
+KINDS: dict[type[Any], str] = {
+    CreateAccount: "CreateAccount",
+    UpdateAccount: "UpdateAccount",
+    TopUp: "TopUp",
+    Adjust: "Adjust",
+    PutTariff: "PutTariff",
+    Reserve: "Reserve",
+    Renew: "Renew",
+    Release: "Release",
+    Tick: "Tick",
+}
+
+
+class CodecError(ValueError):
+    """A command cannot be encoded, or a body cannot be decoded into a command."""
+
+
+# ------------------------------------------------------------------ encode
+
+
+def _int(value: int, name: str) -> int:
+    # bool is an int subclass; JSON would write `true`, which decodes as no int.
+    if type(value) is not int:
+        raise CodecError(f"{name}: expected int, got {type(value).__name__}")
+    return value
+
+
+def _str(value: str, name: str) -> str:
+    if type(value) is not str:
+        raise CodecError(f"{name}: expected str, got {type(value).__name__}")
+    return value
+
+
+def _rate_obj(rate: Rate, name: str) -> dict[str, object]:
+    if type(rate) is not Rate:
+        raise CodecError(f"{name}: expected Rate, got {type(rate).__name__}")
+    return {
+        "prefix": _str(rate.prefix, f"{name}.prefix"),
+        "price_per_minute_micros": _int(
+            rate.price_per_minute_micros, f"{name}.price_per_minute_micros"
+        ),
+        "first_increment_seconds": _int(
+            rate.first_increment_seconds, f"{name}.first_increment_seconds"
+        ),
+        "next_increment_seconds": _int(
+            rate.next_increment_seconds, f"{name}.next_increment_seconds"
+        ),
+        "connect_fee": _int(rate.connect_fee, f"{name}.connect_fee"),
+    }
+
+
+def _tariff_obj(tariff: Tariff) -> dict[str, object]:
+    if type(tariff) is not Tariff or type(tariff.rates) is not tuple:
+        raise CodecError("tariff: expected a Tariff with a tuple of rates")
+    return {
+        "tariff_id": _str(tariff.tariff_id, "tariff.tariff_id"),
+        "currency": _str(tariff.currency, "tariff.currency"),
+        "rates": [_rate_obj(r, f"tariff.rates[{i}]") for i, r in enumerate(tariff.rates)],
+    }
+
+
+def _body(command: Command) -> dict[str, object]:
+    match command:
+        case CreateAccount():
+            return {
+                "account_id": _str(command.account_id, "account_id"),
+                "currency": _str(command.currency, "currency"),
+                "tariff_id": _str(command.tariff_id, "tariff_id"),
+                "credit_limit": _int(command.credit_limit, "credit_limit"),
+                "max_concurrent_calls": _int(command.max_concurrent_calls, "max_concurrent_calls"),
+            }
+        case UpdateAccount():
+            # Absent optional fields are left out, so "not given" stays distinct.
+            out: dict[str, object] = {"account_id": _str(command.account_id, "account_id")}
+            if command.status is not None:
+                if not isinstance(command.status, AccountStatus):
+                    raise CodecError("status: expected AccountStatus")
+                out["status"] = command.status.value
+            if command.tariff_id is not None:
+                out["tariff_id"] = _str(command.tariff_id, "tariff_id")
+            if command.credit_limit is not None:
+                out["credit_limit"] = _int(command.credit_limit, "credit_limit")
+            if command.max_concurrent_calls is not None:
+                out["max_concurrent_calls"] = _int(
+                    command.max_concurrent_calls, "max_concurrent_calls"
+                )
+            return out
+        case TopUp():
+            return {
+                "account_id": _str(command.account_id, "account_id"),
+                "amount": _int(command.amount, "amount"),
+                "idempotency_key": _str(command.idempotency_key, "idempotency_key"),
+                "reference": _str(command.reference, "reference"),
+            }
+        case Adjust():
+            return {
+                "account_id": _str(command.account_id, "account_id"),
+                "amount": _int(command.amount, "amount"),
+                "idempotency_key": _str(command.idempotency_key, "idempotency_key"),
+                "reason": _str(command.reason, "reason"),
+            }
+        case PutTariff():
+            return {"tariff": _tariff_obj(command.tariff)}
+        case Reserve():
+            return {
+                "call_id": _str(command.call_id, "call_id"),
+                "account_id": _str(command.account_id, "account_id"),
+                "destination": _str(command.destination, "destination"),
+                "requested_seconds": _int(command.requested_seconds, "requested_seconds"),
+                "grant_seconds": _int(command.grant_seconds, "grant_seconds"),
+                "validity_seconds": _int(command.validity_seconds, "validity_seconds"),
+            }
+        case Renew():
+            return {
+                "call_id": _str(command.call_id, "call_id"),
+                "sequence": _int(command.sequence, "sequence"),
+                "used_seconds": _int(command.used_seconds, "used_seconds"),
+                "requested_seconds": _int(command.requested_seconds, "requested_seconds"),
+                "grant_seconds": _int(command.grant_seconds, "grant_seconds"),
+                "validity_seconds": _int(command.validity_seconds, "validity_seconds"),
+            }
+        case Release():
+            return {
+                "call_id": _str(command.call_id, "call_id"),
+                "used_seconds": _int(command.used_seconds, "used_seconds"),
+            }
+        case Tick():
+            return {"retention_ms": _int(command.retention_ms, "retention_ms")}
+    raise CodecError(f"not a command: {type(command).__name__}")
+
+
+def encode_command(command: Command) -> tuple[str, str]:
+    """The (kind, body) of `command`: body is compact, ASCII-only JSON."""
+    kind = KINDS.get(type(command))
+    if kind is None:
+        raise CodecError(f"not a command: {type(command).__name__}")
+    body = json.dumps(_body(command), separators=(",", ":"), ensure_ascii=True)
+    return kind, body
+
+
+# ------------------------------------------------------------------ decode
+
+
+class _Fields:
+    """One JSON object being decoded: typed access, and no key left unread."""
+
+    __slots__ = ("_obj", "_read", "_where")
+
+    def __init__(self, obj: object, where: str) -> None:
+        if not isinstance(obj, dict):
+            raise CodecError(f"{where or 'body'}: expected an object")
+        self._obj: dict[str, object] = obj
+        self._read: set[str] = set()
+        self._where = where
+
+    def _name(self, key: str) -> str:
+        return f"{self._where}.{key}" if self._where else key
+
+    def _get(self, key: str) -> object:
+        if key not in self._obj:
+            raise CodecError(f"{self._name(key)}: missing")
+        self._read.add(key)
+        return self._obj[key]
+
+    def has(self, key: str) -> bool:
+        return key in self._obj
+
+    def text(self, key: str) -> str:
+        value = self._get(key)
+        if type(value) is not str:
+            raise CodecError(f"{self._name(key)}: expected a string")
+        return value
+
+    def integer(self, key: str) -> int:
+        value = self._get(key)
+        if type(value) is not int:  # rejects true/false and 1.0
+            raise CodecError(f"{self._name(key)}: expected an integer")
+        return value
+
+    def items(self, key: str) -> list[object]:
+        value = self._get(key)
+        if type(value) is not list:
+            raise CodecError(f"{self._name(key)}: expected a list")
+        return value
+
+    def obj(self, key: str) -> _Fields:
+        return _Fields(self._get(key), self._name(key))
+
+    def status(self, key: str) -> AccountStatus:
+        value = self.text(key)
+        try:
+            return AccountStatus(value)
+        except ValueError:
+            raise CodecError(f"{self._name(key)}: unknown status {value!r}") from None
+
+    def done(self) -> None:
+        extra = sorted(set(self._obj) - self._read)
+        if extra:
+            raise CodecError(f"{self._where or 'body'}: unexpected keys {extra}")
+
+
+def _rate(f: _Fields) -> Rate:
+    rate = Rate(
+        prefix=f.text("prefix"),
+        price_per_minute_micros=f.integer("price_per_minute_micros"),
+        first_increment_seconds=f.integer("first_increment_seconds"),
+        next_increment_seconds=f.integer("next_increment_seconds"),
+        connect_fee=f.integer("connect_fee"),
+    )
+    f.done()
+    return rate
+
+
+def _tariff(f: _Fields) -> Tariff:
+    tariff_id = f.text("tariff_id")
+    currency = f.text("currency")
+    rates = tuple(
+        _rate(_Fields(item, f"tariff.rates[{i}]")) for i, item in enumerate(f.items("rates"))
+    )
+    f.done()
+    return Tariff(tariff_id=tariff_id, currency=currency, rates=rates)
+
+
+def _create_account(f: _Fields) -> Command:
+    return CreateAccount(
+        account_id=f.text("account_id"),
+        currency=f.text("currency"),
+        tariff_id=f.text("tariff_id"),
+        credit_limit=f.integer("credit_limit"),
+        max_concurrent_calls=f.integer("max_concurrent_calls"),
+    )
+
+
+def _update_account(f: _Fields) -> Command:
+    return UpdateAccount(
+        account_id=f.text("account_id"),
+        status=f.status("status") if f.has("status") else None,
+        tariff_id=f.text("tariff_id") if f.has("tariff_id") else None,
+        credit_limit=f.integer("credit_limit") if f.has("credit_limit") else None,
+        max_concurrent_calls=(
+            f.integer("max_concurrent_calls") if f.has("max_concurrent_calls") else None
+        ),
+    )
+
+
+def _top_up(f: _Fields) -> Command:
+    return TopUp(
+        account_id=f.text("account_id"),
+        amount=f.integer("amount"),
+        idempotency_key=f.text("idempotency_key"),
+        reference=f.text("reference"),
+    )
+
+
+def _adjust(f: _Fields) -> Command:
+    return Adjust(
+        account_id=f.text("account_id"),
+        amount=f.integer("amount"),
+        idempotency_key=f.text("idempotency_key"),
+        reason=f.text("reason"),
+    )
+
+
+def _put_tariff(f: _Fields) -> Command:
+    return PutTariff(tariff=_tariff(f.obj("tariff")))
+
+
+def _reserve(f: _Fields) -> Command:
+    return Reserve(
+        call_id=f.text("call_id"),
+        account_id=f.text("account_id"),
+        destination=f.text("destination"),
+        requested_seconds=f.integer("requested_seconds"),
+        grant_seconds=f.integer("grant_seconds"),
+        validity_seconds=f.integer("validity_seconds"),
+    )
+
+
+def _renew(f: _Fields) -> Command:
+    return Renew(
+        call_id=f.text("call_id"),
+        sequence=f.integer("sequence"),
+        used_seconds=f.integer("used_seconds"),
+        requested_seconds=f.integer("requested_seconds"),
+        grant_seconds=f.integer("grant_seconds"),
+        validity_seconds=f.integer("validity_seconds"),
+    )
+
+
+def _release(f: _Fields) -> Command:
+    return Release(call_id=f.text("call_id"), used_seconds=f.integer("used_seconds"))
+
+
+def _tick(f: _Fields) -> Command:
+    return Tick(retention_ms=f.integer("retention_ms"))
+
+
+_DECODERS: dict[str, Callable[[_Fields], Command]] = {
+    "CreateAccount": _create_account,
+    "UpdateAccount": _update_account,
+    "TopUp": _top_up,
+    "Adjust": _adjust,
+    "PutTariff": _put_tariff,
+    "Reserve": _reserve,
+    "Renew": _renew,
+    "Release": _release,
+    "Tick": _tick,
+}
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # json.loads would keep the last of two equal keys; a body like that was not
+    # written by encode_command, so it is refused rather than guessed at.
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise CodecError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> object:
+    raise CodecError(f"not a JSON number: {name}")
+
+
+def decode_command(kind: str, body: str) -> Command:
+    """The command journaled as (kind, body); CodecError if either is not ours."""
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        raise CodecError(f"unknown command kind {kind!r}")
+    try:
+        obj = json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, TypeError, RecursionError) as exc:
+        raise CodecError(f"{kind}: body is not JSON: {exc}") from exc
+    fields = _Fields(obj, "")
+    command = decoder(fields)
+    fields.done()
+    return command

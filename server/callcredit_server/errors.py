@@ -1,0 +1,70 @@
+"""Refusals as gRPC: google.rpc.Status with ErrorInfo (and BadRequest) details.
+
+The one place a core `Reason` becomes a gRPC status code (DESIGN.md, Errors).
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from callcredit_server.core import Reason, Refused
+
+DOMAIN = "callcredit.v1"
+UNAVAILABLE = "UNAVAILABLE"
+
+_CODES: dict[str, grpc.StatusCode] = {
+    Reason.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.ACCOUNT_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.TARIFF_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.CALL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.ACCOUNT_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.CALL_ID_CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.IDEMPOTENCY_KEY_CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.INSUFFICIENT_FUNDS: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.ACCOUNT_SUSPENDED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.ACCOUNT_CLOSED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.NO_RATE_FOR_DESTINATION: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.CALL_ALREADY_ENDED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.CURRENCY_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.ACCOUNT_HAS_OPEN_CALLS: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.CONCURRENT_CALL_LIMIT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def status_for(
+    reason: str, message: str, field_violations: tuple[tuple[str, str], ...] = ()
+) -> status_pb2.Status:
+    """A google.rpc.Status carrying `reason` in an ErrorInfo of our domain."""
+    code: grpc.StatusCode = _CODES[reason]
+    status = status_pb2.Status(code=code.value[0], message=message)
+    status.details.append(_pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)))
+    if field_violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=name, description=why)
+                for name, why in field_violations
+            ]
+        )
+        status.details.append(_pack(bad))
+    return status
+
+
+def refusal_status(refused: Refused) -> status_pb2.Status:
+    return status_for(refused.reason, refused.message, refused.field_violations)
+
+
+def invalid(field: str, why: str) -> status_pb2.Status:
+    return status_for(Reason.INVALID_ARGUMENT, f"{field}: {why}", ((field, why),))
+
+
+def unavailable(message: str) -> status_pb2.Status:
+    return status_for(UNAVAILABLE, message)

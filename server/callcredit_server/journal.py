@@ -1,0 +1,642 @@
+"""The write-ahead journal: every state change, in order, and the history reads need.
+
+The journal is command-sourced. Each command that changed state (`Step.changed`)
+is stored under a gap-free `seq` with the time the state machine was given
+(`at_ms`); replaying them in order through a fresh `StateMachine` rebuilds the
+identical state, because the machine reads no clock of its own. Memory does not
+keep history, so the same transaction also stores what history reads need: the
+ledger entries of each step and the latest snapshot of every call it touched.
+A reply is released only after `append` returns, so history is never behind an
+answer.
+
+The interface is narrow on purpose (exchange-core's journal is the model):
+`append` (one transaction per batch: group commit), `replay`, `last_seq`, and
+three history reads. It runs on any SQLAlchemy database; SQLite (the default)
+and PostgreSQL (production) are tuned and tested.
+
+Threads: one writer thread calls `append`, other threads call the reads. Each
+checkout gets its own connection from the pool. On SQLite, WAL lets readers run
+beside the writer, and the writer takes the write lock when it begins
+(`BEGIN IMMEDIATE`), so "seq continues the journal" is checked and acted on
+atomically even if a second process opened the same file. On PostgreSQL the
+primary key fences a second writer the same way: its batch fails on the seq.
+
+Exceptions::
+
+    Exception
+     +-- JournalError   opening, writing or reading failed. Whatever the cause
+     |                  (database, codec, a seq gap), the server must fail-stop:
+     |                  it can no longer prove what is durable. The cause is chained.
+     +-- ValueError     a caller bug (batch too large, limit out of range), raised
+                        before any I/O.
+
+Limits (TigerStyle: a bound on everything):
+
+- `MAX_RECORDS_PER_APPEND` records in one transaction (writer.py commits at most
+  MAX_RECORDS_PER_COMMIT = 20,000, well inside it);
+- `REPLAY_PAGE_SIZE` rows read per query while replaying, so replay memory does not
+  grow with the journal and no connection is held while the caller works;
+- `MAX_READ_ROWS` rows per history read (`limit` must be 1..MAX_READ_ROWS);
+- the pool: `POOL_SIZE` + `POOL_MAX_OVERFLOW` connections, a checkout waits at most
+  `POOL_TIMEOUT_S`; SQLite waits at most `SQLITE_BUSY_TIMEOUT_MS` for a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    Row,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL, make_url
+
+from callcredit_server.codec import CodecError, decode_command, encode_command
+from callcredit_server.core.commands import Command
+from callcredit_server.core.model import (
+    CallRecord,
+    CallState,
+    EntryKind,
+    LedgerEntry,
+    Rate,
+)
+
+__all__ = [
+    "MAX_READ_ROWS",
+    "MAX_RECORDS_PER_APPEND",
+    "REPLAY_PAGE_SIZE",
+    "Journal",
+    "JournalError",
+    "JournalRecord",
+    "calls_table",
+    "engine_url",
+    "entries_table",
+    "journal_table",
+    "metadata",
+]
+
+MAX_RECORDS_PER_APPEND = 50_000  # one transaction; bounds the memory of one append
+REPLAY_PAGE_SIZE = 1_000  # rows per replay query: flat memory, short connections
+MAX_READ_ROWS = 10_000  # rows per history read (the API pages at 1,000, asks limit + 1)
+POOL_SIZE = 5  # connections kept: the writer plus a few history readers
+POOL_MAX_OVERFLOW = 10  # more under a burst of reads, closed when returned
+POOL_TIMEOUT_S = 30.0  # a checkout waits this long, then fails (JournalError)
+SQLITE_BUSY_TIMEOUT_MS = 10_000  # a locked SQLite file is retried this long
+_DELETE_CHUNK = 500  # ids per DELETE ... IN (...) in the portable upsert
+
+# Dialects whose INSERT ... ON CONFLICT DO UPDATE is used; others delete + insert.
+_NATIVE_UPSERT = frozenset({"sqlite", "postgresql"})
+
+# Execution option marking the writer's connections: on SQLite they BEGIN IMMEDIATE.
+_WRITE_OPTION = "callcredit_journal_write"
+
+
+class JournalError(Exception):
+    """The journal could not be opened, written or read. The server must fail-stop."""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRecord:
+    """One applied command and the history it produced, as the writer hands it over."""
+
+    seq: int  # 1, 2, 3, ... gap-free, assigned by the writer
+    at_ms: int  # the time the state machine was given
+    command: Command
+    entries: tuple[LedgerEntry, ...]
+    calls: tuple[CallRecord, ...]
+
+
+# ------------------------------------------------------------------ schema
+
+metadata = MetaData()
+
+# INTEGER PRIMARY KEY on SQLite is the rowid itself: the table is stored in key
+# order with no second index. Elsewhere a plain BIGINT, never auto-generated.
+_Key = BigInteger().with_variant(Integer(), "sqlite")
+_Id = String(128)  # the contract's id limit: 1-128 characters
+
+journal_table = Table(
+    "journal",
+    metadata,
+    Column("seq", _Key, primary_key=True, autoincrement=False),
+    Column("at_ms", BigInteger, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("body", Text, nullable=False),  # the command, compact JSON (codec.py)
+)
+
+entries_table = Table(
+    "ledger_entries",
+    metadata,
+    Column("entry_id", _Key, primary_key=True, autoincrement=False),
+    Column("account_id", _Id, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("balance_after", BigInteger, nullable=False),
+    Column("call_id", _Id, nullable=False),  # "" when the entry is not a call's
+    Column("reference", Text, nullable=False),
+    Column("idempotency_key", _Id, nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("seq", BigInteger, nullable=False),  # the journal record that posted it
+    Index("ix_ledger_entries_account", "account_id", "entry_id"),
+)
+
+calls_table = Table(
+    "calls",
+    metadata,
+    Column("call_id", _Id, primary_key=True),
+    Column("call_seq", BigInteger, nullable=False, unique=True),
+    Column("account_id", _Id, nullable=False),
+    Column("destination", String(32), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("allowed_seconds", Integer, nullable=False),
+    Column("used_seconds", Integer, nullable=False),
+    Column("held", BigInteger, nullable=False),
+    Column("charged", BigInteger, nullable=False),
+    Column("shortfall", BigInteger, nullable=False),
+    Column("rate_prefix", String(16), nullable=False),
+    Column("rate_price_per_minute_micros", BigInteger, nullable=False),
+    Column("rate_first_increment_seconds", Integer, nullable=False),
+    Column("rate_next_increment_seconds", Integer, nullable=False),
+    Column("rate_connect_fee", BigInteger, nullable=False),
+    Column("started_at_ms", BigInteger, nullable=False),
+    Column("ended_at_ms", BigInteger, nullable=True),
+    Column("final", Boolean, nullable=False),
+    Column("expires_at_ms", BigInteger, nullable=True),
+    Column("last_sequence", BigInteger, nullable=False),
+    Column("seq", BigInteger, nullable=False),  # the journal record of this snapshot
+    Index("ix_calls_account", "account_id", "call_seq"),
+)
+
+# Partial: only open calls, so active_only pages stay quick on an account with
+# millions of ended calls. (Dialects without partial indexes get a full one.)
+Index(
+    "ix_calls_account_active",
+    calls_table.c.account_id,
+    calls_table.c.call_seq,
+    sqlite_where=calls_table.c.state == CallState.ACTIVE.value,
+    postgresql_where=calls_table.c.state == CallState.ACTIVE.value,
+)
+
+_CALL_COLUMNS = [c for c in calls_table.c if c.name != "seq"]
+_ENTRY_COLUMNS = [c for c in entries_table.c if c.name != "seq"]
+
+
+# ------------------------------------------------------------------ engine
+
+
+def engine_url(url: str) -> URL:
+    """`url` as SQLAlchemy will open it: a bare PostgreSQL URL means psycopg 3.
+
+    SQLAlchemy's default PostgreSQL driver is psycopg2, which is not installed;
+    "postgresql://" (what most tools print) is taken to mean psycopg 3.
+    """
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    """Make every SQLite connection durable, patient, and ours to BEGIN.
+
+    synchronous=FULL: in WAL mode NORMAL may lose the last commits on power loss,
+    and a reply must never outlive its record. `isolation_level = None` stops the
+    sqlite3 module from issuing its own BEGIN (it skips SELECTs and DDL); SQLAlchemy's
+    "begin" event issues it instead (`_sqlite_on_begin`), as its SQLite docs advise.
+    """
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            # e.g. a file system without shared memory: readers would block the writer.
+            raise JournalError(f"SQLite would not use WAL (journal_mode is {mode!r})")
+        cursor.execute("PRAGMA synchronous = FULL")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(connection: Connection) -> None:
+    """BEGIN IMMEDIATE for the writer (take the write lock first), BEGIN for readers."""
+    write = connection.get_execution_options().get(_WRITE_OPTION, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _postgresql_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    """Refuse to run with synchronous_commit=off: a commit must be on disk.
+
+    Only "off" is raised (to "on"); stronger settings a DBA chose for replication
+    (remote_write, remote_apply) are kept.
+    """
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            row = cursor.fetchone()
+            if row is not None and row[0] == "off":
+                cursor.execute("SET synchronous_commit TO on")
+    finally:
+        dbapi_connection.autocommit = autocommit
+
+
+def _open_engine(url: URL) -> Engine:
+    pool: dict[str, Any] = {
+        "pool_size": POOL_SIZE,
+        "max_overflow": POOL_MAX_OVERFLOW,
+        "pool_timeout": POOL_TIMEOUT_S,
+    }
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        database = url.database or ""
+        uri = str(url.query.get("uri", "")).lower() in ("true", "1")
+        if database in ("", ":memory:") or "mode=memory" in database:
+            raise JournalError("an in-memory SQLite journal is not durable; give a file")
+        if not uri:
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        # A file database gets a QueuePool; connections move between threads.
+        engine = create_engine(url, connect_args={"check_same_thread": False}, **pool)
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+    # pre_ping: a connection the database dropped while idle (restart, failover)
+    # is replaced instead of failing a commit and stopping the server.
+    engine = create_engine(url, pool_pre_ping=True, **pool)
+    if backend == "postgresql":
+        event.listen(engine, "connect", _postgresql_on_connect)
+    return engine
+
+
+@contextlib.contextmanager
+def _failing_as(what: str) -> Iterator[None]:
+    """Translate any failure into JournalError, once, at this boundary."""
+    try:
+        yield
+    except JournalError:
+        raise
+    except Exception as exc:
+        first_line = (str(exc).splitlines() or [""])[0]
+        raise JournalError(f"{what} failed: {type(exc).__name__}: {first_line}") from exc
+
+
+# ------------------------------------------------------------------ rows
+
+
+def _entry_row(entry: LedgerEntry, seq: int) -> dict[str, object]:
+    return {
+        "entry_id": entry.entry_id,
+        "account_id": entry.account_id,
+        "kind": entry.kind.value,
+        "amount": entry.amount,
+        "balance_after": entry.balance_after,
+        "call_id": entry.call_id,
+        "reference": entry.reference,
+        "idempotency_key": entry.idempotency_key,
+        "created_at_ms": entry.created_at_ms,
+        "seq": seq,
+    }
+
+
+def _call_row(call: CallRecord, seq: int) -> dict[str, object]:
+    return {
+        "call_id": call.call_id,
+        "call_seq": call.call_seq,
+        "account_id": call.account_id,
+        "destination": call.destination,
+        "state": call.state.value,
+        "allowed_seconds": call.allowed_seconds,
+        "used_seconds": call.used_seconds,
+        "held": call.held,
+        "charged": call.charged,
+        "shortfall": call.shortfall,
+        "rate_prefix": call.rate.prefix,
+        "rate_price_per_minute_micros": call.rate.price_per_minute_micros,
+        "rate_first_increment_seconds": call.rate.first_increment_seconds,
+        "rate_next_increment_seconds": call.rate.next_increment_seconds,
+        "rate_connect_fee": call.rate.connect_fee,
+        "started_at_ms": call.started_at_ms,
+        "ended_at_ms": call.ended_at_ms,
+        "final": call.final,
+        "expires_at_ms": call.expires_at_ms,
+        "last_sequence": call.last_sequence,
+        "seq": seq,
+    }
+
+
+def _entry(row: Row[Any]) -> LedgerEntry:
+    return LedgerEntry(
+        entry_id=row.entry_id,
+        account_id=row.account_id,
+        kind=EntryKind(row.kind),
+        amount=row.amount,
+        balance_after=row.balance_after,
+        call_id=row.call_id,
+        reference=row.reference,
+        idempotency_key=row.idempotency_key,
+        created_at_ms=row.created_at_ms,
+    )
+
+
+def _call(row: Row[Any]) -> CallRecord:
+    return CallRecord(
+        call_id=row.call_id,
+        call_seq=row.call_seq,
+        account_id=row.account_id,
+        destination=row.destination,
+        state=CallState(row.state),
+        allowed_seconds=row.allowed_seconds,
+        used_seconds=row.used_seconds,
+        held=row.held,
+        charged=row.charged,
+        shortfall=row.shortfall,
+        rate=Rate(
+            prefix=row.rate_prefix,
+            price_per_minute_micros=row.rate_price_per_minute_micros,
+            first_increment_seconds=row.rate_first_increment_seconds,
+            next_increment_seconds=row.rate_next_increment_seconds,
+            connect_fee=row.rate_connect_fee,
+        ),
+        started_at_ms=row.started_at_ms,
+        ended_at_ms=row.ended_at_ms,
+        final=bool(row.final),
+        expires_at_ms=row.expires_at_ms,
+        last_sequence=row.last_sequence,
+    )
+
+
+_Rows = list[dict[str, object]]
+
+
+def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _Rows]:
+    """The journal, entry and call rows of a batch, checked before any I/O.
+
+    Seqs must run on without a gap and times must not go back; a call touched
+    several times in the batch keeps only its last snapshot (one row per call,
+    which ON CONFLICT DO UPDATE needs within one statement on PostgreSQL).
+    """
+    journal_rows: _Rows = []
+    entry_rows: _Rows = []
+    call_rows: dict[str, dict[str, object]] = {}
+    previous: JournalRecord | None = None
+    for record in records:
+        if previous is not None:
+            if record.seq != previous.seq + 1:
+                raise JournalError(
+                    f"{span}: seq {record.seq} follows {previous.seq}; seqs must be gap-free"
+                )
+            if record.at_ms < previous.at_ms:
+                raise JournalError(
+                    f"{span}: seq {record.seq} at {record.at_ms} ms is earlier than "
+                    f"seq {previous.seq} at {previous.at_ms} ms"
+                )
+        try:
+            kind, body = encode_command(record.command)
+        except CodecError as exc:
+            raise JournalError(f"journal seq {record.seq}: cannot encode: {exc}") from exc
+        journal_rows.append({"seq": record.seq, "at_ms": record.at_ms, "kind": kind, "body": body})
+        entry_rows.extend(_entry_row(entry, record.seq) for entry in record.entries)
+        for call in record.calls:
+            call_rows[call.call_id] = _call_row(call, record.seq)  # the last one wins
+        previous = record
+    return journal_rows, entry_rows, list(call_rows.values())
+
+
+def _upsert_calls(connection: Connection, rows: list[dict[str, object]]) -> None:
+    """Store each call's snapshot, replacing the one stored before (rows unique by id)."""
+    dialect = connection.dialect.name
+    native = dialect in _NATIVE_UPSERT
+    if native and dialect == "sqlite":
+        lite = sqlite_insert(calls_table)
+        changes = {c.name: lite.excluded[c.name] for c in calls_table.c if not c.primary_key}
+        connection.execute(
+            lite.on_conflict_do_update(index_elements=["call_id"], set_=changes), rows
+        )
+    elif native and dialect == "postgresql":
+        pg = postgresql_insert(calls_table)
+        changes = {c.name: pg.excluded[c.name] for c in calls_table.c if not c.primary_key}
+        connection.execute(pg.on_conflict_do_update(index_elements=["call_id"], set_=changes), rows)
+    else:
+        # Portable: inside the batch's transaction, delete + insert is an upsert.
+        ids = [row["call_id"] for row in rows]
+        for start in range(0, len(ids), _DELETE_CHUNK):
+            chunk = ids[start : start + _DELETE_CHUNK]
+            connection.execute(delete(calls_table).where(calls_table.c.call_id.in_(chunk)))
+        connection.execute(insert(calls_table), rows)
+
+
+def _check_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_READ_ROWS:
+        raise ValueError(f"limit must be 1..{MAX_READ_ROWS}, got {limit}")
+
+
+# ------------------------------------------------------------------ journal
+
+
+class Journal:
+    """The journal on one database. Safe to share between threads (one appender)."""
+
+    def __init__(self, url: str) -> None:
+        """Open the database at `url` (any SQLAlchemy URL) and create missing tables."""
+        self._closed = False
+        with _failing_as("opening the journal"):
+            self._engine = _open_engine(engine_url(url))
+        # Same pool and events; marks connections as the writer's (BEGIN IMMEDIATE).
+        self._writer = self._engine.execution_options(**{_WRITE_OPTION: True})
+        try:
+            with _failing_as("creating the journal tables"):
+                metadata.create_all(self._writer)
+        except JournalError:
+            self._engine.dispose()
+            raise
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, for tests and tooling. Never write through it."""
+        return self._engine
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every pooled connection. Later calls raise JournalError."""
+        self._closed = True
+        self._engine.dispose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise JournalError("the journal is closed")
+
+    # ------------------------------------------------------------- writing
+
+    def append(self, records: Sequence[JournalRecord]) -> None:
+        """Make `records` durable in ONE transaction, or none of them (group commit).
+
+        Their seqs must continue the journal without a gap and their times must not
+        go back: anything else means memory and journal disagree, and replay would
+        not rebuild what was acknowledged. Calls touched several times in the batch
+        are stored once, as their last snapshot.
+        """
+        if not records:
+            return
+        if len(records) > MAX_RECORDS_PER_APPEND:
+            raise ValueError(
+                f"{len(records)} records in one append; at most {MAX_RECORDS_PER_APPEND}"
+            )
+        self._check_open()
+        first = records[0]
+        span = f"journal seq {first.seq}..{records[-1].seq}"
+        with _failing_as(f"preparing {span}"):
+            journal_rows, entry_rows, call_rows = _rows(records, span)
+        with _failing_as(f"append of {span}"), self._writer.begin() as connection:
+            last = connection.execute(
+                select(journal_table.c.seq, journal_table.c.at_ms)
+                .order_by(journal_table.c.seq.desc())
+                .limit(1)
+            ).first()
+            last_seq = 0 if last is None else int(last.seq)
+            if first.seq != last_seq + 1:
+                raise JournalError(
+                    f"{span} does not continue the journal, which ends at seq {last_seq}"
+                )
+            if last is not None and first.at_ms < last.at_ms:
+                raise JournalError(
+                    f"{span} starts at {first.at_ms} ms, before seq {last_seq} at {last.at_ms} ms"
+                )
+            connection.execute(insert(journal_table), journal_rows)
+            if entry_rows:
+                connection.execute(insert(entries_table), entry_rows)
+            if call_rows:
+                _upsert_calls(connection, call_rows)
+
+    # ------------------------------------------------------------- replay
+
+    def replay(self, after_seq: int = 0) -> Iterator[tuple[int, int, Command]]:
+        """(seq, at_ms, command) for every record after `after_seq`, in seq order.
+
+        Read in pages of REPLAY_PAGE_SIZE by seq range, each on a short-lived
+        connection: memory stays flat however long the journal, and nothing is
+        held open while the caller applies a page. A missing seq, an unknown
+        kind or a body that does not decode raises JournalError naming the seq.
+        """
+        # Checked now, not at the first next(): a plain function around the generator.
+        if after_seq < 0:
+            raise ValueError(f"after_seq must not be negative, got {after_seq}")
+        self._check_open()
+        return self._replay(after_seq + 1)
+
+    def _replay(self, expected: int) -> Iterator[tuple[int, int, Command]]:
+        while True:
+            query = (
+                select(
+                    journal_table.c.seq,
+                    journal_table.c.at_ms,
+                    journal_table.c.kind,
+                    journal_table.c.body,
+                )
+                .where(journal_table.c.seq >= expected)
+                .order_by(journal_table.c.seq)
+                .limit(REPLAY_PAGE_SIZE)
+            )
+            with _failing_as(f"replay from seq {expected}"), self._engine.connect() as connection:
+                rows = connection.execute(query).all()
+            for row in rows:
+                seq = int(row.seq)
+                if seq != expected:
+                    raise JournalError(f"journal seq {expected} is missing (next is {seq})")
+                try:
+                    command = decode_command(row.kind, row.body)
+                except CodecError as exc:
+                    raise JournalError(f"journal seq {seq}: {exc}") from exc
+                yield seq, int(row.at_ms), command
+                expected += 1
+            if len(rows) < REPLAY_PAGE_SIZE:
+                return
+
+    def last_seq(self) -> int:
+        """The seq of the last record, 0 for an empty journal."""
+        self._check_open()
+        with _failing_as("reading the last seq"), self._engine.connect() as connection:
+            last = connection.execute(select(func.max(journal_table.c.seq))).scalar()
+        return 0 if last is None else int(last)
+
+    # ------------------------------------------------------------- history
+
+    def list_entries(self, account_id: str, after_entry_id: int, limit: int) -> list[LedgerEntry]:
+        """The account's entries with entry_id > after_entry_id, increasing, at most `limit`."""
+        _check_limit(limit)
+        self._check_open()
+        query = (
+            select(*_ENTRY_COLUMNS)
+            .where(
+                entries_table.c.account_id == account_id,
+                entries_table.c.entry_id > after_entry_id,
+            )
+            .order_by(entries_table.c.entry_id)
+            .limit(limit)
+        )
+        with _failing_as("listing entries"), self._engine.connect() as connection:
+            return [_entry(row) for row in connection.execute(query)]
+
+    def list_calls(
+        self,
+        account_id: str,
+        *,
+        active_only: bool,
+        before_call_seq: int | None,
+        limit: int,
+    ) -> list[CallRecord]:
+        """The account's calls, newest first (call_seq descending), at most `limit`.
+
+        `before_call_seq` pages: pass the call_seq of the last call of a page to
+        get the next one.
+        """
+        _check_limit(limit)
+        self._check_open()
+        query = select(*_CALL_COLUMNS).where(calls_table.c.account_id == account_id)
+        if active_only:
+            query = query.where(calls_table.c.state == CallState.ACTIVE.value)
+        if before_call_seq is not None:
+            query = query.where(calls_table.c.call_seq < before_call_seq)
+        query = query.order_by(calls_table.c.call_seq.desc()).limit(limit)
+        with _failing_as("listing calls"), self._engine.connect() as connection:
+            return [_call(row) for row in connection.execute(query)]
+
+    def get_call(self, call_id: str) -> CallRecord | None:
+        """The latest snapshot of the call, or None if it was never journaled."""
+        self._check_open()
+        query = select(*_CALL_COLUMNS).where(calls_table.c.call_id == call_id)
+        with _failing_as("reading a call"), self._engine.connect() as connection:
+            row = connection.execute(query).first()
+        return None if row is None else _call(row)

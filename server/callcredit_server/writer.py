@@ -1,0 +1,300 @@
+"""The single writer: one asyncio task owns the state machine; one commits the journal.
+
+Servicers hand work to `Writer` through a bounded queue and await the answer.
+The apply task takes everything queued (up to a bound), applies it to the state
+machine in order at one instant, and appends the journal records of the
+commands that changed state. The commit task writes all records gathered so far
+in ONE transaction (group commit) on a dedicated thread while the apply task
+goes on with the next round. An answer, push or read is released only once the
+journal holds every record up to the point where it was produced: nothing
+leaves the server that a crash could take back.
+
+If the journal cannot be written, or the state machine reports a broken
+invariant, the writer fails: every waiting and later request gets
+`Unavailable`, and the server must be restarted (it then rebuilds from the
+journal, which holds exactly what was acknowledged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from callcredit_server.core import (
+    CallState,
+    Command,
+    Outcome,
+    Push,
+    Release,
+    Renew,
+    Reserve,
+    StateMachine,
+    Tick,
+)
+from callcredit_server.journal import Journal, JournalRecord
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_QUEUED_SUBMISSIONS = 10_000  # submissions waiting for the apply task
+MAX_SUBMISSIONS_PER_ROUND = 1_024  # applied at one instant before yielding
+MAX_RECORDS_PER_COMMIT = 20_000  # journal records in one transaction
+MAX_UNCOMMITTED_RECORDS = 100_000  # the apply task waits for the journal beyond this
+
+
+class Unavailable(Exception):
+    """The writer cannot take work: the journal failed, or the server is stopping."""
+
+
+class PushTarget(Protocol):
+    """A dialer stream that can be told about its calls."""
+
+    def push(self, push: Push) -> None: ...
+
+
+@dataclass(slots=True)
+class _Submission:
+    commands: Sequence[Command]
+    read: Callable[[StateMachine], Any] | None
+    target: PushTarget | None
+    future: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """Something to release once the journal is durable up to `seq`."""
+
+    seq: int
+    future: asyncio.Future[Any] | None = None
+    result: Any = None
+    pushes: list[tuple[PushTarget, Push]] = field(default_factory=list)
+
+
+class Writer:
+    """Owns the state machine; serialises every change and read through one queue."""
+
+    def __init__(
+        self,
+        machine: StateMachine,
+        journal: Journal,
+        *,
+        clock_ms: Callable[[], int],
+        retention_ms: int,
+        tick_interval_s: float = 0.25,
+    ) -> None:
+        self._machine = machine
+        self._journal = journal
+        self._clock_ms = clock_ms
+        self._retention_ms = retention_ms
+        self._tick_interval_s = tick_interval_s
+        self._queue: asyncio.Queue[_Submission] = asyncio.Queue(MAX_QUEUED_SUBMISSIONS)
+        self._records: list[JournalRecord] = []
+        self._waiting: deque[_Waiting] = deque()
+        self._next_seq = journal.last_seq() + 1
+        self._durable_seq = self._next_seq - 1
+        self._wake_committer = asyncio.Event()
+        self._committed = asyncio.Event()
+        self._routes: dict[str, PushTarget] = {}
+        self._failure: BaseException | None = None
+        self._failure_listeners: list[Callable[[BaseException], None]] = []
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._apply_loop(), name="writer-apply"),
+            asyncio.create_task(self._commit_loop(), name="writer-commit"),
+            asyncio.create_task(self._tick_loop(), name="writer-tick"),
+        ]
+
+    async def stop(self) -> None:
+        """Finish what was queued, make it durable, then stop."""
+        if self._failure is None:
+            with contextlib.suppress(Unavailable):
+                await self.read(lambda _: None)  # a barrier behind everything queued
+        self._fail(Unavailable("server stopping"), log_it=False)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._thread.shutdown(wait=True)
+
+    def on_failure(self, listener: Callable[[BaseException], None]) -> None:
+        self._failure_listeners.append(listener)
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    # ---------------------------------------------------------------- intake
+
+    async def submit(
+        self, commands: Sequence[Command], target: PushTarget | None = None
+    ) -> asyncio.Future[list[Outcome]]:
+        """Queue commands in order; the future gives their outcomes once durable."""
+        return await self._enqueue(_Submission(commands, None, target, self._new_future()))
+
+    async def execute(
+        self, commands: Sequence[Command], target: PushTarget | None = None
+    ) -> list[Outcome]:
+        return await (await self.submit(commands, target))
+
+    async def read(self, read: Callable[[StateMachine], T]) -> T:
+        """Run `read` on the writer's turn; answer once the journal covers what it saw."""
+        future = await self._enqueue(_Submission((), read, None, self._new_future()))
+        result: T = await future
+        return result
+
+    def forget(self, target: PushTarget) -> None:
+        """A stream closed: its calls stay open, but nothing is pushed to it any more."""
+        for call_id in [c for c, t in self._routes.items() if t is target]:
+            del self._routes[call_id]
+
+    def _new_future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _enqueue(self, submission: _Submission) -> asyncio.Future[Any]:
+        if self._failure is not None:
+            raise Unavailable(str(self._failure))
+        await self._queue.put(submission)
+        return submission.future
+
+    # ------------------------------------------------------------ apply task
+
+    async def _apply_loop(self) -> None:
+        try:
+            while True:
+                batch = [await self._queue.get()]
+                while len(batch) < MAX_SUBMISSIONS_PER_ROUND and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                while len(self._records) >= MAX_UNCOMMITTED_RECORDS:
+                    self._committed.clear()
+                    await self._committed.wait()
+                self._apply_round(batch)
+                self._wake_committer.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # an invariant broke: stop taking work
+            self._fail(exc)
+
+    def _apply_round(self, batch: list[_Submission]) -> None:
+        now_ms = max(self._clock_ms(), self._machine.now_ms)
+        for submission in batch:
+            if submission.future.done():  # the caller went away
+                continue
+            if submission.read is not None:
+                seen = submission.read(self._machine)
+                self._hold(_Waiting(self._next_seq - 1, submission.future, seen))
+                continue
+            outcomes: list[Outcome] = []
+            pushes: list[tuple[PushTarget, Push]] = []
+            for command in submission.commands:
+                outcomes.append(self._apply(command, now_ms, submission.target, pushes))
+            self._hold(_Waiting(self._next_seq - 1, submission.future, outcomes, pushes))
+
+    def _apply(
+        self,
+        command: Command,
+        now_ms: int,
+        target: PushTarget | None,
+        pushes: list[tuple[PushTarget, Push]],
+    ) -> Outcome:
+        step = self._machine.apply(command, now_ms)
+        if step.changed:
+            self._records.append(
+                JournalRecord(
+                    seq=self._next_seq,
+                    at_ms=now_ms,
+                    command=command,
+                    entries=tuple(step.entries),
+                    calls=tuple(step.calls),
+                )
+            )
+            self._next_seq += 1
+        if target is not None and isinstance(command, Reserve | Renew | Release):
+            call = self._machine.calls.get(command.call_id)
+            if call is not None and call.state is CallState.ACTIVE:
+                self._routes[command.call_id] = target
+        for push in step.pushes:
+            routed = self._routes.get(push.call_id)
+            if routed is not None:
+                pushes.append((routed, push))
+        for record in step.calls:
+            if record.state is not CallState.ACTIVE:
+                self._routes.pop(record.call_id, None)
+        return step.outcome
+
+    def _hold(self, waiting: _Waiting) -> None:
+        if waiting.seq <= self._durable_seq:
+            self._release(waiting)
+        else:
+            self._waiting.append(waiting)
+
+    # ----------------------------------------------------------- commit task
+
+    async def _commit_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await self._wake_committer.wait()
+                self._wake_committer.clear()
+                while self._records:
+                    records = self._records[:MAX_RECORDS_PER_COMMIT]
+                    del self._records[:MAX_RECORDS_PER_COMMIT]
+                    await loop.run_in_executor(self._thread, self._journal.append, records)
+                    self._durable_seq = records[-1].seq
+                    self._committed.set()
+                    self._release_durable()
+                self._release_durable()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the journal failed: fail-stop
+            self._fail(exc)
+
+    def _release_durable(self) -> None:
+        while self._waiting and self._waiting[0].seq <= self._durable_seq:
+            self._release(self._waiting.popleft())
+
+    def _release(self, waiting: _Waiting) -> None:
+        if waiting.future is not None and not waiting.future.done():
+            waiting.future.set_result(waiting.result)
+        for target, push in waiting.pushes:
+            target.push(push)
+
+    # ------------------------------------------------------------- tick task
+
+    async def _tick_loop(self) -> None:
+        """Let time pass: expire silent calls, forget what left the window."""
+        tick = Tick(retention_ms=self._retention_ms)
+        while True:
+            await asyncio.sleep(self._tick_interval_s)
+            with contextlib.suppress(Unavailable):
+                await self.submit([tick])
+
+    # --------------------------------------------------------------- failure
+
+    def _fail(self, exc: BaseException, *, log_it: bool = True) -> None:
+        if self._failure is not None:
+            return
+        self._failure = exc
+        if log_it:
+            log.critical("writer stopped taking work: %r", exc, exc_info=exc)
+        error = Unavailable(f"journal unavailable: {exc}" if log_it else str(exc))
+        while self._waiting:
+            future = self._waiting.popleft().future
+            if future is not None and not future.done():
+                future.set_exception(error)
+        while not self._queue.empty():
+            future = self._queue.get_nowait().future
+            if not future.done():
+                future.set_exception(error)
+        for listener in self._failure_listeners:
+            listener(exc)

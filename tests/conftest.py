@@ -1,0 +1,46 @@
+"""Fixtures shared by every test folder: journal database URLs for each backend."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+from callcredit_server.journal import engine_url
+
+POSTGRES_ENV = "CALLCREDIT_TEST_POSTGRES_URL"
+
+
+def postgres_url() -> str | None:
+    return os.environ.get(POSTGRES_ENV) or None
+
+
+@pytest.fixture(
+    params=[pytest.param("sqlite", id="sqlite"), pytest.param("postgresql", id="postgresql")]
+)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty journal database on each backend.
+
+    PostgreSQL runs only where CALLCREDIT_TEST_POSTGRES_URL is set (.ci/run sets
+    it); each test gets a schema of its own, dropped afterwards.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'journal.db'}"
+        return
+    base = postgres_url()
+    if base is None:
+        pytest.skip(f"{POSTGRES_ENV} not set: PostgreSQL journal tests skipped")
+    schema = f"cc_test_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(engine_url(base))
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+    separator = "&" if "?" in base else "?"
+    try:
+        yield f"{base}{separator}options=-csearch_path%3D{schema}"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()

@@ -1,0 +1,969 @@
+"""The journal's persistence contract: SQLite always, PostgreSQL when a URL is given.
+
+Every test taking the `url` or `journal` fixture runs once per backend. Set
+CALLCREDIT_TEST_POSTGRES_URL (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)
+to run the PostgreSQL half; each PostgreSQL test gets a schema of its own, dropped
+afterwards, so runs never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import random
+import threading
+import typing
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from callcredit_server import journal as journal_module
+from callcredit_server.codec import KINDS, CodecError, decode_command, encode_command
+from callcredit_server.core import (
+    AccountStatus,
+    Adjust,
+    CallRecord,
+    CallState,
+    Command,
+    CreateAccount,
+    EntryKind,
+    GrantResult,
+    LedgerEntry,
+    PutTariff,
+    Rate,
+    Refused,
+    Release,
+    ReleaseOutcome,
+    Renew,
+    Reserve,
+    StateMachine,
+    Step,
+    Tariff,
+    Tick,
+    TickResult,
+    TopUp,
+    UpdateAccount,
+)
+from callcredit_server.journal import (
+    MAX_READ_ROWS,
+    MAX_RECORDS_PER_APPEND,
+    Journal,
+    JournalError,
+    JournalRecord,
+    engine_url,
+    journal_table,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy import create_engine, delete, event, insert
+
+POSTGRES_URL_ENV = "CALLCREDIT_TEST_POSTGRES_URL"
+POSTGRES_SKIP = "CALLCREDIT_TEST_POSTGRES_URL not set: PostgreSQL journal tests skipped"
+
+# ---------------------------------------------------------------- fixtures
+
+
+def _postgres_base_url() -> str:
+    base = os.environ.get(POSTGRES_URL_ENV)
+    if not base:
+        pytest.skip(POSTGRES_SKIP)
+    return base
+
+
+@contextlib.contextmanager
+def _postgres_schema(base: str, *options: str) -> Iterator[str]:
+    """A URL whose connections live in a fresh schema, dropped on exit."""
+    schema = f"callcredit_test_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(engine_url(base))
+    try:
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+        url = engine_url(base).update_query_dict(
+            {"options": " ".join([f"-csearch_path={schema}", *options])}
+        )
+        try:
+            yield url.render_as_string(hide_password=False)
+        finally:
+            with admin.begin() as connection:
+                connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
+    ]
+)
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A journal URL no other test uses, on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'data' / 'journal.db'}"
+        return
+    with _postgres_schema(_postgres_base_url()) as schema_url:
+        yield schema_url
+
+
+@pytest.fixture
+def journal(url: str) -> Iterator[Journal]:
+    with Journal(url) as opened:
+        yield opened
+
+
+@pytest.fixture
+def sqlite_journal(tmp_path: Path) -> Iterator[Journal]:
+    with Journal(f"sqlite:///{tmp_path / 'journal.db'}") as opened:
+        yield opened
+
+
+# ---------------------------------------------------------------- builders
+
+RATE = Rate("", 60_000_000, 1, 1, 0)  # 1 minor unit per second
+RATE_84 = Rate("84", 120_000_000, 60, 60, 100)  # 2 per second, per minute, fee 100
+
+
+def entry(
+    entry_id: int,
+    account_id: str = "acme",
+    *,
+    amount: int = 100,
+    kind: EntryKind = EntryKind.TOP_UP,
+    call_id: str = "",
+    at_ms: int = 1_000,
+) -> LedgerEntry:
+    return LedgerEntry(
+        entry_id=entry_id,
+        account_id=account_id,
+        kind=kind,
+        amount=amount,
+        balance_after=amount * entry_id,
+        call_id=call_id,
+        reference=f"ref {entry_id}",
+        idempotency_key=f"key-{entry_id}" if kind is EntryKind.TOP_UP else "",
+        created_at_ms=at_ms,
+    )
+
+
+def call(
+    call_id: str,
+    call_seq: int,
+    account_id: str = "acme",
+    *,
+    state: CallState = CallState.ACTIVE,
+    used_seconds: int = 0,
+    last_sequence: int = 0,
+) -> CallRecord:
+    active = state is CallState.ACTIVE
+    return CallRecord(
+        call_id=call_id,
+        call_seq=call_seq,
+        account_id=account_id,
+        destination="84901234567",
+        state=state,
+        allowed_seconds=120,
+        used_seconds=used_seconds,
+        held=340 if active else 0,
+        charged=0 if active else 340,
+        shortfall=0,
+        rate=RATE_84,
+        started_at_ms=1_000 + call_seq,
+        ended_at_ms=None if active else 90_000,
+        final=used_seconds > 60,
+        expires_at_ms=61_000 if active else None,
+        last_sequence=last_sequence,
+    )
+
+
+def record(
+    seq: int,
+    *,
+    at_ms: int | None = None,
+    command: Command | None = None,
+    entries: Sequence[LedgerEntry] = (),
+    calls: Sequence[CallRecord] = (),
+) -> JournalRecord:
+    return JournalRecord(
+        seq=seq,
+        at_ms=1_000 * seq if at_ms is None else at_ms,
+        command=Tick(retention_ms=seq) if command is None else command,
+        entries=tuple(entries),
+        calls=tuple(calls),
+    )
+
+
+def replayed(journal: Journal, after_seq: int = 0) -> list[tuple[int, int, Command]]:
+    return list(journal.replay(after_seq))
+
+
+def all_calls(journal: Journal, account_id: str) -> list[CallRecord]:
+    return journal.list_calls(
+        account_id, active_only=False, before_call_seq=None, limit=MAX_READ_ROWS
+    )
+
+
+# ---------------------------------------------------------------- codec
+
+TARIFF = Tariff("vn-std", "VND", (RATE, RATE_84, Rate("8490", 0, 30, 6, 1_000_000_000)))
+
+CODEC_CASES = [
+    pytest.param(CreateAccount("acme", "VND", "vn-std", 0, 0), id="create-account"),
+    pytest.param(CreateAccount("b", "USD", "t", 10**15, 1_000_000), id="create-account-limits"),
+    pytest.param(UpdateAccount("acme"), id="update-account-nothing"),
+    pytest.param(UpdateAccount("acme", status=AccountStatus.SUSPENDED), id="update-status"),
+    pytest.param(
+        UpdateAccount("acme", AccountStatus.CLOSED, "vn-2", 0, 0), id="update-account-everything"
+    ),
+    pytest.param(UpdateAccount("acme", credit_limit=0), id="update-credit-limit-zero"),
+    pytest.param(TopUp("acme", 500_000, "inv-1", "invoice 2024-001"), id="top-up"),
+    pytest.param(TopUp("acme", 1, "k", 'nul\x00 é 🎉 "quoted" \\'), id="top-up-odd-text"),
+    pytest.param(Adjust("acme", -(10**15), "adj-1", "goodwill"), id="adjust-negative"),
+    pytest.param(PutTariff(TARIFF), id="put-tariff"),
+    pytest.param(PutTariff(Tariff("empty", "VND", ())), id="put-tariff-no-rates"),
+    pytest.param(Reserve("c1", "acme", "+84901234567", 0, 60, 120), id="reserve"),
+    pytest.param(Renew("c1", 2**63 - 1, 86_400, 600, 600, 120), id="renew-max-sequence"),
+    pytest.param(Release("c1", 95), id="release"),
+    pytest.param(Tick(retention_ms=86_400_000), id="tick"),
+    # Refused commands are journaled when expiries happened in their step.
+    pytest.param(TopUp("", -5, "", ""), id="invalid-top-up"),
+    pytest.param(Reserve("bad id!", "x" * 500, "abc", -1, 10**30, 0), id="invalid-reserve"),
+]
+
+
+@pytest.mark.parametrize("command", CODEC_CASES)
+def test_codec_round_trips_each_kind(command: Command) -> None:
+    kind, body = encode_command(command)
+    assert kind == KINDS[type(command)]
+    assert body.isascii()
+    assert body == json.dumps(json.loads(body), separators=(",", ":"))  # compact
+    assert decode_command(kind, body) == command
+
+
+def test_codec_covers_every_command_type() -> None:
+    assert set(KINDS) == set(typing.get_args(Command))
+    assert len(set(KINDS.values())) == len(KINDS)
+
+
+def test_codec_kind_names_never_change() -> None:
+    """Journals on disk hold these names: renaming one makes old journals unreadable."""
+    assert sorted(KINDS.values()) == [
+        "Adjust",
+        "CreateAccount",
+        "PutTariff",
+        "Release",
+        "Renew",
+        "Reserve",
+        "Tick",
+        "TopUp",
+        "UpdateAccount",
+    ]
+
+
+_texts = st.text(st.characters(exclude_categories=()), max_size=20)  # surrogates too
+_ints = st.integers()
+_rates = st.builds(Rate, _texts, _ints, _ints, _ints, _ints)
+_tariffs = st.builds(
+    Tariff, tariff_id=_texts, currency=_texts, rates=st.lists(_rates, max_size=4).map(tuple)
+)
+_commands: st.SearchStrategy[Command] = st.one_of(
+    st.builds(CreateAccount, _texts, _texts, _texts, _ints, _ints),
+    st.builds(
+        UpdateAccount,
+        _texts,
+        st.none() | st.sampled_from(AccountStatus),
+        st.none() | _texts,
+        st.none() | _ints,
+        st.none() | _ints,
+    ),
+    st.builds(TopUp, _texts, _ints, _texts, _texts),
+    st.builds(Adjust, _texts, _ints, _texts, _texts),
+    st.builds(PutTariff, _tariffs),
+    st.builds(Reserve, _texts, _texts, _texts, _ints, _ints, _ints),
+    st.builds(Renew, _texts, _ints, _ints, _ints, _ints, _ints),
+    st.builds(Release, _texts, _ints),
+    st.builds(Tick, _ints),
+)
+
+
+@given(_commands)
+def test_codec_round_trips_any_command(command: Command) -> None:
+    kind, body = encode_command(command)
+    assert body.isascii()
+    assert decode_command(kind, body) == command
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "message"),
+    [
+        pytest.param("Frobnicate", "{}", "unknown command kind", id="unknown-kind"),
+        pytest.param("Tick", "{not json", "not JSON", id="not-json"),
+        pytest.param("Tick", "[1]", "expected an object", id="not-an-object"),
+        pytest.param("Tick", "{}", "retention_ms: missing", id="missing-key"),
+        pytest.param("Tick", '{"retention_ms":1,"x":2}', "unexpected keys", id="extra-key"),
+        pytest.param("Tick", '{"retention_ms":"1"}', "expected an integer", id="string-for-int"),
+        pytest.param("Tick", '{"retention_ms":true}', "expected an integer", id="bool-for-int"),
+        pytest.param("Tick", '{"retention_ms":1.0}', "expected an integer", id="float-for-int"),
+        pytest.param("Tick", '{"retention_ms":NaN}', "not a JSON number", id="nan"),
+        pytest.param(
+            "Tick", '{"retention_ms":1,"retention_ms":2}', "duplicate key", id="duplicate-key"
+        ),
+        pytest.param(
+            "Release", '{"call_id":7,"used_seconds":1}', "expected a string", id="int-for-string"
+        ),
+        pytest.param(
+            "UpdateAccount",
+            '{"account_id":"a","status":"ASLEEP"}',
+            "unknown status",
+            id="unknown-status",
+        ),
+        pytest.param(
+            "UpdateAccount", '{"account_id":"a","credit_limit":null}', "integer", id="null-optional"
+        ),
+        pytest.param(
+            "PutTariff",
+            '{"tariff":{"tariff_id":"t","currency":"VND","rates":{}}}',
+            "expected a list",
+            id="rates-not-a-list",
+        ),
+        pytest.param(
+            "PutTariff",
+            '{"tariff":{"tariff_id":"t","currency":"VND","rates":[{"prefix":""}]}}',
+            "tariff.rates[0].price_per_minute_micros: missing",
+            id="rate-incomplete",
+        ),
+    ],
+)
+def test_codec_refuses_malformed_bodies(kind: str, body: str, message: str) -> None:
+    with pytest.raises(CodecError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        decode_command(kind, body)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(TopUp("acme", True, "k", ""), id="bool-amount"),
+        pytest.param(Tick(retention_ms=1.5), id="float-retention"),  # type: ignore[arg-type]
+        pytest.param(UpdateAccount("a", status="ACTIVE"), id="plain-str-status"),  # type: ignore[arg-type]
+        pytest.param(PutTariff(Tariff("t", "VND", [RATE])), id="rates-not-a-tuple"),  # type: ignore[arg-type]
+    ],
+)
+def test_codec_refuses_to_encode_what_it_could_not_decode(command: Command) -> None:
+    with pytest.raises(CodecError):
+        encode_command(command)
+
+
+@pytest.mark.parametrize(
+    ("given", "drivername"),
+    [
+        pytest.param("postgresql://u@h/db", "postgresql+psycopg", id="bare-postgresql"),
+        pytest.param("postgres://u@h/db", "postgresql+psycopg", id="postgres-alias"),
+        pytest.param("postgresql+psycopg://u@h/db", "postgresql+psycopg", id="psycopg-kept"),
+        pytest.param("sqlite:///x.db", "sqlite", id="sqlite-kept"),
+    ],
+)
+def test_engine_url_takes_postgresql_to_mean_psycopg(given: str, drivername: str) -> None:
+    assert engine_url(given).drivername == drivername
+
+
+# ---------------------------------------------------------------- append / replay
+
+
+def test_append_then_replay_gives_commands_in_order(journal: Journal) -> None:
+    commands: list[Command] = [
+        PutTariff(TARIFF),
+        CreateAccount("acme", "VND", "vn-std", 0, 0),
+        TopUp("acme", 500, "k1", "first"),
+        Reserve("c1", "acme", "84901", 0, 60, 120),
+        Renew("c1", 1, 10, 0, 60, 120),
+        Release("c1", 20),
+        UpdateAccount("acme", status=AccountStatus.SUSPENDED),
+        Adjust("acme", -10, "k2", "fix"),
+        Tick(retention_ms=86_400_000),
+    ]
+    records = [record(i + 1, at_ms=5_000 + i, command=c) for i, c in enumerate(commands)]
+    assert journal.last_seq() == 0
+    assert replayed(journal) == []
+    journal.append(records[:4])
+    journal.append(records[4:5])
+    journal.append(records[5:])
+    assert journal.last_seq() == len(commands)
+    assert replayed(journal) == [(r.seq, r.at_ms, r.command) for r in records]
+    assert replayed(journal, after_seq=6) == [(r.seq, r.at_ms, r.command) for r in records[6:]]
+    assert replayed(journal, after_seq=len(commands)) == []
+
+
+def test_empty_append_changes_nothing(journal: Journal) -> None:
+    journal.append([])
+    assert journal.last_seq() == 0
+
+
+def test_replay_reads_page_by_page(journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal_module, "REPLAY_PAGE_SIZE", 7)
+    journal.append([record(seq) for seq in range(1, 31)])
+    selects: list[str] = []
+
+    def count(*args: object) -> None:
+        statement = str(args[2])
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(statement)
+
+    event.listen(journal.engine, "before_cursor_execute", count)
+    stream = journal.replay(after_seq=2)
+    assert next(stream)[0] == 3
+    assert len(selects) == 1  # one page read, not the whole journal
+    assert [seq for seq, _, _ in stream] == list(range(4, 31))
+    assert len(selects) == 5  # 28 records: 4 full pages of 7, then one that finds none
+
+
+def test_reopening_sees_everything(url: str) -> None:
+    records = [
+        record(1, entries=[entry(1)], calls=[call("c1", 1)]),
+        record(2, entries=[entry(2, "beta")], calls=[call("c1", 1, state=CallState.RELEASED)]),
+    ]
+    with Journal(url) as first:
+        first.append(records)
+    with Journal(url) as second:  # a new engine, a new pool: only the database remembers
+        assert second.last_seq() == 2
+        assert replayed(second) == [(r.seq, r.at_ms, r.command) for r in records]
+        assert second.list_entries("acme", 0, 10) == [entry(1)]
+        assert second.list_entries("beta", 0, 10) == [entry(2, "beta")]
+        assert second.get_call("c1") == call("c1", 1, state=CallState.RELEASED)
+        second.append([record(3)])
+    with Journal(url) as third:
+        assert third.last_seq() == 3
+
+
+# ---------------------------------------------------------------- atomicity
+
+STORED = [
+    record(1, entries=[entry(1)], calls=[call("c1", 1)]),
+    record(2, entries=[entry(2)], calls=[call("c2", 2)]),
+]
+GOOD = record(3, entries=[entry(3)], calls=[call("c3", 3), call("c1", 1, used_seconds=30)])
+
+FAILING_BATCHES = [
+    pytest.param([GOOD, record(4, entries=[entry(3)])], True, id="entry-id-twice-in-batch"),
+    pytest.param([GOOD, record(4, entries=[entry(2)])], True, id="entry-id-already-stored"),
+    pytest.param([GOOD, record(4, calls=[call("other", 1)])], True, id="call-seq-taken"),
+    pytest.param([GOOD, record(4, entries=[entry(4, amount=2**63)])], True, id="beyond-int64"),
+    pytest.param([record(4, entries=[entry(3)])], False, id="gap-after-stored"),
+    pytest.param([GOOD, record(5)], False, id="gap-inside-batch"),
+    pytest.param([record(2), GOOD], False, id="seq-repeated"),
+    pytest.param([record(3, at_ms=1_999), record(4)], False, id="time-back-from-stored"),
+    pytest.param([GOOD, record(4, at_ms=2_500)], False, id="time-back-inside-batch"),
+    pytest.param([GOOD, record(4, command=TopUp("acme", True, "k", ""))], True, id="cannot-encode"),
+]
+
+
+@pytest.mark.parametrize(("batch", "has_cause"), FAILING_BATCHES)
+def test_a_failed_batch_leaves_nothing_of_itself(
+    journal: Journal, batch: list[JournalRecord], has_cause: bool
+) -> None:
+    journal.append(STORED)
+    before = (
+        replayed(journal),
+        journal.list_entries("acme", 0, 100),
+        all_calls(journal, "acme"),
+    )
+    with pytest.raises(JournalError) as raised:
+        journal.append(batch)
+    assert (raised.value.__cause__ is not None) == has_cause
+    assert journal.last_seq() == 2
+    after = (
+        replayed(journal),
+        journal.list_entries("acme", 0, 100),
+        all_calls(journal, "acme"),
+    )
+    assert after == before
+    assert journal.get_call("c3") is None
+    # The failed transaction is gone entirely: the right next batch goes through.
+    journal.append([GOOD])
+    assert journal.last_seq() == 3
+    assert journal.get_call("c1") == call("c1", 1, used_seconds=30)
+
+
+def test_seqs_must_start_at_one(journal: Journal) -> None:
+    with pytest.raises(JournalError, match="ends at seq 0"):
+        journal.append([record(2)])
+    assert journal.last_seq() == 0
+
+
+# ---------------------------------------------------------------- history reads
+
+
+def test_list_entries_pages_one_account_in_increasing_order(journal: Journal) -> None:
+    entries = [entry(i, "acme" if i % 3 else "beta", at_ms=i) for i in range(1, 61)]
+    journal.append([record(1, entries=entries[:30]), record(2, entries=entries[30:])])
+    acme = [e for e in entries if e.account_id == "acme"]
+    pages: list[list[LedgerEntry]] = []
+    after = 0
+    while page := journal.list_entries("acme", after, 15):
+        pages.append(page)
+        after = page[-1].entry_id
+    assert [len(p) for p in pages] == [15, 15, 10]
+    assert [e for p in pages for e in p] == acme
+    assert journal.list_entries("acme", 0, MAX_READ_ROWS) == acme
+    assert journal.list_entries("acme", 7, 2) == [acme[5], acme[6]]  # ids 8, 10
+    assert journal.list_entries("beta", 0, 100) == [e for e in entries if e.account_id == "beta"]
+    assert journal.list_entries("acme", 60, 10) == []
+    assert journal.list_entries("nobody", 0, 10) == []
+
+
+def test_list_calls_newest_first_active_only_and_paged(journal: Journal) -> None:
+    states = [CallState.ACTIVE, CallState.RELEASED, CallState.EXPIRED]
+    acme = [call(f"a{i}", i, state=states[i % 3]) for i in range(1, 11)]  # call_seq 1..10
+    beta = [call(f"b{i}", 100 + i, "beta") for i in range(3)]
+    journal.append([record(1, calls=acme[:5] + beta), record(2, calls=acme[5:])])
+    newest_first = acme[::-1]
+    assert all_calls(journal, "acme") == newest_first
+    assert (
+        journal.list_calls("acme", active_only=False, before_call_seq=None, limit=4)
+        == (newest_first[:4])
+    )
+    assert (
+        journal.list_calls("acme", active_only=False, before_call_seq=7, limit=4)
+        == (newest_first[4:8])
+    )
+    assert (
+        journal.list_calls("acme", active_only=False, before_call_seq=3, limit=4)
+        == (newest_first[8:])
+    )
+    active = [c for c in newest_first if c.state is CallState.ACTIVE]
+    assert [c.call_seq for c in active] == [9, 6, 3]
+    assert journal.list_calls("acme", active_only=True, before_call_seq=None, limit=10) == active
+    assert journal.list_calls("acme", active_only=True, before_call_seq=9, limit=1) == [active[1]]
+    assert all_calls(journal, "beta") == beta[::-1]
+    assert all_calls(journal, "nobody") == []
+
+
+def test_get_call(journal: Journal) -> None:
+    ended = call("c1", 1, state=CallState.EXPIRED, used_seconds=61, last_sequence=4)
+    journal.append([record(1, calls=[ended])])
+    assert journal.get_call("c1") == ended
+    assert journal.get_call("c2") is None
+
+
+@pytest.mark.parametrize(
+    "native", [pytest.param(True, id="on-conflict"), pytest.param(False, id="delete-insert")]
+)
+def test_call_upsert_keeps_the_latest_snapshot(
+    journal: Journal, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not native:  # the path other dialects take, run on these two
+        monkeypatch.setattr(journal_module, "_NATIVE_UPSERT", frozenset())
+    journal.append(
+        [
+            record(1, calls=[call("c1", 1), call("c2", 2)]),
+            record(2, calls=[call("c1", 1, used_seconds=10, last_sequence=1)]),
+            record(3, calls=[call("c1", 1, used_seconds=20, last_sequence=2)]),
+        ]
+    )
+    assert journal.get_call("c1") == call("c1", 1, used_seconds=20, last_sequence=2)
+    released = call("c1", 1, state=CallState.RELEASED, used_seconds=25, last_sequence=2)
+    journal.append([record(4, calls=[released])])
+    assert journal.get_call("c1") == released
+    assert journal.get_call("c2") == call("c2", 2)
+    assert all_calls(journal, "acme") == [call("c2", 2), released]
+
+
+# ---------------------------------------------------------------- replay of real runs
+
+
+class Recorder:
+    """A state machine run, journaled the way the writer does it."""
+
+    def __init__(self) -> None:
+        self.machine = StateMachine()
+        self.records: list[JournalRecord] = []
+
+    def apply(self, command: Command, at_ms: int) -> Step:
+        step = self.machine.apply(command, at_ms)
+        if step.changed:
+            self.records.append(
+                JournalRecord(
+                    seq=len(self.records) + 1,
+                    at_ms=at_ms,
+                    command=command,
+                    entries=tuple(step.entries),
+                    calls=tuple(step.calls),
+                )
+            )
+        return step
+
+
+def append_in_batches(journal: Journal, records: list[JournalRecord], sizes: Iterator[int]) -> None:
+    start = 0
+    while start < len(records):
+        size = next(sizes)
+        journal.append(records[start : start + size])
+        start += size
+
+
+def assert_replay_rebuilds(url: str, run: Recorder) -> StateMachine:
+    """Reopen, replay into a fresh machine, and compare state and history with the run."""
+    original = run.machine
+    fresh = StateMachine()
+    with Journal(url) as journal:
+        replay = list(journal.replay())
+        assert [seq for seq, _, _ in replay] == [r.seq for r in run.records]
+        for (seq, at_ms, command), expected in zip(replay, run.records, strict=True):
+            assert (at_ms, command) == (expected.at_ms, expected.command)
+            step = fresh.apply(command, at_ms)
+            assert step.changed, f"seq {seq} changed nothing on replay"
+            assert tuple(step.entries) == expected.entries, f"seq {seq}"
+            assert tuple(step.calls) == expected.calls, f"seq {seq}"
+        assert original.audit() == []
+        assert fresh.audit() == []
+        for account_id in original.accounts:
+            assert fresh.account(account_id) == original.account(account_id)
+            assert fresh.open_calls(account_id) == original.open_calls(account_id)
+        assert fresh.accounts == original.accounts
+        assert fresh.tariffs == original.tariffs
+        assert fresh.calls == original.calls
+        for call_id in original.calls:
+            assert fresh.call(call_id) == original.call(call_id)
+        # Steps that changed nothing moved the original's clock but are not journaled:
+        # the rebuilt clock stands at the last journaled step, which is all state needs.
+        assert fresh.now_ms == run.records[-1].at_ms <= original.now_ms
+        assert (fresh.last_entry_id, fresh.last_call_seq, fresh.ledger_total) == (
+            original.last_entry_id,
+            original.last_call_seq,
+            original.ledger_total,
+        )
+        # (The expiry heaps may differ by stale entries that unjournaled steps popped;
+        # next_expiry_ms is a hint. What matters is that both go on identically.)
+        future_ms = original.now_ms + 7 * 86_400_000
+        going_on = [copy.deepcopy(m).apply(Tick(86_400_000), future_ms) for m in (original, fresh)]
+        assert going_on[0] == going_on[1]
+        # History: every entry, and each call's last snapshot, is in the database.
+        entries = [e for r in run.records for e in r.entries]
+        for account_id in original.accounts:
+            mine = [e for e in entries if e.account_id == account_id]
+            assert journal.list_entries(account_id, 0, MAX_READ_ROWS) == mine
+        latest: dict[str, CallRecord] = {}
+        for r in run.records:
+            latest.update((c.call_id, c) for c in r.calls)
+        for call_id, snapshot in latest.items():
+            assert journal.get_call(call_id) == snapshot
+            remembered = original.call(call_id)
+            if remembered is not None:
+                assert snapshot == remembered  # the database is never behind memory
+    return fresh
+
+
+def test_replay_rebuilds_a_scripted_run(url: str) -> None:
+    run = Recorder()
+    day_ms = 86_400_000
+    tariff = Tariff("std", "VND", (RATE, RATE_84))
+    assert not isinstance(run.apply(PutTariff(tariff), 1_000).outcome, Refused)
+    run.apply(CreateAccount("acme", "VND", "std", 0, 0), 1_000)
+    run.apply(CreateAccount("beta", "VND", "std", 500, 2), 1_000)
+    run.apply(TopUp("acme", 10_000, "inv-1", "invoice 1"), 2_000)
+    reserved = run.apply(Reserve("c1", "acme", "+84901234567", 120, 120, 60), 3_000).outcome
+    assert isinstance(reserved, GrantResult)
+    assert reserved.grant.held == 340  # fee 100 + 2 minutes at 120 per minute
+    run.apply(Reserve("c2", "acme", "123", 0, 60, 30), 4_000)  # silent: expires at 34 s
+    renewed = run.apply(Renew("c1", 1, 20, 120, 120, 60), 30_000).outcome
+    assert isinstance(renewed, GrantResult)
+    # One grant beyond what was used; held at the per-minute price of 180 seconds.
+    assert (renewed.grant.allowed_seconds, renewed.grant.held) == (140, 460)
+    released = run.apply(Release("c1", 95), 33_000).outcome
+    assert isinstance(released, ReleaseOutcome)
+    assert released.result.charged == 340
+    ticked = run.apply(Tick(retention_ms=day_ms), 35_000).outcome
+    assert ticked == TickResult(expired=1, forgotten=0)
+    late = run.apply(Release("c2", 10), 36_000).outcome  # re-rated: refund 60 - 10
+    assert isinstance(late, ReleaseOutcome)
+    assert late.result.charged == 10
+    run.apply(Adjust("acme", -500, "adj-1", "goodwill reversal"), 37_000)
+    run.apply(TopUp("beta", 50, "inv-2", ""), 37_500)
+    run.apply(UpdateAccount("beta", status=AccountStatus.SUSPENDED), 38_000)
+    journaled = len(run.records)
+    refused = run.apply(Reserve("c4", "beta", "555", 0, 60, 120), 38_500).outcome
+    assert isinstance(refused, Refused)
+    repeat = run.apply(TopUp("acme", 10_000, "inv-1", "invoice 1"), 38_600)
+    assert not repeat.changed
+    assert len(run.records) == journaled  # refusals and repeats are not journaled
+    run.apply(UpdateAccount("beta", status=AccountStatus.ACTIVE, credit_limit=1_000), 39_000)
+    run.apply(Reserve("c3", "beta", "555", 0, 60, 120), 40_000)  # still open at the end
+    forgot = run.apply(Tick(retention_ms=10_000), 60_000).outcome
+    assert isinstance(forgot, TickResult)
+    assert forgot.forgotten >= 2
+    assert run.machine.call("c1") is None  # memory forgot it; history did not
+    run.apply(TopUp("acme", 100, "inv-3", "after the window"), 60_500)
+
+    kinds = {e.kind for r in run.records for e in r.entries}
+    assert kinds == set(EntryKind)
+
+    with Journal(url) as journal:
+        append_in_batches(journal, run.records, iter([3, 1, 5, 2, 100]))
+    fresh = assert_replay_rebuilds(url, run)
+    with Journal(url) as journal:
+        c1 = journal.get_call("c1")
+        assert c1 is not None
+        assert (c1.state, c1.used_seconds, c1.charged) == (CallState.RELEASED, 95, 340)
+        c2 = journal.get_call("c2")
+        assert c2 is not None
+        assert (c2.state, c2.charged) == (CallState.EXPIRED, 10)
+        assert [c.call_id for c in all_calls(journal, "acme")] == ["c2", "c1"]
+        active = journal.list_calls("beta", active_only=True, before_call_seq=None, limit=10)
+        assert [c.call_id for c in active] == ["c3"]
+    # The idempotency keys came back too: a retry after restart is still a repeat.
+    retry = fresh.apply(TopUp("acme", 100, "inv-3", "after the window"), 61_000)
+    assert not retry.changed
+
+
+def random_run(seed: int, steps: int) -> Recorder:
+    """A seeded workload over three accounts: funds run out, calls expire, keys repeat."""
+    rng = random.Random(seed)
+    run = Recorder()
+    at_ms = 1_000
+    run.apply(PutTariff(Tariff("std", "VND", (RATE, RATE_84))), at_ms)
+    accounts = ["a0", "a1", "a2"]
+    for i, account_id in enumerate(accounts):
+        run.apply(CreateAccount(account_id, "VND", "std", 200 * i, i), at_ms)
+    for step in range(steps):
+        at_ms += rng.choice([0, 0, 10, 1_000, 2_000, 5_000, 15_000, 70_000])
+        account_id = rng.choice(accounts)
+        open_ids = [c.call_id for c in run.machine.calls.values() if c.state is CallState.ACTIVE]
+        if open_ids and rng.random() < 0.8:
+            call_id = rng.choice(open_ids)  # mostly talk about live calls
+        else:
+            call_id = f"c{rng.randrange(step + 1)}"  # new, ended, repeated or unknown
+        known = run.machine.calls.get(call_id)
+        used = (known.used_seconds if known else 0) + rng.choice([0, 5, 30, 90])
+        roll = rng.random()
+        command: Command
+        if roll < 0.15:
+            command = TopUp(account_id, rng.randint(1, 3_000), f"k{rng.randrange(40)}", "")
+        elif roll < 0.20:
+            amount = rng.randint(1, 800) * rng.choice([-1, 1])
+            command = Adjust(account_id, amount, f"k{rng.randrange(40)}", "adjust")
+        elif roll < 0.45:
+            requested = rng.choice([0, 30, 120])
+            command = Reserve(
+                f"c{step}" if rng.random() < 0.8 else call_id,
+                account_id,
+                rng.choice(["84901", "+84902", "123"]),
+                requested,
+                min(requested or 60, 600),
+                rng.choice([10, 30, 60]),
+            )
+        elif roll < 0.65:
+            sequence = (known.last_sequence if known else 0) + rng.choice([0, 1, 1, 1])
+            command = Renew(call_id, max(sequence, 1), used, 60, 60, rng.choice([10, 30, 60]))
+        elif roll < 0.85:
+            command = Release(call_id, used)
+        elif roll < 0.92:
+            status = rng.choice([None, AccountStatus.ACTIVE, AccountStatus.SUSPENDED])
+            credit_limit = rng.choice([None, 0, 500])
+            command = UpdateAccount(account_id, status=status, credit_limit=credit_limit)
+        else:
+            command = Tick(retention_ms=rng.choice([60_000, 600_000]))
+        run.apply(command, at_ms)
+    return run
+
+
+@pytest.mark.parametrize("seed", [pytest.param(seed, id=f"seed-{seed}") for seed in (1, 2, 3)])
+def test_replay_rebuilds_a_seeded_random_run(url: str, seed: int) -> None:
+    run = random_run(seed, steps=400)
+    assert len(run.records) > 150, f"seed {seed}: too little happened"
+    kinds = {e.kind for r in run.records for e in r.entries}
+    assert {EntryKind.CALL_CHARGE, EntryKind.EXPIRY_CHARGE} <= kinds, f"seed {seed}"
+    rng = random.Random(seed)
+    with Journal(url) as journal:
+        append_in_batches(journal, run.records, iter(lambda: rng.randint(1, 40), None))
+    assert_replay_rebuilds(url, run)
+
+
+# ---------------------------------------------------------------- corrupt journals
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        pytest.param("Frobnicate", "{}", id="unknown-kind"),
+        pytest.param("TopUp", '{"account_id":"acme"}', id="malformed-body"),
+        pytest.param("TopUp", "garbage", id="not-json"),
+    ],
+)
+def test_replay_names_the_seq_of_a_bad_record(journal: Journal, kind: str, body: str) -> None:
+    journal.append([record(1)])
+    with journal.engine.begin() as connection:  # as if written by another version
+        connection.execute(
+            insert(journal_table), [{"seq": 2, "at_ms": 2_000, "kind": kind, "body": body}]
+        )
+    journal.append([record(3)])
+    stream = journal.replay()
+    assert next(stream) == (1, 1_000, Tick(retention_ms=1))  # streamed up to the bad one
+    with pytest.raises(JournalError, match="journal seq 2") as raised:
+        next(stream)
+    assert isinstance(raised.value.__cause__, CodecError)
+
+
+def test_replay_refuses_a_missing_seq(journal: Journal) -> None:
+    journal.append([record(seq) for seq in range(1, 6)])
+    with journal.engine.begin() as connection:
+        connection.execute(delete(journal_table).where(journal_table.c.seq == 3))
+    with pytest.raises(JournalError, match="seq 3 is missing"):
+        replayed(journal)
+    assert [seq for seq, _, _ in journal.replay(after_seq=3)] == [4, 5]
+
+
+# ---------------------------------------------------------------- threads
+
+
+def test_readers_run_beside_the_writer(journal: Journal) -> None:
+    """One appending thread, four reading ones: no errors, and no half batch is seen."""
+    batches = 150
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def guarded(work: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:
+                errors.append(exc)
+                done.set()
+
+        return run
+
+    def write() -> None:
+        for seq in range(1, batches + 1):
+            calls = [call(f"c{seq % 10}", seq % 10 + 1, used_seconds=seq)]
+            journal.append([record(seq, entries=[entry(2 * seq - 1), entry(2 * seq)], calls=calls)])
+        done.set()
+
+    def read() -> None:
+        seen = 0
+        while not done.is_set():
+            last = journal.last_seq()
+            assert last >= seen
+            seen = last
+            entries = journal.list_entries("acme", 0, MAX_READ_ROWS)
+            assert len(entries) >= 2 * last
+            assert len(entries) % 2 == 0  # both entries of a record, or neither
+            assert journal.last_seq() * 2 >= len(entries)
+            for snapshot in all_calls(journal, "acme"):
+                assert snapshot.used_seconds % 10 == snapshot.call_seq - 1
+
+    threads = [threading.Thread(target=guarded(write))]
+    threads += [threading.Thread(target=guarded(read)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert journal.last_seq() == batches
+
+
+# ---------------------------------------------------------------- limits and lifecycle
+
+
+def test_limits_are_enforced_before_any_io(sqlite_journal: Journal) -> None:
+    too_many = [record(seq) for seq in range(1, MAX_RECORDS_PER_APPEND + 2)]
+    with pytest.raises(ValueError, match="at most"):
+        sqlite_journal.append(too_many)
+    for limit in (0, -1, MAX_READ_ROWS + 1):
+        with pytest.raises(ValueError, match="limit"):
+            sqlite_journal.list_entries("acme", 0, limit)
+        with pytest.raises(ValueError, match="limit"):
+            sqlite_journal.list_calls("acme", active_only=False, before_call_seq=None, limit=limit)
+    with pytest.raises(ValueError, match="after_seq"):
+        sqlite_journal.replay(after_seq=-1)  # at the call, not at the first next()
+    assert sqlite_journal.last_seq() == 0
+
+
+def test_a_closed_journal_refuses_everything(url: str) -> None:
+    journal = Journal(url)
+    journal.close()
+    attempts: list[Callable[[], object]] = [
+        lambda: journal.append([record(1)]),
+        journal.replay,
+        journal.last_seq,
+        lambda: journal.list_entries("acme", 0, 10),
+        lambda: all_calls(journal, "acme"),
+        lambda: journal.get_call("c1"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(JournalError, match="closed"):
+            attempt()
+    journal.close()  # closing twice is harmless
+
+
+def test_an_unreachable_database_is_a_journal_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(JournalError) as raised:
+        Journal(f"sqlite:///{blocker / 'journal.db'}")
+    assert raised.value.__cause__ is not None
+
+
+# ---------------------------------------------------------------- SQLite specifics
+
+
+def test_sqlite_connections_use_wal_and_synchronous_full(sqlite_journal: Journal) -> None:
+    engine = sqlite_journal.engine
+    with engine.connect() as first, engine.connect() as second:  # two pooled connections
+        for connection in (first, second):
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+            busy_ms = connection.exec_driver_sql("PRAGMA busy_timeout").scalar()
+            assert busy_ms == journal_module.SQLITE_BUSY_TIMEOUT_MS
+
+
+def test_sqlite_writer_takes_the_write_lock_first(sqlite_journal: Journal) -> None:
+    statements: list[str] = []
+
+    def log(*args: object) -> None:
+        statements.append(" ".join(str(args[2]).split()[:2]))
+
+    event.listen(sqlite_journal.engine, "before_cursor_execute", log)
+    sqlite_journal.append([record(1)])
+    assert statements[0] == "BEGIN IMMEDIATE"
+    statements.clear()
+    sqlite_journal.last_seq()
+    assert statements[0] == "BEGIN"  # readers take no lock (WAL)
+
+
+def test_sqlite_creates_the_parent_directory(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "journal.db"
+    with Journal(f"sqlite:///{path}") as journal:
+        journal.append([record(1)])
+    assert path.is_file()
+
+
+@pytest.mark.parametrize(
+    "memory_url",
+    [pytest.param("sqlite://", id="default"), pytest.param("sqlite:///:memory:", id="memory")],
+)
+def test_sqlite_in_memory_is_refused(memory_url: str) -> None:
+    with pytest.raises(JournalError, match="not durable"):
+        Journal(memory_url)
+
+
+# ---------------------------------------------------------------- PostgreSQL specifics
+
+
+def test_postgresql_bare_url_opens_with_psycopg() -> None:
+    base = _postgres_base_url()
+    bare = engine_url(base).set(drivername="postgresql")
+    with _postgres_schema(bare.render_as_string(hide_password=False)) as url:
+        assert url.startswith("postgresql+psycopg://")
+        with Journal(url.replace("postgresql+psycopg://", "postgresql://", 1)) as journal:
+            assert journal.engine.dialect.driver == "psycopg"
+            journal.append([record(1)])
+            assert journal.last_seq() == 1
+
+
+def test_postgresql_synchronous_commit_off_is_raised_to_on() -> None:
+    with (
+        _postgres_schema(_postgres_base_url(), "-csynchronous_commit=off") as url,
+        Journal(url) as journal,
+        journal.engine.connect() as connection,
+    ):
+        assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
