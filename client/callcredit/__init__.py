@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+from callcredit.admin import AdminClient, RateSpec
+from callcredit.dialer import DialerCall, DialerClient, Grant, ReleaseResult
 from callcredit.errors import CallcreditError, StreamClosedError
 
-__all__ = ["CallcreditError", "StreamClosedError"]
+__all__ = [
+    "AdminClient",
+    "CallcreditError",
+    "DialerCall",
+    "DialerClient",
+    "Grant",
+    "RateSpec",
+    "ReleaseResult",
+    "StreamClosedError",
+]

@@ -105,7 +105,23 @@ class RunningServer:
 async def start(
     settings: Settings, *, clock_ms: Callable[[], int] = wall_clock_ms
 ) -> RunningServer:
-    """Recover, then serve on settings.listen. Raises if the journal cannot be read."""
+    """Bind settings.listen, recover, then serve. Raises if either fails.
+
+    The port is bound first: a second server started by mistake fails there,
+    before it reads (or writes) the journal that the first one owns.
+    """
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    port = server.add_insecure_port(settings.listen)
     journal = Journal(settings.database_url)
     try:
         machine = await asyncio.to_thread(recover, journal)
@@ -124,16 +140,6 @@ async def start(
     policy = GrantPolicy(
         settings.grant_seconds, settings.max_grant_seconds, settings.validity_seconds
     )
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ]
-    )
     credit_control_pb2_grpc.add_CreditControlServiceServicer_to_server(
         CreditControlServicer(writer, policy), server
     )
@@ -148,7 +154,6 @@ async def start(
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(services, server)
-    port = server.add_insecure_port(settings.listen)
     writer.start()
     await server.start()
     loop = asyncio.get_running_loop()

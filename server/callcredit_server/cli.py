@@ -17,8 +17,10 @@ import sys
 import typer
 
 from callcredit_server.app import DEFAULT_DATABASE_URL, Settings, start
+from callcredit_server.core import InvariantViolation
+from callcredit_server.journal import JournalError
 
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
 
 @app.command()
@@ -67,7 +69,13 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(_serve(settings))
+    try:
+        asyncio.run(_serve(settings))
+    except (RuntimeError, JournalError, InvariantViolation) as exc:
+        # Cannot bind, cannot read the journal, or the journal replays to a broken
+        # state: nothing was served; say why in one line.
+        typer.echo(f"error: callcredit-server could not start: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 async def _serve(settings: Settings) -> None:
