@@ -1,0 +1,1 @@
+"""Tests of the pure state machine (server/callcredit_server/core), table-driven."""
