@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
 
 WINDOW_MESSAGES = 8  # messages in flight per stream
@@ -147,9 +148,8 @@ async def _main(args: argparse.Namespace, target: str) -> None:
         )  # fmt: skip
     print(single.line())
     print(batched.line())
-    print(
-        f"batched / single: {batched.operations / batched.seconds / (single.operations / single.seconds):.1f}x"
-    )
+    ratio = (batched.operations / batched.seconds) / (single.operations / single.seconds)
+    print(f"batched / single: {ratio:.1f}x")
 
 
 def main() -> None:

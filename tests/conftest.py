@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
+
 from callcredit_server.journal import engine_url
 
 POSTGRES_ENV = "CALLCREDIT_TEST_POSTGRES_URL"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from callcredit.v1 import admin_pb2, credit_control_pb2
 from google.protobuf import timestamp_pb2
 
+from callcredit.v1 import admin_pb2, credit_control_pb2
 from callcredit_server.core import (
     AccountStatus,
     AccountView,

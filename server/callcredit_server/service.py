@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
+from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
 from callcredit_server import convert
 from callcredit_server.convert import GrantPolicy
 from callcredit_server.core import (

@@ -22,16 +22,17 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from callcredit.admin import AdminClient, RateSpec
-from callcredit.cli import EXIT_NO_ANSWER, EXIT_REFUSED, app
-from callcredit.errors import DOMAIN, CallcreditError
-from callcredit.v1 import admin_pb2, admin_pb2_grpc
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from typer.testing import CliRunner, Result
+
+from callcredit.admin import AdminClient, RateSpec
+from callcredit.cli import EXIT_NO_ANSWER, EXIT_REFUSED, app
+from callcredit.errors import DOMAIN, CallcreditError
+from callcredit.v1 import admin_pb2, admin_pb2_grpc
 
 _M = TypeVar("_M", bound=Message)
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
 from callcredit.dialer import (
     ALLOWED_SECONDS_REACHED,
     FINAL_GRANT_REACHED,
@@ -24,8 +27,6 @@ from callcredit.dialer import (
 )
 from callcredit.errors import CallcreditError, StreamClosedError
 from callcredit.v1 import credit_control_pb2
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
 
 ACCOUNT = "acct-1"
 DESTINATION = "+84901234567"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+
 from callcredit_server.core import (
     AccountStatus,
     Adjust,

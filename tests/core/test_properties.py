@@ -7,6 +7,9 @@ import random
 from dataclasses import dataclass
 from fractions import Fraction
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from callcredit_server.core import (
     AccountStatus,
     Adjust,
@@ -27,8 +30,6 @@ from callcredit_server.core import (
     cost,
     max_affordable_seconds,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from .helpers import (
     MAX_GRANT_SECONDS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from callcredit_server.core import Tariff, billed_seconds, cost, max_affordable_seconds
 
 from .helpers import PER_SECOND, rate

@@ -9,6 +9,7 @@ stream servicer, not the state machine.)
 from __future__ import annotations
 
 import pytest
+
 from callcredit_server.core import (
     Adjust,
     Command,

@@ -20,6 +20,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy import create_engine, delete, event, insert
+
 from callcredit_server import journal as journal_module
 from callcredit_server.codec import KINDS, CodecError, decode_command, encode_command
 from callcredit_server.core import (
@@ -56,9 +60,6 @@ from callcredit_server.journal import (
     engine_url,
     journal_table,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-from sqlalchemy import create_engine, delete, event, insert
 
 POSTGRES_URL_ENV = "CALLCREDIT_TEST_POSTGRES_URL"
 POSTGRES_SKIP = "CALLCREDIT_TEST_POSTGRES_URL not set: PostgreSQL journal tests skipped"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2_grpc
 from callcredit_server.app import RunningServer, Settings, start
 

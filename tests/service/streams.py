@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import grpc
+
 from callcredit.v1 import credit_control_pb2, credit_control_pb2_grpc
 
 Operation = credit_control_pb2.Operation

@@ -7,10 +7,10 @@ from typing import Any
 
 import grpc
 import pytest
-from callcredit.v1 import admin_pb2, credit_control_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from callcredit.v1 import admin_pb2, credit_control_pb2
 from tests.service.conftest import UNIT_PER_SECOND, Harness
 from tests.service.streams import RawStream, release_op, renew_op, reserve_op
 

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import grpc
 import pytest
-from callcredit.v1 import admin_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from callcredit.v1 import admin_pb2
 from callcredit_server.journal import JournalError, JournalRecord
 from tests.service.conftest import FakeClock, Harness, open_harness
 from tests.service.streams import RawStream, renew_op, reserve_op

@@ -6,9 +6,9 @@ import asyncio
 
 import grpc
 import pytest
-from callcredit.v1 import admin_pb2, credit_control_pb2
 from google.rpc import error_details_pb2
 
+from callcredit.v1 import admin_pb2, credit_control_pb2
 from tests.service.conftest import Harness
 from tests.service.streams import RawStream, release_op, renew_op, reserve_op
 

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import grpc
-from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2_grpc
 
+from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2_grpc
 from tests.service.conftest import UNIT_PER_SECOND
 from tests.service.streams import RawStream, release_op, renew_op, reserve_op
 
