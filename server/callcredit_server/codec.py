@@ -172,12 +172,16 @@ def _body(command: Command) -> dict[str, object]:
     raise CodecError(f"not a command: {type(command).__name__}")
 
 
+# One encoder for every record: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, check_circular=False)
+
+
 def encode_command(command: Command) -> tuple[str, str]:
     """The (kind, body) of `command`: body is compact, ASCII-only JSON."""
     kind = KINDS.get(type(command))
     if kind is None:
         raise CodecError(f"not a command: {type(command).__name__}")
-    body = json.dumps(_body(command), separators=(",", ":"), ensure_ascii=True)
+    body = _ENCODER.encode(_body(command))
     return kind, body
 
 

@@ -70,8 +70,6 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 
 from callcredit_server.codec import CodecError, decode_command, encode_command
@@ -306,45 +304,81 @@ def _failing_as(what: str) -> Iterator[None]:
 # ------------------------------------------------------------------ rows
 
 
-def _entry_row(entry: LedgerEntry, seq: int) -> dict[str, object]:
-    return {
-        "entry_id": entry.entry_id,
-        "account_id": entry.account_id,
-        "kind": entry.kind.value,
-        "amount": entry.amount,
-        "balance_after": entry.balance_after,
-        "call_id": entry.call_id,
-        "reference": entry.reference,
-        "idempotency_key": entry.idempotency_key,
-        "created_at_ms": entry.created_at_ms,
-        "seq": seq,
-    }
+# Rows are tuples in their table's column order (checked at import, below): the
+# driver's executemany takes them as they are, without SQLAlchemy building a
+# parameter dict per row, which cost more than the database did.
 
 
-def _call_row(call: CallRecord, seq: int) -> dict[str, object]:
-    return {
-        "call_id": call.call_id,
-        "call_seq": call.call_seq,
-        "account_id": call.account_id,
-        "destination": call.destination,
-        "state": call.state.value,
-        "allowed_seconds": call.allowed_seconds,
-        "used_seconds": call.used_seconds,
-        "held": call.held,
-        "charged": call.charged,
-        "shortfall": call.shortfall,
-        "rate_prefix": call.rate.prefix,
-        "rate_price_per_minute_micros": call.rate.price_per_minute_micros,
-        "rate_first_increment_seconds": call.rate.first_increment_seconds,
-        "rate_next_increment_seconds": call.rate.next_increment_seconds,
-        "rate_connect_fee": call.rate.connect_fee,
-        "started_at_ms": call.started_at_ms,
-        "ended_at_ms": call.ended_at_ms,
-        "final": call.final,
-        "expires_at_ms": call.expires_at_ms,
-        "last_sequence": call.last_sequence,
-        "seq": seq,
-    }
+def _entry_row(entry: LedgerEntry, seq: int) -> tuple[object, ...]:
+    return (
+        entry.entry_id,
+        entry.account_id,
+        entry.kind.value,
+        entry.amount,
+        entry.balance_after,
+        entry.call_id,
+        entry.reference,
+        entry.idempotency_key,
+        entry.created_at_ms,
+        seq,
+    )
+
+
+def _call_row(call: CallRecord, seq: int) -> tuple[object, ...]:
+    rate = call.rate
+    return (
+        call.call_id,
+        call.call_seq,
+        call.account_id,
+        call.destination,
+        call.state.value,
+        call.allowed_seconds,
+        call.used_seconds,
+        call.held,
+        call.charged,
+        call.shortfall,
+        rate.prefix,
+        rate.price_per_minute_micros,
+        rate.first_increment_seconds,
+        rate.next_increment_seconds,
+        rate.connect_fee,
+        call.started_at_ms,
+        call.ended_at_ms,
+        call.final,
+        call.expires_at_ms,
+        call.last_sequence,
+        seq,
+    )
+
+
+_ENTRY_ROW = (
+    "entry_id", "account_id", "kind", "amount", "balance_after", "call_id", "reference",
+    "idempotency_key", "created_at_ms", "seq",
+)  # fmt: skip
+_CALL_ROW = (
+    "call_id", "call_seq", "account_id", "destination", "state", "allowed_seconds",
+    "used_seconds", "held", "charged", "shortfall", "rate_prefix",
+    "rate_price_per_minute_micros", "rate_first_increment_seconds",
+    "rate_next_increment_seconds", "rate_connect_fee", "started_at_ms", "ended_at_ms", "final",
+    "expires_at_ms", "last_sequence", "seq",
+)  # fmt: skip
+if tuple(entries_table.c.keys()) != _ENTRY_ROW or tuple(calls_table.c.keys()) != _CALL_ROW:
+    raise ImportError("journal row tuples do not follow their tables' column order")
+
+
+def _insert_sql(connection: Connection, table: Table, upsert_key: str = "") -> str:
+    """INSERT (or, with upsert_key, INSERT ... ON CONFLICT DO UPDATE) in driver SQL."""
+    quote = connection.dialect.identifier_preparer.quote
+    mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+    names = [quote(c.name) for c in table.c]
+    sql = (
+        f"INSERT INTO {quote(table.name)} ({', '.join(names)}) "
+        f"VALUES ({', '.join([mark] * len(names))})"
+    )
+    if upsert_key:
+        updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != quote(upsert_key))
+        sql += f" ON CONFLICT ({quote(upsert_key)}) DO UPDATE SET {updates}"
+    return sql
 
 
 def _entry(row: Row[Any]) -> LedgerEntry:
@@ -388,7 +422,7 @@ def _call(row: Row[Any]) -> CallRecord:
     )
 
 
-_Rows = list[dict[str, object]]
+_Rows = list[tuple[object, ...]]
 
 
 def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _Rows]:
@@ -400,7 +434,7 @@ def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _R
     """
     journal_rows: _Rows = []
     entry_rows: _Rows = []
-    call_rows: dict[str, dict[str, object]] = {}
+    call_rows: dict[str, tuple[object, ...]] = {}
     previous: JournalRecord | None = None
     for record in records:
         if previous is not None:
@@ -417,7 +451,7 @@ def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _R
             kind, body = encode_command(record.command)
         except CodecError as exc:
             raise JournalError(f"journal seq {record.seq}: cannot encode: {exc}") from exc
-        journal_rows.append({"seq": record.seq, "at_ms": record.at_ms, "kind": kind, "body": body})
+        journal_rows.append((record.seq, record.at_ms, kind, body))
         entry_rows.extend(_entry_row(entry, record.seq) for entry in record.entries)
         for call in record.calls:
             call_rows[call.call_id] = _call_row(call, record.seq)  # the last one wins
@@ -425,27 +459,23 @@ def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _R
     return journal_rows, entry_rows, list(call_rows.values())
 
 
-def _upsert_calls(connection: Connection, rows: list[dict[str, object]]) -> None:
-    """Store each call's snapshot, replacing the one stored before (rows unique by id)."""
-    dialect = connection.dialect.name
-    native = dialect in _NATIVE_UPSERT
-    if native and dialect == "sqlite":
-        lite = sqlite_insert(calls_table)
-        changes = {c.name: lite.excluded[c.name] for c in calls_table.c if not c.primary_key}
-        connection.execute(
-            lite.on_conflict_do_update(index_elements=["call_id"], set_=changes), rows
-        )
-    elif native and dialect == "postgresql":
-        pg = postgresql_insert(calls_table)
-        changes = {c.name: pg.excluded[c.name] for c in calls_table.c if not c.primary_key}
-        connection.execute(pg.on_conflict_do_update(index_elements=["call_id"], set_=changes), rows)
-    else:
-        # Portable: inside the batch's transaction, delete + insert is an upsert.
-        ids = [row["call_id"] for row in rows]
+def _insert(connection: Connection, table: Table, rows: _Rows, upsert_key: str = "") -> None:
+    """Insert `rows` (tuples in column order); with upsert_key, replace rows with that key.
+
+    SQLite and PostgreSQL take driver-level executemany with a native upsert. Other
+    databases go through SQLAlchemy Core; there, inside the batch's transaction,
+    delete + insert is the upsert.
+    """
+    if connection.dialect.name in _NATIVE_UPSERT:
+        connection.exec_driver_sql(_insert_sql(connection, table, upsert_key), rows)
+        return
+    names = table.c.keys()
+    if upsert_key:
+        key = table.c[upsert_key]
+        ids = [row[names.index(upsert_key)] for row in rows]
         for start in range(0, len(ids), _DELETE_CHUNK):
-            chunk = ids[start : start + _DELETE_CHUNK]
-            connection.execute(delete(calls_table).where(calls_table.c.call_id.in_(chunk)))
-        connection.execute(insert(calls_table), rows)
+            connection.execute(delete(table).where(key.in_(ids[start : start + _DELETE_CHUNK])))
+    connection.execute(insert(table), [dict(zip(names, row, strict=True)) for row in rows])
 
 
 def _check_limit(limit: int) -> None:
@@ -534,11 +564,11 @@ class Journal:
                 raise JournalError(
                     f"{span} starts at {first.at_ms} ms, before seq {last_seq} at {last.at_ms} ms"
                 )
-            connection.execute(insert(journal_table), journal_rows)
+            _insert(connection, journal_table, journal_rows)
             if entry_rows:
-                connection.execute(insert(entries_table), entry_rows)
+                _insert(connection, entries_table, entry_rows)
             if call_rows:
-                _upsert_calls(connection, call_rows)
+                _insert(connection, calls_table, call_rows, upsert_key="call_id")
 
     # ------------------------------------------------------------- replay
 
