@@ -44,6 +44,7 @@ Limits (TigerStyle: a bound on everything):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +144,20 @@ journal_table = Table(
     Column("at_ms", BigInteger, nullable=False),
     Column("kind", String(32), nullable=False),
     Column("body", Text, nullable=False),  # the command, compact JSON (codec.py)
+    # Hash chain: blake2b-128 of the previous record's chain and this record's
+    # seq, at_ms, kind and body. Any altered, lost or reordered record breaks
+    # every chain value after it; replay recomputes and compares each.
+    Column("chain", String(32), nullable=False),
 )
+
+meta_table = Table(
+    "journal_meta",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+SCHEMA_VERSION = "2"  # 2: records carry a hash chain; pruning is recorded in journal_meta
+GENESIS_CHAIN = "0" * 32  # the chain value "before" seq 1
 
 entries_table = Table(
     "ledger_entries",
@@ -425,6 +439,15 @@ def _call(row: Row[Any]) -> CallRecord:
 _Rows = list[tuple[object, ...]]
 
 
+def chain_after(previous: str, seq: int, at_ms: int, kind: str, body: str) -> str:
+    """The chain value of a record: binds it to its place and to all before it."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(previous.encode())
+    digest.update(f"|{seq}|{at_ms}|{kind}|".encode())
+    digest.update(body.encode())
+    return digest.hexdigest()
+
+
 def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _Rows]:
     """The journal, entry and call rows of a batch, checked before any I/O.
 
@@ -451,7 +474,7 @@ def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _R
             kind, body = encode_command(record.command)
         except CodecError as exc:
             raise JournalError(f"journal seq {record.seq}: cannot encode: {exc}") from exc
-        journal_rows.append((record.seq, record.at_ms, kind, body))
+        journal_rows.append((record.seq, record.at_ms, kind, body, ""))  # chained later
         entry_rows.extend(_entry_row(entry, record.seq) for entry in record.entries)
         for call in record.calls:
             call_rows[call.call_id] = _call_row(call, record.seq)  # the last one wins
@@ -478,6 +501,59 @@ def _insert(connection: Connection, table: Table, rows: _Rows, upsert_key: str =
     connection.execute(insert(table), [dict(zip(names, row, strict=True)) for row in rows])
 
 
+def _meta(connection: Connection) -> dict[str, str]:
+    return {row.name: row.value for row in connection.execute(select(meta_table))}
+
+
+def _set_meta(connection: Connection, name: str, value: str) -> None:
+    connection.execute(delete(meta_table).where(meta_table.c.name == name))
+    connection.execute(insert(meta_table).values(name=name, value=value))
+
+
+def _check_schema(connection: Connection) -> None:
+    """Refuse a journal written in another format; stamp a new one."""
+    version = _meta(connection).get("schema_version")
+    if version == SCHEMA_VERSION:
+        return
+    if version is not None:
+        raise JournalError(
+            f"the journal has schema version {version}; this server reads {SCHEMA_VERSION}"
+        )
+    if connection.execute(select(func.count()).select_from(journal_table)).scalar():
+        raise JournalError(
+            f"the journal has records but no schema version; this server reads {SCHEMA_VERSION}"
+        )
+    _set_meta(connection, "schema_version", SCHEMA_VERSION)
+
+
+def _tail(connection: Connection) -> tuple[int, int, str]:
+    """(seq, at_ms, chain) of the last record; the pruned point if none is left."""
+    last = connection.execute(
+        select(journal_table.c.seq, journal_table.c.at_ms, journal_table.c.chain)
+        .order_by(journal_table.c.seq.desc())
+        .limit(1)
+    ).first()
+    if last is not None:
+        return int(last.seq), int(last.at_ms), str(last.chain)
+    meta = _meta(connection)
+    return int(meta.get("pruned_through_seq", "0")), 0, meta.get("pruned_chain", GENESIS_CHAIN)
+
+
+def _chain_before(connection: Connection, seq: int) -> str:
+    """The chain value that record `seq` must extend."""
+    if seq <= 1:
+        return GENESIS_CHAIN
+    previous = connection.execute(
+        select(journal_table.c.chain).where(journal_table.c.seq == seq - 1)
+    ).scalar()
+    if previous is not None:
+        return str(previous)
+    meta = _meta(connection)
+    if int(meta.get("pruned_through_seq", "0")) == seq - 1:
+        return meta["pruned_chain"]
+    raise JournalError(f"journal seq {seq - 1} is missing: cannot verify the records after it")
+
+
 def _check_limit(limit: int) -> None:
     if not 1 <= limit <= MAX_READ_ROWS:
         raise ValueError(f"limit must be 1..{MAX_READ_ROWS}, got {limit}")
@@ -499,6 +575,8 @@ class Journal:
         try:
             with _failing_as("creating the journal tables"):
                 metadata.create_all(self._writer)
+            with _failing_as("checking the journal schema"), self._writer.begin() as connection:
+                _check_schema(connection)
         except JournalError:
             self._engine.dispose()
             raise
@@ -550,20 +628,18 @@ class Journal:
         with _failing_as(f"preparing {span}"):
             journal_rows, entry_rows, call_rows = _rows(records, span)
         with _failing_as(f"append of {span}"), self._writer.begin() as connection:
-            last = connection.execute(
-                select(journal_table.c.seq, journal_table.c.at_ms)
-                .order_by(journal_table.c.seq.desc())
-                .limit(1)
-            ).first()
-            last_seq = 0 if last is None else int(last.seq)
+            last_seq, last_at_ms, chain = _tail(connection)
             if first.seq != last_seq + 1:
                 raise JournalError(
                     f"{span} does not continue the journal, which ends at seq {last_seq}"
                 )
-            if last is not None and first.at_ms < last.at_ms:
+            if first.at_ms < last_at_ms:
                 raise JournalError(
-                    f"{span} starts at {first.at_ms} ms, before seq {last_seq} at {last.at_ms} ms"
+                    f"{span} starts at {first.at_ms} ms, before seq {last_seq} at {last_at_ms} ms"
                 )
+            for i, (seq, at_ms, kind, body, _) in enumerate(journal_rows):
+                chain = chain_after(chain, seq, at_ms, kind, body)  # type: ignore[arg-type]
+                journal_rows[i] = (seq, at_ms, kind, body, chain)
             _insert(connection, journal_table, journal_rows)
             if entry_rows:
                 _insert(connection, entries_table, entry_rows)
@@ -587,6 +663,8 @@ class Journal:
         return self._replay(after_seq + 1)
 
     def _replay(self, expected: int) -> Iterator[tuple[int, int, Command]]:
+        with _failing_as(f"replay from seq {expected}"), self._engine.connect() as connection:
+            chain = _chain_before(connection, expected)
         while True:
             query = (
                 select(
@@ -594,6 +672,7 @@ class Journal:
                     journal_table.c.at_ms,
                     journal_table.c.kind,
                     journal_table.c.body,
+                    journal_table.c.chain,
                 )
                 .where(journal_table.c.seq >= expected)
                 .order_by(journal_table.c.seq)
@@ -605,6 +684,13 @@ class Journal:
                 seq = int(row.seq)
                 if seq != expected:
                     raise JournalError(f"journal seq {expected} is missing (next is {seq})")
+                chain = chain_after(chain, seq, int(row.at_ms), row.kind, row.body)
+                if chain != row.chain:
+                    raise JournalError(
+                        f"journal record seq {seq} is corrupt: its checksum does not match "
+                        "(this record, or one before it, was altered or lost); "
+                        "the server will not start from a journal it cannot trust"
+                    )
                 try:
                     command = decode_command(row.kind, row.body)
                 except CodecError as exc:
@@ -615,11 +701,65 @@ class Journal:
                 return
 
     def last_seq(self) -> int:
-        """The seq of the last record, 0 for an empty journal."""
+        """The seq of the last record (or the last pruned one), 0 for an empty journal."""
         self._check_open()
         with _failing_as("reading the last seq"), self._engine.connect() as connection:
-            last = connection.execute(select(func.max(journal_table.c.seq))).scalar()
-        return 0 if last is None else int(last)
+            return _tail(connection)[0]
+
+    def pruned_through(self) -> int:
+        """Records up to this seq were pruned (after a snapshot); 0 if none were."""
+        self._check_open()
+        with _failing_as("reading the journal metadata"), self._engine.connect() as connection:
+            return int(_meta(connection).get("pruned_through_seq", "0"))
+
+    def prune(self, through_seq: int) -> int:
+        """Delete the records up to `through_seq`; how many were deleted.
+
+        Only for records a snapshot covers (the caller checks): replay then starts
+        from that snapshot. The chain value of the last pruned record is kept, so
+        the records after it are still verified. History (entries, calls) stays.
+        """
+        self._check_open()
+        with _failing_as(f"pruning through seq {through_seq}"), self._writer.begin() as connection:
+            if through_seq <= int(_meta(connection).get("pruned_through_seq", "0")):
+                return 0
+            last_seq = _tail(connection)[0]
+            if through_seq > last_seq:
+                raise JournalError(
+                    f"cannot prune through {through_seq}: the journal ends at {last_seq}"
+                )
+            chain = _chain_before(connection, through_seq + 1)
+            deleted = connection.execute(
+                delete(journal_table).where(journal_table.c.seq <= through_seq)
+            ).rowcount
+            _set_meta(connection, "pruned_through_seq", str(through_seq))
+            _set_meta(connection, "pruned_chain", chain)
+            return int(deleted)
+
+    def records(self, after_seq: int, through_seq: int) -> Iterator[tuple[int, int, str, str, str]]:
+        """Raw (seq, at_ms, kind, body, chain) rows, for archiving before a prune."""
+        self._check_open()
+        start = after_seq + 1
+        while start <= through_seq:
+            query = (
+                select(
+                    journal_table.c.seq,
+                    journal_table.c.at_ms,
+                    journal_table.c.kind,
+                    journal_table.c.body,
+                    journal_table.c.chain,
+                )
+                .where(journal_table.c.seq >= start, journal_table.c.seq <= through_seq)
+                .order_by(journal_table.c.seq)
+                .limit(REPLAY_PAGE_SIZE)
+            )
+            with _failing_as(f"reading from seq {start}"), self._engine.connect() as connection:
+                rows = connection.execute(query).all()
+            if not rows:
+                return
+            for row in rows:
+                yield int(row.seq), int(row.at_ms), row.kind, row.body, row.chain
+            start = int(rows[-1].seq) + 1
 
     # ------------------------------------------------------------- history
 

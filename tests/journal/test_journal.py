@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, delete, event, insert
+from sqlalchemy import create_engine, delete, event, insert, select, update
 
 from callcredit_server import journal as journal_module
 from callcredit_server.codec import KINDS, CodecError, decode_command, encode_command
@@ -57,6 +57,7 @@ from callcredit_server.journal import (
     Journal,
     JournalError,
     JournalRecord,
+    chain_after,
     engine_url,
     journal_table,
 )
@@ -408,8 +409,8 @@ def test_replay_reads_page_by_page(journal: Journal, monkeypatch: pytest.MonkeyP
 
     def count(*args: object) -> None:
         statement = str(args[2])
-        if statement.lstrip().upper().startswith("SELECT"):
-            selects.append(statement)
+        if statement.lstrip().upper().startswith("SELECT") and "ORDER BY" in statement:
+            selects.append(statement)  # a page of records (not the chain lookup)
 
     event.listen(journal.engine, "before_cursor_execute", count)
     stream = journal.replay(after_seq=2)
@@ -794,8 +795,11 @@ def test_replay_rebuilds_a_seeded_random_run(url: str, seed: int) -> None:
 def test_replay_names_the_seq_of_a_bad_record(journal: Journal, kind: str, body: str) -> None:
     journal.append([record(1)])
     with journal.engine.begin() as connection:  # as if written by another version
+        previous = connection.execute(select(journal_table.c.chain)).scalar_one()
+        chain = chain_after(previous, 2, 2_000, kind, body)
         connection.execute(
-            insert(journal_table), [{"seq": 2, "at_ms": 2_000, "kind": kind, "body": body}]
+            insert(journal_table),
+            [{"seq": 2, "at_ms": 2_000, "kind": kind, "body": body, "chain": chain}],
         )
     journal.append([record(3)])
     stream = journal.replay()
@@ -811,7 +815,44 @@ def test_replay_refuses_a_missing_seq(journal: Journal) -> None:
         connection.execute(delete(journal_table).where(journal_table.c.seq == 3))
     with pytest.raises(JournalError, match="seq 3 is missing"):
         replayed(journal)
-    assert [seq for seq, _, _ in journal.replay(after_seq=3)] == [4, 5]
+    with pytest.raises(JournalError, match="seq 3 is missing: cannot verify"):
+        replayed(journal, after_seq=3)
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        pytest.param("body", '{"retention_ms":2}', id="altered-body"),
+        pytest.param("at_ms", 2_500, id="altered-time"),
+        pytest.param("chain", "f" * 32, id="altered-checksum"),
+    ],
+)
+def test_replay_stops_at_a_corrupt_record_and_names_it(
+    journal: Journal, column: str, value: object
+) -> None:
+    journal.append([record(seq) for seq in range(1, 6)])
+    with journal.engine.begin() as connection:
+        connection.execute(
+            update(journal_table).where(journal_table.c.seq == 3).values({column: value})
+        )
+    stream = journal.replay()
+    assert [next(stream)[0], next(stream)[0]] == [1, 2]
+    with pytest.raises(JournalError, match="journal record seq 3 is corrupt"):
+        next(stream)
+
+
+def test_pruned_records_are_gone_and_the_rest_still_verifies(journal: Journal) -> None:
+    journal.append([record(seq) for seq in range(1, 11)])
+    assert journal.prune(4) == 4
+    assert (journal.pruned_through(), journal.last_seq()) == (4, 10)
+    assert [seq for seq, _, _ in journal.replay(after_seq=4)] == list(range(5, 11))
+    with pytest.raises(JournalError, match="journal seq 1 is missing"):
+        replayed(journal)
+    journal.append([record(11)])  # appends go on after a prune
+    assert journal.prune(11) == 7  # everything: the journal table is empty now
+    assert journal.last_seq() == 11
+    journal.append([record(12)])
+    assert [seq for seq, _, _ in journal.replay(after_seq=11)] == [12]
 
 
 # ---------------------------------------------------------------- threads

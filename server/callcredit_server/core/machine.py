@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from callcredit_server.core.commands import (
     Adjust,
@@ -37,7 +38,9 @@ from callcredit_server.core.model import (
     CallRecord,
     CallState,
     EntryKind,
+    Grant,
     LedgerEntry,
+    Rate,
     ReleaseResult,
     Tariff,
 )
@@ -673,3 +676,195 @@ class StateMachine:
         if balances != self.ledger_total:
             problems.append(f"sum of balances {balances} != sum of entries {self.ledger_total}")
         return problems
+
+    # ------------------------------------------------------------- images
+
+    def image(self) -> dict[str, Any]:
+        """The whole state as plain JSON-able values: what a snapshot stores.
+
+        `StateMachine.from_image(m.image())` behaves exactly as `m` on any later
+        command: the order-bearing parts (open calls by reservation order, the
+        retention queues by time) are rebuilt from what is stored here.
+        """
+        return {
+            "format": IMAGE_FORMAT,
+            "now_ms": self.now_ms,
+            "last_entry_id": self.last_entry_id,
+            "last_call_seq": self.last_call_seq,
+            "ledger_total": self.ledger_total,
+            "tariffs": [
+                [t.tariff_id, t.currency, [_rate_image(r) for r in t.rates]]
+                for t in self.tariffs.values()
+            ],
+            "accounts": [
+                [
+                    a.account_id,
+                    a.currency,
+                    a.tariff_id,
+                    a.credit_limit,
+                    a.max_concurrent_calls,
+                    a.status.value,
+                    a.balance,
+                    a.reserved,
+                ]
+                for a in self.accounts.values()
+            ],
+            "calls": [_call_image(c) for c in self.calls.values()],
+            "keys": [
+                [at_ms, account_id, key, *record.fingerprint, _view_image(record.answer)]
+                for at_ms, account_id, key in self._key_times
+                for record in (self._keys[(account_id, key)],)
+            ],
+        }
+
+    @classmethod
+    def from_image(cls, image: dict[str, Any]) -> StateMachine:
+        """Rebuild a state machine from `image()`; raises InvariantViolation if broken."""
+        if image.get("format") != IMAGE_FORMAT:
+            raise InvariantViolation(f"unknown state image format {image.get('format')!r}")
+        machine = cls()
+        machine.now_ms = image["now_ms"]
+        machine.last_entry_id = image["last_entry_id"]
+        machine.last_call_seq = image["last_call_seq"]
+        machine.ledger_total = image["ledger_total"]
+        for tariff_id, currency, rates in image["tariffs"]:
+            machine.tariffs[tariff_id] = Tariff(tariff_id, currency, tuple(Rate(*r) for r in rates))
+        for row in image["accounts"]:
+            account_id, currency, tariff_id, credit_limit, cap, status, balance, reserved = row
+            machine.accounts[account_id] = Account(
+                account_id=account_id,
+                currency=currency,
+                tariff_id=tariff_id,
+                credit_limit=credit_limit,
+                max_concurrent_calls=cap,
+                status=AccountStatus(status),
+                balance=balance,
+                reserved=reserved,
+            )
+        calls = sorted((_call_from_image(row) for row in image["calls"]), key=_by_call_seq)
+        for call in calls:
+            machine.calls[call.call_id] = call
+            if call.state is CallState.ACTIVE:
+                account = machine.accounts[call.account_id]
+                account.open_calls[call.call_id] = call
+                if call.final:
+                    account.final_calls[call.call_seq] = call
+                machine._expiries.append((call.expires_at_ms, call.call_seq, call.call_id))
+        heapq.heapify(machine._expiries)
+        ended = [c for c in calls if c.ended_at_ms is not None]
+        machine._ended.extend((c.ended_at_ms or 0, c.call_id) for c in sorted(ended, key=_by_end))
+        for at_ms, account_id, key, kind, amount, text, view in image["keys"]:
+            machine._keys[(account_id, key)] = _KeyRecord((kind, amount, text), _view(view))
+            machine._key_times.append((at_ms, account_id, key))
+        problems = machine.audit()
+        if problems:
+            raise InvariantViolation("state image is broken: " + "; ".join(problems))
+        return machine
+
+
+IMAGE_FORMAT = 1
+
+
+def _by_call_seq(call: Call) -> int:
+    return call.call_seq
+
+
+def _by_end(call: Call) -> tuple[int, int]:
+    return (call.ended_at_ms or 0, call.call_seq)
+
+
+def _rate_image(rate: Rate) -> list[Any]:
+    return [
+        rate.prefix,
+        rate.price_per_minute_micros,
+        rate.first_increment_seconds,
+        rate.next_increment_seconds,
+        rate.connect_fee,
+    ]
+
+
+def _view_image(view: AccountView) -> list[Any]:
+    return [
+        view.account_id,
+        view.currency,
+        view.status.value,
+        view.tariff_id,
+        view.balance,
+        view.reserved,
+        view.available,
+        view.credit_limit,
+        view.max_concurrent_calls,
+        view.active_calls,
+    ]
+
+
+def _view(row: list[Any]) -> AccountView:
+    account_id, currency, status, tariff_id, *numbers = row
+    return AccountView(account_id, currency, AccountStatus(status), tariff_id, *numbers)
+
+
+def _call_image(call: Call) -> list[Any]:
+    renew = call.last_renew
+    release = call.release
+    return [
+        call.call_id,
+        call.call_seq,
+        call.account_id,
+        call.destination,
+        call.requested_seconds,
+        _rate_image(call.rate),
+        call.grant_seconds,
+        call.validity_seconds,
+        call.started_at_ms,
+        call.expires_at_ms,
+        call.state.value,
+        call.allowed_seconds,
+        call.used_seconds,
+        call.held,
+        call.final,
+        call.last_sequence,
+        None
+        if renew is None
+        else [renew.allowed_seconds, renew.final, renew.validity_seconds, renew.held],
+        call.charged,
+        call.shortfall,
+        call.ended_at_ms,
+        None
+        if release is None
+        else [
+            release.used_seconds,
+            release.billed_seconds,
+            release.charged,
+            release.shortfall,
+            release.balance,
+        ],
+    ]
+
+
+def _call_from_image(row: list[Any]) -> Call:
+    (call_id, call_seq, account_id, destination, requested, rate, grant_seconds, validity,
+     started_at_ms, expires_at_ms, state, allowed, used, held, final, last_sequence, renew,
+     charged, shortfall, ended_at_ms, release) = row  # fmt: skip
+    return Call(
+        call_id=call_id,
+        call_seq=call_seq,
+        account_id=account_id,
+        destination=destination,
+        requested_seconds=requested,
+        rate=Rate(*rate),
+        grant_seconds=grant_seconds,
+        validity_seconds=validity,
+        started_at_ms=started_at_ms,
+        expires_at_ms=expires_at_ms,
+        state=CallState(state),
+        allowed_seconds=allowed,
+        used_seconds=used,
+        held=held,
+        final=final,
+        last_sequence=last_sequence,
+        last_renew=None if renew is None else Grant(call_id, *renew),
+        charged=charged,
+        shortfall=shortfall,
+        ended_at_ms=ended_at_ms,
+        release=None if release is None else ReleaseResult(call_id, *release),
+    )
