@@ -12,18 +12,20 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.engine import make_url
 
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
 from callcredit_server.convert import GrantPolicy
-from callcredit_server.core import InvariantViolation, StateMachine
 from callcredit_server.journal import Journal
+from callcredit_server.recovery import recover
 from callcredit_server.service import AdminServicer, CreditControlServicer
-from callcredit_server.writer import Writer
+from callcredit_server.writer import SnapshotPolicy, Writer
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,21 @@ class Settings:
     validity_seconds: int = 120
     retention_seconds: int = 86_400
     tick_interval_ms: int = 250
+    snapshot_dir: str = ""  # "" = beside a SQLite journal, else ./data/snapshots
+    snapshot_every_records: int = 100_000  # 0 = never
+
+    def snapshot_root(self) -> Path:
+        """Where snapshots go: the flag, else beside a SQLite file, else ./data.
+
+        Each journal keeps its snapshots in a subfolder named by its journal_id,
+        so journals sharing a root can never read each other's snapshots.
+        """
+        if self.snapshot_dir:
+            return Path(self.snapshot_dir)
+        url = make_url(self.database_url)
+        if url.get_backend_name() == "sqlite" and url.database:
+            return Path(url.database).parent / "snapshots"
+        return Path("data") / "snapshots"
 
     def problems(self) -> list[str]:
         """What makes these settings unusable, in words for the operator."""
@@ -57,32 +74,13 @@ class Settings:
             out.append("--retention-seconds must be at least --validity-seconds")
         if not 10 <= self.tick_interval_ms <= 60_000:
             out.append("--tick-interval-ms must be between 10 and 60000")
+        if self.snapshot_every_records < 0:
+            out.append("--snapshot-every-records must not be negative (0 turns snapshots off)")
         return out
 
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def recover(journal: Journal) -> StateMachine:
-    """Rebuild the state by replaying every journaled command at its recorded time."""
-    machine = StateMachine()
-    count = 0
-    for seq, at_ms, command in journal.replay():
-        step = machine.apply(command, at_ms)
-        if not step.changed:
-            raise InvariantViolation(f"journal record {seq} changed nothing on replay")
-        count += 1
-    problems = machine.audit()
-    if problems:
-        raise InvariantViolation("state rebuilt from the journal is broken: " + "; ".join(problems))
-    log.info(
-        "recovered %d journal records: %d accounts, %d calls in memory",
-        count,
-        len(machine.accounts),
-        len(machine.calls),
-    )
-    return machine
 
 
 @dataclass(slots=True)
@@ -124,16 +122,22 @@ async def start(
     port = server.add_insecure_port(settings.listen)
     journal = Journal(settings.database_url)
     try:
-        machine = await asyncio.to_thread(recover, journal)
+        snapshot_dir = settings.snapshot_root() / journal.journal_id
+        recovered = await asyncio.to_thread(recover, journal, snapshot_dir)
     except BaseException:
         journal.close()
         raise
+    snapshots = None
+    if settings.snapshot_every_records:
+        snapshots = SnapshotPolicy(snapshot_dir, settings.snapshot_every_records)
     writer = Writer(
-        machine,
+        recovered.machine,
         journal,
         clock_ms=clock_ms,
         retention_ms=settings.retention_seconds * 1000,
         tick_interval_s=settings.tick_interval_ms / 1000,
+        snapshots=snapshots,
+        snapshot_seq=recovered.snapshot_seq,
     )
     health = HealthServicer()
     history = ThreadPoolExecutor(HISTORY_READ_THREADS, thread_name_prefix="history")
@@ -178,6 +182,4 @@ async def start(
 
 def _safe_url(url: str) -> str:
     """The database URL without its password, for logs."""
-    from sqlalchemy.engine import make_url
-
     return make_url(url).render_as_string(hide_password=True)

@@ -1,7 +1,11 @@
-"""`callcredit-server`: start the balance authority.
+"""`callcredit-server`: start the balance authority, or check and prune its journal.
+
+    callcredit-server [--listen HOST:PORT] [--database-url URL] [...]   serve
+    callcredit-server verify [--database-url URL] [--snapshot-dir DIR]  check, don't serve
+    callcredit-server prune  [--database-url URL] [--snapshot-dir DIR] [--archive FILE] [--yes]
 
 Every flag can also be given as an environment variable CALLCREDIT_<FLAG>
-(e.g. CALLCREDIT_DATABASE_URL). The process stops cleanly on SIGTERM or SIGINT:
+(e.g. CALLCREDIT_DATABASE_URL). The server stops cleanly on SIGTERM or SIGINT:
 it stops taking requests, makes everything queued durable, and exits. If the
 journal cannot be written it stays up, refusing work with UNAVAILABLE and
 reporting NOT_SERVING on the health service, until it is restarted.
@@ -10,30 +14,44 @@ reporting NOT_SERVING on the health service, until it is restarted.
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import typer
 
 from callcredit_server.app import DEFAULT_DATABASE_URL, Settings, start
 from callcredit_server.core import InvariantViolation
-from callcredit_server.journal import JournalError
+from callcredit_server.journal import Journal, JournalError
+from callcredit_server.recovery import verify
+from callcredit_server.snapshot import SnapshotError, list_snapshots, read_snapshot
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
+DATABASE_URL = typer.Option(
+    DEFAULT_DATABASE_URL,
+    envvar="CALLCREDIT_DATABASE_URL",
+    help="SQLAlchemy URL of the journal: a SQLite file (default) or "
+    "postgresql+psycopg://user@host/db.",
+)
+SNAPSHOT_DIR = typer.Option(
+    "",
+    envvar="CALLCREDIT_SNAPSHOT_DIR",
+    help="Folder of snapshots (each journal uses a subfolder named by its id); "
+    "default: 'snapshots' beside a SQLite journal, else ./data/snapshots.",
+)
 
-@app.command()
+
+@app.callback(invoke_without_command=True)
 def serve(
+    context: typer.Context,
     listen: str = typer.Option(
         "127.0.0.1:50051", envvar="CALLCREDIT_LISTEN", help="HOST:PORT to serve gRPC on."
     ),
-    database_url: str = typer.Option(
-        DEFAULT_DATABASE_URL,
-        envvar="CALLCREDIT_DATABASE_URL",
-        help="SQLAlchemy URL of the journal: a SQLite file (default) or "
-        "postgresql+psycopg://user@host/db.",
-    ),
+    database_url: str = DATABASE_URL,
     grant_seconds: int = typer.Option(
         60, envvar="CALLCREDIT_GRANT_SECONDS", help="Grant when a request names none."
     ),
@@ -50,9 +68,20 @@ def serve(
         envvar="CALLCREDIT_RETENTION_SECONDS",
         help="Idempotency and reconciliation window.",
     ),
+    snapshot_dir: str = SNAPSHOT_DIR,
+    snapshot_every_records: int = typer.Option(
+        100_000,
+        envvar="CALLCREDIT_SNAPSHOT_EVERY_RECORDS",
+        help="Write a snapshot every N journal records (0: never).",
+    ),
     log_level: str = typer.Option("INFO", envvar="CALLCREDIT_LOG_LEVEL"),
 ) -> None:
     """Serve CreditControlService and AdminService until SIGTERM/SIGINT."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if context.invoked_subcommand is not None:
+        return
     settings = Settings(
         listen=listen,
         database_url=database_url,
@@ -60,15 +89,14 @@ def serve(
         max_grant_seconds=max_grant_seconds,
         validity_seconds=validity_seconds,
         retention_seconds=retention_seconds,
+        snapshot_dir=snapshot_dir,
+        snapshot_every_records=snapshot_every_records,
     )
     problems = settings.problems()
     if problems:
         for problem in problems:
             typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(2)
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         asyncio.run(_serve(settings))
     except (RuntimeError, JournalError, InvariantViolation) as exc:
@@ -89,6 +117,79 @@ async def _serve(settings: Settings) -> None:
     # NOT_SERVING) until the operator fixes the fault and restarts it.
     await stop.wait()
     await running.stop()
+
+
+def _snapshot_dir(database_url: str, snapshot_dir: str, journal: Journal) -> Path:
+    settings = Settings(database_url=database_url, snapshot_dir=snapshot_dir)
+    return settings.snapshot_root() / journal.journal_id
+
+
+def _open(database_url: str) -> Journal:
+    try:
+        return Journal(database_url)
+    except JournalError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@app.command("verify")
+def verify_command(database_url: str = DATABASE_URL, snapshot_dir: str = SNAPSHOT_DIR) -> None:
+    """Replay the journal without serving and check every invariant; exit 1 on a problem.
+
+    Safe while the server runs (it only reads).
+    """
+    with _open(database_url) as journal:
+        directory = _snapshot_dir(database_url, snapshot_dir, journal)
+        result = verify(journal, directory)
+    for problem in result.problems:
+        typer.echo(f"problem: {problem}", err=True)
+    typer.echo(
+        f"{result.records} journal records replayed, {result.snapshots_checked} snapshots "
+        f"compared, {len(result.problems)} problems"
+    )
+    raise typer.Exit(1 if result.problems else 0)
+
+
+@app.command("prune")
+def prune_command(
+    database_url: str = DATABASE_URL,
+    snapshot_dir: str = SNAPSHOT_DIR,
+    archive: str = typer.Option(
+        "", help="Write the pruned records to this gzip JSON-lines file first."
+    ),
+    yes: bool = typer.Option(False, "--yes", help="Really delete (without it: a dry run)."),
+) -> None:
+    """Delete the journal records that the newest valid snapshot covers.
+
+    Start-up then replays from that snapshot, so it must stay: keep the snapshot
+    folder with the database (backups included). Safe while the server runs.
+    """
+    with _open(database_url) as journal:
+        directory = _snapshot_dir(database_url, snapshot_dir, journal)
+        covered = 0
+        for found in list_snapshots(directory):
+            try:
+                covered = read_snapshot(found.path)[0]
+            except SnapshotError as exc:
+                typer.echo(f"skipping damaged snapshot: {exc}", err=True)
+                continue
+            if covered <= journal.last_seq():
+                break
+            covered = 0
+        already = journal.pruned_through()
+        if covered <= already:
+            typer.echo(f"nothing to prune: no valid snapshot beyond seq {already} in {directory}")
+            return
+        if not yes:
+            typer.echo(f"would prune seq {already + 1}..{covered} (snapshot in {directory}); "
+                       "run again with --yes")  # fmt: skip
+            return
+        if archive:
+            with gzip.open(archive, "wt") as out:
+                for seq, at_ms, kind, body, chain in journal.records(already, covered):
+                    out.write(json.dumps([seq, at_ms, kind, body, chain]) + "\n")
+        deleted = journal.prune(covered)
+    typer.echo(f"pruned {deleted} journal records through seq {covered}")
 
 
 def main() -> None:

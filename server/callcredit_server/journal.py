@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -524,6 +525,7 @@ def _check_schema(connection: Connection) -> None:
             f"the journal has records but no schema version; this server reads {SCHEMA_VERSION}"
         )
     _set_meta(connection, "schema_version", SCHEMA_VERSION)
+    _set_meta(connection, "journal_id", uuid.uuid4().hex)
 
 
 def _tail(connection: Connection) -> tuple[int, int, str]:
@@ -705,6 +707,13 @@ class Journal:
         self._check_open()
         with _failing_as("reading the last seq"), self._engine.connect() as connection:
             return _tail(connection)[0]
+
+    @property
+    def journal_id(self) -> str:
+        """A random id stamped when the journal was created: snapshots belong to it."""
+        self._check_open()
+        with _failing_as("reading the journal metadata"), self._engine.connect() as connection:
+            return _meta(connection)["journal_id"]
 
     def pruned_through(self) -> int:
         """Records up to this seq were pruned (after a snapshot); 0 if none were."""

@@ -20,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from callcredit_server.core import (
@@ -38,6 +41,7 @@ from callcredit_server.core import (
     Tick,
 )
 from callcredit_server.journal import Journal, JournalRecord
+from callcredit_server.snapshot import discard_older, fork_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,14 @@ MAX_UNCOMMITTED_RECORDS = 100_000  # the apply task waits for the journal beyond
 
 class Unavailable(Exception):
     """The writer cannot take work: the journal failed, or the server is stopping."""
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotPolicy:
+    """Write a snapshot to `directory` every `every_records` journal records."""
+
+    directory: Path
+    every_records: int
 
 
 class PushTarget(Protocol):
@@ -88,6 +100,8 @@ class Writer:
         clock_ms: Callable[[], int],
         retention_ms: int,
         tick_interval_s: float = 0.25,
+        snapshots: SnapshotPolicy | None = None,
+        snapshot_seq: int = 0,
     ) -> None:
         self._machine = machine
         self._journal = journal
@@ -106,6 +120,10 @@ class Writer:
         self._failure_listeners: list[Callable[[BaseException], None]] = []
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self._tasks: list[asyncio.Task[None]] = []
+        self._snapshots = snapshots
+        self._snapshot_seq = snapshot_seq  # the newest snapshot taken (or recovered from)
+        self._snapshot_child: asyncio.Task[None] | None = None
+        self.snapshot_stall_s_max = 0.0  # the longest pause a snapshot caused the writer
 
     # ------------------------------------------------------------ lifecycle
 
@@ -122,6 +140,7 @@ class Writer:
             with contextlib.suppress(Unavailable):
                 await self.read(lambda _: None)  # a barrier behind everything queued
         self._fail(Unavailable("server stopping"), log_it=False)
+        await self.wait_for_snapshot()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -253,6 +272,7 @@ class Writer:
                     self._durable_seq = records[-1].seq
                     self._committed.set()
                     self._release_durable()
+                    self._maybe_snapshot()
                 self._release_durable()
         except asyncio.CancelledError:
             raise
@@ -268,6 +288,47 @@ class Writer:
             waiting.future.set_result(waiting.result)
         for target, push in waiting.pushes:
             target.push(push)
+
+    # -------------------------------------------------------------- snapshots
+
+    def _maybe_snapshot(self) -> None:
+        """Fork a child to write the state once enough records have passed.
+
+        Runs on the event loop between apply rounds, so the state is whole: it
+        reflects every record up to next_seq - 1 (some maybe not durable yet; see
+        snapshot.py for why that is safe). The fork is the only pause.
+        """
+        policy = self._snapshots
+        if policy is None or self._snapshot_child is not None:
+            return
+        if self._durable_seq - self._snapshot_seq < policy.every_records:
+            return
+        seq = self._next_seq - 1
+        started = time.perf_counter()
+        pid = fork_snapshot(self._machine, seq, policy.directory, self._machine.now_ms)
+        stall_s = time.perf_counter() - started
+        self.snapshot_stall_s_max = max(self.snapshot_stall_s_max, stall_s)
+        log.info(
+            "snapshot at seq %d: child %d started, writer paused %.1f ms", seq, pid, stall_s * 1e3
+        )
+        self._snapshot_seq = seq
+        self._snapshot_child = asyncio.create_task(self._reap(pid, seq, policy.directory))
+
+    async def _reap(self, pid: int, seq: int, directory: Path) -> None:
+        try:
+            _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+            if os.waitstatus_to_exitcode(status) == 0:
+                log.info("snapshot at seq %d written", seq)
+                await asyncio.to_thread(discard_older, directory)
+            else:
+                log.error("snapshot at seq %d failed (child exit %d)", seq, status)
+        finally:
+            self._snapshot_child = None
+
+    async def wait_for_snapshot(self) -> None:
+        """Tests and tools: wait until the snapshot in progress, if any, is done."""
+        if self._snapshot_child is not None:
+            await asyncio.shield(self._snapshot_child)
 
     # ------------------------------------------------------------- tick task
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -89,10 +90,11 @@ async def open_harness(settings: Settings, clock: FakeClock) -> Harness:
 
 
 @pytest.fixture
-async def harness(database_url: str) -> AsyncIterator[Harness]:
+async def harness(database_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
     settings = Settings(
         listen="127.0.0.1:0",
         database_url=database_url,
+        snapshot_dir=str(tmp_path / "snapshots"),
         grant_seconds=60,
         max_grant_seconds=600,
         validity_seconds=120,
