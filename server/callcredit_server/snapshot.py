@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from callcredit_server.core import StateMachine
 
 SNAPSHOT_FORMAT = 1
@@ -68,7 +70,7 @@ def list_snapshots(directory: Path) -> list[SnapshotFile]:
 
 def write_snapshot(directory: Path, seq: int, image: dict[str, Any], created_at_ms: int) -> Path:
     """Write the image durably as the snapshot at `seq`."""
-    state = json.dumps(image, separators=(",", ":")).encode()
+    state = orjson.dumps(image)
     header = {
         "format": SNAPSHOT_FORMAT,
         "seq": seq,
@@ -108,7 +110,7 @@ def read_snapshot(path: Path) -> tuple[int, dict[str, Any]]:
     seq = header.get("seq")
     if not isinstance(seq, int) or snapshot_path(path.parent, seq).name != path.name:
         raise SnapshotError(f"snapshot {path}: its header names seq {seq!r}")
-    image: dict[str, Any] = json.loads(state)
+    image: dict[str, Any] = orjson.loads(state)
     return seq, image
 
 

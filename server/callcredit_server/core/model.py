@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 MAX_PREFIX_DIGITS = 16
 
@@ -93,9 +94,12 @@ class ReleaseResult:
     balance: int
 
 
-@dataclass(frozen=True, slots=True)
-class AccountView:
-    """An account as it stood at one instant (Account in the contract)."""
+class AccountView(NamedTuple):
+    """An account as it stood at one instant (Account in the contract).
+
+    A NamedTuple rather than a frozen dataclass: every remembered top-up keeps
+    one, and a start from a snapshot builds a million of them.
+    """
 
     account_id: str
     currency: str
