@@ -105,6 +105,8 @@ POOL_SIZE = 5  # connections kept: the writer plus a few history readers
 POOL_MAX_OVERFLOW = 10  # more under a burst of reads, closed when returned
 POOL_TIMEOUT_S = 30.0  # a checkout waits this long, then fails (JournalError)
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # a locked SQLite file is retried this long
+POSTGRES_CONNECT_TIMEOUT_S = 10  # libpq's connect_timeout
+POSTGRES_TCP_USER_TIMEOUT_MS = 15_000  # unacknowledged data this old fails the connection
 _DELETE_CHUNK = 500  # ids per DELETE ... IN (...) in the portable upsert
 
 # Dialects whose INSERT ... ON CONFLICT DO UPDATE is used; others delete + insert.
@@ -298,7 +300,19 @@ def _open_engine(url: URL) -> Engine:
         return engine
     # pre_ping: a connection the database dropped while idle (restart, failover)
     # is replaced instead of failing a commit and stopping the server.
-    engine = create_engine(url, pool_pre_ping=True, **pool)
+    connect_args: dict[str, Any] = {}
+    if backend == "postgresql":
+        # A network that drops packets must not hang a commit forever: libpq gives
+        # up connecting, and the kernel gives up on unacknowledged data, in bounded time.
+        connect_args = {
+            "connect_timeout": POSTGRES_CONNECT_TIMEOUT_S,
+            "tcp_user_timeout": POSTGRES_TCP_USER_TIMEOUT_MS,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        }
+    engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args, **pool)
     if backend == "postgresql":
         event.listen(engine, "connect", _postgresql_on_connect)
     return engine

@@ -39,7 +39,7 @@ from callcredit_server.core import (
 )
 from callcredit_server.core.validation import ID_PATTERN, ID_RULE
 from callcredit_server.errors import invalid, refusal_status, status_for, unavailable
-from callcredit_server.journal import Journal
+from callcredit_server.journal import Journal, JournalError
 from callcredit_server.writer import Unavailable, Writer
 
 log = logging.getLogger(__name__)
@@ -308,8 +308,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             raise TypeError(outcome)
         return convert.account_pb(outcome.account)
 
-    async def _history_read(self, read: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._history, read)
+    async def _history_read(
+        self, read: Callable[[], T], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> T:
+        """A read of the history tables, off the event loop; a database failure is UNAVAILABLE."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._history, read)
+        except JournalError as exc:
+            await _abort(context, unavailable(f"history cannot be read: {exc}"))
 
     async def _require_account(
         self, account_id: str, context: grpc.aio.ServicerContext[Any, Any]
@@ -411,7 +417,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await _abort(context, invalid("call_id", ID_RULE))
         call = await _read(self._writer, lambda m: m.call(request.call_id), context)
         if call is None:  # ended and forgotten by memory: history has it
-            call = await self._history_read(lambda: self._journal.get_call(request.call_id))
+            call = await self._history_read(
+                lambda: self._journal.get_call(request.call_id), context
+            )
         if call is None:
             await _abort(context, status_for(Reason.CALL_NOT_FOUND, f"no call {request.call_id!r}"))
         return admin_pb2.GetCallResponse(call=convert.call_pb(call))
@@ -434,7 +442,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 active_only=request.active_only,
                 before_call_seq=before,
                 limit=limit + 1,
-            )
+            ),
+            context,
         )
         token = str(calls[limit - 1].call_seq) if len(calls) > limit else ""
         return admin_pb2.ListCallsResponse(
@@ -451,6 +460,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await _abort(context, invalid("after_entry_id", "must not be negative"))
         await self._require_account(request.account_id, context)
         entries = await self._history_read(
-            lambda: self._journal.list_entries(request.account_id, request.after_entry_id, limit)
+            lambda: self._journal.list_entries(request.account_id, request.after_entry_id, limit),
+            context,
         )
         return admin_pb2.ListEntriesResponse(entries=[convert.entry_pb(e) for e in entries])

@@ -51,6 +51,9 @@ MAX_QUEUED_SUBMISSIONS = 10_000  # submissions waiting for the apply task
 MAX_SUBMISSIONS_PER_ROUND = 1_024  # applied at one instant before yielding
 MAX_RECORDS_PER_COMMIT = 20_000  # journal records in one transaction
 MAX_UNCOMMITTED_RECORDS = 100_000  # the apply task waits for the journal beyond this
+# A commit that has not returned in this long is a failed journal (a stalled
+# network, a hung disk): fail-stop rather than hold every answer indefinitely.
+COMMIT_TIMEOUT_S = 5.0
 
 
 class Unavailable(Exception):
@@ -117,6 +120,7 @@ class Writer:
         self._committed = asyncio.Event()
         self._routes: dict[str, PushTarget] = {}
         self._failure: BaseException | None = None
+        self._commit_timed_out = False
         self._failure_listeners: list[Callable[[BaseException], None]] = []
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self._tasks: list[asyncio.Task[None]] = []
@@ -144,7 +148,8 @@ class Writer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._thread.shutdown(wait=True)
+        # A commit stuck in the database must not hold the shutdown too.
+        self._thread.shutdown(wait=not self._commit_timed_out)
 
     def on_failure(self, listener: Callable[[BaseException], None]) -> None:
         self._failure_listeners.append(listener)
@@ -268,7 +273,14 @@ class Writer:
                 while self._records:
                     records = self._records[:MAX_RECORDS_PER_COMMIT]
                     del self._records[:MAX_RECORDS_PER_COMMIT]
-                    await loop.run_in_executor(self._thread, self._journal.append, records)
+                    commit = loop.run_in_executor(self._thread, self._journal.append, records)
+                    try:
+                        await asyncio.wait_for(commit, COMMIT_TIMEOUT_S)
+                    except TimeoutError as exc:
+                        self._commit_timed_out = True
+                        raise Unavailable(
+                            f"a journal commit took over {COMMIT_TIMEOUT_S:.0f} s"
+                        ) from exc
                     self._durable_seq = records[-1].seq
                     self._committed.set()
                     self._release_durable()
@@ -337,8 +349,8 @@ class Writer:
         tick = Tick(retention_ms=self._retention_ms)
         while True:
             await asyncio.sleep(self._tick_interval_s)
-            with contextlib.suppress(Unavailable):
-                await self.submit([tick])
+            with contextlib.suppress(Unavailable):  # one tick at a time, its answer awaited
+                await self.execute([tick])
 
     # --------------------------------------------------------------- failure
 
