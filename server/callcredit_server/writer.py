@@ -329,11 +329,13 @@ class Writer:
     async def _reap(self, pid: int, seq: int, directory: Path) -> None:
         try:
             _, status = await asyncio.to_thread(os.waitpid, pid, 0)
-            if os.waitstatus_to_exitcode(status) == 0:
+            code = os.waitstatus_to_exitcode(status)
+            if code == 0:
                 log.info("snapshot at seq %d written", seq)
                 await asyncio.to_thread(discard_older, directory)
             else:
-                log.error("snapshot at seq %d failed (child exit %d)", seq, status)
+                how = f"killed by signal {-code}" if code < 0 else f"exit {code}"
+                log.error("snapshot at seq %d failed (child %s)", seq, how)
         finally:
             self._snapshot_child = None
 

@@ -1,0 +1,1 @@
+"""Crash safety with real processes: a server killed with SIGKILL under client processes."""
