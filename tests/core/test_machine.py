@@ -36,7 +36,7 @@ from callcredit_server.core import (
     TopUp,
     UpdateAccount,
 )
-from callcredit_server.core.machine import MAX_EXPIRIES_PER_STEP
+from callcredit_server.core.machine import MAX_EXPIRIES_PER_STEP, STALE_EXPIRIES_SLACK
 
 from .helpers import (
     DESTINATION,
@@ -1174,3 +1174,15 @@ def test_expiry_is_bounded_per_step_yet_no_overdue_call_is_answered_active() -> 
     assert w.tick().outcome == TickResult(expired=1, forgotten=0)
     assert (w.view().balance, w.view().reserved) == (10**9 - 60 * count, 0)
     w.check()
+
+
+def test_renewing_far_more_often_than_validity_keeps_the_expiry_heap_bounded(sim: Sim) -> None:
+    sim.put_tariff([rate(price=60_000_000)])
+    sim.open_account("A", balance=10**9)
+    sim.reserve("c1")
+    for sequence in range(1, 20_001):
+        sim.apply(renew("c1", sequence, 0))
+    assert len(sim.machine._expiries) <= 2 * len(sim.machine.calls) + STALE_EXPIRIES_SLACK
+    sim.advance(seconds=121)
+    sim.tick()
+    assert sim.call("c1").state is CallState.EXPIRED

@@ -63,6 +63,9 @@ from callcredit_server.core.validation import MAX_BALANCE, violations
 # Expiry is bounded work per step (TigerBeetle expires pending transfers in
 # bounded batches too): a burst of due calls is spread over the next steps.
 MAX_EXPIRIES_PER_STEP = 10_000
+# Stale deadlines (left by renewals) the expiry heap may hold beyond two per
+# remembered call before it is rebuilt from the open calls.
+STALE_EXPIRIES_SLACK = 1_024
 
 
 class InvariantViolation(Exception):
@@ -557,6 +560,15 @@ class StateMachine:
     def _refresh_validity(self, call: Call) -> None:
         call.expires_at_ms = self.now_ms + call.validity_seconds * 1000
         heapq.heappush(self._expiries, (call.expires_at_ms, call.call_seq, call.call_id))
+        # Each renewal leaves its old deadline behind in the heap; a call renewed far
+        # more often than its validity would make the heap grow without bound.
+        if len(self._expiries) > 2 * len(self.calls) + STALE_EXPIRIES_SLACK:
+            self._expiries = [
+                (c.expires_at_ms, c.call_seq, c.call_id)
+                for c in self.calls.values()
+                if c.state is CallState.ACTIVE
+            ]
+            heapq.heapify(self._expiries)
 
     def _expire_due(self) -> int:
         expired = 0
