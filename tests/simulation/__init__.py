@@ -1,0 +1,1 @@
+"""Deterministic simulation (VOPR-style): seeded workload, simulated journal, crashes."""
