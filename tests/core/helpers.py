@@ -123,7 +123,9 @@ def fingerprint_of(machine: StateMachine) -> tuple[object, ...]:
     """The state as comparable values: cheaper than state_of(), for generated runs.
 
     Calls hold only immutable values, so shallow copies are enough; an account is
-    its numbers plus the ids of its open and final calls.
+    its numbers plus the ids of its open and final calls. Calls that ended at the
+    same instant may be queued in either order (a snapshot rebuilds them by
+    call_seq): they leave the window together, so the queue is compared sorted.
     """
     accounts = [
         (
@@ -145,7 +147,7 @@ def fingerprint_of(machine: StateMachine) -> tuple[object, ...]:
         [copy.copy(call) for call in machine.calls.values()],
         dict(machine.tariffs),
         dict(machine._keys),
-        tuple(machine._ended),
+        tuple(sorted(machine._ended)),
         tuple(machine._key_times),
         machine.last_entry_id,
         machine.last_call_seq,

@@ -22,7 +22,6 @@ holds a call was given. It never calls the state machine's code.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -466,38 +465,3 @@ def compare_state(machine: StateMachine, model: Model, where: str) -> None:
             f"{where}: counters ({machine.last_entry_id}, {machine.last_call_seq}) != model "
             f"({model.last_entry_id}, {model.last_call_seq})"
         )
-
-
-def fingerprint(machine: StateMachine) -> tuple[object, ...]:
-    """Everything a state machine remembers, as comparable values.
-
-    Ended calls that ended at the same instant may be queued in either order (a
-    snapshot rebuilds them by call_seq): they leave the window together, so the
-    queue is compared sorted.
-    """
-    accounts = [
-        (
-            a.account_id,
-            a.currency,
-            a.tariff_id,
-            a.status,
-            a.credit_limit,
-            a.max_concurrent_calls,
-            a.balance,
-            a.reserved,
-            tuple(a.open_calls),
-            tuple(sorted(a.final_calls)),
-        )
-        for a in machine.accounts.values()
-    ]
-    return (
-        accounts,
-        [copy.copy(call) for call in machine.calls.values()],
-        dict(machine.tariffs),
-        dict(machine._keys),
-        tuple(sorted(machine._ended)),
-        tuple(machine._key_times),
-        machine.last_entry_id,
-        machine.last_call_seq,
-        machine.ledger_total,
-    )

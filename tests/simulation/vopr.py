@@ -92,6 +92,7 @@ from callcredit_server.core import (
 from callcredit_server.journal import MAX_READ_ROWS, Journal, JournalRecord
 from callcredit_server.recovery import recover, verify
 from callcredit_server.snapshot import discard_older, write_snapshot
+from tests.core.helpers import fingerprint_of
 
 from .auditor import (
     Acknowledged,
@@ -100,7 +101,6 @@ from .auditor import (
     check_answer,
     check_expiries,
     compare_state,
-    fingerprint,
 )
 from .model import Expected, Model, same_outcome
 from .workload import (
@@ -836,7 +836,7 @@ class Simulation:
             self.summary.restarts += 1
         else:
             self.summary.crashes += 1
-        untouched = fingerprint(self.machine) if not self.pending else None
+        untouched = fingerprint_of(self.machine) if not self.pending else None
         self.summary.lost += len(self.pending)
         self.journal.crash(self.pending)
         # Everything the process held is gone: uncommitted records, parked answers
@@ -863,7 +863,7 @@ class Simulation:
             compare_state(self.machine, self.model, where)
         self.live.check_conserved(self._balances(), where)
         self.acked.check_survived(self.machine, self.durable, self.model)
-        if untouched is not None and fingerprint(self.machine) != untouched:
+        if untouched is not None and fingerprint_of(self.machine) != untouched:
             raise AssertionError(
                 f"{where}: nothing was lost, yet the rebuilt state differs from the old one"
             )
@@ -925,7 +925,7 @@ class Simulation:
                     f"recovery.recover() started from snapshot {recovered.snapshot_seq}, "
                     f"the simulation from {start}"
                 )
-            if fingerprint(recovered.machine) != fingerprint(machine):
+            if fingerprint_of(recovered.machine) != fingerprint_of(machine):
                 raise AssertionError(
                     "recovery.recover() on the SQLite journal rebuilt another state"
                 )
