@@ -84,10 +84,10 @@ def recover(journal: Journal, snapshot_dir: Path | None) -> Recovered:
     if problems:
         raise InvariantViolation("the rebuilt state is broken: " + "; ".join(problems))
     recovered = Recovered(machine, snapshot_seq, replayed, time.perf_counter() - started)
+    source = f"snapshot at seq {snapshot_seq} + " if snapshot_seq else "no snapshot, "
     log.info(
-        "recovered from snapshot at seq %d + %d journal records in %.2f s: "
-        "%d accounts, %d calls in memory",
-        snapshot_seq,
+        "recovered from %s%d journal records in %.2f s: %d accounts, %d calls in memory",
+        source,
         replayed,
         recovered.seconds,
         len(machine.accounts),

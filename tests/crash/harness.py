@@ -1294,7 +1294,7 @@ def scan_server_logs(workdir: Path, report: CampaignReport) -> None:
                 report.server_log["snapshots started"] += 1
             elif ": snapshot at seq" in line and line.endswith("written"):
                 report.server_log["snapshots written"] += 1
-            elif "recovered from snapshot at seq" in line and "at seq 0 " not in line:
+            elif "recovered from snapshot at seq" in line:
                 report.server_log["recovered from a snapshot"] += 1
             if " CRITICAL " in line or "Traceback" in line:
                 report.violations.append(f"{path.name}: {line}")
