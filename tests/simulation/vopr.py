@@ -95,6 +95,7 @@ from callcredit_server.snapshot import discard_older, write_snapshot
 from tests.core.helpers import fingerprint_of
 
 from .auditor import (
+    MIN_RETENTION_MS,
     Acknowledged,
     Ledger,
     before,
@@ -144,7 +145,6 @@ MAX_SUBMISSIONS_PER_ROUND = 1_024  # writer.py
 # Clients never send (or reuse) an id older than GIVE_UP_MS, and the network delivers
 # nothing later than DUPLICATE_DELAY_MS_MAX after it was sent: with a retention
 # window longer than both, ids are never reused after it (DESIGN.md, Idempotency).
-MIN_RETENTION_MS = 12 * 60_000
 if MIN_RETENTION_MS <= GIVE_UP_MS + DUPLICATE_DELAY_MS_MAX:
     raise ImportError("the simulated retention window must outlast every retry")
 
@@ -820,7 +820,7 @@ class Simulation:
     def _count_ack(self, command: Command, answer: Answer) -> None:
         if answer is None or isinstance(answer, AccountView):
             raise AssertionError(f"{command} answered {answer}")
-        self.acked.on_ack(command, answer)
+        self.acked.on_ack(command, answer, self.now_ms)
         if isinstance(answer, Refused):
             refused = self.summary.refused
             refused[answer.reason.value] = refused.get(answer.reason.value, 0) + 1
