@@ -21,6 +21,7 @@ from callcredit_server import convert
 from callcredit_server.convert import GrantPolicy
 from callcredit_server.core import (
     AccountResult,
+    AccountView,
     Adjust,
     Command,
     CreateAccount,
@@ -319,13 +320,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def _require_account(
         self, account_id: str, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
+    ) -> AccountView:
+        """The account as durable now; INVALID_ARGUMENT or ACCOUNT_NOT_FOUND aborts."""
         if not ID_PATTERN.fullmatch(account_id):
             await _abort(context, invalid("account_id", ID_RULE))
-        if await _read(self._writer, lambda m: m.account(account_id), context) is None:
+        view = await _read(self._writer, lambda m: m.account(account_id), context)
+        if view is None:
             await _abort(
                 context, status_for(Reason.ACCOUNT_NOT_FOUND, f"no account {account_id!r}")
             )
+        return view
 
     async def CreateAccount(
         self, request: admin_pb2.CreateAccountRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -342,10 +346,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetAccount(
         self, request: admin_pb2.GetAccountRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.GetAccountResponse:
-        await self._require_account(request.account_id, context)
-        view = await _read(self._writer, lambda m: m.account(request.account_id), context)
-        if view is None:
-            await _abort(context, status_for(Reason.ACCOUNT_NOT_FOUND, "account vanished"))
+        view = await self._require_account(request.account_id, context)
         return admin_pb2.GetAccountResponse(account=convert.account_pb(view))
 
     async def UpdateAccount(
