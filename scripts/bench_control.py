@@ -14,17 +14,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.service.processes import server_process
 
 WINDOW_MESSAGES = 8  # messages in flight per stream
 
@@ -122,20 +123,6 @@ async def _drive(
     return Result(name, counts["ops"], counts["msgs"], time.perf_counter() - start)
 
 
-def _start_server(database_url: str) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "callcredit_server.cli", "--listen", "127.0.0.1:0",
-         "--database-url", database_url, "--log-level", "WARNING"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    assert process.stderr is not None
-    for line in process.stderr:
-        found = re.search(r"listening on port (\d+)", line)
-        if found:
-            return process, f"127.0.0.1:{found.group(1)}"
-    raise SystemExit(f"server did not start (exit {process.wait()})")
-
-
 async def _main(args: argparse.Namespace, target: str) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
         await _setup(channel, args.accounts)
@@ -168,12 +155,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         url = args.database_url or f"sqlite:///{tmp}/bench.db"
-        process, target = _start_server(url)
-        try:
+        with server_process(url) as (_, target):
             asyncio.run(_main(args, target))
-        finally:
-            process.terminate()
-            process.wait()
 
 
 if __name__ == "__main__":

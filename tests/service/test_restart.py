@@ -3,46 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import grpc
 
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2_grpc
 from tests.service.conftest import UNIT_PER_SECOND
+from tests.service.processes import server_process
 from tests.service.streams import RawStream, release_op, renew_op, reserve_op
-
-STARTUP_TIMEOUT_S = 60
-
-
-@contextmanager
-def server_process(database_url: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`callcredit-server` on a free port; yields the process and its target."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "callcredit_server.cli", "--listen", "127.0.0.1:0",
-         "--database-url", database_url, "--log-level", "WARNING"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    try:
-        assert process.stderr is not None
-        for line in process.stderr:
-            found = re.search(r"listening on port (\d+)", line)
-            if found:
-                yield process, f"127.0.0.1:{found.group(1)}"
-                break
-        else:
-            raise AssertionError(f"server did not start (exit {process.wait()})")
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
 
 
 @asynccontextmanager
