@@ -7,12 +7,14 @@ free one, as tests do); `RunningServer.stop()` drains and makes everything durab
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,9 +31,12 @@ from callcredit_server.writer import SnapshotPolicy, Writer
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # a full 10,000-operation ControlRequest fits
 HISTORY_READ_THREADS = 2
 DEFAULT_DATABASE_URL = "sqlite:///./data/callcredit.db"
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +52,7 @@ class Settings:
     tick_interval_ms: int = 250
     snapshot_dir: str = ""  # "" = beside a SQLite journal, else ./data/snapshots
     snapshot_every_records: int = 100_000  # 0 = never
+    event_loop: str = "auto"  # uvloop where installed, else asyncio
 
     def snapshot_root(self) -> Path:
         """Where snapshots go: the flag, else beside a SQLite file, else ./data.
@@ -74,9 +80,25 @@ class Settings:
             out.append("--retention-seconds must be at least --validity-seconds")
         if not 10 <= self.tick_interval_ms <= 60_000:
             out.append("--tick-interval-ms must be between 10 and 60000")
+        if self.event_loop not in EVENT_LOOPS:
+            out.append("--event-loop must be auto, uvloop or asyncio")
+        elif self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            out.append("--event-loop uvloop: uvloop is not installed (use asyncio)")
         if self.snapshot_every_records < 0:
             out.append("--snapshot-every-records must not be negative (0 turns snapshots off)")
         return out
+
+
+def run_loop(event_loop: str, main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` on the chosen event loop. uvloop runs the same asyncio code (grpc.aio
+    included) with less CPU per message; see docs/benchmarks.md for the measurement."""
+    if event_loop == "uvloop" or (
+        event_loop == "auto" and importlib.util.find_spec("uvloop") is not None
+    ):
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def wall_clock_ms() -> int:

@@ -24,6 +24,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from callcredit_server.core.commands import (
     Adjust,
     Command,
@@ -172,8 +174,58 @@ def _body(command: Command) -> dict[str, object]:
     raise CodecError(f"not a command: {type(command).__name__}")
 
 
-# One encoder for every record: json.dumps with options builds a new one per call.
+# The fallback encoder, for bodies orjson cannot write as ASCII: json.dumps with
+# options would build a new encoder per call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, check_circular=False)
+
+
+def _dumps(obj: dict[str, object]) -> str:
+    """Compact ASCII JSON. orjson writes the same text as _ENCODER, ~5x faster, except
+    that it keeps non-ASCII characters as UTF-8 (and refuses ints beyond 64 bits):
+    those bodies, rare (ids are ASCII), go through _ENCODER."""
+    try:
+        raw = orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return _ENCODER.encode(obj)
+    return raw.decode() if raw.isascii() else _ENCODER.encode(obj)
+
+
+def _call_body(command: Reserve | Renew | Release) -> dict[str, object] | None:
+    """The body of the three commands a dialer sends, which are most of a journal.
+
+    One type check for all fields instead of one call per field; None when a field
+    has the wrong type, so that _body names it.
+    """
+    if isinstance(command, Renew):
+        body: dict[str, object] = {
+            "call_id": command.call_id,
+            "sequence": command.sequence,
+            "used_seconds": command.used_seconds,
+            "requested_seconds": command.requested_seconds,
+            "grant_seconds": command.grant_seconds,
+            "validity_seconds": command.validity_seconds,
+        }
+        texts = 1
+    elif isinstance(command, Reserve):
+        body = {
+            "call_id": command.call_id,
+            "account_id": command.account_id,
+            "destination": command.destination,
+            "requested_seconds": command.requested_seconds,
+            "grant_seconds": command.grant_seconds,
+            "validity_seconds": command.validity_seconds,
+        }
+        texts = 3
+    else:
+        body = {"call_id": command.call_id, "used_seconds": command.used_seconds}
+        texts = 1
+    values = list(body.values())
+    if all(type(v) is str for v in values[:texts]) and all(type(v) is int for v in values[texts:]):
+        return body
+    return None
+
+
+_CALL_COMMANDS = (Reserve, Renew, Release)
 
 
 def encode_command(command: Command) -> tuple[str, str]:
@@ -181,8 +233,8 @@ def encode_command(command: Command) -> tuple[str, str]:
     kind = KINDS.get(type(command))
     if kind is None:
         raise CodecError(f"not a command: {type(command).__name__}")
-    body = _ENCODER.encode(_body(command))
-    return kind, body
+    body = _call_body(command) if isinstance(command, _CALL_COMMANDS) else None
+    return kind, _dumps(body if body is not None else _body(command))
 
 
 # ------------------------------------------------------------------ decode

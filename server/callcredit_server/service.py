@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
@@ -25,6 +26,7 @@ from callcredit_server.core import (
     Adjust,
     Command,
     CreateAccount,
+    Grant,
     GrantPush,
     GrantResult,
     Outcome,
@@ -56,13 +58,54 @@ MAX_PAGE_SIZE = 1_000
 
 
 class StreamSession:
-    """One Control stream: its outbox, and the bounds that keep it from growing."""
+    """One Control stream: the responses waiting to be sent, and the bounds on them.
+
+    Answers and pushes are added straight into the open response, which the sender
+    takes whole: however many messages were answered while the sender was busy, they
+    leave as one ControlResponse (up to MAX_ITEMS_PER_RESPONSE items), without
+    building one response per message and merging them.
+    """
 
     def __init__(self) -> None:
-        self.outbox: asyncio.Queue[credit_control_pb2.ControlResponse | None] = asyncio.Queue()
         self.slots = asyncio.Semaphore(MAX_UNANSWERED_MESSAGES_PER_STREAM)
         self.pushes_buffered = 0
         self.overflowed = False
+        self._full: deque[credit_control_pb2.ControlResponse] = deque()
+        self._open: credit_control_pb2.ControlResponse | None = None
+        self._open_items = 0
+        self._closed = False
+        self._wakeup = asyncio.Event()
+
+    def response(self, items: int) -> credit_control_pb2.ControlResponse:
+        """The response to add `items` answers or pushes to."""
+        if self._open is None or (
+            self._open_items and self._open_items + items > MAX_ITEMS_PER_RESPONSE
+        ):
+            if self._open is not None:
+                self._full.append(self._open)
+            self._open = credit_control_pb2.ControlResponse()
+            self._open_items = 0
+        self._open_items += items
+        self._wakeup.set()
+        return self._open
+
+    def close(self) -> None:
+        """Nothing more will be added: the sender ends once it has sent what is here."""
+        self._closed = True
+        self._wakeup.set()
+
+    async def next_response(self) -> credit_control_pb2.ControlResponse | None:
+        """The next response to send; None once the session is closed and sent out."""
+        while True:
+            if self._full:
+                return self._full.popleft()
+            if self._open is not None:
+                response, self._open = self._open, None
+                return response
+            if self._closed:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
 
     def push(self, push: Push) -> None:
         """Called by the writer once the push is durable."""
@@ -70,36 +113,56 @@ class StreamSession:
             return
         if self.pushes_buffered >= MAX_PUSHES_BUFFERED_PER_STREAM:
             self.overflowed = True  # the reader of this stream stalled: drop the stream
-            self.outbox.put_nowait(None)
+            self.close()
             return
         self.pushes_buffered += 1
-        response = credit_control_pb2.ControlResponse()
+        response = self.response(1)
         if isinstance(push, GrantPush):
-            response.grant_updates.append(convert.grant_pb(push.grant))
+            _set_grant(response.grant_updates.add(), push.grant)
         else:
-            response.terminations.append(
-                credit_control_pb2.CallTermination(call_id=push.call_id, reason=push.reason)
-            )
-        self.outbox.put_nowait(response)
+            response.terminations.add(call_id=push.call_id, reason=push.reason)
 
 
-def _outcome_pb(
-    request_id: str, op: str, outcome: Outcome | status_pb2.Status
-) -> credit_control_pb2.Outcome:
-    answer = credit_control_pb2.Outcome(request_id=request_id)
-    if isinstance(outcome, status_pb2.Status):
-        answer.error.CopyFrom(outcome)
-    elif isinstance(outcome, Refused):
+def _set_grant(message: credit_control_pb2.Grant, grant: Grant) -> None:
+    message.call_id = grant.call_id
+    message.allowed_seconds = grant.allowed_seconds
+    message.final = grant.final
+    message.validity_seconds = grant.validity_seconds
+    message.held = grant.held
+
+
+def _add_outcome(
+    response: credit_control_pb2.ControlResponse,
+    request_id: str,
+    op: str,
+    outcome: Outcome | status_pb2.Status,
+) -> None:
+    """Append the answer to one operation. Fields are set in place: building nested
+    messages and copying them in costs twice as much, per operation."""
+    answer = response.outcomes.add(request_id=request_id)
+    if type(outcome) is GrantResult:
+        _set_grant(answer.reserve.grant if op == "reserve" else answer.renew.grant, outcome.grant)
+    elif type(outcome) is ReleaseOutcome:
+        result = outcome.result
+        release = answer.release
+        release.call_id = result.call_id
+        release.billed_seconds = result.billed_seconds
+        release.charged = result.charged
+        release.shortfall = result.shortfall
+        release.balance = result.balance
+    elif type(outcome) is Refused:
         answer.error.CopyFrom(refusal_status(outcome))
-    elif isinstance(outcome, GrantResult) and op == "reserve":
-        answer.reserve.grant.CopyFrom(convert.grant_pb(outcome.grant))
-    elif isinstance(outcome, GrantResult):
-        answer.renew.grant.CopyFrom(convert.grant_pb(outcome.grant))
-    elif isinstance(outcome, ReleaseOutcome):
-        answer.release.CopyFrom(convert.release_pb(outcome.result))
+    elif type(outcome) is status_pb2.Status:
+        answer.error.CopyFrom(outcome)
     else:
         raise TypeError(f"unexpected outcome {outcome!r} for {op}")
-    return answer
+
+
+_COMMANDS: dict[str, Callable[[credit_control_pb2.Operation, GrantPolicy], Command]] = {
+    "reserve": lambda operation, policy: convert.reserve(operation.reserve, policy),
+    "renew": lambda operation, policy: convert.renew(operation.renew, policy),
+    "release": lambda operation, _: convert.release(operation.release),
+}
 
 
 async def _abort(
@@ -138,16 +201,6 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         self._writer = writer
         self._policy = policy
 
-    def _command(self, operation: credit_control_pb2.Operation) -> Command | None:
-        kind = operation.WhichOneof("op")
-        if kind == "reserve":
-            return convert.reserve(operation.reserve, self._policy)
-        if kind == "renew":
-            return convert.renew(operation.renew, self._policy)
-        if kind == "release":
-            return convert.release(operation.release)
-        return None
-
     async def Control(
         self,
         request_iterator: AsyncIterator[credit_control_pb2.ControlRequest],
@@ -157,18 +210,9 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         reader = asyncio.create_task(self._read_requests(request_iterator, session))
         try:
             while True:
-                first = await session.outbox.get()
-                if first is None:
+                response = await session.next_response()
+                if response is None:
                     break
-                response = first
-                items = len(first.outcomes)
-                while not session.outbox.empty() and items < MAX_ITEMS_PER_RESPONSE:
-                    more = session.outbox.get_nowait()
-                    if more is None:
-                        session.outbox.put_nowait(None)
-                        break
-                    items += len(more.outcomes) + len(more.grant_updates)
-                    response.MergeFrom(more)
                 session.pushes_buffered -= len(response.grant_updates) + len(response.terminations)
                 yield response
             failure = reader.exception() if reader.done() and not reader.cancelled() else None
@@ -202,41 +246,41 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         finally:
             for _ in range(MAX_UNANSWERED_MESSAGES_PER_STREAM):  # let answers in flight finish
                 await session.slots.acquire()
-            session.outbox.put_nowait(None)
+            session.close()
 
     async def _submit(
         self, request: credit_control_pb2.ControlRequest, session: StreamSession
     ) -> None:
-        answers: list[tuple[str, str, Outcome | status_pb2.Status]] = []
+        # (request_id, op, the refusal of an operation refused before the writer)
+        items: list[tuple[str, str, status_pb2.Status | None]] = []
         commands: list[Command] = []
-        positions: list[int] = []
+        policy = self._policy
         for operation in request.operations:
-            kind = operation.WhichOneof("op") or ""
-            command = self._command(operation)
-            if not ID_PATTERN.fullmatch(operation.request_id):
-                answers.append((operation.request_id, kind, invalid("request_id", ID_RULE)))
-            elif command is None:
-                answers.append((operation.request_id, kind, invalid("op", "must be set")))
+            request_id = operation.request_id
+            kind = operation.WhichOneof("op")
+            if not ID_PATTERN.fullmatch(request_id):
+                items.append((request_id, kind or "", invalid("request_id", ID_RULE)))
+            elif kind is None:
+                items.append((request_id, "", invalid("op", "must be set")))
             else:
-                positions.append(len(answers))
-                answers.append((operation.request_id, kind, Refused(Reason.INVALID_ARGUMENT, "")))
-                commands.append(command)
+                commands.append(_COMMANDS[kind](operation, policy))
+                items.append((request_id, kind, None))
 
         def deliver(future: asyncio.Future[list[Outcome]] | None) -> None:
-            try:
-                if future is not None:
-                    for position, outcome in zip(positions, future.result(), strict=True):
-                        request_id, kind, _ = answers[position]
-                        answers[position] = (request_id, kind, outcome)
-            except Unavailable as exc:
-                down = unavailable(str(exc))
-                for position in positions:
-                    request_id, kind, _ = answers[position]
-                    answers[position] = (request_id, kind, down)
-            response = credit_control_pb2.ControlResponse(
-                outcomes=[_outcome_pb(rid, kind, outcome) for rid, kind, outcome in answers]
-            )
-            session.outbox.put_nowait(response)
+            down: status_pb2.Status | None = None  # the writer is unavailable
+            outcomes: list[Outcome] = []
+            if future is not None:
+                try:
+                    outcomes = future.result()
+                except Unavailable as exc:
+                    down = unavailable(str(exc))
+            answers = iter(outcomes)
+            response = session.response(len(items))
+            for request_id, kind, early in items:
+                if early is not None:
+                    _add_outcome(response, request_id, kind, early)
+                else:
+                    _add_outcome(response, request_id, kind, down or next(answers))
             session.slots.release()
 
         if not commands:

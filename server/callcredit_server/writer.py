@@ -56,6 +56,9 @@ MAX_UNCOMMITTED_RECORDS = 100_000  # the apply task waits for the journal beyond
 COMMIT_TIMEOUT_S = 5.0
 
 
+_CALL_COMMANDS = (Reserve, Renew, Release)  # the commands that name a call
+
+
 class Unavailable(Exception):
     """The writer cannot take work: the journal failed, or the server is stopping."""
 
@@ -218,43 +221,50 @@ class Writer:
                 seen = submission.read(self._machine)
                 self._hold(_Waiting(self._next_seq - 1, submission.future, seen))
                 continue
-            outcomes: list[Outcome] = []
             pushes: list[tuple[PushTarget, Push]] = []
-            for command in submission.commands:
-                outcomes.append(self._apply(command, now_ms, submission.target, pushes))
+            outcomes = self._apply_commands(submission.commands, now_ms, submission.target, pushes)
             self._hold(_Waiting(self._next_seq - 1, submission.future, outcomes, pushes))
 
-    def _apply(
+    def _apply_commands(
         self,
-        command: Command,
+        commands: Sequence[Command],
         now_ms: int,
         target: PushTarget | None,
         pushes: list[tuple[PushTarget, Push]],
-    ) -> Outcome:
-        step = self._machine.apply(command, now_ms)
-        if step.changed:
-            self._records.append(
-                JournalRecord(
-                    seq=self._next_seq,
-                    at_ms=now_ms,
-                    command=command,
-                    entries=tuple(step.entries),
-                    calls=tuple(step.calls),
-                )
-            )
-            self._next_seq += 1
-        if target is not None and isinstance(command, Reserve | Renew | Release):
-            call = self._machine.calls.get(command.call_id)
-            if call is not None and call.state is CallState.ACTIVE:
-                self._routes[command.call_id] = target
-        for push in step.pushes:
-            routed = self._routes.get(push.call_id)
-            if routed is not None:
-                pushes.append((routed, push))
-        for record in step.calls:
-            if record.state is not CallState.ACTIVE:
-                self._routes.pop(record.call_id, None)
-        return step.outcome
+    ) -> list[Outcome]:
+        """Apply commands in order; journal the ones that changed state; route pushes.
+
+        The hot loop of the server: a batched Control message runs it once per
+        operation, so names are bound to locals once.
+        """
+        apply = self._machine.apply
+        calls = self._machine.calls
+        records = self._records
+        routes = self._routes
+        seq = self._next_seq
+        outcomes: list[Outcome] = []
+        try:
+            for command in commands:
+                step = apply(command, now_ms)
+                if step.changed:
+                    records.append(JournalRecord(seq, now_ms, command, step.entries, step.calls))
+                    seq += 1
+                if target is not None and isinstance(command, _CALL_COMMANDS):
+                    call_id = command.call_id
+                    call = calls.get(call_id)
+                    if call is not None and call.state is CallState.ACTIVE:
+                        routes[call_id] = target  # pushes follow the stream that last spoke
+                for push in step.pushes:
+                    routed = routes.get(push.call_id)
+                    if routed is not None:
+                        pushes.append((routed, push))
+                for record in step.calls:
+                    if record.state is not CallState.ACTIVE:
+                        routes.pop(record.call_id, None)
+                outcomes.append(step.outcome)
+        finally:
+            self._next_seq = seq  # even if a step broke an invariant (then we fail)
+        return outcomes
 
     def _hold(self, waiting: _Waiting) -> None:
         if waiting.seq <= self._durable_seq:
