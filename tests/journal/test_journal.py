@@ -801,12 +801,27 @@ def test_replay_names_the_seq_of_a_bad_record(journal: Journal, kind: str, body:
             insert(journal_table),
             [{"seq": 2, "at_ms": 2_000, "kind": kind, "body": body, "chain": chain}],
         )
-    journal.append([record(3)])
     stream = journal.replay()
     assert next(stream) == (1, 1_000, Tick(retention_ms=1))  # streamed up to the bad one
     with pytest.raises(JournalError, match="journal seq 2") as raised:
         next(stream)
     assert isinstance(raised.value.__cause__, CodecError)
+
+
+def test_append_refuses_to_follow_a_record_another_writer_added(journal: Journal) -> None:
+    # The appender knows the tail after its first commit and does not re-read it;
+    # a record written behind its back is still caught (seq is the primary key).
+    journal.append([record(1)])
+    with journal.engine.begin() as connection:
+        connection.execute(
+            insert(journal_table),
+            [{"seq": 2, "at_ms": 2_000, "kind": "Tick", "body": "{}", "chain": "x"}],
+        )
+    with pytest.raises(JournalError, match="append of journal seq 2..2 failed"):
+        journal.append([record(2)])
+    # After a failure the tail is read again, and the conflict is named.
+    with pytest.raises(JournalError, match="does not continue the journal, which ends at seq 2"):
+        journal.append([record(2)])
 
 
 def test_replay_refuses_a_missing_seq(journal: Journal) -> None:
