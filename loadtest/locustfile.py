@@ -55,7 +55,7 @@ import grpc.experimental.gevent
 import locust.stats
 from locust import User, events, task
 from locust.env import Environment
-from locust.runners import MasterRunner, WorkerRunner
+from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 
 from callcredit.errors import CallcreditError
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
@@ -844,12 +844,8 @@ def summary_lines() -> list[str]:
     return lines
 
 
-@_listener(events.test_stop)
-def _on_test_stop(environment: Environment, **_kwargs: Any) -> None:
-    if isinstance(environment.runner, WorkerRunner):
-        return  # the master prints what the workers report
-    if isinstance(environment.runner, MasterRunner):
-        gevent.sleep(1.0)  # let the workers' last reports arrive
+def _finish(environment: Environment) -> None:
+    """Log the summary, write --summary-json, let the --csv writer catch up."""
     logger.info("\n".join(summary_lines()))
     parsed = environment.parsed_options
     path = getattr(parsed, "summary_json", "") if parsed is not None else ""
@@ -861,3 +857,17 @@ def _on_test_stop(environment: Environment, **_kwargs: Any) -> None:
         # the stopping users did (their releases) would be missing (locust issue #1806):
         # give the writer one more turn now that every user has stopped.
         gevent.sleep(locust.stats.CSV_STATS_INTERVAL_SEC + 0.25)
+
+
+@_listener(events.test_stop)
+def _on_test_stop(environment: Environment, **_kwargs: Any) -> None:
+    if isinstance(environment.runner, LocalRunner):
+        _finish(environment)
+
+
+@_listener(events.quitting)
+def _on_quitting(environment: Environment, **_kwargs: Any) -> None:
+    # A master hears the workers' last reports only after its own test_stop (they
+    # send them when they quit), so it sums up the whole session on the way out.
+    if isinstance(environment.runner, MasterRunner):
+        _finish(environment)
