@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
 import sys
 import tempfile
 import time
@@ -36,13 +37,35 @@ class Result:
     operations: int
     messages: int
     seconds: float
+    server_cpu_s: float | None = None  # the server process's user + system CPU time
 
     def line(self) -> str:
+        cpu = ""
+        if self.server_cpu_s is not None:
+            cpu = (
+                f"  server CPU {self.server_cpu_s / self.operations * 1e6:,.1f} us/op, "
+                f"{self.server_cpu_s / self.messages * 1e6:,.0f} us/msg"
+            )
         return (
             f"{self.name:<28} {self.operations / self.seconds:>10,.0f} ops/s "
             f"{self.messages / self.seconds:>9,.0f} msgs/s  ({self.operations:,} ops in "
-            f"{self.seconds:.1f} s)"
+            f"{self.seconds:.1f} s){cpu}"
         )
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of process `pid` (all its threads), from /proc.
+
+    CPU time per operation is steadier than throughput on a shared machine: it does
+    not count the time the server waited for a core.
+    """
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _setup(channel: grpc.aio.Channel, accounts: int) -> None:
@@ -66,7 +89,13 @@ async def _setup(channel: grpc.aio.Channel, accounts: int) -> None:
 
 
 async def _drive(
-    channel: grpc.aio.Channel, name: str, batch: int, streams: int, seconds: float, accounts: int
+    channel: grpc.aio.Channel,
+    name: str,
+    batch: int,
+    streams: int,
+    seconds: float,
+    accounts: int,
+    server_pid: int | None,
 ) -> Result:
     stub = credit_control_pb2_grpc.CreditControlServiceStub(channel)
     ids = itertools.count()
@@ -118,20 +147,25 @@ async def _drive(
         await call.done_writing()
         await task
 
+    cpu_before = cpu_seconds(server_pid)
     start = time.perf_counter()
     await asyncio.gather(*(one_stream(k) for k in range(streams)))
-    return Result(name, counts["ops"], counts["msgs"], time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    cpu_after = cpu_seconds(server_pid)
+    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    return Result(name, counts["ops"], counts["msgs"], elapsed, cpu)
 
 
-async def _main(args: argparse.Namespace, target: str) -> None:
+async def _main(args: argparse.Namespace, target: str, server_pid: int | None) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
         await _setup(channel, args.accounts)
         single = await _drive(
-            channel, "one-op-per-message", 1, args.streams, args.seconds, args.accounts
-        )
+            channel, "one-op-per-message", 1, args.streams, args.seconds, args.accounts,
+            server_pid,
+        )  # fmt: skip
         batched = await _drive(
             channel, f"batched-{args.batch}-per-message", args.batch, args.streams, args.seconds,
-            args.accounts,
+            args.accounts, server_pid,
         )  # fmt: skip
     print(single.line())
     print(batched.line())
@@ -151,12 +185,12 @@ def main() -> None:
     parser.add_argument("--target", default="", help="a running server instead of a fresh one")
     args = parser.parse_args()
     if args.target:
-        asyncio.run(_main(args, args.target))
+        asyncio.run(_main(args, args.target, None))
         return
     with tempfile.TemporaryDirectory() as tmp:
         url = args.database_url or f"sqlite:///{tmp}/bench.db"
-        with server_process(url) as (_, target):
-            asyncio.run(_main(args, target))
+        with server_process(url) as (process, target):
+            asyncio.run(_main(args, target, process.pid))
 
 
 if __name__ == "__main__":

@@ -193,11 +193,20 @@ def _dumps(obj: dict[str, object]) -> str:
 def _call_body(command: Reserve | Renew | Release) -> dict[str, object] | None:
     """The body of the three commands a dialer sends, which are most of a journal.
 
-    One type check for all fields instead of one call per field; None when a field
-    has the wrong type, so that _body names it.
+    The field types are checked inline rather than one call per field; None when one
+    is wrong, so that _body names it.
     """
     if isinstance(command, Renew):
-        body: dict[str, object] = {
+        if not (
+            type(command.call_id) is str
+            and type(command.sequence) is int
+            and type(command.used_seconds) is int
+            and type(command.requested_seconds) is int
+            and type(command.grant_seconds) is int
+            and type(command.validity_seconds) is int
+        ):
+            return None
+        return {
             "call_id": command.call_id,
             "sequence": command.sequence,
             "used_seconds": command.used_seconds,
@@ -205,9 +214,17 @@ def _call_body(command: Reserve | Renew | Release) -> dict[str, object] | None:
             "grant_seconds": command.grant_seconds,
             "validity_seconds": command.validity_seconds,
         }
-        texts = 1
-    elif isinstance(command, Reserve):
-        body = {
+    if isinstance(command, Reserve):
+        if not (
+            type(command.call_id) is str
+            and type(command.account_id) is str
+            and type(command.destination) is str
+            and type(command.requested_seconds) is int
+            and type(command.grant_seconds) is int
+            and type(command.validity_seconds) is int
+        ):
+            return None
+        return {
             "call_id": command.call_id,
             "account_id": command.account_id,
             "destination": command.destination,
@@ -215,14 +232,9 @@ def _call_body(command: Reserve | Renew | Release) -> dict[str, object] | None:
             "grant_seconds": command.grant_seconds,
             "validity_seconds": command.validity_seconds,
         }
-        texts = 3
-    else:
-        body = {"call_id": command.call_id, "used_seconds": command.used_seconds}
-        texts = 1
-    values = list(body.values())
-    if all(type(v) is str for v in values[:texts]) and all(type(v) is int for v in values[texts:]):
-        return body
-    return None
+    if type(command.call_id) is not str or type(command.used_seconds) is not int:
+        return None
+    return {"call_id": command.call_id, "used_seconds": command.used_seconds}
 
 
 _CALL_COMMANDS = (Reserve, Renew, Release)
