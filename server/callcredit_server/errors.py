@@ -13,6 +13,13 @@ from callcredit_server.core import Reason, Refused
 
 DOMAIN = "callcredit.v1"
 UNAVAILABLE = "UNAVAILABLE"
+# Not a refusal of an operation: the server ends a Control stream whose reader fell
+# so far behind that its pushes would have to be buffered without bound.
+SLOW_CONSUMER = "SLOW_CONSUMER"
+# A status travels in the trailers, which clients cap (grpc's default: 16 KiB of
+# metadata): a refusal names its first violations and counts the rest.
+MAX_FIELD_VIOLATIONS = 20
+MAX_STATUS_MESSAGE_CHARS = 1_000
 
 _CODES: dict[str, grpc.StatusCode] = {
     Reason.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -31,6 +38,7 @@ _CODES: dict[str, grpc.StatusCode] = {
     Reason.ACCOUNT_HAS_OPEN_CALLS: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.CONCURRENT_CALL_LIMIT: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    SLOW_CONSUMER: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -45,6 +53,13 @@ def status_for(
 ) -> status_pb2.Status:
     """A google.rpc.Status carrying `reason` in an ErrorInfo of our domain."""
     code: grpc.StatusCode = _CODES[reason]
+    if len(field_violations) > MAX_FIELD_VIOLATIONS:
+        more = len(field_violations) - MAX_FIELD_VIOLATIONS
+        field_violations = field_violations[:MAX_FIELD_VIOLATIONS]
+        message = "; ".join(f"{name}: {why}" for name, why in field_violations)
+        message += f"; and {more} more"
+    if len(message) > MAX_STATUS_MESSAGE_CHARS:
+        message = message[: MAX_STATUS_MESSAGE_CHARS - 3] + "..."
     status = status_pb2.Status(code=code.value[0], message=message)
     status.details.append(_pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)))
     if field_violations:

@@ -41,7 +41,13 @@ from callcredit_server.core import (
     UpdateAccount,
 )
 from callcredit_server.core.validation import ID_PATTERN, ID_RULE
-from callcredit_server.errors import invalid, refusal_status, status_for, unavailable
+from callcredit_server.errors import (
+    SLOW_CONSUMER,
+    invalid,
+    refusal_status,
+    status_for,
+    unavailable,
+)
 from callcredit_server.journal import Journal, JournalError
 from callcredit_server.writer import Unavailable, Writer
 
@@ -50,11 +56,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_OPERATIONS_PER_MESSAGE = 10_000  # DESIGN.md's cap on one ControlRequest
-MAX_UNANSWERED_MESSAGES_PER_STREAM = 64  # a stream's requests in flight at once
+# A stream's requests whose answers are not yet sent: the server stops reading the
+# stream beyond either bound, so a client that never reads its answers holds at
+# most this much (gRPC's flow control then stops its writes).
+MAX_UNSENT_MESSAGES_PER_STREAM = 64
+MAX_UNSENT_OPERATIONS_PER_STREAM = 10_000  # a full 10,000-operation message always fits
+# An invalid request_id is echoed cut to this length, so that the answer to a full
+# message (10,000 refusals of ~250 bytes each) stays well under the send limit.
+MAX_ECHOED_REQUEST_ID_CHARS = 256
 MAX_PUSHES_BUFFERED_PER_STREAM = 10_000  # a stream that cannot keep up is closed
 MAX_ITEMS_PER_RESPONSE = 10_000  # answers and pushes merged into one ControlResponse
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1_000
+MAX_PAGE_TOKEN = 2**63 - 1  # a call_seq: BIGINT in the journal
 
 
 class StreamSession:
@@ -67,45 +81,84 @@ class StreamSession:
     """
 
     def __init__(self) -> None:
-        self.slots = asyncio.Semaphore(MAX_UNANSWERED_MESSAGES_PER_STREAM)
         self.pushes_buffered = 0
+        self._unsent_messages = 0
+        self._unsent_operations = 0
+        self._room = asyncio.Event()  # set when a response was sent
         self.overflowed = False
-        self._full: deque[credit_control_pb2.ControlResponse] = deque()
+        self._full: deque[tuple[credit_control_pb2.ControlResponse, int, int]]
+        self._full = deque()  # (response, messages, operations it answers)
         self._open: credit_control_pb2.ControlResponse | None = None
         self._open_items = 0
+        self._open_messages = 0
+        self._open_operations = 0
         self._closed = False
         self._wakeup = asyncio.Event()
+
+    async def admit(self, operations: int) -> None:
+        """Wait until a message of `operations` fits within the stream's unsent bounds."""
+        while self._unsent_messages >= MAX_UNSENT_MESSAGES_PER_STREAM or (
+            self._unsent_operations
+            and self._unsent_operations + operations > MAX_UNSENT_OPERATIONS_PER_STREAM
+        ):
+            self._room.clear()
+            await self._room.wait()
+        self._unsent_messages += 1
+        self._unsent_operations += operations
+
+    async def all_sent(self) -> None:
+        """Wait until every admitted message's answers have been sent."""
+        while self._unsent_messages:
+            self._room.clear()
+            await self._room.wait()
+
+    def answer(self, operations: int) -> credit_control_pb2.ControlResponse:
+        """The response to add the answers of one admitted message to."""
+        response = self.response(operations)
+        self._open_messages += 1
+        self._open_operations += operations
+        return response
 
     def response(self, items: int) -> credit_control_pb2.ControlResponse:
         """The response to add `items` answers or pushes to."""
         if self._open is None or (
             self._open_items and self._open_items + items > MAX_ITEMS_PER_RESPONSE
         ):
-            if self._open is not None:
-                self._full.append(self._open)
+            self._seal()
             self._open = credit_control_pb2.ControlResponse()
-            self._open_items = 0
         self._open_items += items
         self._wakeup.set()
         return self._open
+
+    def _seal(self) -> None:
+        if self._open is not None:
+            self._full.append((self._open, self._open_messages, self._open_operations))
+        self._open = None
+        self._open_items = self._open_messages = self._open_operations = 0
 
     def close(self) -> None:
         """Nothing more will be added: the sender ends once it has sent what is here."""
         self._closed = True
         self._wakeup.set()
 
-    async def next_response(self) -> credit_control_pb2.ControlResponse | None:
-        """The next response to send; None once the session is closed and sent out."""
+    async def next_response(self) -> tuple[credit_control_pb2.ControlResponse, int, int] | None:
+        """The next response to send, with the messages and operations it answers;
+        None once the session is closed and everything was sent."""
         while True:
+            if not self._full:
+                self._seal()
             if self._full:
                 return self._full.popleft()
-            if self._open is not None:
-                response, self._open = self._open, None
-                return response
             if self._closed:
                 return None
             self._wakeup.clear()
             await self._wakeup.wait()
+
+    def sent(self, messages: int, operations: int) -> None:
+        """A response went out: its messages no longer count against the bounds."""
+        self._unsent_messages -= messages
+        self._unsent_operations -= operations
+        self._room.set()
 
     def push(self, push: Push) -> None:
         """Called by the writer once the push is durable."""
@@ -210,20 +263,26 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         reader = asyncio.create_task(self._read_requests(request_iterator, session))
         try:
             while True:
-                response = await session.next_response()
-                if response is None:
+                ready = await session.next_response()
+                if ready is None:
                     break
+                response, messages, operations = ready
                 session.pushes_buffered -= len(response.grant_updates) + len(response.terminations)
-                yield response
+                yield response  # resumes once gRPC has taken the message
+                session.sent(messages, operations)
             failure = reader.exception() if reader.done() and not reader.cancelled() else None
             if isinstance(failure, _StreamError):
-                await context.abort(failure.code, str(failure))
+                await _abort(context, failure.status)
             if failure is not None:
                 raise failure
             if session.overflowed:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "stream closed: it did not read its pushes fast enough",
+                await _abort(
+                    context,
+                    status_for(
+                        SLOW_CONSUMER,
+                        "stream closed: it did not read its pushes fast enough; "
+                        "reconnect and read the stream",
+                    ),
                 )
         finally:
             reader.cancel()
@@ -236,16 +295,19 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
     ) -> None:
         try:
             async for request in request_iterator:
-                if len(request.operations) > MAX_OPERATIONS_PER_MESSAGE:
+                operations = len(request.operations)
+                if operations > MAX_OPERATIONS_PER_MESSAGE:
                     raise _StreamError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"at most {MAX_OPERATIONS_PER_MESSAGE} operations per ControlRequest",
+                        invalid(
+                            "operations",
+                            f"at most {MAX_OPERATIONS_PER_MESSAGE} per ControlRequest; "
+                            f"this one has {operations}",
+                        )
                     )
-                await session.slots.acquire()
+                await session.admit(operations)
                 await self._submit(request, session)
         finally:
-            for _ in range(MAX_UNANSWERED_MESSAGES_PER_STREAM):  # let answers in flight finish
-                await session.slots.acquire()
+            await session.all_sent()  # let answers in flight finish
             session.close()
 
     async def _submit(
@@ -259,7 +321,8 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
             request_id = operation.request_id
             kind = operation.WhichOneof("op")
             if not ID_PATTERN.fullmatch(request_id):
-                items.append((request_id, kind or "", invalid("request_id", ID_RULE)))
+                echoed = request_id[:MAX_ECHOED_REQUEST_ID_CHARS]  # the answer stays bounded
+                items.append((echoed, kind or "", invalid("request_id", ID_RULE)))
             elif kind is None:
                 items.append((request_id, "", invalid("op", "must be set")))
             else:
@@ -275,13 +338,12 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
                 except Unavailable as exc:
                     down = unavailable(str(exc))
             answers = iter(outcomes)
-            response = session.response(len(items))
+            response = session.answer(len(items))
             for request_id, kind, early in items:
                 if early is not None:
                     _add_outcome(response, request_id, kind, early)
                 else:
                     _add_outcome(response, request_id, kind, down or next(answers))
-            session.slots.release()
 
         if not commands:
             deliver(None)
@@ -326,9 +388,11 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
 
 
 class _StreamError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    """The stream must end with `status` (a google.rpc.Status with its details)."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        super().__init__(status.message)
+        self.status = status
 
 
 def _page_size(limit: int) -> int | None:
@@ -477,9 +541,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await _abort(context, invalid("limit", f"must be between 0 and {MAX_PAGE_SIZE}"))
         before: int | None = None
         if request.page_token:
-            if not request.page_token.isdigit() or len(request.page_token) > 19:
+            token = request.page_token
+            # isascii: str.isdigit() also takes digits such as "²", which int() refuses.
+            if not (
+                len(token) <= 19
+                and token.isascii()
+                and token.isdigit()
+                and int(token) <= MAX_PAGE_TOKEN
+            ):
                 await _abort(context, invalid("page_token", "is not a token this server gave"))
-            before = int(request.page_token)
+            before = int(token)
         await self._require_account(request.account_id, context)
         calls = await self._history_read(
             lambda: self._journal.list_calls(

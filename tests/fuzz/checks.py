@@ -34,6 +34,9 @@ DOCUMENTED: dict[str, grpc.StatusCode] = {
     # Not in DESIGN.md's table, though its rule is ("Close: only from an account
     # with no open calls"): the server's reason for it. Reported as a doc gap.
     "ACCOUNT_HAS_OPEN_CALLS": grpc.StatusCode.FAILED_PRECONDITION,
+    # Ends a Control stream whose reader fell too far behind its pushes
+    # (docs/hostile-input.md); never the answer to one operation.
+    "SLOW_CONSUMER": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 # UNAVAILABLE (draining, journal failure) is documented too, but no input may
 # cause it: a fuzzed request that gets it is a finding, so it is not listed.

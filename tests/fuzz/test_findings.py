@@ -1,8 +1,7 @@
-"""Reproducers of what the fuzzing found: each a strict xfail that a server fix flips.
+"""Reproducers of what the fuzzing found; each now passes against the fixed server.
 
-Once a fix lands the test XPASSes (strict: the suite goes red), the xfail mark
-comes off, and the matching tolerance in test_fuzz_rpcs.known_finding goes too.
-See docs/hostile-input.md for each finding.
+A finding not yet fixed is a strict xfail, which flips (and turns the suite red)
+once the fix lands. See docs/hostile-input.md for each finding and its fix.
 """
 
 from __future__ import annotations
@@ -27,22 +26,12 @@ def _refusal_reason(server: ServerThread, rpc: str, request: object) -> str:
     return check_refusal(rpc_error_status(refused.value), rpc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="finding 1: page_token '²' passes str.isdigit() but not int(): UNKNOWN",
-)
 def test_finding_1_list_calls_page_token_of_unicode_digits(server: ServerThread) -> None:
     request = A.ListCallsRequest(account_id="acc", page_token="²")
     assert _refusal_reason(server, "ListCalls", request) == "INVALID_ARGUMENT"
     assert server.serving()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="finding 1: a 19-digit page_token above int64 reaches SQLite: UNAVAILABLE",
-)
 def test_finding_1_list_calls_page_token_above_int64(server: ServerThread) -> None:
     before = server.digest()
     request = A.ListCallsRequest(account_id="acc", page_token="9" * 19)
@@ -50,12 +39,6 @@ def test_finding_1_list_calls_page_token_above_int64(server: ServerThread) -> No
     assert server.digest() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="finding 2: the status ending a stream over 10,000 operations "
-    "has no ErrorInfo or BadRequest",
-)
 def test_finding_2_oversized_batch_refusal_carries_error_details(server: ServerThread) -> None:
     operations = [
         C.Operation(request_id=f"r{n}", release=C.ReleaseRequest(call_id="nope"))
@@ -72,12 +55,6 @@ def test_finding_2_oversized_batch_refusal_carries_error_details(server: ServerT
     assert check_refusal(status, "Control") == "INVALID_ARGUMENT"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="finding 3: a request under the receive limit whose answer is over the "
-    "send limit ends the stream; answers of executed operations are lost",
-)
 def test_finding_3_answer_over_the_send_limit(server: ServerThread) -> None:
     """A valid reserve, then 9,999 operations with invalid 700-character request_ids.
 
@@ -109,12 +86,6 @@ def test_finding_3_answer_over_the_send_limit(server: ServerThread) -> None:
     assert "ok" in {o.request_id for o in outcomes}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="finding 4: a BadRequest with a violation per rate overflows the "
-    "client's trailer size limit; the client sees RESOURCE_EXHAUSTED",
-)
 def test_finding_4_many_field_violations_reach_the_client(server: ServerThread) -> None:
     rates = [
         A.Rate(

@@ -148,13 +148,6 @@ async def test_a_stalled_reader_does_not_hold_up_the_writer_or_other_streams(
 STALLED_ANSWER_BYTES_BOUND = 16 * 1024 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="finding 5: a stream that never reads gets every answer queued in memory "
-    "(outbox unbounded: the unanswered-message slot is freed when the answer is queued, "
-    "not when it is sent)",
-)
 async def test_a_stalled_reader_buffer_stays_bounded(harness: Harness) -> None:
     """Keep writing to a stream that never reads: the server must push back or end it."""
     await harness.funded_account("acc", 1_000)

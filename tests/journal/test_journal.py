@@ -817,7 +817,7 @@ def test_append_refuses_to_follow_a_record_another_writer_added(journal: Journal
             insert(journal_table),
             [{"seq": 2, "at_ms": 2_000, "kind": "Tick", "body": "{}", "chain": "x"}],
         )
-    with pytest.raises(JournalError, match="append of journal seq 2..2 failed"):
+    with pytest.raises(JournalError, match=r"append of journal seq 2\.\.2 failed"):
         journal.append([record(2)])
     # After a failure the tail is read again, and the conflict is named.
     with pytest.raises(JournalError, match="does not continue the journal, which ends at seq 2"):
