@@ -10,9 +10,11 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from callcredit_server.core import Reason, Refused
+from callcredit_server.core.outcomes import AccessReason
 
 DOMAIN = "callcredit.v1"
 UNAVAILABLE = "UNAVAILABLE"
+UNAUTHENTICATED = "UNAUTHENTICATED"  # no bearer token, or one the server does not know
 
 _CODES: dict[str, grpc.StatusCode] = {
     Reason.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -30,7 +32,9 @@ _CODES: dict[str, grpc.StatusCode] = {
     Reason.CURRENCY_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.ACCOUNT_HAS_OPEN_CALLS: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.CONCURRENT_CALL_LIMIT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    AccessReason.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 
@@ -68,3 +72,11 @@ def invalid(field: str, why: str) -> status_pb2.Status:
 
 def unavailable(message: str) -> status_pb2.Status:
     return status_for(UNAVAILABLE, message)
+
+
+def permission_denied(message: str) -> status_pb2.Status:
+    return status_for(AccessReason.PERMISSION_DENIED, message)
+
+
+def unauthenticated(message: str) -> status_pb2.Status:
+    return status_for(UNAUTHENTICATED, message)

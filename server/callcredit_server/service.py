@@ -18,6 +18,7 @@ from grpc_status import rpc_status
 
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
 from callcredit_server import convert
+from callcredit_server.auth import current_tenant
 from callcredit_server.convert import GrantPolicy
 from callcredit_server.core import (
     AccountResult,
@@ -39,9 +40,15 @@ from callcredit_server.core import (
     UpdateAccount,
 )
 from callcredit_server.core.validation import ID_PATTERN, ID_RULE
-from callcredit_server.errors import invalid, refusal_status, status_for, unavailable
+from callcredit_server.errors import (
+    invalid,
+    permission_denied,
+    refusal_status,
+    status_for,
+    unavailable,
+)
 from callcredit_server.journal import Journal, JournalError
-from callcredit_server.writer import Unavailable, Writer
+from callcredit_server.writer import AccountFilter, Unavailable, Writer
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +65,8 @@ MAX_PAGE_SIZE = 1_000
 class StreamSession:
     """One Control stream: its outbox, and the bounds that keep it from growing."""
 
-    def __init__(self) -> None:
+    def __init__(self, allows: AccountFilter | None = None) -> None:
+        self.allows = allows  # the accounts this stream's token may act on (None: any)
         self.outbox: asyncio.Queue[credit_control_pb2.ControlResponse | None] = asyncio.Queue()
         self.slots = asyncio.Semaphore(MAX_UNANSWERED_MESSAGES_PER_STREAM)
         self.pushes_buffered = 0
@@ -110,11 +118,14 @@ async def _abort(
 
 
 async def _run(
-    writer: Writer, command: Command, context: grpc.aio.ServicerContext[Any, Any]
+    writer: Writer,
+    command: Command,
+    context: grpc.aio.ServicerContext[Any, Any],
+    allows: AccountFilter | None = None,
 ) -> Outcome:
     """Execute one command for a unary RPC; a refusal aborts the RPC with its status."""
     try:
-        (outcome,) = await writer.execute([command])
+        (outcome,) = await writer.execute([command], allows=allows)
     except Unavailable as exc:
         await _abort(context, unavailable(str(exc)))
     if isinstance(outcome, Refused):
@@ -129,6 +140,16 @@ async def _read(
         return await writer.read(read)
     except Unavailable as exc:
         await _abort(context, unavailable(str(exc)))
+
+
+def _allows() -> AccountFilter | None:
+    """The accounts the RPC's dialer token may act on (auth.py); None without auth."""
+    tenant = current_tenant()
+    return None if tenant is None else tenant.allows
+
+
+def _outside(account_id: str) -> status_pb2.Status:
+    return permission_denied(f"account {account_id!r} is outside this token's tenant")
 
 
 class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer):
@@ -153,7 +174,7 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         request_iterator: AsyncIterator[credit_control_pb2.ControlRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[credit_control_pb2.ControlResponse]:
-        session = StreamSession()
+        session = StreamSession(_allows())
         reader = asyncio.create_task(self._read_requests(request_iterator, session))
         try:
             while True:
@@ -217,6 +238,12 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
                 answers.append((operation.request_id, kind, invalid("request_id", ID_RULE)))
             elif command is None:
                 answers.append((operation.request_id, kind, invalid("op", "must be set")))
+            elif (
+                session.allows is not None
+                and kind == "reserve"
+                and not session.allows(operation.reserve.account_id)
+            ):
+                answers.append((operation.request_id, kind, _outside(operation.reserve.account_id)))
             else:
                 positions.append(len(answers))
                 answers.append((operation.request_id, kind, Refused(Reason.INVALID_ARGUMENT, "")))
@@ -243,7 +270,7 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
             deliver(None)
             return
         try:
-            future = await self._writer.submit(commands, session)
+            future = await self._writer.submit(commands, session, session.allows)
         except Unavailable as exc:
             failed: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
@@ -255,6 +282,9 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         request: credit_control_pb2.ReserveRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> credit_control_pb2.ReserveResponse:
+        allows = _allows()
+        if allows is not None and not allows(request.account_id):
+            await _abort(context, _outside(request.account_id))
         outcome = await _run(self._writer, convert.reserve(request, self._policy), context)
         if not isinstance(outcome, GrantResult):
             raise TypeError(outcome)
@@ -265,7 +295,8 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         request: credit_control_pb2.RenewRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> credit_control_pb2.RenewResponse:
-        outcome = await _run(self._writer, convert.renew(request, self._policy), context)
+        command = convert.renew(request, self._policy)
+        outcome = await _run(self._writer, command, context, _allows())
         if not isinstance(outcome, GrantResult):
             raise TypeError(outcome)
         return credit_control_pb2.RenewResponse(grant=convert.grant_pb(outcome.grant))
@@ -275,7 +306,7 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         request: credit_control_pb2.ReleaseRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> credit_control_pb2.ReleaseResponse:
-        outcome = await _run(self._writer, convert.release(request), context)
+        outcome = await _run(self._writer, convert.release(request), context, _allows())
         if not isinstance(outcome, ReleaseOutcome):
             raise TypeError(outcome)
         return convert.release_pb(outcome.result)
