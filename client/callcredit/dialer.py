@@ -474,6 +474,8 @@ class DialerClient:
         tls_files = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
         if not isinstance(target, str) and (tls or any(tls_files.values())):
             raise ValueError("TLS options apply to a channel the client opens, not to yours")
+        if bool(cert_file) != bool(key_file):
+            raise ValueError("a client certificate needs both cert_file and key_file")
         self._target = target
         self._tls = tls
         self._tls_files = tls_files
