@@ -132,8 +132,11 @@ class Settings:
     def describe(self) -> list[str]:
         """The settings as `key = value` lines, tokens by name only (--check-config)."""
         lines = [
-            f"{f.name} = {getattr(self, f.name)!r}" for f in fields(self) if f.name != "tokens"
+            f"{f.name} = {getattr(self, f.name)!r}"
+            for f in fields(self)
+            if f.name not in ("tokens", "database_url")
         ]
+        lines.insert(1, f"database_url = {_safe_url(self.database_url)!r}")  # no password
         for token in self.tokens:
             scope = f" tenant={token.tenant.name}" if token.tenant else ""
             lines.append(f"token {token.name!r}: role={token.role}{scope}")

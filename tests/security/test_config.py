@@ -69,6 +69,13 @@ def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path) -> None
     assert from_env["grant_seconds"] == "30"
 
 
+def test_check_config_hides_the_database_password() -> None:
+    url = "postgresql+psycopg://cc:s3cret-pw@db.internal/cc"
+    settings = resolved(run("--database-url", url, "--check-config"))
+    assert "s3cret-pw" not in settings["database_url"]
+    assert "db.internal/cc" in settings["database_url"]
+
+
 def test_a_flag_equal_to_the_default_still_beats_the_file(tmp_path: Path) -> None:
     config = write_config(tmp_path, "grant_seconds = 30\n")
     settings = resolved(run("--config", str(config), "--grant-seconds", "60", "--check-config"))
