@@ -6,7 +6,12 @@ several Control streams, each keeping a window of messages in flight. Prints one
 line per variant and the ratio. Usage:
 
     python scripts/bench_control.py [--seconds 10] [--streams 4] [--batch 100]
-        [--database-url URL]
+        [--database-url URL] [--security plain|secure|both]
+
+--security secure serves TLS (a throwaway CA made with trustme) and bearer tokens
+(admin for the setup, a dialer token scoped to the benchmark's accounts), the way
+docs/operations.md deploys; both runs plain then secure, each on a fresh server and
+journal, and prints them side by side with the secure/plain ratios.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +33,56 @@ import grpc
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from callcredit_server.auth import hash_token, new_token
+from tests.security.processes import server_process as configured_server_process
 from tests.service.processes import server_process
 
 WINDOW_MESSAGES = 8  # messages in flight per stream
+
+
+@dataclass(frozen=True)
+class Security:
+    """How the benchmark reaches a secured server: TLS with this CA, these tokens."""
+
+    ca_file: Path
+    admin_token: str
+    dialer_token: str
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+@contextmanager
+def _secure_server(folder: Path, url: str) -> Iterator[tuple[str, Security, int]]:
+    """`callcredit-server` with TLS and tokens; yields its target, how to reach it, and its pid."""
+    import trustme  # a test dependency: only --security secure|both needs it
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost")
+    files = {"ca": ca.cert_pem, "cert": leaf.cert_chain_pems[0], "key": leaf.private_key_pem}
+    for name, blob in files.items():
+        blob.write_to_path(str(folder / f"{name}.pem"))
+    security = Security(folder / "ca.pem", new_token(), new_token())
+    config = folder / "callcredit.toml"
+    config.write_text(
+        f'tls_cert = "{folder / "cert.pem"}"\ntls_key = "{folder / "key.pem"}"\n'
+        '[tenants.bench]\naccount_prefix = "a"\n'
+        f'[[tokens]]\nname = "admin"\nrole = "admin"\nhash = "{hash_token(security.admin_token)}"\n'
+        f'[[tokens]]\nname = "dialer"\nrole = "dialer"\ntenant = "bench"\n'
+        f'hash = "{hash_token(security.dialer_token)}"\n'
+    )
+    args = ["--config", str(config), "--listen", "127.0.0.1:0", "--database-url", url,
+            "--log-level", "WARNING"]  # fmt: skip
+    with configured_server_process(folder / "server.log", args) as (process, port):
+        yield f"localhost:{port}", security, process.pid
+
+
+def _channel(target: str, security: Security | None) -> grpc.aio.Channel:
+    if security is None:
+        return grpc.aio.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(security.ca_file.read_bytes())
+    return grpc.aio.secure_channel(target, credentials)
 
 
 @dataclass
@@ -47,7 +101,7 @@ class Result:
                 f"{self.server_cpu_s / self.messages * 1e6:,.0f} us/msg"
             )
         return (
-            f"{self.name:<28} {self.operations / self.seconds:>10,.0f} ops/s "
+            f"{self.name:<38} {self.operations / self.seconds:>10,.0f} ops/s "
             f"{self.messages / self.seconds:>9,.0f} msgs/s  ({self.operations:,} ops in "
             f"{self.seconds:.1f} s){cpu}"
         )
@@ -68,8 +122,9 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _setup(channel: grpc.aio.Channel, accounts: int) -> None:
+async def _setup(channel: grpc.aio.Channel, accounts: int, token: str | None = None) -> None:
     admin = admin_pb2_grpc.AdminServiceStub(channel)
+    auth = _metadata(token)
     rate = admin_pb2.Rate(
         prefix="", price_per_minute_micros=1_179_600_000, first_increment_seconds=6,
         next_increment_seconds=6, connect_fee=0,
@@ -77,14 +132,17 @@ async def _setup(channel: grpc.aio.Channel, accounts: int) -> None:
     await admin.PutTariff(
         admin_pb2.PutTariffRequest(
             tariff=admin_pb2.Tariff(tariff_id="t", currency="VND", rates=[rate])
-        )
+        ),
+        metadata=auth,
     )
     for n in range(accounts):
         await admin.CreateAccount(
-            admin_pb2.CreateAccountRequest(account_id=f"a{n}", currency="VND", tariff_id="t")
+            admin_pb2.CreateAccountRequest(account_id=f"a{n}", currency="VND", tariff_id="t"),
+            metadata=auth,
         )
         await admin.TopUp(
-            admin_pb2.TopUpRequest(account_id=f"a{n}", amount=10**15, idempotency_key="bench")
+            admin_pb2.TopUpRequest(account_id=f"a{n}", amount=10**15, idempotency_key="bench"),
+            metadata=auth,
         )
 
 
@@ -95,7 +153,8 @@ async def _drive(
     streams: int,
     seconds: float,
     accounts: int,
-    server_pid: int | None,
+    token: str | None = None,
+    server_pid: int | None = None,
 ) -> Result:
     stub = credit_control_pb2_grpc.CreditControlServiceStub(channel)
     ids = itertools.count()
@@ -103,7 +162,7 @@ async def _drive(
     deadline = time.perf_counter() + seconds
 
     async def one_stream(k: int) -> None:
-        call = stub.Control()
+        call = stub.Control(metadata=_metadata(token))
         window = asyncio.Semaphore(WINDOW_MESSAGES)
         done = asyncio.Event()
 
@@ -156,21 +215,36 @@ async def _drive(
     return Result(name, counts["ops"], counts["msgs"], elapsed, cpu)
 
 
-async def _main(args: argparse.Namespace, target: str, server_pid: int | None) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
-        await _setup(channel, args.accounts)
+async def _run(
+    args: argparse.Namespace,
+    target: str,
+    security: Security | None = None,
+    server_pid: int | None = None,
+) -> tuple[Result, Result]:
+    admin_token = security.admin_token if security else None
+    dialer_token = security.dialer_token if security else None
+    label = "tls+token " if security else ""
+    async with _channel(target, security) as channel:
+        await _setup(channel, args.accounts, admin_token)
         single = await _drive(
-            channel, "one-op-per-message", 1, args.streams, args.seconds, args.accounts,
-            server_pid,
+            channel, f"{label}one-op-per-message", 1, args.streams, args.seconds, args.accounts,
+            dialer_token, server_pid,
         )  # fmt: skip
         batched = await _drive(
-            channel, f"batched-{args.batch}-per-message", args.batch, args.streams, args.seconds,
-            args.accounts, server_pid,
+            channel, f"{label}batched-{args.batch}-per-message", args.batch, args.streams,
+            args.seconds, args.accounts, dialer_token, server_pid,
         )  # fmt: skip
+    return single, batched
+
+
+def _rate(result: Result) -> float:
+    return result.operations / result.seconds
+
+
+def _report(single: Result, batched: Result) -> None:
     print(single.line())
     print(batched.line())
-    ratio = (batched.operations / batched.seconds) / (single.operations / single.seconds)
-    print(f"batched / single: {ratio:.1f}x")
+    print(f"batched / single: {_rate(batched) / _rate(single):.1f}x")
 
 
 def main() -> None:
@@ -183,14 +257,44 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=100)
     parser.add_argument("--database-url", default="")
     parser.add_argument("--target", default="", help="a running server instead of a fresh one")
+    parser.add_argument(
+        "--security",
+        choices=("plain", "secure", "both"),
+        default="plain",
+        help="plaintext without tokens, TLS with tokens, or both side by side",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run each variant N times, alternating"
+    )
     args = parser.parse_args()
     if args.target:
-        asyncio.run(_main(args, args.target, None))
+        if args.security != "plain":
+            parser.error("--target runs plaintext only; --security needs a fresh server")
+        _report(*asyncio.run(_run(args, args.target)))
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        url = args.database_url or f"sqlite:///{tmp}/bench.db"
-        with server_process(url) as (process, target):
-            asyncio.run(_main(args, target, process.pid))
+    if args.security == "both" and args.database_url:
+        parser.error("--security both needs a fresh journal per run: leave out --database-url")
+    kinds = ("plain", "secure") if args.security == "both" else (args.security,)
+    runs: dict[str, list[tuple[Result, Result]]] = {kind: [] for kind in kinds}
+    for _ in range(args.repeat):  # alternating, so a noisy neighbour hits both alike
+        for kind in kinds:
+            with tempfile.TemporaryDirectory() as tmp:
+                url = args.database_url or f"sqlite:///{tmp}/bench.db"
+                if kind == "plain":
+                    with server_process(url) as (process, target):
+                        runs[kind].append(asyncio.run(_run(args, target, None, process.pid)))
+                else:
+                    with _secure_server(Path(tmp), url) as (target, security, pid):
+                        runs[kind].append(asyncio.run(_run(args, target, security, pid)))
+            _report(*runs[kind][-1])
+    if len(runs) == 2:
+        print(f"best of {args.repeat}, tls+token / plain throughput:")
+        for which, name in ((0, "one op per message"), (1, f"batched {args.batch} per message")):
+            best = {kind: max(_rate(run[which]) for run in runs[kind]) for kind in kinds}
+            print(
+                f"  {name}: {best['secure']:,.0f} / {best['plain']:,.0f} ops/s = "
+                f"{best['secure'] / best['plain']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

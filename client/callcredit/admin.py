@@ -4,7 +4,7 @@
 method per RPC that takes plain keyword arguments and returns the proto message the
 server answered (``Account``, ``Tariff``, ``Call``, or a list of them)::
 
-    async with AdminClient("127.0.0.1:50051") as admin:
+    async with AdminClient("127.0.0.1:50051", token=os.environ["CALLCREDIT_TOKEN"]) as admin:
         await admin.put_tariff("vn-std", "VND", [RateSpec("84", 1_200_000, 60, 60)])
         await admin.create_account("acme", currency="VND", tariff_id="vn-std")
         account = await admin.top_up("acme", 500_000, idempotency_key="inv-2024-001")
@@ -17,21 +17,28 @@ Top-ups and adjustments take a required ``idempotency_key``: a retry of a reques
 answer was lost (timeout, dropped connection) must reuse the key of the first attempt,
 or the money would move twice. The client therefore never invents a key itself — only
 the caller knows which attempts are "the same" request.
+
+A server with tokens needs an admin token (``token=``, sent as ``authorization: Bearer``
+metadata); a server with TLS needs ``tls=True`` or ``ca_file=`` (its CA, else the
+system's roots), and ``cert_file=``/``key_file=`` when it requires client certificates.
+``open_channel`` builds the same channel for other uses (the dialer library uses it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 
 from callcredit.errors import CallcreditError
 from callcredit.v1 import admin_pb2, admin_pb2_grpc
 
-__all__ = ["DEFAULT_TIMEOUT_SECONDS", "AdminClient", "RateSpec"]
+__all__ = ["DEFAULT_TIMEOUT_SECONDS", "AdminClient", "RateSpec", "open_channel", "token_metadata"]
 
 # An admin request is one state-machine command plus one group commit of the journal:
 # milliseconds when healthy. Ten seconds leaves room for a slow disk or a busy server
@@ -64,6 +71,39 @@ class RateSpec:
         )
 
 
+def open_channel(
+    target: str,
+    *,
+    tls: bool = False,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
+    """A channel to ``target``: TLS if ``tls`` or any file is given, else plaintext.
+
+    ``ca_file`` is the PEM bundle that signed the server's certificate (default: the
+    system's roots); ``cert_file`` and ``key_file`` are this client's certificate and
+    key, for a server that requires mutual TLS. A file that cannot be read raises
+    OSError here, before anything is sent.
+    """
+    if not (tls or ca_file or cert_file or key_file):
+        return grpc.aio.insecure_channel(target, options=options)
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("a client certificate needs both cert_file and key_file")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes() if ca_file else None,
+        private_key=Path(key_file).read_bytes() if key_file else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
+    )
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that presents ``token`` (none without a token)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 @contextmanager
 def _translated_errors() -> Iterator[None]:
     """Turn a failed RPC into a CallcreditError: the one translation boundary."""
@@ -76,9 +116,10 @@ def _translated_errors() -> Iterator[None]:
 class AdminClient:
     """An async client for AdminService.
 
-    Built from a target (``"host:port"``; the client then owns an insecure channel and
-    closes it) or from an existing ``grpc.aio.Channel`` (for TLS or custom options; the
-    caller keeps ownership and closes it). Each RPC gets a deadline of
+    Built from a target (``"host:port"``; the client then owns the channel, plaintext or
+    TLS as ``tls``/``ca_file``/``cert_file``/``key_file`` say, and closes it) or from an
+    existing ``grpc.aio.Channel`` (custom options; the caller keeps ownership and closes
+    it). ``token`` goes with every RPC either way. Each RPC gets a deadline of
     ``timeout_seconds``: an admin call that cannot be answered should fail, not hang.
     """
 
@@ -87,11 +128,21 @@ class AdminClient:
         target: str | grpc.aio.Channel,
         *,
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+        token: str | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
     ) -> None:
+        if not isinstance(target, str) and (tls or ca_file or cert_file or key_file):
+            raise ValueError("TLS options apply to a channel the client opens, not to yours")
         self._owns_channel = isinstance(target, str)
         self._channel: grpc.aio.Channel = (
-            grpc.aio.insecure_channel(target) if isinstance(target, str) else target
+            open_channel(target, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+            if isinstance(target, str)
+            else target
         )
+        self._metadata = token_metadata(token)
         # Not annotated: with grpc's type stubs this infers AdminServiceAsyncStub;
         # without them grpc is untyped and each RPC answers Any, which the annotated
         # ``response`` variables below turn back into the proto types.
@@ -137,7 +188,7 @@ class AdminClient:
         )
         with _translated_errors():
             response: admin_pb2.CreateAccountResponse = await self._stub.CreateAccount(
-                request, timeout=self._timeout_seconds
+                request, timeout=self._timeout_seconds, metadata=self._metadata
             )
         return response.account
 
@@ -146,7 +197,7 @@ class AdminClient:
         request = admin_pb2.GetAccountRequest(account_id=account_id)
         with _translated_errors():
             response: admin_pb2.GetAccountResponse = await self._stub.GetAccount(
-                request, timeout=self._timeout_seconds
+                request, timeout=self._timeout_seconds, metadata=self._metadata
             )
         return response.account
 
@@ -175,7 +226,7 @@ class AdminClient:
             request.max_concurrent_calls = max_concurrent_calls
         with _translated_errors():
             response: admin_pb2.UpdateAccountResponse = await self._stub.UpdateAccount(
-                request, timeout=self._timeout_seconds
+                request, timeout=self._timeout_seconds, metadata=self._metadata
             )
         return response.account
 
@@ -200,7 +251,7 @@ class AdminClient:
         )
         with _translated_errors():
             response: admin_pb2.TopUpResponse = await self._stub.TopUp(
-                request, timeout=self._timeout_seconds
+                request, timeout=self._timeout_seconds, metadata=self._metadata
             )
         return response.account
 
@@ -225,7 +276,7 @@ class AdminClient:
         )
         with _translated_errors():
             response: admin_pb2.AdjustResponse = await self._stub.Adjust(
-                request, timeout=self._timeout_seconds
+                request, timeout=self._timeout_seconds, metadata=self._metadata
             )
         return response.account
 
@@ -244,7 +295,7 @@ class AdminClient:
         request = admin_pb2.PutTariffRequest(tariff=tariff)
         with _translated_errors():
             response: admin_pb2.PutTariffResponse = await self._stub.PutTariff(
-                request, timeout=self._timeout_seconds
+                request, timeout=self._timeout_seconds, metadata=self._metadata
             )
         return response.tariff
 
@@ -253,7 +304,7 @@ class AdminClient:
         request = admin_pb2.GetTariffRequest(tariff_id=tariff_id)
         with _translated_errors():
             response: admin_pb2.GetTariffResponse = await self._stub.GetTariff(
-                request, timeout=self._timeout_seconds
+                request, timeout=self._timeout_seconds, metadata=self._metadata
             )
         return response.tariff
 
@@ -262,7 +313,7 @@ class AdminClient:
         request = admin_pb2.GetCallRequest(call_id=call_id)
         with _translated_errors():
             response: admin_pb2.GetCallResponse = await self._stub.GetCall(
-                request, timeout=self._timeout_seconds
+                request, timeout=self._timeout_seconds, metadata=self._metadata
             )
         return response.call
 
@@ -287,7 +338,7 @@ class AdminClient:
         )
         with _translated_errors():
             response: admin_pb2.ListCallsResponse = await self._stub.ListCalls(
-                request, timeout=self._timeout_seconds
+                request, timeout=self._timeout_seconds, metadata=self._metadata
             )
         return response
 
@@ -310,6 +361,6 @@ class AdminClient:
         )
         with _translated_errors():
             response: admin_pb2.ListEntriesResponse = await self._stub.ListEntries(
-                request, timeout=self._timeout_seconds
+                request, timeout=self._timeout_seconds, metadata=self._metadata
             )
         return list(response.entries)

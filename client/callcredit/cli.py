@@ -2,9 +2,15 @@
 
 Global options come before the command::
 
-    callcredit-admin [--target HOST:PORT] [--json] [--timeout SECONDS] COMMAND ...
+    callcredit-admin [--target HOST:PORT] [--json] [--timeout SECONDS]
+                     [--token TOKEN] [--tls] [--ca-file PEM] [--cert-file PEM --key-file PEM]
+                     COMMAND ...
 
 ``--target`` defaults to 127.0.0.1:50051 or the CALLCREDIT_TARGET environment variable.
+A server with tokens needs an admin token: prefer CALLCREDIT_TOKEN to ``--token``, which
+other users of the machine can read in the process list. A server with TLS needs
+``--tls`` (the system's CA roots) or ``--ca-file`` (its CA), and ``--cert-file`` and
+``--key-file`` too when it requires client certificates; each has a CALLCREDIT_ variable.
 Output is a table for people; ``--json`` prints the answer's proto message instead
 (ProtoJSON with the .proto field names, every field present, enums by their full
 names such as ``ACCOUNT_STATUS_ACTIVE``, int64 fields as JSON numbers — every value
@@ -16,8 +22,8 @@ Exit codes:
     1  the server refused the request; one line on stderr, ``error: REASON: message``
        (field violations follow, indented, for INVALID_ARGUMENT). A refused request
        changed nothing.
-    2  usage error (unknown option, bad value), reported by typer before anything is
-       sent
+    2  usage error (unknown option, bad value, an unreadable --ca-file/--cert-file/
+       --key-file), reported before anything is sent
     3  no answer: the server is unreachable, draining or failing (UNAVAILABLE), or did
        not answer within --timeout (DEADLINE_EXCEEDED). A top-up or adjustment may or
        may not have been applied: retry it with the same --idempotency-key.
@@ -64,6 +70,7 @@ __all__ = ["EXIT_NO_ANSWER", "EXIT_REFUSED", "app", "main"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 EXIT_REFUSED = 1
+EXIT_USAGE = 2
 EXIT_NO_ANSWER = 3
 
 # The codes that mean "the server gave no verdict": the request may or may not have
@@ -80,6 +87,11 @@ class _Settings:
     target: str
     json_output: bool
     timeout_seconds: float
+    token: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 class StatusChoice(enum.StrEnum):
@@ -128,8 +140,41 @@ def _global_options(
         float,
         typer.Option(min=0.001, help="Seconds to wait for each answer before exit 3."),
     ] = DEFAULT_TIMEOUT_SECONDS,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CALLCREDIT_TOKEN",
+            help="Admin bearer token (prefer the variable: a flag shows in process lists).",
+            show_default=False,
+        ),
+    ] = None,
+    tls: Annotated[
+        bool,
+        typer.Option("--tls", envvar="CALLCREDIT_TLS", help="Use TLS with the system's CAs."),
+    ] = False,
+    ca_file: Annotated[
+        str | None,
+        typer.Option(envvar="CALLCREDIT_CA_FILE", help="PEM CA of the server's certificate (TLS)."),
+    ] = None,
+    cert_file: Annotated[
+        str | None,
+        typer.Option(envvar="CALLCREDIT_CERT_FILE", help="PEM client certificate (mutual TLS)."),
+    ] = None,
+    key_file: Annotated[
+        str | None,
+        typer.Option(envvar="CALLCREDIT_KEY_FILE", help="PEM key of --cert-file."),
+    ] = None,
 ) -> None:
-    ctx.obj = _Settings(target=target, json_output=json_output, timeout_seconds=timeout)
+    ctx.obj = _Settings(
+        target=target,
+        json_output=json_output,
+        timeout_seconds=timeout,
+        token=token or None,
+        tls=tls,
+        ca_file=ca_file or None,
+        cert_file=cert_file or None,
+        key_file=key_file or None,
+    )
 
 
 def main() -> None:
@@ -455,6 +500,10 @@ async def _currency(admin: AdminClient, settings: _Settings, account_id: str) ->
 # --- running requests ------------------------------------------------------------------
 
 
+class _BadOption(Exception):
+    """A global option that cannot be used (a TLS file); nothing was sent."""
+
+
 def _settings(ctx: typer.Context) -> _Settings:
     settings = ctx.find_object(_Settings)
     assert settings is not None, "the app callback sets the settings"
@@ -470,11 +519,26 @@ def _request(ctx: typer.Context, send: Callable[[AdminClient], Awaitable[_T]]) -
     settings = _settings(ctx)
 
     async def run() -> _T:
-        async with AdminClient(settings.target, timeout_seconds=settings.timeout_seconds) as admin:
+        try:
+            admin = AdminClient(
+                settings.target,
+                timeout_seconds=settings.timeout_seconds,
+                token=settings.token,
+                tls=settings.tls,
+                ca_file=settings.ca_file,
+                cert_file=settings.cert_file,
+                key_file=settings.key_file,
+            )
+        except (OSError, ValueError) as err:  # a TLS file unreadable, or half a pair
+            raise _BadOption(str(err)) from err
+        async with admin:
             return await send(admin)
 
     try:
         return asyncio.run(run())
+    except _BadOption as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
     except CallcreditError as err:
         no_answer = err.code in _NO_ANSWER_CODES
         line = f"error: {err}"

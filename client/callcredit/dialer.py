@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, TypeAlias
 
 import grpc
 
+from callcredit.admin import open_channel, token_metadata
 from callcredit.errors import CallcreditError, StreamClosedError
 from callcredit.v1 import credit_control_pb2, credit_control_pb2_grpc
 
@@ -448,8 +449,10 @@ class DialerCall:
 class DialerClient:
     """A dialer process's connection to callcredit: one Control stream for all its calls.
 
-    `target` is an address (an insecure channel is opened and closed with the client) or a
-    grpc.aio.Channel you own (TLS, interceptors, your own reconnect settings). Use it as
+    `target` is an address (a channel is opened and closed with the client: TLS if `tls`,
+    `ca_file` or a client certificate `cert_file` + `key_file` is given, else plaintext) or
+    a grpc.aio.Channel you own (interceptors, your own reconnect settings). `token`, a
+    dialer token of the server's configuration, goes with the stream either way. Use it as
     `async with DialerClient(...) as dialer:`. Closing does not release open calls: release
     them first, or they expire and are charged their allowance.
     """
@@ -460,10 +463,23 @@ class DialerClient:
         *,
         clock: Clock | None = None,
         max_pending_operations: int = MAX_PENDING_OPERATIONS,
+        token: str | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
     ) -> None:
         if max_pending_operations < 1:
             raise ValueError("max_pending_operations must be at least 1")
+        tls_files = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
+        if not isinstance(target, str) and (tls or any(tls_files.values())):
+            raise ValueError("TLS options apply to a channel the client opens, not to yours")
+        if bool(cert_file) != bool(key_file):
+            raise ValueError("a client certificate needs both cert_file and key_file")
         self._target = target
+        self._tls = tls
+        self._tls_files = tls_files
+        self._metadata = token_metadata(token)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._slots = asyncio.Semaphore(max_pending_operations)
         self._pending: dict[str, _Pending] = {}
@@ -486,7 +502,9 @@ class DialerClient:
         if self._supervisor is not None:
             raise RuntimeError("a DialerClient is entered once")
         if isinstance(self._target, str):
-            self._channel = grpc.aio.insecure_channel(self._target, options=_CHANNEL_OPTIONS)
+            self._channel = open_channel(
+                self._target, tls=self._tls, options=_CHANNEL_OPTIONS, **self._tls_files
+            )
         else:
             self._channel = self._target
         self._stub = credit_control_pb2_grpc.CreditControlServiceStub(self._channel)
@@ -648,7 +666,7 @@ class DialerClient:
 
     async def _serve_stream(self) -> None:
         assert self._stub is not None
-        stream = self._stub.Control(wait_for_ready=True)
+        stream = self._stub.Control(wait_for_ready=True, metadata=self._metadata)
         # Everything unanswered goes out again: every operation is idempotent.
         self._unsent = OrderedDict(
             (request_id, entry)

@@ -2,17 +2,23 @@
 
 `start(settings)` returns a `RunningServer` bound to its port (port 0 picks a
 free one, as tests do); `RunningServer.stop()` drains and makes everything durable.
+
+`Settings` is the one configuration model: `load_settings` merges flags and
+environment (cli.py) over an optional TOML file over the defaults, and
+`Settings.problems()` refuses what cannot work (docs/operations.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import ipaddress
 import logging
 import time
+import tomllib
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
+from callcredit_server.auth import Authenticator, AuthInterceptor, Token, tokens_from_config
 from callcredit_server.convert import GrantPolicy
 from callcredit_server.journal import Journal
 from callcredit_server.recovery import recover
@@ -37,6 +44,7 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # a full 10,000-operation ControlRequest fi
 HISTORY_READ_THREADS = 2
 DEFAULT_DATABASE_URL = "sqlite:///./data/callcredit.db"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +61,20 @@ class Settings:
     snapshot_dir: str = ""  # "" = beside a SQLite journal, else ./data/snapshots
     snapshot_every_records: int = 100_000  # 0 = never
     event_loop: str = "auto"  # uvloop where installed, else asyncio
+    log_level: str = "INFO"
+    tls_cert: str = ""  # PEM certificate chain; TLS is on when set (with tls_key)
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_client_ca: str = ""  # PEM CA bundle: mutual TLS, clients need a cert it signed
+    insecure: bool = False  # allow a non-loopback listen without TLS and tokens
+    tokens: tuple[Token, ...] = ()  # from the config file only; none = no auth
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.tokens)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert)
 
     def snapshot_root(self) -> Path:
         """Where snapshots go: the flag, else beside a SQLite file, else ./data.
@@ -86,7 +108,124 @@ class Settings:
             out.append("--event-loop uvloop: uvloop is not installed (use asyncio)")
         if self.snapshot_every_records < 0:
             out.append("--snapshot-every-records must not be negative (0 turns snapshots off)")
+        if self.log_level.upper() not in LOG_LEVELS:
+            out.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            out.append("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca and not (self.tls_cert and self.tls_key):
+            out.append("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for flag, path, marker in (
+            ("--tls-cert", self.tls_cert, "CERTIFICATE-----"),
+            ("--tls-key", self.tls_key, "PRIVATE KEY-----"),
+            ("--tls-client-ca", self.tls_client_ca, "CERTIFICATE-----"),
+        ):
+            problem = _pem_problem(flag, path, marker) if path else None
+            if problem:
+                out.append(problem)
+        if not (is_loopback(self.listen) or self.insecure):
+            missing = [
+                what
+                for what, present in (
+                    ("TLS (--tls-cert, --tls-key)", self.tls_enabled),
+                    ("tokens (--config)", self.auth_enabled),
+                )
+                if not present
+            ]
+            if missing:
+                out.append(
+                    f"--listen {self.listen} is not a loopback address: serving it needs "
+                    f"{' and '.join(missing)}, or --insecure to serve it without"
+                )
         return out
+
+    def describe(self) -> list[str]:
+        """The settings as `key = value` lines, tokens by name only (--check-config)."""
+        lines = [
+            f"{f.name} = {getattr(self, f.name)!r}"
+            for f in fields(self)
+            if f.name not in ("tokens", "database_url")
+        ]
+        lines.insert(1, f"database_url = {_safe_url(self.database_url)!r}")  # no password
+        for token in self.tokens:
+            scope = f" tenant={token.tenant.name}" if token.tenant else ""
+            lines.append(f"token {token.name!r}: role={token.role}{scope}")
+        return lines
+
+
+# Keys of the configuration file: the flags, with '_' for '-' (tick_interval_ms is
+# for tests only), plus the [[tokens]] and [tenants.NAME] tables.
+_FILE_KEYS: dict[str, type] = {
+    f.name: type(getattr(Settings(), f.name))
+    for f in fields(Settings)
+    if f.name not in ("tokens", "tick_interval_ms")
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether a --listen address can only be reached from this machine."""
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, "" or 0.0.0.0-like wildcard forms: reachable from outside
+        return False
+
+
+def _pem_problem(flag: str, path: str, marker: str) -> str | None:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as exc:
+        return f"{flag}: cannot read {path}: {exc.strerror}"
+    if marker not in text:
+        return f"{flag}: {path} holds no PEM {marker.rstrip('-')}"
+    return None
+
+
+def read_config_file(path: str) -> tuple[dict[str, Any], tuple[Token, ...], list[str]]:
+    """The settings a TOML file gives, its tokens, and its problems (one line each)."""
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        return {}, (), [f"--config {path}: cannot read it: {exc.strerror}"]
+    except tomllib.TOMLDecodeError as exc:
+        return {}, (), [f"--config {path}: not valid TOML: {exc}"]
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("tokens", "tenants"):
+            continue
+        expected = _FILE_KEYS.get(key)
+        if expected is None:
+            problems.append(f"--config {path}: unknown key {key!r}")
+        elif type(value) is not expected:
+            problems.append(f"--config {path}: {key} must be {_TYPE_NAMES[expected]}")
+        else:
+            values[key] = value
+    tokens, token_problems = tokens_from_config(data.get("tokens", []), data.get("tenants", {}))
+    problems += [f"--config {path}: {problem}" for problem in token_problems]
+    return values, tokens, problems
+
+
+def load_settings(explicit: dict[str, Any], config: str = "") -> tuple[Settings, list[str]]:
+    """Settings from flags and environment (`explicit`) over the file over the defaults.
+
+    Returns the settings and every problem found (file first, then `problems()`).
+    """
+    values: dict[str, Any] = {}
+    tokens: tuple[Token, ...] = ()
+    problems: list[str] = []
+    if config:
+        values, tokens, problems = read_config_file(config)
+        if problems:
+            return Settings(), problems
+    values.update(explicit)
+    settings = Settings(**values, tokens=tokens)
+    return settings, settings.problems()
 
 
 def run_loop(event_loop: str, main: Coroutine[Any, Any, T]) -> T:
@@ -130,7 +269,12 @@ async def start(
     The port is bound first: a second server started by mistake fails there,
     before it reads (or writes) the journal that the first one owns.
     """
+    problems = settings.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    interceptors = [AuthInterceptor(Authenticator(settings.tokens))] if settings.tokens else []
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -139,9 +283,13 @@ async def start(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
-    port = server.add_insecure_port(settings.listen)
+    credentials = _server_credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(settings.listen)
+    else:
+        port = server.add_secure_port(settings.listen, credentials)
     journal = Journal(settings.database_url)
     try:
         snapshot_dir = settings.snapshot_root() / journal.journal_id
@@ -198,8 +346,27 @@ async def start(
     writer.on_failure(not_serving)
     for service in ("", *services[:2]):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("callcredit serving on port %d, journal %s", port, _safe_url(settings.database_url))
+    tls = "off" if not settings.tls_enabled else "mutual" if settings.tls_client_ca else "on"
+    log.info(
+        "callcredit serving on port %d, journal %s, TLS %s, auth %s",
+        port,
+        _safe_url(settings.database_url),
+        tls,
+        f"on ({len(settings.tokens)} tokens)" if settings.tokens else "off",
+    )
     return RunningServer(server, port, writer, journal, health, history)
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from the PEM files, requiring client certificates when a client CA is set."""
+    if not settings.tls_enabled:
+        return None
+    client_ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 def _safe_url(url: str) -> str:

@@ -1,11 +1,22 @@
 """`callcredit-server`: start the balance authority, or check and prune its journal.
 
-    callcredit-server [--listen HOST:PORT] [--database-url URL] [...]   serve
-    callcredit-server verify [--database-url URL] [--snapshot-dir DIR]  check, don't serve
-    callcredit-server prune  [--database-url URL] [--snapshot-dir DIR] [--archive FILE] [--yes]
+    callcredit-server [--config FILE] [--listen HOST:PORT] [...]    serve
+    callcredit-server verify [--database-url URL] [--snapshot-dir DIR]
+    callcredit-server prune  [--database-url URL] [--snapshot-dir DIR]
+                             [--archive FILE] [--yes]
+    callcredit-server hash-token [--generate]
 
 Every flag can also be given as an environment variable CALLCREDIT_<FLAG>
-(e.g. CALLCREDIT_DATABASE_URL). The server stops cleanly on SIGTERM or SIGINT:
+(e.g. CALLCREDIT_DATABASE_URL) or as a key of the --config TOML file (the
+flag's name with '_' for '-', e.g. database_url), which also holds the
+tokens and tenants. A flag wins over the environment, which wins over the
+file. Settings that cannot work together are refused at start, one line
+each, exit 2 (docs/operations.md).
+
+Without --config there are no tokens and no TLS, and the server may listen
+only on a loopback address; any other needs TLS and tokens, or --insecure.
+
+The server stops cleanly on SIGTERM or SIGINT:
 it stops taking requests, makes everything queued durable, and exits. If the
 journal cannot be written it stays up, refusing work with UNAVAILABLE and
 reporting NOT_SERVING on the health service, until it is restarted.
@@ -14,6 +25,7 @@ reporting NOT_SERVING on the health service, until it is restarted.
 from __future__ import annotations
 
 import asyncio
+import getpass
 import gzip
 import json
 import logging
@@ -23,13 +35,23 @@ from pathlib import Path
 
 import typer
 
-from callcredit_server.app import DEFAULT_DATABASE_URL, Settings, run_loop, start
+from callcredit_server.app import (
+    DEFAULT_DATABASE_URL,
+    LOG_LEVELS,
+    Settings,
+    load_settings,
+    run_loop,
+    start,
+)
+from callcredit_server.auth import MIN_TOKEN_LENGTH, hash_token, new_token
 from callcredit_server.core import InvariantViolation
 from callcredit_server.journal import Journal, JournalError
 from callcredit_server.recovery import verify
 from callcredit_server.snapshot import SnapshotError, list_snapshots, read_snapshot
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+_DEFAULTS = Settings()
+_EXPLICIT = ("COMMANDLINE", "ENVIRONMENT")  # click ParameterSource names (typer vendors click)
 
 DATABASE_URL = typer.Option(
     DEFAULT_DATABASE_URL,
@@ -48,68 +70,115 @@ SNAPSHOT_DIR = typer.Option(
 @app.callback(invoke_without_command=True)
 def serve(
     context: typer.Context,
+    config: str = typer.Option(
+        "",
+        envvar="CALLCREDIT_CONFIG",
+        help="TOML file of settings (keys: the flags below with '_' for '-'), "
+        "\\[\\[tokens]] and \\[tenants.NAME]. Flags and environment override it.",
+    ),
     listen: str = typer.Option(
-        "127.0.0.1:50051", envvar="CALLCREDIT_LISTEN", help="HOST:PORT to serve gRPC on."
+        _DEFAULTS.listen,
+        envvar="CALLCREDIT_LISTEN",
+        help="HOST:PORT to serve gRPC on. A non-loopback address needs TLS and tokens, "
+        "or --insecure.",
     ),
     database_url: str = DATABASE_URL,
     grant_seconds: int = typer.Option(
-        60, envvar="CALLCREDIT_GRANT_SECONDS", help="Grant when a request names none."
+        _DEFAULTS.grant_seconds,
+        envvar="CALLCREDIT_GRANT_SECONDS",
+        help="Grant when a request names none.",
     ),
     max_grant_seconds: int = typer.Option(
-        600, envvar="CALLCREDIT_MAX_GRANT_SECONDS", help="The most one grant gives."
+        _DEFAULTS.max_grant_seconds,
+        envvar="CALLCREDIT_MAX_GRANT_SECONDS",
+        help="The most one grant gives.",
     ),
     validity_seconds: int = typer.Option(
-        120,
+        _DEFAULTS.validity_seconds,
         envvar="CALLCREDIT_VALIDITY_SECONDS",
         help="How long a call may stay silent before it expires.",
     ),
     retention_seconds: int = typer.Option(
-        86_400,
+        _DEFAULTS.retention_seconds,
         envvar="CALLCREDIT_RETENTION_SECONDS",
         help="Idempotency and reconciliation window.",
     ),
     snapshot_dir: str = SNAPSHOT_DIR,
     snapshot_every_records: int = typer.Option(
-        100_000,
+        _DEFAULTS.snapshot_every_records,
         envvar="CALLCREDIT_SNAPSHOT_EVERY_RECORDS",
         help="Write a snapshot every N journal records (0: never).",
     ),
-    log_level: str = typer.Option("INFO", envvar="CALLCREDIT_LOG_LEVEL"),
     event_loop: str = typer.Option(
-        "auto",
+        _DEFAULTS.event_loop,
         envvar="CALLCREDIT_EVENT_LOOP",
         help="auto (uvloop where installed: less CPU per message), uvloop or asyncio.",
     ),
+    log_level: str = typer.Option(
+        _DEFAULTS.log_level, envvar="CALLCREDIT_LOG_LEVEL", help=", ".join(LOG_LEVELS) + "."
+    ),
+    tls_cert: str = typer.Option(
+        "",
+        envvar="CALLCREDIT_TLS_CERT",
+        help="PEM certificate chain of the server: serve TLS (needs --tls-key).",
+    ),
+    tls_key: str = typer.Option(
+        "", envvar="CALLCREDIT_TLS_KEY", help="PEM private key of --tls-cert."
+    ),
+    tls_client_ca: str = typer.Option(
+        "",
+        envvar="CALLCREDIT_TLS_CLIENT_CA",
+        help="PEM CA bundle: mutual TLS, every client must present a certificate it signed "
+        "(needs --tls-cert).",
+    ),
+    insecure: bool = typer.Option(
+        False,
+        "--insecure",
+        envvar="CALLCREDIT_INSECURE",
+        help="Allow a non-loopback --listen without TLS and tokens (a trusted network only).",
+    ),
+    check_config: bool = typer.Option(
+        False,
+        "--check-config",
+        help="Validate the settings, print them (tokens by name only) and exit.",
+    ),
 ) -> None:
     """Serve CreditControlService and AdminService until SIGTERM/SIGINT."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     if context.invoked_subcommand is not None:
+        level = log_level.upper() if log_level.upper() in LOG_LEVELS else "INFO"
+        logging.basicConfig(level=level, format=LOG_FORMAT)
         return
-    settings = Settings(
-        listen=listen,
-        database_url=database_url,
-        grant_seconds=grant_seconds,
-        max_grant_seconds=max_grant_seconds,
-        validity_seconds=validity_seconds,
-        retention_seconds=retention_seconds,
-        snapshot_dir=snapshot_dir,
-        snapshot_every_records=snapshot_every_records,
-        event_loop=event_loop,
-    )
-    problems = settings.problems()
+    explicit = {
+        name: value
+        for name, value in context.params.items()
+        if name in _SETTING_NAMES and _source(context, name) in _EXPLICIT
+    }
+    settings, problems = load_settings(explicit, config)
     if problems:
         for problem in problems:
             typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(2)
+    if check_config:
+        for line in settings.describe():
+            typer.echo(line)
+        return
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     try:
         run_loop(settings.event_loop, _serve(settings))
-    except (RuntimeError, JournalError, InvariantViolation) as exc:
-        # Cannot bind, cannot read the journal, or the journal replays to a broken
-        # state: nothing was served; say why in one line.
+    except (RuntimeError, OSError, JournalError, InvariantViolation) as exc:
+        # Cannot bind, cannot read a TLS file or the journal, or the journal replays to
+        # a broken state: nothing was served; say why in one line.
         typer.echo(f"error: callcredit-server could not start: {exc}", err=True)
         raise typer.Exit(1) from exc
+
+
+def _source(context: typer.Context, name: str) -> str:
+    source = context.get_parameter_source(name)
+    return source.name if source is not None else ""
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_SETTING_NAMES = frozenset(Settings.__dataclass_fields__) - {"tokens"}
 
 
 async def _serve(settings: Settings) -> None:
@@ -196,6 +265,36 @@ def prune_command(
                     out.write(json.dumps([seq, at_ms, kind, body, chain]) + "\n")
         deleted = journal.prune(covered)
     typer.echo(f"pruned {deleted} journal records through seq {covered}")
+
+
+@app.command("hash-token")
+def hash_token_command(
+    generate: bool = typer.Option(
+        False, "--generate", help="Make a new random token and print it with its hash."
+    ),
+) -> None:
+    """Print the sha256:<hex> hash of a token, for a \\[\\[tokens]] entry of --config.
+
+    The token is read from standard input (a prompt on a terminal), never from the
+    command line, so it stays out of shell history and process lists. The server
+    stores and logs only hashes; give the token itself to the client
+    (CALLCREDIT_TOKEN, --token, or DialerClient(token=...)).
+    """
+    if generate:
+        token = new_token()
+        typer.echo(f"token: {token}")
+        typer.echo(f"hash:  {hash_token(token)}")
+        return
+    token = getpass.getpass("token: ") if sys.stdin.isatty() else sys.stdin.readline()
+    token = token.strip()
+    if len(token) < MIN_TOKEN_LENGTH:
+        typer.echo(
+            f"error: a token needs at least {MIN_TOKEN_LENGTH} characters; "
+            "--generate makes a random one",
+            err=True,
+        )
+        raise typer.Exit(2)
+    typer.echo(hash_token(token))
 
 
 def main() -> None:

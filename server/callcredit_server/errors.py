@@ -10,6 +10,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from callcredit_server.core import Reason, Refused
+from callcredit_server.core.outcomes import AccessReason
 
 DOMAIN = "callcredit.v1"
 UNAVAILABLE = "UNAVAILABLE"
@@ -20,6 +21,7 @@ SLOW_CONSUMER = "SLOW_CONSUMER"
 # metadata): a refusal names its first violations and counts the rest.
 MAX_FIELD_VIOLATIONS = 20
 MAX_STATUS_MESSAGE_CHARS = 1_000
+UNAUTHENTICATED = "UNAUTHENTICATED"  # no bearer token, or one the server does not know
 
 _CODES: dict[str, grpc.StatusCode] = {
     Reason.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -37,8 +39,10 @@ _CODES: dict[str, grpc.StatusCode] = {
     Reason.CURRENCY_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.ACCOUNT_HAS_OPEN_CALLS: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.CONCURRENT_CALL_LIMIT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    AccessReason.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     SLOW_CONSUMER: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 
@@ -83,3 +87,11 @@ def invalid(field: str, why: str) -> status_pb2.Status:
 
 def unavailable(message: str) -> status_pb2.Status:
     return status_for(UNAVAILABLE, message)
+
+
+def permission_denied(message: str) -> status_pb2.Status:
+    return status_for(AccessReason.PERMISSION_DENIED, message)
+
+
+def unauthenticated(message: str) -> status_pb2.Status:
+    return status_for(UNAUTHENTICATED, message)

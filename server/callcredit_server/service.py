@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
 from callcredit_server import convert
+from callcredit_server.auth import current_tenant
 from callcredit_server.convert import GrantPolicy
 from callcredit_server.core import (
     AccountResult,
@@ -44,12 +45,13 @@ from callcredit_server.core.validation import ID_PATTERN, ID_RULE
 from callcredit_server.errors import (
     SLOW_CONSUMER,
     invalid,
+    permission_denied,
     refusal_status,
     status_for,
     unavailable,
 )
 from callcredit_server.journal import Journal, JournalError
-from callcredit_server.writer import Unavailable, Writer
+from callcredit_server.writer import AccountFilter, Unavailable, Writer
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,8 @@ class StreamSession:
     building one response per message and merging them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, allows: AccountFilter | None = None) -> None:
+        self.allows = allows  # the accounts this stream's token may act on (None: any)
         self.pushes_buffered = 0
         self._unsent_messages = 0
         self._unsent_operations = 0
@@ -226,11 +229,14 @@ async def _abort(
 
 
 async def _run(
-    writer: Writer, command: Command, context: grpc.aio.ServicerContext[Any, Any]
+    writer: Writer,
+    command: Command,
+    context: grpc.aio.ServicerContext[Any, Any],
+    allows: AccountFilter | None = None,
 ) -> Outcome:
     """Execute one command for a unary RPC; a refusal aborts the RPC with its status."""
     try:
-        (outcome,) = await writer.execute([command])
+        (outcome,) = await writer.execute([command], allows=allows)
     except Unavailable as exc:
         await _abort(context, unavailable(str(exc)))
     if isinstance(outcome, Refused):
@@ -247,6 +253,16 @@ async def _read(
         await _abort(context, unavailable(str(exc)))
 
 
+def _allows() -> AccountFilter | None:
+    """The accounts the RPC's dialer token may act on (auth.py); None without auth."""
+    tenant = current_tenant()
+    return None if tenant is None else tenant.allows
+
+
+def _outside(account_id: str) -> status_pb2.Status:
+    return permission_denied(f"account {account_id!r} is outside this token's tenant")
+
+
 class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer):
     """Dialers: the Control stream and its unary twins."""
 
@@ -259,7 +275,7 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         request_iterator: AsyncIterator[credit_control_pb2.ControlRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[credit_control_pb2.ControlResponse]:
-        session = StreamSession()
+        session = StreamSession(_allows())
         reader = asyncio.create_task(self._read_requests(request_iterator, session))
         try:
             while True:
@@ -325,6 +341,12 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
                 items.append((echoed, kind or "", invalid("request_id", ID_RULE)))
             elif kind is None:
                 items.append((request_id, "", invalid("op", "must be set")))
+            elif (
+                session.allows is not None
+                and kind == "reserve"
+                and not session.allows(operation.reserve.account_id)
+            ):
+                items.append((request_id, kind, _outside(operation.reserve.account_id)))
             else:
                 commands.append(_COMMANDS[kind](operation, policy))
                 items.append((request_id, kind, None))
@@ -349,7 +371,7 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
             deliver(None)
             return
         try:
-            future = await self._writer.submit(commands, session)
+            future = await self._writer.submit(commands, session, session.allows)
         except Unavailable as exc:
             failed: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
@@ -361,6 +383,9 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         request: credit_control_pb2.ReserveRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> credit_control_pb2.ReserveResponse:
+        allows = _allows()
+        if allows is not None and not allows(request.account_id):
+            await _abort(context, _outside(request.account_id))
         outcome = await _run(self._writer, convert.reserve(request, self._policy), context)
         if not isinstance(outcome, GrantResult):
             raise TypeError(outcome)
@@ -371,7 +396,8 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         request: credit_control_pb2.RenewRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> credit_control_pb2.RenewResponse:
-        outcome = await _run(self._writer, convert.renew(request, self._policy), context)
+        command = convert.renew(request, self._policy)
+        outcome = await _run(self._writer, command, context, _allows())
         if not isinstance(outcome, GrantResult):
             raise TypeError(outcome)
         return credit_control_pb2.RenewResponse(grant=convert.grant_pb(outcome.grant))
@@ -381,7 +407,7 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         request: credit_control_pb2.ReleaseRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> credit_control_pb2.ReleaseResponse:
-        outcome = await _run(self._writer, convert.release(request), context)
+        outcome = await _run(self._writer, convert.release(request), context, _allows())
         if not isinstance(outcome, ReleaseOutcome):
             raise TypeError(outcome)
         return convert.release_pb(outcome.result)

@@ -34,12 +34,14 @@ from callcredit_server.core import (
     Command,
     Outcome,
     Push,
+    Refused,
     Release,
     Renew,
     Reserve,
     StateMachine,
     Tick,
 )
+from callcredit_server.core.outcomes import AccessReason
 from callcredit_server.journal import Journal, JournalRecord
 from callcredit_server.snapshot import discard_older, fork_snapshot
 
@@ -71,6 +73,10 @@ class SnapshotPolicy:
     every_records: int
 
 
+AccountFilter = Callable[[str], bool]
+"""May a submission act on this account id? (a dialer token's tenant, auth.py)"""
+
+
 class PushTarget(Protocol):
     """A dialer stream that can be told about its calls."""
 
@@ -83,6 +89,7 @@ class _Submission:
     read: Callable[[StateMachine], Any] | None
     target: PushTarget | None
     future: asyncio.Future[Any]
+    allows: AccountFilter | None = None
 
 
 @dataclass(slots=True)
@@ -164,15 +171,26 @@ class Writer:
     # ---------------------------------------------------------------- intake
 
     async def submit(
-        self, commands: Sequence[Command], target: PushTarget | None = None
+        self,
+        commands: Sequence[Command],
+        target: PushTarget | None = None,
+        allows: AccountFilter | None = None,
     ) -> asyncio.Future[list[Outcome]]:
-        """Queue commands in order; the future gives their outcomes once durable."""
-        return await self._enqueue(_Submission(commands, None, target, self._new_future()))
+        """Queue commands in order; the future gives their outcomes once durable.
+
+        With `allows`, a Renew or Release of a call on an account it refuses is
+        answered PERMISSION_DENIED and never reaches the state machine.
+        """
+        submission = _Submission(commands, None, target, self._new_future(), allows)
+        return await self._enqueue(submission)
 
     async def execute(
-        self, commands: Sequence[Command], target: PushTarget | None = None
+        self,
+        commands: Sequence[Command],
+        target: PushTarget | None = None,
+        allows: AccountFilter | None = None,
     ) -> list[Outcome]:
-        return await (await self.submit(commands, target))
+        return await (await self.submit(commands, target, allows))
 
     async def read(self, read: Callable[[StateMachine], T]) -> T:
         """Run `read` on the writer's turn; answer once the journal covers what it saw."""
@@ -222,8 +240,26 @@ class Writer:
                 self._hold(_Waiting(self._next_seq - 1, submission.future, seen))
                 continue
             pushes: list[tuple[PushTarget, Push]] = []
-            outcomes = self._apply_commands(submission.commands, now_ms, submission.target, pushes)
+            outcomes = self._apply_commands(
+                submission.commands, now_ms, submission.target, pushes, submission.allows
+            )
             self._hold(_Waiting(self._next_seq - 1, submission.future, outcomes, pushes))
+
+    def _out_of_scope(self, command: Command, allows: AccountFilter) -> Refused | None:
+        """The tenant guard: Renew and Release name only a call; its account must be allowed.
+
+        Checked before the state machine (nothing changes, no expiry runs, and the call
+        is not routed to the refused stream). Reserve names its account: the servicer
+        checks it. A call memory no longer holds is left to the machine (CALL_NOT_FOUND).
+        """
+        if isinstance(command, Renew | Release):
+            call = self._machine.calls.get(command.call_id)
+            if call is not None and not allows(call.account_id):
+                return Refused(
+                    AccessReason.PERMISSION_DENIED,
+                    f"call {command.call_id!r} is on an account outside this token's tenant",
+                )
+        return None
 
     def _apply_commands(
         self,
@@ -231,6 +267,7 @@ class Writer:
         now_ms: int,
         target: PushTarget | None,
         pushes: list[tuple[PushTarget, Push]],
+        allows: AccountFilter | None,
     ) -> list[Outcome]:
         """Apply commands in order; journal the ones that changed state; route pushes.
 
@@ -245,6 +282,11 @@ class Writer:
         outcomes: list[Outcome] = []
         try:
             for command in commands:
+                if allows is not None:
+                    denied = self._out_of_scope(command, allows)
+                    if denied is not None:
+                        outcomes.append(denied)
+                        continue
                 step = apply(command, now_ms)
                 if step.changed:
                     records.append(JournalRecord(seq, now_ms, command, step.entries, step.calls))

@@ -672,7 +672,8 @@ def test_timeout_becomes_the_deadline(fake: FakeAdmin) -> None:
     assert result.exit_code == 0, result.output
     [deadline_seconds] = fake.deadlines_seconds
     assert deadline_seconds is not None
-    assert 0 < deadline_seconds <= 2.5
+    # The server reads the deadline off its own clock: allow it a few ms of skew.
+    assert 0 < deadline_seconds <= 2.5 + 0.1
 
 
 # --- refusals and failures -------------------------------------------------------------

@@ -33,9 +33,19 @@ class Reason(StrEnum):
     CONCURRENT_CALL_LIMIT = "CONCURRENT_CALL_LIMIT"
 
 
+class AccessReason(StrEnum):
+    """Refusals decided before the state machine, never by it (so not a `Reason`).
+
+    A dialer token may act only on its tenant's accounts (auth.py); the writer refuses
+    a Renew or Release of another tenant's call before applying it.
+    """
+
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+
+
 @dataclass(frozen=True, slots=True)
 class Refused:
-    reason: Reason
+    reason: Reason | AccessReason
     message: str
     field_violations: tuple[tuple[str, str], ...] = ()
 
