@@ -5,8 +5,11 @@
     callcredit-server prune  [--database-url URL] [--snapshot-dir DIR] [--archive FILE] [--yes]
 
 Every flag can also be given as an environment variable CALLCREDIT_<FLAG>
-(e.g. CALLCREDIT_DATABASE_URL). The server stops cleanly on SIGTERM or SIGINT:
-it stops taking requests, makes everything queued durable, and exits. If the
+(e.g. CALLCREDIT_DATABASE_URL). On SIGTERM or SIGINT the server drains: health
+turns NOT_SERVING and new reserves are refused with UNAVAILABLE while renewals
+and releases are answered for up to --drain-seconds (or until no call is open;
+a second signal ends the drain at once); then it closes every stream, makes
+everything queued durable, and exits 0. If the
 journal cannot be written it stays up, refusing work with UNAVAILABLE and
 reporting NOT_SERVING on the health service, until it is restarted.
 """
@@ -18,11 +21,11 @@ import gzip
 import json
 import logging
 import signal
-import sys
 from pathlib import Path
 
 import typer
 
+from callcredit_server import logs
 from callcredit_server.app import DEFAULT_DATABASE_URL, Settings, start
 from callcredit_server.core import InvariantViolation
 from callcredit_server.journal import Journal, JournalError
@@ -75,11 +78,25 @@ def serve(
         help="Write a snapshot every N journal records (0: never).",
     ),
     log_level: str = typer.Option("INFO", envvar="CALLCREDIT_LOG_LEVEL"),
+    log_format: str = typer.Option(
+        "text", envvar="CALLCREDIT_LOG_FORMAT", help="text, or json: one JSON object per line."
+    ),
+    metrics_listen: str = typer.Option(
+        "",
+        envvar="CALLCREDIT_METRICS_LISTEN",
+        help="HOST:PORT to serve Prometheus metrics on (GET /metrics); default: off.",
+    ),
+    drain_seconds: float = typer.Option(
+        30.0,
+        envvar="CALLCREDIT_DRAIN_SECONDS",
+        help="On SIGTERM, answer renewals and releases this long before exiting.",
+    ),
 ) -> None:
     """Serve CreditControlService and AdminService until SIGTERM/SIGINT."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if log_format not in logs.FORMATS:
+        typer.echo(f"error: --log-format must be one of {', '.join(logs.FORMATS)}", err=True)
+        raise typer.Exit(2)
+    logs.configure(log_level, log_format)
     if context.invoked_subcommand is not None:
         return
     settings = Settings(
@@ -91,6 +108,8 @@ def serve(
         retention_seconds=retention_seconds,
         snapshot_dir=snapshot_dir,
         snapshot_every_records=snapshot_every_records,
+        metrics_listen=metrics_listen,
+        drain_seconds=drain_seconds,
     )
     problems = settings.problems()
     if problems:
@@ -98,7 +117,7 @@ def serve(
             typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(2)
     try:
-        asyncio.run(_serve(settings))
+        asyncio.run(_serve(settings, log_format))
     except (RuntimeError, JournalError, InvariantViolation) as exc:
         # Cannot bind, cannot read the journal, or the journal replays to a broken
         # state: nothing was served; say why in one line.
@@ -106,9 +125,10 @@ def serve(
         raise typer.Exit(1) from exc
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, log_format: str = "text") -> None:
     running = await start(settings)
-    print(f"callcredit-server listening on port {running.port}", file=sys.stderr, flush=True)
+    message = f"callcredit-server listening on port {running.port}"
+    logs.announce(log_format, message, port=running.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -116,7 +136,14 @@ async def _serve(settings: Settings) -> None:
     # After a journal failure the server stays up answering UNAVAILABLE (health
     # NOT_SERVING) until the operator fixes the fault and restarts it.
     await stop.wait()
+    stop.clear()
+    draining = asyncio.create_task(running.drain(settings.drain_seconds))
+    again = asyncio.create_task(stop.wait())  # a second signal cuts the drain short
+    await asyncio.wait((draining, again), return_when=asyncio.FIRST_COMPLETED)
+    for task in (draining, again):
+        task.cancel()
     await running.stop()
+    logging.getLogger(__name__).info("stopped: journal flushed, exiting")
 
 
 def _snapshot_dir(database_url: str, snapshot_dir: str, journal: Journal) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
@@ -41,6 +42,7 @@ from callcredit_server.core import (
 from callcredit_server.core.validation import ID_PATTERN, ID_RULE
 from callcredit_server.errors import invalid, refusal_status, status_for, unavailable
 from callcredit_server.journal import Journal, JournalError
+from callcredit_server.metrics import Metrics
 from callcredit_server.writer import Unavailable, Writer
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ MAX_PUSHES_BUFFERED_PER_STREAM = 10_000  # a stream that cannot keep up is close
 MAX_ITEMS_PER_RESPONSE = 10_000  # answers and pushes merged into one ControlResponse
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1_000
+DRAINING_MESSAGE = "server draining before a restart: reserve on another server or retry later"
 
 
 class StreamSession:
@@ -110,13 +113,21 @@ async def _abort(
 
 
 async def _run(
-    writer: Writer, command: Command, context: grpc.aio.ServicerContext[Any, Any]
+    writer: Writer,
+    command: Command,
+    context: grpc.aio.ServicerContext[Any, Any],
+    metrics: Metrics | None = None,
 ) -> Outcome:
     """Execute one command for a unary RPC; a refusal aborts the RPC with its status."""
+    started = time.perf_counter()
     try:
         (outcome,) = await writer.execute([command])
     except Unavailable as exc:
+        if metrics is not None:
+            metrics.unary_answered(command, None, started)
         await _abort(context, unavailable(str(exc)))
+    if metrics is not None:
+        metrics.unary_answered(command, outcome, started)
     if isinstance(outcome, Refused):
         await _abort(context, refusal_status(outcome))
     return outcome
@@ -134,9 +145,12 @@ async def _read(
 class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer):
     """Dialers: the Control stream and its unary twins."""
 
-    def __init__(self, writer: Writer, policy: GrantPolicy) -> None:
+    def __init__(self, writer: Writer, policy: GrantPolicy, metrics: Metrics | None = None) -> None:
         self._writer = writer
         self._policy = policy
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.draining = False  # set by RunningServer.drain: new reserves get UNAVAILABLE
+        self._streams: dict[StreamSession, asyncio.Task[None]] = {}  # open Control streams
 
     def _command(self, operation: credit_control_pb2.Operation) -> Command | None:
         kind = operation.WhichOneof("op")
@@ -155,6 +169,8 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
     ) -> AsyncIterator[credit_control_pb2.ControlResponse]:
         session = StreamSession()
         reader = asyncio.create_task(self._read_requests(request_iterator, session))
+        self._streams[session] = reader
+        self.metrics.stream_opened()
         try:
             while True:
                 first = await session.outbox.get()
@@ -169,7 +185,10 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
                         break
                     items += len(more.outcomes) + len(more.grant_updates)
                     response.MergeFrom(more)
-                session.pushes_buffered -= len(response.grant_updates) + len(response.terminations)
+                pushes = len(response.grant_updates) + len(response.terminations)
+                session.pushes_buffered -= pushes
+                if pushes:
+                    self.metrics.pushed(response)
                 yield response
             failure = reader.exception() if reader.done() and not reader.cancelled() else None
             if isinstance(failure, _StreamError):
@@ -184,6 +203,14 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         finally:
             reader.cancel()
             self._writer.forget(session)
+            del self._streams[session]
+            self.metrics.stream_closed()
+
+    def end_streams(self) -> None:
+        """Stop reading every Control stream; each ends (status OK) once the answers to
+        what it already read are sent, so its dialer reconnects (to a restarted server)."""
+        for reader in self._streams.values():
+            reader.cancel()
 
     async def _read_requests(
         self,
@@ -207,6 +234,9 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
     async def _submit(
         self, request: credit_control_pb2.ControlRequest, session: StreamSession
     ) -> None:
+        started = time.perf_counter()
+        metrics = self.metrics
+        draining = self.draining
         answers: list[tuple[str, str, Outcome | status_pb2.Status]] = []
         commands: list[Command] = []
         positions: list[int] = []
@@ -217,6 +247,8 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
                 answers.append((operation.request_id, kind, invalid("request_id", ID_RULE)))
             elif command is None:
                 answers.append((operation.request_id, kind, invalid("op", "must be set")))
+            elif draining and kind == "reserve":
+                answers.append((operation.request_id, kind, unavailable(DRAINING_MESSAGE)))
             else:
                 positions.append(len(answers))
                 answers.append((operation.request_id, kind, Refused(Reason.INVALID_ARGUMENT, "")))
@@ -236,6 +268,7 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
             response = credit_control_pb2.ControlResponse(
                 outcomes=[_outcome_pb(rid, kind, outcome) for rid, kind, outcome in answers]
             )
+            metrics.control_answered(answers, started)
             session.outbox.put_nowait(response)
             session.slots.release()
 
@@ -255,7 +288,11 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         request: credit_control_pb2.ReserveRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> credit_control_pb2.ReserveResponse:
-        outcome = await _run(self._writer, convert.reserve(request, self._policy), context)
+        if self.draining:
+            await _abort(context, unavailable(DRAINING_MESSAGE))
+        outcome = await _run(
+            self._writer, convert.reserve(request, self._policy), context, self.metrics
+        )
         if not isinstance(outcome, GrantResult):
             raise TypeError(outcome)
         return credit_control_pb2.ReserveResponse(grant=convert.grant_pb(outcome.grant))
@@ -265,7 +302,9 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         request: credit_control_pb2.RenewRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> credit_control_pb2.RenewResponse:
-        outcome = await _run(self._writer, convert.renew(request, self._policy), context)
+        outcome = await _run(
+            self._writer, convert.renew(request, self._policy), context, self.metrics
+        )
         if not isinstance(outcome, GrantResult):
             raise TypeError(outcome)
         return credit_control_pb2.RenewResponse(grant=convert.grant_pb(outcome.grant))
@@ -275,7 +314,7 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         request: credit_control_pb2.ReleaseRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> credit_control_pb2.ReleaseResponse:
-        outcome = await _run(self._writer, convert.release(request), context)
+        outcome = await _run(self._writer, convert.release(request), context, self.metrics)
         if not isinstance(outcome, ReleaseOutcome):
             raise TypeError(outcome)
         return convert.release_pb(outcome.result)
@@ -296,15 +335,22 @@ def _page_size(limit: int) -> int | None:
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """Operators: accounts, tariffs, money, and reads of calls and the ledger."""
 
-    def __init__(self, writer: Writer, journal: Journal, history: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        writer: Writer,
+        journal: Journal,
+        history: ThreadPoolExecutor,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._writer = writer
         self._journal = journal
         self._history = history  # threads for database reads, apart from the journal writer
+        self.metrics = metrics if metrics is not None else Metrics()
 
     async def _account(
         self, command: Command, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.Account:
-        outcome = await _run(self._writer, command, context)
+        outcome = await _run(self._writer, command, context, self.metrics)
         if not isinstance(outcome, AccountResult):
             raise TypeError(outcome)
         return convert.account_pb(outcome.account)
@@ -394,7 +440,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.PutTariffRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.PutTariffResponse:
         command = PutTariff(convert.tariff_from_pb(request.tariff))
-        outcome = await _run(self._writer, command, context)
+        outcome = await _run(self._writer, command, context, self.metrics)
         if not isinstance(outcome, TariffResult):
             raise TypeError(outcome)
         return admin_pb2.PutTariffResponse(tariff=convert.tariff_pb(outcome.tariff))
