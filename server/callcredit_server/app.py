@@ -207,7 +207,9 @@ async def start(
         except OSError as exc:
             journal.close()
             raise RuntimeError(f"cannot serve metrics on {settings.metrics_listen}: {exc}") from exc
-        log.info("metrics on http://%s:%d/metrics", listen[0], metrics_port)
+        log.info(
+            "metrics on http://%s:%d/metrics", listen[0], metrics_port, extra={"port": metrics_port}
+        )
     writer.start()
     await server.start()
     loop = asyncio.get_running_loop()

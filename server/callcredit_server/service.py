@@ -288,11 +288,11 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         request: credit_control_pb2.ReserveRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> credit_control_pb2.ReserveResponse:
+        command = convert.reserve(request, self._policy)
         if self.draining:
+            self.metrics.unary_answered(command, None, time.perf_counter())
             await _abort(context, unavailable(DRAINING_MESSAGE))
-        outcome = await _run(
-            self._writer, convert.reserve(request, self._policy), context, self.metrics
-        )
+        outcome = await _run(self._writer, command, context, self.metrics)
         if not isinstance(outcome, GrantResult):
             raise TypeError(outcome)
         return credit_control_pb2.ReserveResponse(grant=convert.grant_pb(outcome.grant))
