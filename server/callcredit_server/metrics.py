@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from wsgiref.simple_server import WSGIServer
 
 from google.rpc import status_pb2
@@ -90,6 +90,7 @@ KIND_OF_COMMAND: dict[type[Command], str] = {
 
 # google.rpc.Status answers made by the servicer itself (framing checks, UNAVAILABLE).
 _STATUS_OUTCOME = {3: "INVALID_ARGUMENT", 14: UNAVAILABLE}
+_Status = status_pb2.Status
 
 
 class Histogram:
@@ -195,15 +196,17 @@ class Metrics(Collector):
         (time.perf_counter())."""
         ok = self.ok
         refused = self.refused
-        for _, kind, outcome in answers:
-            if isinstance(outcome, Refused):
-                refused[kind, outcome.reason] += 1
-            elif isinstance(outcome, status_pb2.Status):
-                refused[kind, _STATUS_OUTCOME.get(outcome.code, OTHER_ERROR)] += 1
+        for _, kind, outcome in answers:  # class identity, not isinstance: ~2x cheaper
+            cls = outcome.__class__
+            if cls is Refused:
+                refused[kind, cast(Refused, outcome).reason] += 1
+            elif cls is _Status:
+                code = cast(status_pb2.Status, outcome).code
+                refused[kind, _STATUS_OUTCOME.get(code, OTHER_ERROR)] += 1
             else:
                 ok[kind] += 1
-                if isinstance(outcome, ReleaseOutcome) and outcome.result.shortfall:
-                    self._overran(outcome)
+                if cls is ReleaseOutcome and cast(ReleaseOutcome, outcome).result.shortfall:
+                    self._overran(cast(ReleaseOutcome, outcome))
         if answers:
             self.latency.observe(time.perf_counter() - started, len(answers))
 
