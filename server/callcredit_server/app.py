@@ -34,6 +34,9 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # a full 10,000-operation ControlRequest fi
 HISTORY_READ_THREADS = 2
 DEFAULT_DATABASE_URL = "sqlite:///./data/callcredit.db"
 DRAIN_POLL_S = 0.2  # how often a drain checks whether any call is still open
+# A drain with no Control stream connected for this long ends: no dialer is left to
+# serve. Longer than the dialer library's longest reconnect backoff (5 s).
+DRAIN_IDLE_S = 6.0
 MAX_DRAIN_SECONDS = 3_600
 
 
@@ -105,7 +108,8 @@ class RunningServer:
 
     async def drain(self, grace_s: float) -> None:
         """Health NOT_SERVING, refuse new reserves (UNAVAILABLE), and keep answering
-        everything else until grace_s has passed or no call is open. Then call stop()."""
+        everything else until grace_s has passed, or no call is open, or no Control
+        stream has been connected for DRAIN_IDLE_S. Then call stop()."""
         await self.health.enter_graceful_shutdown()
         if self.control is not None:
             self.control.draining = True
@@ -120,9 +124,14 @@ class RunningServer:
             open_calls,
             extra={"drain_seconds": grace_s, "open_calls": open_calls},
         )
+        idle_since = loop.time()
         while not self.writer.failed and loop.time() < deadline:
             open_calls = self.writer.gauges().open_calls
             if open_calls == 0:
+                break
+            if self.metrics is not None and self.metrics.streams_open:
+                idle_since = loop.time()
+            elif loop.time() - idle_since >= DRAIN_IDLE_S:
                 break
             await asyncio.sleep(min(DRAIN_POLL_S, max(deadline - loop.time(), 0)))
         log.info("drain over: %d calls still open", open_calls, extra={"open_calls": open_calls})

@@ -239,3 +239,17 @@ async def test_sigterm_drains_and_a_restart_continues_the_calls(database_url: st
     assert any(m.startswith("draining: new reserves refused") for m in messages)
     assert any(m.startswith("stopped: journal flushed") for m in messages)
     assert all({"time", "level", "logger", "message"} <= line.keys() for line in logged)
+
+
+async def test_drain_ends_when_no_dialer_stream_is_connected(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("callcredit_server.app.DRAIN_IDLE_S", 0.5)
+    await harness.funded_account("acc", 1_000)
+    stream = RawStream(harness.dialer)
+    await stream.ask(reserve_op("r1", "c1", "acc"))
+    draining = asyncio.create_task(harness.running.drain(30))
+    await asyncio.sleep(1.0)
+    assert not draining.done()  # a dialer is connected and its call is open
+    await stream.close()
+    await asyncio.wait_for(draining, 3)  # the call stays open, but nobody is left to serve
