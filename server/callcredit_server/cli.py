@@ -7,8 +7,9 @@
 Every flag can also be given as an environment variable CALLCREDIT_<FLAG>
 (e.g. CALLCREDIT_DATABASE_URL). On SIGTERM or SIGINT the server drains: health
 turns NOT_SERVING and new reserves are refused with UNAVAILABLE while renewals
-and releases are answered for up to --drain-seconds (or until no call is open;
-a second signal ends the drain at once); then it closes every stream, makes
+and releases are answered for up to --drain-seconds (less once no call is open,
+or no dialer has been connected for 6 s; a second signal ends the drain at
+once); then it closes every stream, makes
 everything queued durable, and exits 0. If the
 journal cannot be written it stays up, refusing work with UNAVAILABLE and
 reporting NOT_SERVING on the health service, until it is restarted.
