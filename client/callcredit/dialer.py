@@ -14,6 +14,13 @@ Why it is shaped this way (DESIGN.md, "Shape" and "Contract"):
   and a call that talks past allowed_seconds overdraws, so renewal is automatic and runs
   ahead of both, with a margin; if no renewal gets through, the call is told to hang up
   at allowed_seconds.
+- A stream can die without closing (a proxy or NAT that black-holes the connection):
+  gRPC keepalive pings find that on the channel the library opens, and a heartbeat on
+  the stream itself finds it sooner: while calls are open or operations wait, a stream
+  that brought nothing for HEARTBEAT_INTERVAL_SECONDS gets an empty ControlRequest
+  (the server answers each message, an empty one with an empty ControlResponse); with
+  nothing back within HEARTBEAT_TIMEOUT_SECONDS the stream is dropped, a channel the
+  library owns is replaced by a new connection, and the calls are re-attached.
 
 Usage::
 
@@ -51,6 +58,8 @@ __all__ = [
     "CALL_RELEASED",
     "CLIENT_CLOSED",
     "FINAL_GRANT_REACHED",
+    "HEARTBEAT_INTERVAL_SECONDS",
+    "HEARTBEAT_TIMEOUT_SECONDS",
     "MAX_OPS_PER_MESSAGE",
     "MAX_PENDING_OPERATIONS",
     "RECONNECT_BACKOFF_INITIAL_SECONDS",
@@ -115,11 +124,31 @@ CLIENT_CLOSED = "CLIENT_CLOSED"
 STREAM_FAILED = "STREAM_FAILED"
 """Hang-up reason when the library itself failed and can no longer renew the call."""
 
+HEARTBEAT_INTERVAL_SECONDS = 10.0
+"""While calls are open or operations wait, a stream that brought nothing for this long
+is probed with an empty ControlRequest."""
+
+HEARTBEAT_TIMEOUT_SECONDS = 10.0
+"""A probed stream that brings nothing back within this is dead: drop it and reconnect.
+Longer than the server's 5 s journal-commit timeout, so a slow journal (answers held
+until durable) is not taken for a dead connection."""
+
+KEEPALIVE_TIME_MS = 20_000
+"""gRPC keepalive ping interval on a channel the library opens. The server accepts
+pings every 10 s (grpc.http2.min_ping_interval_without_data_ms); more often would
+make it close the connection (GOAWAY too_many_pings)."""
+
+KEEPALIVE_TIMEOUT_MS = 10_000
+"""A keepalive ping unanswered this long closes the connection."""
+
 _CHANNEL_OPTIONS = (
     # gRPC's own reconnect backoff defaults to a 120 s ceiling; a channel we own follows
     # our caps so a restarted server is found again within seconds.
     ("grpc.initial_reconnect_backoff_ms", int(RECONNECT_BACKOFF_INITIAL_SECONDS * 1000)),
     ("grpc.max_reconnect_backoff_ms", int(RECONNECT_BACKOFF_MAX_SECONDS * 1000)),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
 )
 
 if TYPE_CHECKING:
@@ -451,8 +480,10 @@ class DialerClient:
 
     `target` is an address (a channel is opened and closed with the client: TLS if `tls`,
     `ca_file` or a client certificate `cert_file` + `key_file` is given, else plaintext) or
-    a grpc.aio.Channel you own (interceptors, your own reconnect settings). `token`, a
-    dialer token of the server's configuration, goes with the stream either way. Use it as
+    a grpc.aio.Channel you own (interceptors, your own reconnect settings; give it the
+    keepalive options of _CHANNEL_OPTIONS too: the library cannot replace a channel it
+    does not own when the heartbeat finds its connection dead). `token`, a dialer token
+    of the server's configuration, goes with the stream either way. Use it as
     `async with DialerClient(...) as dialer:`. Closing does not release open calls: release
     them first, or they expire and are charged their allowance.
     """
@@ -468,9 +499,17 @@ class DialerClient:
         ca_file: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
+        heartbeat_interval_seconds: float = HEARTBEAT_INTERVAL_SECONDS,
+        heartbeat_timeout_seconds: float = HEARTBEAT_TIMEOUT_SECONDS,
     ) -> None:
         if max_pending_operations < 1:
             raise ValueError("max_pending_operations must be at least 1")
+        if heartbeat_interval_seconds <= 0 or heartbeat_timeout_seconds <= 0:
+            raise ValueError("heartbeat interval and timeout must be positive")
+        self._heartbeat_interval = heartbeat_interval_seconds
+        self._heartbeat_timeout = heartbeat_timeout_seconds
+        self._received_at = 0.0  # loop time of the stream's last message (or its start)
+        self._probe_due = False  # the sender writes a message even with nothing queued
         tls_files = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
         if not isinstance(target, str) and (tls or any(tls_files.values())):
             raise ValueError("TLS options apply to a channel the client opens, not to yours")
@@ -502,14 +541,29 @@ class DialerClient:
         if self._supervisor is not None:
             raise RuntimeError("a DialerClient is entered once")
         if isinstance(self._target, str):
-            self._channel = open_channel(
-                self._target, tls=self._tls, options=_CHANNEL_OPTIONS, **self._tls_files
-            )
+            self._channel = self._open_channel()
         else:
             self._channel = self._target
         self._stub = credit_control_pb2_grpc.CreditControlServiceStub(self._channel)
         self._supervisor = asyncio.create_task(self._run(), name="callcredit-dialer-stream")
         return self
+
+    def _open_channel(self) -> grpc.aio.Channel:
+        """A new channel (a new connection) to the address the client was given."""
+        assert isinstance(self._target, str)
+        return open_channel(
+            self._target, tls=self._tls, options=_CHANNEL_OPTIONS, **self._tls_files
+        )
+
+    async def _reopen_channel(self) -> None:
+        """Replace a channel we own whose connection went silent: a new stream on the
+        old channel would ride the same dead connection."""
+        if not isinstance(self._target, str) or self._closing:
+            return
+        old, self._channel = self._channel, self._open_channel()
+        self._stub = credit_control_pb2_grpc.CreditControlServiceStub(self._channel)
+        if old is not None:
+            await old.close()
 
     async def __aexit__(
         self,
@@ -679,15 +733,44 @@ class DialerClient:
             call._reattach_soon()
         sender = asyncio.create_task(self._send(stream))
         receiver = asyncio.create_task(self._receive(stream))
+        watchdog = asyncio.create_task(self._watch())
+        tasks = (sender, receiver, watchdog)
         try:
-            done, _ = await asyncio.wait((sender, receiver), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
         finally:
-            sender.cancel()
-            receiver.cancel()
+            for task in tasks:
+                task.cancel()
             stream.cancel()
-            await asyncio.wait((sender, receiver))
+            await asyncio.wait(tasks)
+        if watchdog in done:
+            await self._reopen_channel()
+
+    async def _watch(self) -> None:
+        """Return when the stream went silent: with calls open or operations waiting,
+        nothing arrived for the heartbeat interval, a probe went out, and nothing came
+        back within the heartbeat timeout either."""
+        loop = asyncio.get_running_loop()
+        self._received_at = loop.time()
+        while True:
+            quiet = loop.time() - self._received_at
+            if quiet < self._heartbeat_interval:
+                await asyncio.sleep(self._heartbeat_interval - quiet)
+                continue
+            if not (self._pending or self._calls):
+                await asyncio.sleep(self._heartbeat_interval)
+                continue
+            probed_at = loop.time()
+            self._probe_due = True
+            self._unsent_ready.set()
+            await asyncio.sleep(self._heartbeat_timeout)
+            if self._received_at < probed_at:
+                logger.warning(
+                    "callcredit stream silent for %.1f s, heartbeat unanswered: reconnecting",
+                    loop.time() - self._received_at,
+                )
+                return
 
     async def _send(self, stream: _ControlCall) -> None:
         """Write what is queued, up to MAX_OPS_PER_MESSAGE operations per message. Ops
@@ -700,8 +783,9 @@ class DialerClient:
                     batch.append(self._unsent.popitem(last=False)[1])
                 if not self._unsent:
                     self._unsent_ready.clear()
-                if not batch:
+                if not batch and not self._probe_due:
                     continue
+                self._probe_due = False  # every message is answered: any one is a probe
                 for entry in batch:
                     entry.sent = True
                 request = credit_control_pb2.ControlRequest(
@@ -712,9 +796,11 @@ class DialerClient:
             logger.warning("callcredit stream write failed: %s", err)
 
     async def _receive(self, stream: _ControlCall) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 response = await stream.read()
+                self._received_at = loop.time()
                 if not isinstance(response, credit_control_pb2.ControlResponse):
                     logger.warning("callcredit server ended the stream")  # read() gave EOF
                     return

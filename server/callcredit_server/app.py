@@ -32,6 +32,7 @@ from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_
 from callcredit_server.auth import Authenticator, AuthInterceptor, Token, tokens_from_config
 from callcredit_server.convert import GrantPolicy
 from callcredit_server.journal import Journal
+from callcredit_server.metrics import Metrics, parse_listen
 from callcredit_server.recovery import recover
 from callcredit_server.service import AdminServicer, CreditControlServicer
 from callcredit_server.writer import SnapshotPolicy, Writer
@@ -45,6 +46,11 @@ HISTORY_READ_THREADS = 2
 DEFAULT_DATABASE_URL = "sqlite:///./data/callcredit.db"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DRAIN_POLL_S = 0.2  # how often a drain checks whether any call is still open
+# A drain with no Control stream connected for this long ends: no dialer is left to
+# serve. Longer than the dialer library's longest reconnect backoff (5 s).
+DRAIN_IDLE_S = 6.0
+MAX_DRAIN_SECONDS = 3_600
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +81,9 @@ class Settings:
     @property
     def tls_enabled(self) -> bool:
         return bool(self.tls_cert)
+
+    metrics_listen: str = ""  # HOST:PORT of the Prometheus exporter; "" = off
+    drain_seconds: float = 30.0  # on SIGTERM: keep answering renewals/releases this long
 
     def snapshot_root(self) -> Path:
         """Where snapshots go: the flag, else beside a SQLite file, else ./data.
@@ -136,6 +145,10 @@ class Settings:
                     f"--listen {self.listen} is not a loopback address: serving it needs "
                     f"{' and '.join(missing)}, or --insecure to serve it without"
                 )
+        if self.metrics_listen and parse_listen(self.metrics_listen) is None:
+            out.append("--metrics-listen must be HOST:PORT")
+        if not 0 <= self.drain_seconds <= MAX_DRAIN_SECONDS:
+            out.append(f"--drain-seconds must be between 0 and {MAX_DRAIN_SECONDS}")
         return out
 
     def describe(self) -> list[str]:
@@ -252,13 +265,50 @@ class RunningServer:
     journal: Journal
     health: HealthServicer
     history: ThreadPoolExecutor
+    control: CreditControlServicer | None = None
+    metrics: Metrics | None = None
+
+    async def drain(self, grace_s: float) -> None:
+        """Health NOT_SERVING, refuse new reserves (UNAVAILABLE), and keep answering
+        everything else until grace_s has passed, or no call is open, or no Control
+        stream has been connected for DRAIN_IDLE_S. Then call stop()."""
+        await self.health.enter_graceful_shutdown()
+        if self.control is not None:
+            self.control.draining = True
+        if self.metrics is not None:
+            self.metrics.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        open_calls = self.writer.gauges().open_calls
+        log.info(
+            "draining: new reserves refused; up to %.0f s for %d open calls",
+            grace_s,
+            open_calls,
+            extra={"drain_seconds": grace_s, "open_calls": open_calls},
+        )
+        idle_since = loop.time()
+        while not self.writer.failed and loop.time() < deadline:
+            open_calls = self.writer.gauges().open_calls
+            if open_calls == 0:
+                break
+            if self.metrics is not None and self.metrics.streams_open:
+                idle_since = loop.time()
+            elif loop.time() - idle_since >= DRAIN_IDLE_S:
+                break
+            await asyncio.sleep(min(DRAIN_POLL_S, max(deadline - loop.time(), 0)))
+        log.info("drain over: %d calls still open", open_calls, extra={"open_calls": open_calls})
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        stopping = asyncio.ensure_future(self.server.stop(grace_s))  # no new RPCs from now
+        if self.control is not None:
+            self.control.end_streams()  # each ends once its answers in flight are sent
+        await stopping
         await self.writer.stop()
         self.history.shutdown(wait=True)
         self.journal.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 async def start(
@@ -314,11 +364,13 @@ async def start(
     policy = GrantPolicy(
         settings.grant_seconds, settings.max_grant_seconds, settings.validity_seconds
     )
-    credit_control_pb2_grpc.add_CreditControlServiceServicer_to_server(
-        CreditControlServicer(writer, policy), server
-    )
+    metrics = Metrics()
+    writer.observer = metrics
+    metrics.watch(writer)
+    control = CreditControlServicer(writer, policy, metrics)
+    credit_control_pb2_grpc.add_CreditControlServiceServicer_to_server(control, server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(writer, journal, history), server
+        AdminServicer(writer, journal, history, metrics), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     services = (
@@ -328,6 +380,16 @@ async def start(
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(services, server)
+    listen = parse_listen(settings.metrics_listen) if settings.metrics_listen else None
+    if listen is not None:
+        try:
+            metrics_port = metrics.serve(*listen)
+        except OSError as exc:
+            journal.close()
+            raise RuntimeError(f"cannot serve metrics on {settings.metrics_listen}: {exc}") from exc
+        log.info(
+            "metrics on http://%s:%d/metrics", listen[0], metrics_port, extra={"port": metrics_port}
+        )
     writer.start()
     await server.start()
     loop = asyncio.get_running_loop()
@@ -354,7 +416,7 @@ async def start(
         tls,
         f"on ({len(settings.tokens)} tokens)" if settings.tokens else "off",
     )
-    return RunningServer(server, port, writer, journal, health, history)
+    return RunningServer(server, port, writer, journal, health, history, control, metrics)
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:

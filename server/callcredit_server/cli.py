@@ -16,8 +16,11 @@ each, exit 2 (docs/operations.md).
 Without --config there are no tokens and no TLS, and the server may listen
 only on a loopback address; any other needs TLS and tokens, or --insecure.
 
-The server stops cleanly on SIGTERM or SIGINT:
-it stops taking requests, makes everything queued durable, and exits. If the
+On SIGTERM or SIGINT the server drains: health turns NOT_SERVING and new
+reserves are refused with UNAVAILABLE while renewals and releases are answered
+for up to --drain-seconds (less once no call is open, or no dialer has been
+connected for 6 s; a second signal ends the drain at once); then it closes every
+stream, makes everything queued durable, and exits 0. If the
 journal cannot be written it stays up, refusing work with UNAVAILABLE and
 reporting NOT_SERVING on the health service, until it is restarted.
 """
@@ -35,6 +38,7 @@ from pathlib import Path
 
 import typer
 
+from callcredit_server import logs
 from callcredit_server.app import (
     DEFAULT_DATABASE_URL,
     LOG_LEVELS,
@@ -142,12 +146,28 @@ def serve(
         "--check-config",
         help="Validate the settings, print them (tokens by name only) and exit.",
     ),
+    log_format: str = typer.Option(
+        "text", envvar="CALLCREDIT_LOG_FORMAT", help="text, or json: one JSON object per line."
+    ),
+    metrics_listen: str = typer.Option(
+        _DEFAULTS.metrics_listen,
+        envvar="CALLCREDIT_METRICS_LISTEN",
+        help="HOST:PORT to serve Prometheus metrics on (GET /metrics); default: off.",
+    ),
+    drain_seconds: float = typer.Option(
+        _DEFAULTS.drain_seconds,
+        envvar="CALLCREDIT_DRAIN_SECONDS",
+        help="On SIGTERM, answer renewals and releases this long before exiting.",
+    ),
 ) -> None:
     """Serve CreditControlService and AdminService until SIGTERM/SIGINT."""
     if context.invoked_subcommand is not None:
         level = log_level.upper() if log_level.upper() in LOG_LEVELS else "INFO"
         logging.basicConfig(level=level, format=LOG_FORMAT)
         return
+    if log_format not in logs.FORMATS:
+        typer.echo(f"error: --log-format must be one of {', '.join(logs.FORMATS)}", err=True)
+        raise typer.Exit(2)
     explicit = {
         name: value
         for name, value in context.params.items()
@@ -162,9 +182,9 @@ def serve(
         for line in settings.describe():
             typer.echo(line)
         return
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    logs.configure(settings.log_level, log_format)
     try:
-        run_loop(settings.event_loop, _serve(settings))
+        run_loop(settings.event_loop, _serve(settings, log_format))
     except (RuntimeError, OSError, JournalError, InvariantViolation) as exc:
         # Cannot bind, cannot read a TLS file or the journal, or the journal replays to
         # a broken state: nothing was served; say why in one line.
@@ -181,9 +201,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _SETTING_NAMES = frozenset(Settings.__dataclass_fields__) - {"tokens"}
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, log_format: str = "text") -> None:
     running = await start(settings)
-    print(f"callcredit-server listening on port {running.port}", file=sys.stderr, flush=True)
+    message = f"callcredit-server listening on port {running.port}"
+    logs.announce(log_format, message, port=running.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -191,7 +212,14 @@ async def _serve(settings: Settings) -> None:
     # After a journal failure the server stays up answering UNAVAILABLE (health
     # NOT_SERVING) until the operator fixes the fault and restarts it.
     await stop.wait()
+    stop.clear()
+    draining = asyncio.create_task(running.drain(settings.drain_seconds))
+    again = asyncio.create_task(stop.wait())  # a second signal cuts the drain short
+    await asyncio.wait((draining, again), return_when=asyncio.FIRST_COMPLETED)
+    for task in (draining, again):
+        task.cancel()
     await running.stop()
+    logging.getLogger(__name__).info("stopped: journal flushed, exiting")
 
 
 def _snapshot_dir(database_url: str, snapshot_dir: str, journal: Journal) -> Path:

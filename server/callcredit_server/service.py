@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,7 @@ from callcredit_server.errors import (
     unavailable,
 )
 from callcredit_server.journal import Journal, JournalError
+from callcredit_server.metrics import Metrics
 from callcredit_server.writer import AccountFilter, Unavailable, Writer
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ MAX_ITEMS_PER_RESPONSE = 10_000  # answers and pushes merged into one ControlRes
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1_000
 MAX_PAGE_TOKEN = 2**63 - 1  # a call_seq: BIGINT in the journal
+DRAINING_MESSAGE = "server draining before a restart: reserve on another server or retry later"
 
 
 class StreamSession:
@@ -233,12 +236,18 @@ async def _run(
     command: Command,
     context: grpc.aio.ServicerContext[Any, Any],
     allows: AccountFilter | None = None,
+    metrics: Metrics | None = None,
 ) -> Outcome:
     """Execute one command for a unary RPC; a refusal aborts the RPC with its status."""
+    started = time.perf_counter()
     try:
         (outcome,) = await writer.execute([command], allows=allows)
     except Unavailable as exc:
+        if metrics is not None:
+            metrics.unary_answered(command, None, started)
         await _abort(context, unavailable(str(exc)))
+    if metrics is not None:
+        metrics.unary_answered(command, outcome, started)
     if isinstance(outcome, Refused):
         await _abort(context, refusal_status(outcome))
     return outcome
@@ -266,9 +275,12 @@ def _outside(account_id: str) -> status_pb2.Status:
 class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer):
     """Dialers: the Control stream and its unary twins."""
 
-    def __init__(self, writer: Writer, policy: GrantPolicy) -> None:
+    def __init__(self, writer: Writer, policy: GrantPolicy, metrics: Metrics | None = None) -> None:
         self._writer = writer
         self._policy = policy
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.draining = False  # set by RunningServer.drain: new reserves get UNAVAILABLE
+        self._streams: dict[StreamSession, asyncio.Task[None]] = {}  # open Control streams
 
     async def Control(
         self,
@@ -277,13 +289,18 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
     ) -> AsyncIterator[credit_control_pb2.ControlResponse]:
         session = StreamSession(_allows())
         reader = asyncio.create_task(self._read_requests(request_iterator, session))
+        self._streams[session] = reader
+        self.metrics.stream_opened()
         try:
             while True:
                 ready = await session.next_response()
                 if ready is None:
                     break
                 response, messages, operations = ready
-                session.pushes_buffered -= len(response.grant_updates) + len(response.terminations)
+                pushes = len(response.grant_updates) + len(response.terminations)
+                session.pushes_buffered -= pushes
+                if pushes:
+                    self.metrics.pushed(response)
                 yield response  # resumes once gRPC has taken the message
                 session.sent(messages, operations)
             failure = reader.exception() if reader.done() and not reader.cancelled() else None
@@ -303,6 +320,14 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         finally:
             reader.cancel()
             self._writer.forget(session)
+            del self._streams[session]
+            self.metrics.stream_closed()
+
+    def end_streams(self) -> None:
+        """Stop reading every Control stream; each ends (status OK) once the answers to
+        what it already read are sent, so its dialer reconnects (to a restarted server)."""
+        for reader in self._streams.values():
+            reader.cancel()
 
     async def _read_requests(
         self,
@@ -329,6 +354,9 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
     async def _submit(
         self, request: credit_control_pb2.ControlRequest, session: StreamSession
     ) -> None:
+        started = time.perf_counter()
+        metrics = self.metrics
+        draining = self.draining
         # (request_id, op, the refusal of an operation refused before the writer)
         items: list[tuple[str, str, status_pb2.Status | None]] = []
         commands: list[Command] = []
@@ -347,6 +375,8 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
                 and not session.allows(operation.reserve.account_id)
             ):
                 items.append((request_id, kind, _outside(operation.reserve.account_id)))
+            elif draining and kind == "reserve":
+                items.append((request_id, kind, unavailable(DRAINING_MESSAGE)))
             else:
                 commands.append(_COMMANDS[kind](operation, policy))
                 items.append((request_id, kind, None))
@@ -360,12 +390,13 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
                 except Unavailable as exc:
                     down = unavailable(str(exc))
             answers = iter(outcomes)
+            answered: list[tuple[str, str, Outcome | status_pb2.Status]] = []
             response = session.answer(len(items))
             for request_id, kind, early in items:
-                if early is not None:
-                    _add_outcome(response, request_id, kind, early)
-                else:
-                    _add_outcome(response, request_id, kind, down or next(answers))
+                outcome = early if early is not None else down or next(answers)
+                _add_outcome(response, request_id, kind, outcome)
+                answered.append((request_id, kind, outcome))
+            metrics.control_answered(answered, started)
 
         if not commands:
             deliver(None)
@@ -386,7 +417,11 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         allows = _allows()
         if allows is not None and not allows(request.account_id):
             await _abort(context, _outside(request.account_id))
-        outcome = await _run(self._writer, convert.reserve(request, self._policy), context)
+        command = convert.reserve(request, self._policy)
+        if self.draining:
+            self.metrics.unary_answered(command, None, time.perf_counter())
+            await _abort(context, unavailable(DRAINING_MESSAGE))
+        outcome = await _run(self._writer, command, context, _allows(), self.metrics)
         if not isinstance(outcome, GrantResult):
             raise TypeError(outcome)
         return credit_control_pb2.ReserveResponse(grant=convert.grant_pb(outcome.grant))
@@ -397,7 +432,7 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> credit_control_pb2.RenewResponse:
         command = convert.renew(request, self._policy)
-        outcome = await _run(self._writer, command, context, _allows())
+        outcome = await _run(self._writer, command, context, _allows(), self.metrics)
         if not isinstance(outcome, GrantResult):
             raise TypeError(outcome)
         return credit_control_pb2.RenewResponse(grant=convert.grant_pb(outcome.grant))
@@ -407,7 +442,9 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         request: credit_control_pb2.ReleaseRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> credit_control_pb2.ReleaseResponse:
-        outcome = await _run(self._writer, convert.release(request), context, _allows())
+        outcome = await _run(
+            self._writer, convert.release(request), context, _allows(), self.metrics
+        )
         if not isinstance(outcome, ReleaseOutcome):
             raise TypeError(outcome)
         return convert.release_pb(outcome.result)
@@ -430,15 +467,22 @@ def _page_size(limit: int) -> int | None:
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """Operators: accounts, tariffs, money, and reads of calls and the ledger."""
 
-    def __init__(self, writer: Writer, journal: Journal, history: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        writer: Writer,
+        journal: Journal,
+        history: ThreadPoolExecutor,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._writer = writer
         self._journal = journal
         self._history = history  # threads for database reads, apart from the journal writer
+        self.metrics = metrics if metrics is not None else Metrics()
 
     async def _account(
         self, command: Command, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.Account:
-        outcome = await _run(self._writer, command, context)
+        outcome = await _run(self._writer, command, context, metrics=self.metrics)
         if not isinstance(outcome, AccountResult):
             raise TypeError(outcome)
         return convert.account_pb(outcome.account)
@@ -528,7 +572,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.PutTariffRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.PutTariffResponse:
         command = PutTariff(convert.tariff_from_pb(request.tariff))
-        outcome = await _run(self._writer, command, context)
+        outcome = await _run(self._writer, command, context, metrics=self.metrics)
         if not isinstance(outcome, TariffResult):
             raise TypeError(outcome)
         return admin_pb2.PutTariffResponse(tariff=convert.tariff_pb(outcome.tariff))

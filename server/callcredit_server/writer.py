@@ -77,6 +77,26 @@ AccountFilter = Callable[[str], bool]
 """May a submission act on this account id? (a dialer token's tenant, auth.py)"""
 
 
+class WriterObserver(Protocol):
+    """Metrics of the writer (metrics.py): called on the event loop, once per commit."""
+
+    def committed(self, records: int, seconds: float) -> None: ...
+
+    def snapshot_paused(self, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WriterGauges:
+    """The writer's levels at one instant, sampled for metrics (Writer.gauges)."""
+
+    queued_submissions: int
+    uncommitted_records: int
+    accounts: int
+    open_calls: int
+    open_calls_without_stream: int
+    failed: bool
+
+
 class PushTarget(Protocol):
     """A dialer stream that can be told about its calls."""
 
@@ -138,6 +158,7 @@ class Writer:
         self._snapshot_seq = snapshot_seq  # the newest snapshot taken (or recovered from)
         self._snapshot_child: asyncio.Task[None] | None = None
         self.snapshot_stall_s_max = 0.0  # the longest pause a snapshot caused the writer
+        self.observer: WriterObserver | None = None  # metrics, set by app.py
 
     # ------------------------------------------------------------ lifecycle
 
@@ -325,6 +346,7 @@ class Writer:
                 while self._records:
                     records = self._records[:MAX_RECORDS_PER_COMMIT]
                     del self._records[:MAX_RECORDS_PER_COMMIT]
+                    started = time.perf_counter()
                     commit = loop.run_in_executor(self._thread, self._journal.append, records)
                     try:
                         await asyncio.wait_for(commit, COMMIT_TIMEOUT_S)
@@ -334,6 +356,8 @@ class Writer:
                             f"a journal commit took over {COMMIT_TIMEOUT_S:.0f} s"
                         ) from exc
                     self._durable_seq = records[-1].seq
+                    if self.observer is not None:
+                        self.observer.committed(len(records), time.perf_counter() - started)
                     self._committed.set()
                     self._release_durable()
                     self._maybe_snapshot()
@@ -372,6 +396,8 @@ class Writer:
         pid = fork_snapshot(self._machine, seq, policy.directory, self._machine.now_ms)
         stall_s = time.perf_counter() - started
         self.snapshot_stall_s_max = max(self.snapshot_stall_s_max, stall_s)
+        if self.observer is not None:
+            self.observer.snapshot_paused(stall_s)
         log.info(
             "snapshot at seq %d: child %d started, writer paused %.1f ms", seq, pid, stall_s * 1e3
         )
@@ -405,6 +431,20 @@ class Writer:
             await asyncio.sleep(self._tick_interval_s)
             with contextlib.suppress(Unavailable):  # one tick at a time, its answer awaited
                 await self.execute([tick])
+
+    # ---------------------------------------------------------------- gauges
+
+    def gauges(self) -> WriterGauges:
+        """Levels for metrics; call on the event loop (O(accounts), once per scrape)."""
+        open_calls = sum(len(a.open_calls) for a in self._machine.accounts.values())
+        return WriterGauges(
+            queued_submissions=self._queue.qsize(),
+            uncommitted_records=len(self._records),
+            accounts=len(self._machine.accounts),
+            open_calls=open_calls,
+            open_calls_without_stream=max(open_calls - len(self._routes), 0),
+            failed=self._failure is not None,
+        )
 
     # --------------------------------------------------------------- failure
 

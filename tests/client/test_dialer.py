@@ -550,3 +550,36 @@ async def test_closing_fails_what_still_waits(fake: FakeServer) -> None:
 
     with pytest.raises(StreamClosedError):
         await reserving
+
+
+async def test_silent_stream_is_probed_dropped_and_its_calls_reattached(fake: FakeServer) -> None:
+    # The fake answers no empty ControlRequest, so the heartbeat's probe goes unanswered.
+    async with DialerClient(
+        fake.target, heartbeat_interval_seconds=0.2, heartbeat_timeout_seconds=0.3
+    ) as dialer:
+        call = await dialer.reserve("c-1", ACCOUNT, DESTINATION)
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
+        await eventually(lambda: fake.streams == 2, timeout_seconds=5)
+        detected_after = loop.time() - quiet_since
+        await eventually(lambda: len(fake.operations("renew")) == 1)
+        result = await call.release(0)
+
+    assert 0.5 <= detected_after < 2.0  # interval + timeout, plus scheduling
+    probes = [stream for stream, message in fake.messages if not message.operations]
+    assert probes[:1] == [1]
+    renew_stream = [s for s, m in fake.messages for op in m.operations if op.HasField("renew")]
+    assert renew_stream == [2]  # re-attached on the new stream
+    assert result.call_id == "c-1"
+
+
+async def test_idle_dialer_sends_no_heartbeat(fake: FakeServer) -> None:
+    async with DialerClient(
+        fake.target, heartbeat_interval_seconds=0.05, heartbeat_timeout_seconds=0.05
+    ) as dialer:
+        await eventually(lambda: fake.streams == 1)
+        await asyncio.sleep(0.4)
+        assert dialer._calls == {}
+
+    assert fake.messages == []
+    assert fake.streams == 1

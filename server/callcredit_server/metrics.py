@@ -1,0 +1,351 @@
+"""Prometheus metrics: counted with plain ints on the event loop, exposed over HTTP.
+
+The hot path never touches prometheus_client. The servicers and the writer call the
+hooks below once per message, per commit or per stream; a hook adds to ints in dicts
+keyed by values that already exist (the operation's kind string, the refusal's
+`Reason`), never by strings built per operation. At scrape time (on the exporter's
+thread) `collect()` turns those ints into metric families, and samples the writer's
+gauges on the event loop (`Writer.gauges()`), so no lock is ever taken on the hot
+path and no state is read from another thread while the loop changes it.
+
+Each `Metrics` has its own `CollectorRegistry`, so a test process can run several
+servers. docs/operations.md, "Metrics", lists every family.
+
+The hooks also write the few per-call log lines the server has (a forced termination,
+a release that overran its allowance): they are the one place that sees each outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import concurrent.futures
+import itertools
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+from wsgiref.simple_server import WSGIServer
+
+from google.rpc import status_pb2
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from callcredit.v1 import credit_control_pb2
+from callcredit_server.core import (
+    Adjust,
+    Command,
+    CreateAccount,
+    Outcome,
+    PutTariff,
+    Refused,
+    Release,
+    ReleaseOutcome,
+    Renew,
+    Reserve,
+    TopUp,
+    UpdateAccount,
+)
+
+if TYPE_CHECKING:
+    from callcredit_server.writer import Writer, WriterGauges
+
+log = logging.getLogger(__name__)
+
+SAMPLE_TIMEOUT_S = 1.0
+"""A scrape waits this long for the event loop to sample the gauges, then reports the
+previous sample (a loop busy for a second is itself worth seeing in the latency)."""
+
+OK = "ok"
+UNAVAILABLE = "UNAVAILABLE"
+OTHER_ERROR = "ERROR"
+
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+COMMIT_RECORDS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000)
+SNAPSHOT_PAUSE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+KIND_OF_COMMAND: dict[type[Command], str] = {
+    Reserve: "reserve",
+    Renew: "renew",
+    Release: "release",
+    TopUp: "topup",
+    Adjust: "adjust",
+    CreateAccount: "create_account",
+    UpdateAccount: "update_account",
+    PutTariff: "put_tariff",
+}
+"""Label `kind` of a unary RPC's command; Control operations use their oneof name
+(reserve, renew, release, or "" for an operation with nothing set)."""
+
+# google.rpc.Status answers made by the servicer itself (framing checks, UNAVAILABLE).
+_STATUS_OUTCOME = {3: "INVALID_ARGUMENT", 14: UNAVAILABLE}
+_Status = status_pb2.Status
+
+
+class Histogram:
+    """A histogram whose observations may carry a weight: one message of n operations
+    is n observations of the same latency, recorded in one step."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float, weight: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += weight
+        self.total += value * weight
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative = list(itertools.accumulate(list(self.counts)))
+        buckets = [(repr(float(b)), c) for b, c in zip(self.bounds, cumulative, strict=False)]
+        buckets.append(("+Inf", cumulative[-1]))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
+
+
+@dataclass(slots=True)
+class MetricsServer:
+    """The HTTP exporter: prometheus_client's WSGI server on its own thread."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def parse_listen(listen: str) -> tuple[str, int] | None:
+    """HOST:PORT (an IPv6 host in brackets) as (host, port); None if malformed."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65_535:
+        return None
+    return host.strip("[]"), int(port)
+
+
+class Metrics(Collector):
+    """Every callcredit metric of one server. Hooks run on the event loop."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.ok: defaultdict[str, int] = defaultdict(int)  # kind -> answered ok
+        self.refused: defaultdict[tuple[str, str], int] = defaultdict(int)  # (kind, reason)
+        self.latency = Histogram(LATENCY_BUCKETS_S)
+        self.commit_records = Histogram(COMMIT_RECORDS_BUCKETS)
+        self.commit_latency = Histogram(LATENCY_BUCKETS_S)
+        self.snapshot_pause = Histogram(SNAPSHOT_PAUSE_BUCKETS_S)
+        self.grant_updates_pushed = 0
+        self.terminations_pushed = 0
+        self.streams_open = 0
+        self.streams_opened = 0
+        self.draining = False
+        self._writer: Writer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last: WriterGauges | None = None
+        self._exporter: MetricsServer | None = None
+        self.registry.register(self)
+        ProcessCollector(registry=self.registry)
+
+    # ----------------------------------------------------------- wiring
+
+    def watch(self, writer: Writer) -> None:
+        """Sample `writer.gauges()` on the running event loop at each scrape."""
+        self._writer = writer
+        self._loop = asyncio.get_running_loop()
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP exporter (GET /metrics); returns the bound port."""
+        server, thread = start_http_server(port, host, registry=self.registry)
+        self._exporter = MetricsServer(server, thread)
+        return self._exporter.port
+
+    @property
+    def port(self) -> int:
+        return 0 if self._exporter is None else self._exporter.port
+
+    def close(self) -> None:
+        if self._exporter is not None:
+            self._exporter.close()
+            self._exporter = None
+
+    # ------------------------------------------------- hooks (event loop)
+
+    def control_answered(
+        self,
+        answers: Sequence[tuple[str, str, Outcome | status_pb2.Status]],
+        started: float,
+    ) -> None:
+        """One ControlRequest's answers are ready to send; it was read at `started`
+        (time.perf_counter())."""
+        ok = self.ok
+        refused = self.refused
+        for _, kind, outcome in answers:  # class identity, not isinstance: ~2x cheaper
+            cls = outcome.__class__
+            if cls is Refused:
+                refused[kind, cast(Refused, outcome).reason] += 1
+            elif cls is _Status:
+                code = cast(status_pb2.Status, outcome).code
+                refused[kind, _STATUS_OUTCOME.get(code, OTHER_ERROR)] += 1
+            else:
+                ok[kind] += 1
+                if cls is ReleaseOutcome and cast(ReleaseOutcome, outcome).result.shortfall:
+                    self._overran(cast(ReleaseOutcome, outcome))
+        if answers:
+            self.latency.observe(time.perf_counter() - started, len(answers))
+
+    def unary_answered(self, command: Command, outcome: Outcome | None, started: float) -> None:
+        """A unary RPC's command was answered (`outcome` None: UNAVAILABLE)."""
+        kind = KIND_OF_COMMAND.get(type(command), "other")
+        if outcome is None:
+            self.refused[kind, UNAVAILABLE] += 1
+        elif isinstance(outcome, Refused):
+            self.refused[kind, outcome.reason] += 1
+        else:
+            self.ok[kind] += 1
+            if isinstance(outcome, ReleaseOutcome) and outcome.result.shortfall:
+                self._overran(outcome)
+        self.latency.observe(time.perf_counter() - started)
+
+    def pushed(self, response: credit_control_pb2.ControlResponse) -> None:
+        """A Control response carrying pushes is being sent."""
+        self.grant_updates_pushed += len(response.grant_updates)
+        self.terminations_pushed += len(response.terminations)
+        for termination in response.terminations:
+            log.info(
+                "call %s told to hang up: %s",
+                termination.call_id,
+                termination.reason,
+                extra={"call_id": termination.call_id, "reason": termination.reason},
+            )
+
+    def stream_opened(self) -> None:
+        self.streams_open += 1
+        self.streams_opened += 1
+
+    def stream_closed(self) -> None:
+        self.streams_open -= 1
+
+    def committed(self, records: int, seconds: float) -> None:
+        """The writer made `records` journal records durable in one transaction."""
+        self.commit_records.observe(records)
+        self.commit_latency.observe(seconds)
+
+    def snapshot_paused(self, seconds: float) -> None:
+        self.snapshot_pause.observe(seconds)
+
+    def _overran(self, outcome: ReleaseOutcome) -> None:
+        result = outcome.result
+        log.warning(
+            "call %s overran its allowance: %d s used, %d not covered",
+            result.call_id,
+            result.used_seconds,
+            result.shortfall,
+            extra={
+                "call_id": result.call_id,
+                "used_seconds": result.used_seconds,
+                "shortfall": result.shortfall,
+            },
+        )
+
+    # ------------------------------------------------- scrape (any thread)
+
+    def _sample(self) -> WriterGauges | None:
+        writer, loop = self._writer, self._loop
+        if writer is None or loop is None or loop.is_closed():
+            return self._last
+        future: concurrent.futures.Future[WriterGauges] = concurrent.futures.Future()
+
+        def sample() -> None:
+            try:
+                future.set_result(writer.gauges())
+            except BaseException as exc:  # reported to the scraping thread
+                future.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(sample)
+            self._last = future.result(SAMPLE_TIMEOUT_S)
+        except (RuntimeError, TimeoutError):  # the loop closed, or is busy: last sample
+            pass
+        return self._last
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def _families(self) -> Iterator[Metric]:
+        operations = CounterMetricFamily(
+            "callcredit_operations",
+            "Operations answered, by kind and outcome (ok, or the refusal reason).",
+            labels=["kind", "outcome"],
+        )
+        for kind, count in list(self.ok.items()):
+            operations.add_metric([kind, OK], count)
+        for (kind, reason), count in list(self.refused.items()):
+            operations.add_metric([kind, str(reason)], count)
+        yield operations
+        yield self.latency.family(
+            "callcredit_operation_duration_seconds",
+            "From reading an operation's message to its answer being ready to send.",
+        )
+        yield self.commit_records.family(
+            "callcredit_journal_commit_records", "Journal records per commit (group commit)."
+        )
+        yield self.commit_latency.family(
+            "callcredit_journal_commit_duration_seconds", "Time one journal commit took."
+        )
+        yield self.snapshot_pause.family(
+            "callcredit_snapshot_pause_seconds", "How long a snapshot's fork paused the writer."
+        )
+        pushes = CounterMetricFamily(
+            "callcredit_pushes", "Pushes sent on Control streams.", labels=["kind"]
+        )
+        pushes.add_metric(["grant_update"], self.grant_updates_pushed)
+        pushes.add_metric(["termination"], self.terminations_pushed)
+        yield pushes
+        yield GaugeMetricFamily(
+            "callcredit_control_streams_open", "Control streams open now.", self.streams_open
+        )
+        yield CounterMetricFamily(
+            "callcredit_control_streams_opened",
+            "Control streams opened (a dialer reconnecting opens one more).",
+            self.streams_opened,
+        )
+        yield GaugeMetricFamily(
+            "callcredit_draining", "1 while the server drains before exiting.", int(self.draining)
+        )
+        sampled = self._sample()
+        if sampled is None:
+            return
+        gauges: list[tuple[str, str, Any]] = [
+            ("callcredit_writer_queued_submissions",
+             "Submissions waiting for the writer's apply task.", sampled.queued_submissions),
+            ("callcredit_journal_uncommitted_records",
+             "Journal records applied but not yet committed.", sampled.uncommitted_records),
+            ("callcredit_open_calls", "Calls ACTIVE now.", sampled.open_calls),
+            ("callcredit_open_calls_without_stream",
+             "Open calls with no Control stream to push to: seen only over unary RPCs, "
+             "or their stream closed and they have not been re-attached yet.",
+             sampled.open_calls_without_stream),
+            ("callcredit_accounts", "Accounts in memory.", sampled.accounts),
+            ("callcredit_writer_failed",
+             "1 once the writer failed stop (journal failure): restart the server.",
+             int(sampled.failed)),
+        ]  # fmt: skip
+        for name, documentation, value in gauges:
+            yield GaugeMetricFamily(name, documentation, value)
