@@ -49,17 +49,17 @@ from callcredit_server.core.model import (
     new_release_result,
 )
 from callcredit_server.core.outcomes import (
-    AccountResult,
     GrantPush,
-    GrantResult,
     Outcome,
     Push,
     Reason,
     Refused,
-    ReleaseOutcome,
     TariffResult,
     Termination,
     TickResult,
+    new_account_result,
+    new_grant_result,
+    new_release_outcome,
 )
 from callcredit_server.core.rating import affordable, billed_seconds, cost
 from callcredit_server.core.validation import MAX_BALANCE, is_valid, violations
@@ -216,7 +216,7 @@ class StateMachine:
         )
         self.accounts[c.account_id] = account
         self._accounts_touched[c.account_id] = account
-        return AccountResult(account.view())
+        return new_account_result(account.view())
 
     def _update_account(self, c: UpdateAccount) -> Outcome:
         account = self.accounts.get(c.account_id)
@@ -269,7 +269,7 @@ class StateMachine:
                 grew = resumed = True
         if grew:
             self._regrant(account, resumed=resumed)
-        return AccountResult(account.view())
+        return new_account_result(account.view())
 
     def _suspend_calls(self, account: Account) -> None:
         """Order every open call to hang up; their grants are final from now on."""
@@ -293,7 +293,7 @@ class StateMachine:
         remembered = self._keys.get((account_id, key))
         if remembered is not None:
             if remembered.fingerprint == fingerprint:
-                return AccountResult(remembered.answer)
+                return new_account_result(remembered.answer)
             return _refuse(
                 Reason.IDEMPOTENCY_KEY_CONFLICT,
                 f"idempotency key {key!r} was used with different fields",
@@ -319,7 +319,7 @@ class StateMachine:
         answer = account.view()
         self._keys[(account_id, key)] = _KeyRecord(fingerprint, answer)
         self._key_times.append((self.now_ms, account_id, key))
-        return AccountResult(answer)
+        return new_account_result(answer)
 
     def _put_tariff(self, c: PutTariff) -> Outcome:
         existing = self.tariffs.get(c.tariff.tariff_id)
@@ -351,7 +351,7 @@ class StateMachine:
                 )
             if call.state is not CallState.ACTIVE:
                 return _refuse(Reason.CALL_ALREADY_ENDED, f"call {c.call_id!r} has ended")
-            return GrantResult(call.grant())
+            return new_grant_result(call.grant())
         account = self.accounts.get(c.account_id)
         if account is None:
             return _refuse(Reason.ACCOUNT_NOT_FOUND, f"no account {c.account_id!r}")
@@ -417,7 +417,7 @@ class StateMachine:
             account.final_calls[call_seq] = call
         self._push_expiry(call)
         self._touched[call_id] = call
-        return GrantResult(call.grant())
+        return new_grant_result(call.grant())
 
     def _renew(self, c: Renew) -> Outcome:
         call = self.calls.get(c.call_id)
@@ -428,9 +428,9 @@ class StateMachine:
         if call.state is not CallState.ACTIVE:
             return _refuse(Reason.CALL_ALREADY_ENDED, f"call {c.call_id!r} has ended")
         if c.sequence == call.last_sequence and call.last_renew is not None:
-            return GrantResult(call.last_renew)
+            return new_grant_result(call.last_renew)
         if c.sequence <= call.last_sequence:
-            return GrantResult(call.grant())
+            return new_grant_result(call.grant())
         if c.used_seconds < call.used_seconds:
             message = f"must not be lower than the {call.used_seconds} already reported"
             return Refused(
@@ -453,7 +453,7 @@ class StateMachine:
         self._refresh_validity(call)
         grant = call.last_renew = call.grant()
         self._touched[call.call_id] = call
-        return GrantResult(grant)
+        return new_grant_result(grant)
 
     def _release(self, c: Release) -> Outcome:
         call = self.calls.get(c.call_id)
@@ -463,7 +463,7 @@ class StateMachine:
             self._expire_if_due(call)
         if call.release is not None:
             if call.release.used_seconds == c.used_seconds:
-                return ReleaseOutcome(call.release)
+                return new_release_outcome(call.release)
             return _refuse(
                 Reason.CALL_ALREADY_ENDED,
                 f"call {c.call_id!r} was released with {call.release.used_seconds} seconds",
@@ -491,7 +491,7 @@ class StateMachine:
         result = call.release = self._release_result(account, call)
         if account.final_calls:
             self._regrant(account)
-        return ReleaseOutcome(result)
+        return new_release_outcome(result)
 
     def _late_release(self, account: Account, call: Call, used_seconds: int) -> Outcome:
         """Re-rate an expired call to what it used; refund what it was overcharged."""
@@ -511,7 +511,7 @@ class StateMachine:
         self._touched[call.call_id] = call
         if refund:
             self._regrant(account)
-        return ReleaseOutcome(call.release)
+        return new_release_outcome(call.release)
 
     def _release_result(self, account: Account, call: Call) -> ReleaseResult:
         return new_release_result(
@@ -585,8 +585,19 @@ class StateMachine:
             account.final_calls.pop(call.call_seq, None)
 
     def _refresh_validity(self, call: Call) -> None:
-        call.expires_at_ms = self.now_ms + call.validity_seconds * 1000
-        self._push_expiry(call)
+        """Move the call's deadline to one validity from now.
+
+        The expiry heap must hold, for each open call, an entry no later than its
+        deadline. A later deadline keeps the entry it has (when popped, the entry is
+        pushed again at the deadline then current); only an earlier one (a shorter
+        validity than before) needs an entry of its own. So a renewal, the commonest
+        command, does not push.
+        """
+        expires_at_ms = self.now_ms + call.validity_seconds * 1000
+        earlier = expires_at_ms < call.expires_at_ms
+        call.expires_at_ms = expires_at_ms
+        if earlier:
+            self._push_expiry(call)
 
     def _push_expiry(self, call: Call) -> None:
         heapq.heappush(self._expiries, (call.expires_at_ms, call.call_seq, call.call_id))
@@ -607,11 +618,16 @@ class StateMachine:
             and self._expiries[0][0] < self.now_ms
             and expired < MAX_EXPIRIES_PER_STEP
         ):
-            expires_at_ms, _, call_id = heapq.heappop(self._expiries)
+            expires_at_ms, call_seq, call_id = heapq.heappop(self._expiries)
             call = self.calls.get(call_id)
-            # Entries left behind by renewals are stale: the call moved its deadline.
-            if call is not None and call.expires_at_ms == expires_at_ms:
-                expired += self._expire_if_due(call)
+            if call is None or call.call_seq != call_seq or call.state is not CallState.ACTIVE:
+                continue  # the call ended (or left the window and its id was reused)
+            if call.expires_at_ms != expires_at_ms:
+                # Renewed since: queue it at its deadline, so that calls expire in
+                # (deadline, call_seq) order however their entries were queued.
+                heapq.heappush(self._expiries, (call.expires_at_ms, call_seq, call_id))
+                continue
+            expired += self._expire_if_due(call)
         return expired
 
     def _expire_if_due(self, call: Call) -> int:
@@ -688,6 +704,17 @@ class StateMachine:
             self._check_money()
 
     def _check_money(self) -> None:
+        entries = self._entries
+        before = self._balances_before
+        if len(entries) == 1 and len(before) == 1:  # the usual case: a charge, a top-up
+            entry = entries[0]
+            balance_before = before.get(entry.account_id)
+            if (
+                balance_before is not None
+                and self.ledger_total - self._ledger_total_before == entry.amount
+                and self.accounts[entry.account_id].balance - balance_before == entry.amount
+            ):
+                return
         by_account: dict[str, int] = {}
         total = 0
         for entry in self._entries:

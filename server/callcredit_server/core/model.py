@@ -288,7 +288,32 @@ def positional_constructor(cls: type[_T]) -> Callable[..., _T]:
     return new
 
 
-new_grant = positional_constructor(Grant)
-new_release_result = positional_constructor(ReleaseResult)
-new_ledger_entry = positional_constructor(LedgerEntry)
-new_call_record = positional_constructor(CallRecord)
+# Typed here, so that mypy checks every call as it would the class's own constructor.
+new_grant: Callable[[str, int, bool, int, int], Grant] = positional_constructor(Grant)
+new_release_result: Callable[[str, int, int, int, int, int], ReleaseResult] = (
+    positional_constructor(ReleaseResult)
+)
+new_ledger_entry: Callable[[int, str, EntryKind, int, int, str, str, str, int], LedgerEntry] = (
+    positional_constructor(LedgerEntry)
+)
+new_call_record: Callable[
+    [
+        str,  # call_id
+        int,  # call_seq
+        str,  # account_id
+        str,  # destination
+        CallState,  # state
+        int,  # allowed_seconds
+        int,  # used_seconds
+        int,  # held
+        int,  # charged
+        int,  # shortfall
+        Rate,  # rate
+        int,  # started_at_ms
+        int | None,  # ended_at_ms
+        bool,  # final
+        int | None,  # expires_at_ms
+        int,  # last_sequence
+    ],
+    CallRecord,
+] = positional_constructor(CallRecord)
