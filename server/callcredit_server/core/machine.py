@@ -134,8 +134,8 @@ class StateMachine:
         self._touched: dict[str, Call] = {}
         self._pushes: list[Push] = []
         # What the step's invariant check (_check_step) looks at instead of every
-        # account: the accounts it touched, the balances of those it posted to as they
-        # were before, and the ledger total before.
+        # account: the accounts it touched, their balances before it touched them,
+        # and the ledger total before.
         self._accounts_touched: dict[str, Account] = {}
         self._balances_before: dict[str, int] = {}
         self._ledger_total_before = 0
@@ -215,7 +215,7 @@ class StateMachine:
             {},
         )
         self.accounts[c.account_id] = account
-        self._accounts_touched[c.account_id] = account
+        self._touch(account)
         return new_account_result(account.view())
 
     def _update_account(self, c: UpdateAccount) -> Outcome:
@@ -246,7 +246,7 @@ class StateMachine:
                 f"account {c.account_id!r} has {len(account.open_calls)} open calls",
             )
         # -- commit point --
-        self._accounts_touched[account.account_id] = account
+        self._touch(account)
         grew = resumed = False
         if c.tariff_id is not None and c.tariff_id != account.tariff_id:
             account.tariff_id = c.tariff_id
@@ -382,7 +382,7 @@ class StateMachine:
             )
         # -- commit point --
         self._changed = True
-        self._accounts_touched[account.account_id] = account
+        self._touch(account)
         call_seq = self.last_call_seq = self.last_call_seq + 1
         call_id = c.call_id
         now_ms = self.now_ms
@@ -441,7 +441,7 @@ class StateMachine:
         account = self.accounts[call.account_id]
         # -- commit point --
         self._changed = True
-        self._accounts_touched[account.account_id] = account
+        self._touch(account)
         call.used_seconds = c.used_seconds
         call.last_sequence = c.sequence
         call.grant_seconds = c.grant_seconds
@@ -541,6 +541,12 @@ class StateMachine:
 
     # -------------------------------------------------------------- helpers
 
+    def _touch(self, account: Account) -> None:
+        """Note that the step changes `account`, before it does: _check_step looks at it."""
+        if account.account_id not in self._balances_before:
+            self._accounts_touched[account.account_id] = account
+            self._balances_before[account.account_id] = account.balance
+
     def _extend(self, account: Account, call: Call) -> None:
         """Grow the call's allowance to one grant beyond its use, as funds allow."""
         wanted = call.used_seconds + call.grant_seconds
@@ -565,7 +571,7 @@ class StateMachine:
         """
         if account.status is not AccountStatus.ACTIVE:
             return
-        self._accounts_touched[account.account_id] = account
+        self._touch(account)
         for call_seq in sorted(account.final_calls):
             if account.available <= 0 and not resumed:
                 break
@@ -645,7 +651,7 @@ class StateMachine:
 
     def _close(self, account: Account, call: Call, state: CallState) -> None:
         """End an open call: free its hold and remember it for the window."""
-        self._accounts_touched[account.account_id] = account
+        self._touch(account)
         account.reserved -= call.held
         call.held = 0
         call.state = state
@@ -666,8 +672,8 @@ class StateMachine:
     ) -> None:
         """The only place a balance changes: every change is a ledger entry."""
         account_id = account.account_id
-        self._accounts_touched[account_id] = account
         if account_id not in self._balances_before:
+            self._accounts_touched[account_id] = account
             self._balances_before[account_id] = account.balance
         balance = account.balance = account.balance + amount
         self.ledger_total += amount
@@ -690,17 +696,22 @@ class StateMachine:
         """The invariants, checked on what the step touched (O(touched), not O(state)).
 
         Every touched account: reserved >= 0 and available >= 0. Money: the step's
-        entries sum to the change of the ledger total, and each account posted to
-        moved by exactly the sum of its entries. audit() checks the whole state.
+        entries sum to the change of the ledger total, and each touched account's
+        balance moved by exactly the sum of its entries, so a balance changed without
+        an entry (or an entry without its change) stops the server. Accounts are
+        touched before they change (_touch); audit() checks the whole state.
         """
-        for account in self._accounts_touched.values():
+        before = self._balances_before
+        moved = bool(self._entries) or self.ledger_total != self._ledger_total_before
+        for account_id, account in self._accounts_touched.items():
             reserved = account.reserved
             if reserved < 0 or account.balance + account.credit_limit < reserved:
                 raise InvariantViolation(
-                    f"account {account.account_id}: available {account.available}, "
-                    f"reserved {reserved}"
+                    f"account {account_id}: available {account.available}, reserved {reserved}"
                 )
-        if self._entries or self._balances_before or self.ledger_total != self._ledger_total_before:
+            if not moved and account.balance != before.get(account_id, account.balance):
+                moved = True
+        if moved:
             self._check_money()
 
     def _check_money(self) -> None:
@@ -733,7 +744,7 @@ class StateMachine:
                     "its entries by a different amount"
                 )
         if by_account:
-            raise InvariantViolation(f"entries of accounts never posted to: {by_account}")
+            raise InvariantViolation(f"entries of accounts the step did not touch: {by_account}")
 
     # ---------------------------------------------------------------- reads
 
