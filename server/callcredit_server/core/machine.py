@@ -773,12 +773,16 @@ class StateMachine:
         balances = 0
         for account in self.accounts.values():
             balances += account.balance
-            holds = sum(call.held for call in account.open_calls.values())
+            open_calls = account.open_calls
+            # Most accounts have no open call: a start from a snapshot audits them all.
+            holds = sum(call.held for call in open_calls.values()) if open_calls else 0
             if holds != account.reserved:
                 problems.append(f"{account.account_id}: reserved {account.reserved} != {holds}")
-            if account.available < 0:
+            if account.balance + account.credit_limit < account.reserved:
                 problems.append(f"{account.account_id}: available {account.available} < 0")
-            for call in account.open_calls.values():
+            if not open_calls:
+                continue
+            for call in open_calls.values():
                 if call.state is not CallState.ACTIVE or self.calls.get(call.call_id) is not call:
                     problems.append(f"{call.call_id}: open but {call.state}")
                 if call.held != cost(call.rate, call.allowed_seconds):
@@ -842,19 +846,29 @@ class StateMachine:
         machine.ledger_total = int(image["ledger_total"])
         for tariff_id, currency, rates in image["tariffs"]:
             machine.tariffs[tariff_id] = Tariff(tariff_id, currency, tuple(Rate(*r) for r in rates))
+        accounts = machine.accounts
+        status_of = _ACCOUNT_STATUS
+        # Positional, and the names every account repeats (currency, tariff) shared:
+        # a start from a snapshot builds a million accounts here.
+        names: dict[str, str] = {}
         for row in image["accounts"]:
             account_id, currency, tariff_id, credit_limit, cap, status, balance, reserved = row
-            machine.accounts[account_id] = Account(
-                account_id=account_id,
-                currency=currency,
-                tariff_id=tariff_id,
-                credit_limit=credit_limit,
-                max_concurrent_calls=cap,
-                status=_ACCOUNT_STATUS[status],
-                balance=balance,
-                reserved=reserved,
+            accounts[account_id] = Account(
+                account_id,
+                names.setdefault(currency, currency),
+                names.setdefault(tariff_id, tariff_id),
+                credit_limit,
+                cap,
+                status_of[status],
+                balance,
+                reserved,
+                {},
+                {},
             )
-        calls = sorted((_call_from_image(row) for row in image["calls"]), key=_by_call_seq)
+        shared_rates: dict[tuple[Any, ...], Rate] = {}
+        calls = sorted(
+            (_call_from_image(row, shared_rates) for row in image["calls"]), key=_by_call_seq
+        )
         for call in calls:
             machine.calls[call.call_id] = call
             if call.state is CallState.ACTIVE:
@@ -977,7 +991,7 @@ def _call_image(call: Call) -> list[Any]:
     ]
 
 
-def _call_from_image(row: list[Any]) -> Call:
+def _call_from_image(row: list[Any], rates: dict[tuple[Any, ...], Rate]) -> Call:
     (call_id, call_seq, account_id, destination, requested, rate, grant_seconds, validity,
      started_at_ms, expires_at_ms, state, allowed, used, held, final, last_sequence, renew,
      charged, shortfall, ended_at_ms, release) = row  # fmt: skip
@@ -987,7 +1001,7 @@ def _call_from_image(row: list[Any]) -> Call:
         account_id=account_id,
         destination=destination,
         requested_seconds=requested,
-        rate=Rate(*rate),
+        rate=_shared_rate(rates, rate),
         grant_seconds=grant_seconds,
         validity_seconds=validity,
         started_at_ms=started_at_ms,
@@ -1004,3 +1018,12 @@ def _call_from_image(row: list[Any]) -> Call:
         ended_at_ms=ended_at_ms,
         release=None if release is None else ReleaseResult(call_id, *release),
     )
+
+
+def _shared_rate(rates: dict[tuple[Any, ...], Rate], row: list[Any]) -> Rate:
+    """One Rate per distinct rate of the image: calls to one prefix share it."""
+    key = tuple(row)
+    rate = rates.get(key)
+    if rate is None:
+        rate = rates[key] = Rate(*row)
+    return rate
