@@ -61,6 +61,8 @@ _STEP_ATTRIBUTES = frozenset(
         "_touched",
         "_pushes",
         "_accounts_touched",
+        "_balances_before",
+        "_ledger_total_before",
         "_expired",
         "_expiries",
     }

@@ -13,10 +13,12 @@ a clock, a random source or the environment.
 
 from __future__ import annotations
 
+import gc
 import heapq
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 from callcredit_server.core.commands import (
     Adjust,
@@ -43,22 +45,25 @@ from callcredit_server.core.model import (
     Rate,
     ReleaseResult,
     Tariff,
+    _new,
+    new_ledger_entry,
+    new_release_result,
 )
 from callcredit_server.core.outcomes import (
-    AccountResult,
     GrantPush,
-    GrantResult,
     Outcome,
     Push,
     Reason,
     Refused,
-    ReleaseOutcome,
     TariffResult,
     Termination,
     TickResult,
+    new_account_result,
+    new_grant_result,
+    new_release_outcome,
 )
-from callcredit_server.core.rating import billed_seconds, cost, max_affordable_seconds
-from callcredit_server.core.validation import MAX_BALANCE, violations
+from callcredit_server.core.rating import affordable, billed_seconds, cost
+from callcredit_server.core.validation import MAX_BALANCE, is_valid, violations
 
 # Expiry is bounded work per step (TigerBeetle expires pending transfers in
 # bounded batches too): a burst of due calls is spread over the next steps.
@@ -83,9 +88,11 @@ class Step:
     pushes: list[Push] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class _KeyRecord:
-    """A remembered TopUp/Adjust: what was asked and what was answered."""
+class _KeyRecord(NamedTuple):
+    """A remembered TopUp/Adjust: what was asked and what was answered.
+
+    A NamedTuple: a start from a snapshot rebuilds one per key still in the window.
+    """
 
     fingerprint: tuple[str, int, str]
     answer: AccountView
@@ -95,8 +102,19 @@ def _refuse(reason: Reason, message: str) -> Refused:
     return Refused(reason, message)
 
 
+_Handler = Callable[["StateMachine", Any], Outcome]
+
+
 class StateMachine:
     """Accounts, tariffs and calls in memory, changed only through `apply`."""
+
+    # Dispatch by the command's exact type: one dict lookup, where a match statement
+    # tries the classes one by one. Built per class, so a subclass's override counts.
+    _handlers: ClassVar[dict[type[Any], _Handler]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._handlers = _handlers_of(cls)
 
     def __init__(self) -> None:
         self.accounts: dict[str, Account] = {}
@@ -116,7 +134,12 @@ class StateMachine:
         self._entries: list[LedgerEntry] = []
         self._touched: dict[str, Call] = {}
         self._pushes: list[Push] = []
+        # What the step's invariant check (_check_step) looks at instead of every
+        # account: the accounts it touched, their balances before it touched them,
+        # and the ledger total before.
         self._accounts_touched: dict[str, Account] = {}
+        self._balances_before: dict[str, int] = {}
+        self._ledger_total_before = 0
         self._expired = 0
 
     # ----------------------------------------------------------------- apply
@@ -127,62 +150,43 @@ class StateMachine:
             raise InvariantViolation(f"time went back: {now_ms} < {self.now_ms}")
         self.now_ms = now_ms
         self._changed = False
-        self._entries = []
-        self._touched = {}
-        self._pushes = []
+        entries: list[LedgerEntry] = []
+        touched: dict[str, Call] = {}
+        pushes: list[Push] = []
+        self._entries = entries
+        self._touched = touched
+        self._pushes = pushes
         self._accounts_touched = {}
-        self._expired = self._expire_due()
-        problems = violations(command)
-        if problems:
-            text = "; ".join(f"{name}: {why}" for name, why in problems)
-            outcome: Outcome = Refused(Reason.INVALID_ARGUMENT, text, tuple(problems))
+        self._balances_before = {}
+        self._ledger_total_before = self.ledger_total
+        expiries = self._expiries
+        self._expired = self._expire_due() if expiries and expiries[0][0] < now_ms else 0
+        if is_valid(command):
+            outcome = self._handlers[type(command)](self, command)
         else:
-            outcome = self._dispatch(command)
-        self._check_touched()
+            problems = violations(command)
+            text = "; ".join(f"{name}: {why}" for name, why in problems)
+            outcome = Refused(Reason.INVALID_ARGUMENT, text, tuple(problems))
+        self._check_step()
         return Step(
-            outcome=outcome,
-            changed=self._changed,
-            entries=self._entries,
-            calls=[call.record() for call in self._touched.values()],
-            pushes=self._pushes,
+            outcome,
+            self._changed,
+            entries,
+            [call.record() for call in touched.values()],
+            pushes,
         )
 
-    def _dispatch(self, command: Command) -> Outcome:
-        match command:
-            case CreateAccount():
-                return self._create_account(command)
-            case UpdateAccount():
-                return self._update_account(command)
-            case TopUp():
-                fingerprint = ("TOP_UP", command.amount, command.reference)
-                return self._move_money(
-                    command.account_id,
-                    command.amount,
-                    command.idempotency_key,
-                    command.reference,
-                    EntryKind.TOP_UP,
-                    fingerprint,
-                )
-            case Adjust():
-                fingerprint = ("ADJUSTMENT", command.amount, command.reason)
-                return self._move_money(
-                    command.account_id,
-                    command.amount,
-                    command.idempotency_key,
-                    command.reason,
-                    EntryKind.ADJUSTMENT,
-                    fingerprint,
-                )
-            case PutTariff():
-                return self._put_tariff(command)
-            case Reserve():
-                return self._reserve(command)
-            case Renew():
-                return self._renew(command)
-            case Release():
-                return self._release(command)
-            case Tick():
-                return self._tick(command)
+    def _top_up(self, c: TopUp) -> Outcome:
+        fingerprint = ("TOP_UP", c.amount, c.reference)
+        return self._move_money(
+            c.account_id, c.amount, c.idempotency_key, c.reference, EntryKind.TOP_UP, fingerprint
+        )
+
+    def _adjust(self, c: Adjust) -> Outcome:
+        fingerprint = ("ADJUSTMENT", c.amount, c.reason)
+        return self._move_money(
+            c.account_id, c.amount, c.idempotency_key, c.reason, EntryKind.ADJUSTMENT, fingerprint
+        )
 
     # ------------------------------------------------------------- accounts
 
@@ -200,15 +204,20 @@ class StateMachine:
         # -- commit point --
         self._changed = True
         account = Account(
-            account_id=c.account_id,
-            currency=c.currency,
-            tariff_id=c.tariff_id,
-            credit_limit=c.credit_limit,
-            max_concurrent_calls=c.max_concurrent_calls,
+            c.account_id,
+            c.currency,
+            c.tariff_id,
+            c.credit_limit,
+            c.max_concurrent_calls,
+            AccountStatus.ACTIVE,
+            0,
+            0,
+            {},
+            {},
         )
         self.accounts[c.account_id] = account
-        self._accounts_touched[c.account_id] = account
-        return AccountResult(account.view())
+        self._touch(account)
+        return new_account_result(account.view())
 
     def _update_account(self, c: UpdateAccount) -> Outcome:
         account = self.accounts.get(c.account_id)
@@ -238,6 +247,7 @@ class StateMachine:
                 f"account {c.account_id!r} has {len(account.open_calls)} open calls",
             )
         # -- commit point --
+        self._touch(account)
         grew = resumed = False
         if c.tariff_id is not None and c.tariff_id != account.tariff_id:
             account.tariff_id = c.tariff_id
@@ -258,10 +268,9 @@ class StateMachine:
                 self._suspend_calls(account)
             elif c.status is AccountStatus.ACTIVE:
                 grew = resumed = True
-        self._accounts_touched[account.account_id] = account
         if grew:
             self._regrant(account, resumed=resumed)
-        return AccountResult(account.view())
+        return new_account_result(account.view())
 
     def _suspend_calls(self, account: Account) -> None:
         """Order every open call to hang up; their grants are final from now on."""
@@ -285,7 +294,7 @@ class StateMachine:
         remembered = self._keys.get((account_id, key))
         if remembered is not None:
             if remembered.fingerprint == fingerprint:
-                return AccountResult(remembered.answer)
+                return new_account_result(remembered.answer)
             return _refuse(
                 Reason.IDEMPOTENCY_KEY_CONFLICT,
                 f"idempotency key {key!r} was used with different fields",
@@ -311,7 +320,7 @@ class StateMachine:
         answer = account.view()
         self._keys[(account_id, key)] = _KeyRecord(fingerprint, answer)
         self._key_times.append((self.now_ms, account_id, key))
-        return AccountResult(answer)
+        return new_account_result(answer)
 
     def _put_tariff(self, c: PutTariff) -> Outcome:
         existing = self.tariffs.get(c.tariff.tariff_id)
@@ -343,13 +352,13 @@ class StateMachine:
                 )
             if call.state is not CallState.ACTIVE:
                 return _refuse(Reason.CALL_ALREADY_ENDED, f"call {c.call_id!r} has ended")
-            return GrantResult(call.grant())
+            return new_grant_result(call.grant())
         account = self.accounts.get(c.account_id)
         if account is None:
             return _refuse(Reason.ACCOUNT_NOT_FOUND, f"no account {c.account_id!r}")
-        if account.status is AccountStatus.SUSPENDED:
-            return _refuse(Reason.ACCOUNT_SUSPENDED, f"account {c.account_id!r} is suspended")
-        if account.status is AccountStatus.CLOSED:
+        if account.status is not AccountStatus.ACTIVE:
+            if account.status is AccountStatus.SUSPENDED:
+                return _refuse(Reason.ACCOUNT_SUSPENDED, f"account {c.account_id!r} is suspended")
             return _refuse(Reason.ACCOUNT_CLOSED, f"account {c.account_id!r} is closed")
         cap = account.max_concurrent_calls
         if cap and len(account.open_calls) >= cap:
@@ -363,50 +372,66 @@ class StateMachine:
                 Reason.NO_RATE_FOR_DESTINATION,
                 f"tariff {account.tariff_id!r} has no rate for {destination}",
             )
-        allowed = max_affordable_seconds(rate, c.grant_seconds, account.available)
+        available = account.balance + account.credit_limit - account.reserved
+        grant_seconds = c.grant_seconds
+        allowed, hold = affordable(rate, grant_seconds, available)
         if allowed == 0:
             return _refuse(
                 Reason.INSUFFICIENT_FUNDS,
-                f"available {account.available} does not cover one second "
+                f"available {available} does not cover one second "
                 f"({cost(rate, 1)}) to {destination}",
             )
         # -- commit point --
         self._changed = True
-        self.last_call_seq += 1
+        self._touch(account)
+        call_seq = self.last_call_seq = self.last_call_seq + 1
+        call_id = c.call_id
+        now_ms = self.now_ms
+        final = allowed < grant_seconds
         call = Call(
-            call_id=c.call_id,
-            call_seq=self.last_call_seq,
-            account_id=c.account_id,
-            destination=destination,
-            requested_seconds=c.requested_seconds,
-            rate=rate,
-            grant_seconds=c.grant_seconds,
-            validity_seconds=c.validity_seconds,
-            started_at_ms=self.now_ms,
-            expires_at_ms=0,
-            allowed_seconds=allowed,
-            held=cost(rate, allowed),
+            call_id,
+            call_seq,
+            c.account_id,
+            destination,
+            c.requested_seconds,
+            rate,
+            grant_seconds,
+            c.validity_seconds,
+            now_ms,
+            now_ms + c.validity_seconds * 1000,
+            CallState.ACTIVE,
+            allowed,
+            0,  # used_seconds
+            hold,
+            final,
+            0,  # last_sequence
+            None,  # last_renew
+            0,  # charged
+            0,  # shortfall
+            None,  # ended_at_ms
+            None,  # release
         )
-        self.calls[call.call_id] = call
-        account.open_calls[call.call_id] = call
-        account.reserved += call.held
-        self._set_final(account, call, allowed < c.grant_seconds)
-        self._refresh_validity(call)
-        self._touched[call.call_id] = call
-        self._accounts_touched[account.account_id] = account
-        return GrantResult(call.grant())
+        self.calls[call_id] = call
+        account.open_calls[call_id] = call
+        account.reserved += hold
+        if final:
+            account.final_calls[call_seq] = call
+        self._push_expiry(call)
+        self._touched[call_id] = call
+        return new_grant_result(call.grant())
 
     def _renew(self, c: Renew) -> Outcome:
         call = self.calls.get(c.call_id)
         if call is None:
             return _refuse(Reason.CALL_NOT_FOUND, f"no call {c.call_id!r}")
-        self._expire_if_due(call)
+        if call.expires_at_ms < self.now_ms:
+            self._expire_if_due(call)
         if call.state is not CallState.ACTIVE:
             return _refuse(Reason.CALL_ALREADY_ENDED, f"call {c.call_id!r} has ended")
         if c.sequence == call.last_sequence and call.last_renew is not None:
-            return GrantResult(call.last_renew)
+            return new_grant_result(call.last_renew)
         if c.sequence <= call.last_sequence:
-            return GrantResult(call.grant())
+            return new_grant_result(call.grant())
         if c.used_seconds < call.used_seconds:
             message = f"must not be lower than the {call.used_seconds} already reported"
             return Refused(
@@ -417,6 +442,7 @@ class StateMachine:
         account = self.accounts[call.account_id]
         # -- commit point --
         self._changed = True
+        self._touch(account)
         call.used_seconds = c.used_seconds
         call.last_sequence = c.sequence
         call.grant_seconds = c.grant_seconds
@@ -426,19 +452,19 @@ class StateMachine:
         else:
             self._set_final(account, call, True)
         self._refresh_validity(call)
-        call.last_renew = call.grant()
+        grant = call.last_renew = call.grant()
         self._touched[call.call_id] = call
-        self._accounts_touched[account.account_id] = account
-        return GrantResult(call.last_renew)
+        return new_grant_result(grant)
 
     def _release(self, c: Release) -> Outcome:
         call = self.calls.get(c.call_id)
         if call is None:
             return _refuse(Reason.CALL_NOT_FOUND, f"no call {c.call_id!r}")
-        self._expire_if_due(call)
+        if call.expires_at_ms < self.now_ms:
+            self._expire_if_due(call)
         if call.release is not None:
             if call.release.used_seconds == c.used_seconds:
-                return ReleaseOutcome(call.release)
+                return new_release_outcome(call.release)
             return _refuse(
                 Reason.CALL_ALREADY_ENDED,
                 f"call {c.call_id!r} was released with {call.release.used_seconds} seconds",
@@ -457,15 +483,16 @@ class StateMachine:
         self._changed = True
         price = cost(call.rate, c.used_seconds)
         self._close(account, call, CallState.RELEASED)
-        charge = min(price, account.available)
+        charge = min(price, account.balance + account.credit_limit - account.reserved)
         if charge:
-            self._post(account, EntryKind.CALL_CHARGE, -charge, call_id=call.call_id)
+            self._post(account, EntryKind.CALL_CHARGE, -charge, call.call_id)
         call.used_seconds = c.used_seconds
         call.charged = charge
         call.shortfall = price - charge
-        call.release = self._release_result(account, call)
-        self._regrant(account)
-        return ReleaseOutcome(call.release)
+        result = call.release = self._release_result(account, call)
+        if account.final_calls:
+            self._regrant(account)
+        return new_release_outcome(result)
 
     def _late_release(self, account: Account, call: Call, used_seconds: int) -> Outcome:
         """Re-rate an expired call to what it used; refund what it was overcharged."""
@@ -477,7 +504,7 @@ class StateMachine:
         charged = min(price, call.charged)
         refund = call.charged - charged
         if refund:
-            self._post(account, EntryKind.REFUND, refund, call_id=call.call_id)
+            self._post(account, EntryKind.REFUND, refund, call.call_id)
         call.used_seconds = used_seconds
         call.charged = charged
         call.shortfall = price - charged
@@ -485,16 +512,16 @@ class StateMachine:
         self._touched[call.call_id] = call
         if refund:
             self._regrant(account)
-        return ReleaseOutcome(call.release)
+        return new_release_outcome(call.release)
 
     def _release_result(self, account: Account, call: Call) -> ReleaseResult:
-        return ReleaseResult(
-            call_id=call.call_id,
-            used_seconds=call.used_seconds,
-            billed_seconds=billed_seconds(call.rate, call.used_seconds),
-            charged=call.charged,
-            shortfall=call.shortfall,
-            balance=account.balance,
+        return new_release_result(
+            call.call_id,
+            call.used_seconds,
+            billed_seconds(call.rate, call.used_seconds),
+            call.charged,
+            call.shortfall,
+            account.balance,
         )
 
     def _tick(self, c: Tick) -> Outcome:
@@ -515,15 +542,22 @@ class StateMachine:
 
     # -------------------------------------------------------------- helpers
 
+    def _touch(self, account: Account) -> None:
+        """Note that the step changes `account`, before it does: _check_step looks at it."""
+        if account.account_id not in self._balances_before:
+            self._accounts_touched[account.account_id] = account
+            self._balances_before[account.account_id] = account.balance
+
     def _extend(self, account: Account, call: Call) -> None:
         """Grow the call's allowance to one grant beyond its use, as funds allow."""
         wanted = call.used_seconds + call.grant_seconds
-        target = max(call.allowed_seconds, wanted)
-        allowed = max_affordable_seconds(call.rate, target, call.held + account.available)
-        if allowed < call.allowed_seconds:
+        allowed_before = call.allowed_seconds
+        held = call.held
+        budget = held + account.balance + account.credit_limit - account.reserved
+        allowed, hold = affordable(call.rate, max(allowed_before, wanted), budget)
+        if allowed < allowed_before:
             raise InvariantViolation(f"call {call.call_id} would lose granted seconds")
-        hold = cost(call.rate, allowed)
-        account.reserved += hold - call.held
+        account.reserved += hold - held
         call.held = hold
         call.allowed_seconds = allowed
         self._set_final(account, call, allowed < wanted)
@@ -538,6 +572,7 @@ class StateMachine:
         """
         if account.status is not AccountStatus.ACTIVE:
             return
+        self._touch(account)
         for call_seq in sorted(account.final_calls):
             if account.available <= 0 and not resumed:
                 break
@@ -548,17 +583,30 @@ class StateMachine:
                 self._refresh_validity(call)
                 self._touched[call.call_id] = call
                 self._pushes.append(GrantPush(call.grant()))
-        self._accounts_touched[account.account_id] = account
 
     def _set_final(self, account: Account, call: Call, final: bool) -> None:
         call.final = final
         if final:
             account.final_calls[call.call_seq] = call
-        else:
+        elif account.final_calls:
             account.final_calls.pop(call.call_seq, None)
 
     def _refresh_validity(self, call: Call) -> None:
-        call.expires_at_ms = self.now_ms + call.validity_seconds * 1000
+        """Move the call's deadline to one validity from now.
+
+        The expiry heap must hold, for each open call, an entry no later than its
+        deadline. A later deadline keeps the entry it has (when popped, the entry is
+        pushed again at the deadline then current); only an earlier one (a shorter
+        validity than before) needs an entry of its own. So a renewal, the commonest
+        command, does not push.
+        """
+        expires_at_ms = self.now_ms + call.validity_seconds * 1000
+        earlier = expires_at_ms < call.expires_at_ms
+        call.expires_at_ms = expires_at_ms
+        if earlier:
+            self._push_expiry(call)
+
+    def _push_expiry(self, call: Call) -> None:
         heapq.heappush(self._expiries, (call.expires_at_ms, call.call_seq, call.call_id))
         # Each renewal leaves its old deadline behind in the heap; a call renewed far
         # more often than its validity would make the heap grow without bound.
@@ -577,11 +625,16 @@ class StateMachine:
             and self._expiries[0][0] < self.now_ms
             and expired < MAX_EXPIRIES_PER_STEP
         ):
-            expires_at_ms, _, call_id = heapq.heappop(self._expiries)
+            expires_at_ms, call_seq, call_id = heapq.heappop(self._expiries)
             call = self.calls.get(call_id)
-            # Entries left behind by renewals are stale: the call moved its deadline.
-            if call is not None and call.expires_at_ms == expires_at_ms:
-                expired += self._expire_if_due(call)
+            if call is None or call.call_seq != call_seq or call.state is not CallState.ACTIVE:
+                continue  # the call ended (or left the window and its id was reused)
+            if call.expires_at_ms != expires_at_ms:
+                # Renewed since: queue it at its deadline, so that calls expire in
+                # (deadline, call_seq) order however their entries were queued.
+                heapq.heappush(self._expiries, (call.expires_at_ms, call_seq, call_id))
+                continue
+            expired += self._expire_if_due(call)
         return expired
 
     def _expire_if_due(self, call: Call) -> int:
@@ -593,12 +646,13 @@ class StateMachine:
         charge = call.held
         self._close(account, call, CallState.EXPIRED)
         if charge:
-            self._post(account, EntryKind.EXPIRY_CHARGE, -charge, call_id=call.call_id)
+            self._post(account, EntryKind.EXPIRY_CHARGE, -charge, call.call_id)
         call.charged = charge
         return 1
 
     def _close(self, account: Account, call: Call, state: CallState) -> None:
         """End an open call: free its hold and remember it for the window."""
+        self._touch(account)
         account.reserved -= call.held
         call.held = 0
         call.state = state
@@ -607,44 +661,91 @@ class StateMachine:
         del account.open_calls[call.call_id]
         self._ended.append((self.now_ms, call.call_id))
         self._touched[call.call_id] = call
-        self._accounts_touched[account.account_id] = account
 
     def _post(
         self,
         account: Account,
         kind: EntryKind,
         amount: int,
-        *,
         call_id: str,
         reference: str = "",
         key: str = "",
     ) -> None:
         """The only place a balance changes: every change is a ledger entry."""
-        account.balance += amount
+        account_id = account.account_id
+        if account_id not in self._balances_before:
+            self._accounts_touched[account_id] = account
+            self._balances_before[account_id] = account.balance
+        balance = account.balance = account.balance + amount
         self.ledger_total += amount
-        self.last_entry_id += 1
+        entry_id = self.last_entry_id = self.last_entry_id + 1
         self._entries.append(
-            LedgerEntry(
-                entry_id=self.last_entry_id,
-                account_id=account.account_id,
-                kind=kind,
-                amount=amount,
-                balance_after=account.balance,
-                call_id=call_id,
-                reference=reference,
-                idempotency_key=key,
-                created_at_ms=self.now_ms,
+            new_ledger_entry(
+                entry_id,
+                account_id,
+                kind,
+                amount,
+                balance,
+                call_id,
+                reference,
+                key,
+                self.now_ms,
             )
         )
-        self._accounts_touched[account.account_id] = account
 
-    def _check_touched(self) -> None:
-        for account in self._accounts_touched.values():
-            if account.available < 0 or account.reserved < 0:
+    def _check_step(self) -> None:
+        """The invariants, checked on what the step touched (O(touched), not O(state)).
+
+        Every touched account: reserved >= 0 and available >= 0. Money: the step's
+        entries sum to the change of the ledger total, and each touched account's
+        balance moved by exactly the sum of its entries, so a balance changed without
+        an entry (or an entry without its change) stops the server. Accounts are
+        touched before they change (_touch); audit() checks the whole state.
+        """
+        before = self._balances_before
+        moved = bool(self._entries) or self.ledger_total != self._ledger_total_before
+        for account_id, account in self._accounts_touched.items():
+            reserved = account.reserved
+            if reserved < 0 or account.balance + account.credit_limit < reserved:
                 raise InvariantViolation(
-                    f"account {account.account_id}: available {account.available}, "
-                    f"reserved {account.reserved}"
+                    f"account {account_id}: available {account.available}, reserved {reserved}"
                 )
+            if not moved and account.balance != before.get(account_id, account.balance):
+                moved = True
+        if moved:
+            self._check_money()
+
+    def _check_money(self) -> None:
+        entries = self._entries
+        before = self._balances_before
+        if len(entries) == 1 and len(before) == 1:  # the usual case: a charge, a top-up
+            entry = entries[0]
+            balance_before = before.get(entry.account_id)
+            if (
+                balance_before is not None
+                and self.ledger_total - self._ledger_total_before == entry.amount
+                and self.accounts[entry.account_id].balance - balance_before == entry.amount
+            ):
+                return
+        by_account: dict[str, int] = {}
+        total = 0
+        for entry in self._entries:
+            total += entry.amount
+            by_account[entry.account_id] = by_account.get(entry.account_id, 0) + entry.amount
+        if self.ledger_total - self._ledger_total_before != total:
+            raise InvariantViolation(
+                f"money not conserved: the ledger total moved by "
+                f"{self.ledger_total - self._ledger_total_before}, the step's entries by {total}"
+            )
+        for account_id, balance_before in self._balances_before.items():
+            change = self.accounts[account_id].balance - balance_before
+            if change != by_account.pop(account_id, 0):
+                raise InvariantViolation(
+                    f"money not conserved: account {account_id} moved by {change}, "
+                    "its entries by a different amount"
+                )
+        if by_account:
+            raise InvariantViolation(f"entries of accounts the step did not touch: {by_account}")
 
     # ---------------------------------------------------------------- reads
 
@@ -673,12 +774,16 @@ class StateMachine:
         balances = 0
         for account in self.accounts.values():
             balances += account.balance
-            holds = sum(call.held for call in account.open_calls.values())
+            open_calls = account.open_calls
+            # Most accounts have no open call: a start from a snapshot audits them all.
+            holds = sum(call.held for call in open_calls.values()) if open_calls else 0
             if holds != account.reserved:
                 problems.append(f"{account.account_id}: reserved {account.reserved} != {holds}")
-            if account.available < 0:
+            if account.balance + account.credit_limit < account.reserved:
                 problems.append(f"{account.account_id}: available {account.available} < 0")
-            for call in account.open_calls.values():
+            if not open_calls:
+                continue
+            for call in open_calls.values():
                 if call.state is not CallState.ACTIVE or self.calls.get(call.call_id) is not call:
                     problems.append(f"{call.call_id}: open but {call.state}")
                 if call.held != cost(call.rate, call.allowed_seconds):
@@ -735,6 +840,19 @@ class StateMachine:
         """Rebuild a state machine from `image()`; raises InvariantViolation if broken."""
         if image.get("format") != IMAGE_FORMAT:
             raise InvariantViolation(f"unknown state image format {image.get('format')!r}")
+        # Building millions of objects would run the cyclic garbage collector over
+        # the growing heap again and again (about half the time of a start); what
+        # is built here holds no reference cycles, so nothing is left uncollected.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return cls._build(image)
+        finally:
+            if collecting:
+                gc.enable()
+
+    @classmethod
+    def _build(cls, image: dict[str, Any]) -> StateMachine:
         machine = cls()
         machine.now_ms = image["now_ms"]
         machine.last_entry_id = image["last_entry_id"]
@@ -742,19 +860,29 @@ class StateMachine:
         machine.ledger_total = int(image["ledger_total"])
         for tariff_id, currency, rates in image["tariffs"]:
             machine.tariffs[tariff_id] = Tariff(tariff_id, currency, tuple(Rate(*r) for r in rates))
+        accounts = machine.accounts
+        status_of = _ACCOUNT_STATUS
+        # Positional, and the names every account repeats (currency, tariff) shared:
+        # a start from a snapshot builds a million accounts here.
+        names: dict[str, str] = {}
         for row in image["accounts"]:
             account_id, currency, tariff_id, credit_limit, cap, status, balance, reserved = row
-            machine.accounts[account_id] = Account(
-                account_id=account_id,
-                currency=currency,
-                tariff_id=tariff_id,
-                credit_limit=credit_limit,
-                max_concurrent_calls=cap,
-                status=_ACCOUNT_STATUS[status],
-                balance=balance,
-                reserved=reserved,
+            accounts[account_id] = Account(
+                account_id,
+                names.setdefault(currency, currency),
+                names.setdefault(tariff_id, tariff_id),
+                credit_limit,
+                cap,
+                status_of[status],
+                balance,
+                reserved,
+                {},
+                {},
             )
-        calls = sorted((_call_from_image(row) for row in image["calls"]), key=_by_call_seq)
+        shared_rates: dict[tuple[Any, ...], Rate] = {}
+        calls = sorted(
+            (_call_from_image(row, shared_rates) for row in image["calls"]), key=_by_call_seq
+        )
         for call in calls:
             machine.calls[call.call_id] = call
             if call.state is CallState.ACTIVE:
@@ -774,6 +902,23 @@ class StateMachine:
             raise InvariantViolation("state image is broken: " + "; ".join(problems))
         return machine
 
+
+def _handlers_of(cls: type[StateMachine]) -> dict[type[Any], _Handler]:
+    """Each command type's handler in `cls`, overrides included (tests inject bugs so)."""
+    return {
+        CreateAccount: cls._create_account,
+        UpdateAccount: cls._update_account,
+        TopUp: cls._top_up,
+        Adjust: cls._adjust,
+        PutTariff: cls._put_tariff,
+        Reserve: cls._reserve,
+        Renew: cls._renew,
+        Release: cls._release,
+        Tick: cls._tick,
+    }
+
+
+StateMachine._handlers = _handlers_of(StateMachine)
 
 IMAGE_FORMAT = 1
 # Enum lookups by value through a dict: calling the enum costs ~10x more.
@@ -815,8 +960,11 @@ def _view_image(view: AccountView) -> list[Any]:
 
 
 def _view(row: list[Any]) -> AccountView:
-    account_id, currency, status, tariff_id, *numbers = row
-    return AccountView(account_id, currency, _ACCOUNT_STATUS[status], tariff_id, *numbers)
+    if len(row) != len(AccountView._fields):
+        raise InvariantViolation(f"state image: an account view of {len(row)} fields")
+    values = list(row)
+    values[2] = _ACCOUNT_STATUS[values[2]]
+    return _new(AccountView, tuple(values))
 
 
 def _call_image(call: Call) -> list[Any]:
@@ -857,7 +1005,7 @@ def _call_image(call: Call) -> list[Any]:
     ]
 
 
-def _call_from_image(row: list[Any]) -> Call:
+def _call_from_image(row: list[Any], rates: dict[tuple[Any, ...], Rate]) -> Call:
     (call_id, call_seq, account_id, destination, requested, rate, grant_seconds, validity,
      started_at_ms, expires_at_ms, state, allowed, used, held, final, last_sequence, renew,
      charged, shortfall, ended_at_ms, release) = row  # fmt: skip
@@ -867,7 +1015,7 @@ def _call_from_image(row: list[Any]) -> Call:
         account_id=account_id,
         destination=destination,
         requested_seconds=requested,
-        rate=Rate(*rate),
+        rate=_shared_rate(rates, rate),
         grant_seconds=grant_seconds,
         validity_seconds=validity,
         started_at_ms=started_at_ms,
@@ -884,3 +1032,12 @@ def _call_from_image(row: list[Any]) -> Call:
         ended_at_ms=ended_at_ms,
         release=None if release is None else ReleaseResult(call_id, *release),
     )
+
+
+def _shared_rate(rates: dict[tuple[Any, ...], Rate], row: list[Any]) -> Rate:
+    """One Rate per distinct rate of the image: calls to one prefix share it."""
+    key = tuple(row)
+    rate = rates.get(key)
+    if rate is None:
+        rate = rates[key] = Rate(*row)
+    return rate

@@ -6,9 +6,11 @@ int milliseconds since the Unix epoch (`*_ms`), given by the caller.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 MAX_PREFIX_DIGITS = 16
 
@@ -58,16 +60,24 @@ class Tariff:
     currency: str
     rates: tuple[Rate, ...]
     _by_prefix: dict[str, Rate] = field(init=False, repr=False, compare=False, hash=False)
+    # The lengths its prefixes have, longest first: a lookup tries only these.
+    _lengths: tuple[int, ...] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_by_prefix", {r.prefix: r for r in self.rates})
+        by_prefix = {r.prefix: r for r in self.rates}
+        lengths = sorted({len(p) for p in by_prefix if len(p) <= MAX_PREFIX_DIGITS}, reverse=True)
+        object.__setattr__(self, "_by_prefix", by_prefix)
+        object.__setattr__(self, "_lengths", tuple(lengths))
 
     def rate_for(self, destination: str) -> Rate | None:
         """The rate of the longest prefix of `destination` (digits only), if any."""
-        for length in range(min(len(destination), MAX_PREFIX_DIGITS), -1, -1):
-            rate = self._by_prefix.get(destination[:length])
-            if rate is not None:
-                return rate
+        by_prefix = self._by_prefix
+        size = len(destination)
+        for length in self._lengths:
+            if length <= size:
+                rate = by_prefix.get(destination[:length])
+                if rate is not None:
+                    return rate
         return None
 
 
@@ -178,30 +188,29 @@ class Call:
 
     def grant(self) -> Grant:
         """The call's current grant."""
-        return Grant(
+        return new_grant(
             self.call_id, self.allowed_seconds, self.final, self.validity_seconds, self.held
         )
 
     def record(self) -> CallRecord:
         """An immutable copy for history and reads."""
-        active = self.state is CallState.ACTIVE
-        return CallRecord(
-            call_id=self.call_id,
-            call_seq=self.call_seq,
-            account_id=self.account_id,
-            destination=self.destination,
-            state=self.state,
-            allowed_seconds=self.allowed_seconds,
-            used_seconds=self.used_seconds,
-            held=self.held,
-            charged=self.charged,
-            shortfall=self.shortfall,
-            rate=self.rate,
-            started_at_ms=self.started_at_ms,
-            ended_at_ms=self.ended_at_ms,
-            final=self.final,
-            expires_at_ms=self.expires_at_ms if active else None,
-            last_sequence=self.last_sequence,
+        return new_call_record(
+            self.call_id,
+            self.call_seq,
+            self.account_id,
+            self.destination,
+            self.state,
+            self.allowed_seconds,
+            self.used_seconds,
+            self.held,
+            self.charged,
+            self.shortfall,
+            self.rate,
+            self.started_at_ms,
+            self.ended_at_ms,
+            self.final,
+            self.expires_at_ms if self.state is CallState.ACTIVE else None,
+            self.last_sequence,
         )
 
 
@@ -226,15 +235,85 @@ class Account:
         return self.balance + self.credit_limit - self.reserved
 
     def view(self) -> AccountView:
-        return AccountView(
-            account_id=self.account_id,
-            currency=self.currency,
-            status=self.status,
-            tariff_id=self.tariff_id,
-            balance=self.balance,
-            reserved=self.reserved,
-            available=self.available,
-            credit_limit=self.credit_limit,
-            max_concurrent_calls=self.max_concurrent_calls,
-            active_calls=len(self.open_calls),
+        return _new(
+            AccountView,
+            (
+                self.account_id,
+                self.currency,
+                self.status,
+                self.tariff_id,
+                self.balance,
+                self.reserved,
+                self.balance + self.credit_limit - self.reserved,
+                self.credit_limit,
+                self.max_concurrent_calls,
+                len(self.open_calls),
+            ),
         )
+
+
+_T = TypeVar("_T")
+_NT = TypeVar("_NT", bound=tuple[Any, ...])
+
+
+def _new(cls: type[_NT], values: tuple[Any, ...]) -> _NT:
+    """A NamedTuple from all of its fields in order, without the keyword-parsing __new__.
+
+    tuple.__new__ skips the generated __new__ (~5x faster for 10 fields); callers
+    pass every field, in order, so the value is the one the constructor would build.
+    """
+    return tuple.__new__(cls, values)
+
+
+def positional_constructor(cls: type[_T]) -> Callable[..., _T]:
+    """A constructor of the frozen, slotted dataclass `cls` taking every field in order.
+
+    A frozen dataclass's __init__ assigns each field through object.__setattr__, ~3 us
+    for a CallRecord's 16 fields; this one stores each through its slot descriptor, a
+    third of that. The state machine builds records, grants and entries on every step.
+    It builds the same value as cls(*values): no defaults, no __post_init__ (refused).
+    """
+    params = dataclasses.fields(cls)  # type: ignore[arg-type]
+    if not hasattr(cls, "__slots__") or hasattr(cls, "__post_init__"):
+        raise TypeError(f"{cls.__name__} must be slotted and have no __post_init__")
+    names = [f"v{i}" for i in range(len(params))]
+    body = "".join(f"    set{i}(obj, v{i})\n" for i in range(len(params)))
+    source = f"def new({', '.join(names)}):\n    obj = new_object(cls)\n{body}    return obj\n"
+    scope: dict[str, Any] = {"new_object": object.__new__, "cls": cls}
+    for i, param in enumerate(params):
+        scope[f"set{i}"] = cls.__dict__[param.name].__set__
+    exec(source, scope)
+    new: Callable[..., _T] = scope["new"]
+    new.__qualname__ = new.__name__ = f"new_{cls.__name__}"
+    return new
+
+
+# Typed here, so that mypy checks every call as it would the class's own constructor.
+new_grant: Callable[[str, int, bool, int, int], Grant] = positional_constructor(Grant)
+new_release_result: Callable[[str, int, int, int, int, int], ReleaseResult] = (
+    positional_constructor(ReleaseResult)
+)
+new_ledger_entry: Callable[[int, str, EntryKind, int, int, str, str, str, int], LedgerEntry] = (
+    positional_constructor(LedgerEntry)
+)
+new_call_record: Callable[
+    [
+        str,  # call_id
+        int,  # call_seq
+        str,  # account_id
+        str,  # destination
+        CallState,  # state
+        int,  # allowed_seconds
+        int,  # used_seconds
+        int,  # held
+        int,  # charged
+        int,  # shortfall
+        Rate,  # rate
+        int,  # started_at_ms
+        int | None,  # ended_at_ms
+        bool,  # final
+        int | None,  # expires_at_ms
+        int,  # last_sequence
+    ],
+    CallRecord,
+] = positional_constructor(CallRecord)

@@ -6,10 +6,17 @@ Pushes are what the server must tell dialers beyond the answer itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from callcredit_server.core.model import AccountView, Grant, ReleaseResult, Tariff
+from callcredit_server.core.model import (
+    AccountView,
+    Grant,
+    ReleaseResult,
+    Tariff,
+    positional_constructor,
+)
 
 
 class Reason(StrEnum):
@@ -75,6 +82,13 @@ class TickResult:
     expired: int
     forgotten: int
 
+
+# What the state machine builds on every step, without frozen __init__'s __setattr__.
+new_account_result: Callable[[AccountView], AccountResult] = positional_constructor(AccountResult)
+new_grant_result: Callable[[Grant], GrantResult] = positional_constructor(GrantResult)
+new_release_outcome: Callable[[ReleaseResult], ReleaseOutcome] = positional_constructor(
+    ReleaseOutcome
+)
 
 Outcome = Refused | AccountResult | TariffResult | GrantResult | ReleaseOutcome | TickResult
 

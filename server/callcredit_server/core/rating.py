@@ -38,8 +38,14 @@ def cost(rate: Rated, seconds: int) -> int:
     """Minor units owed for a call of `seconds` in total: connect fee + rounded-up price."""
     if seconds <= 0:
         return 0
-    billed = billed_seconds(rate, seconds)
-    return rate.connect_fee + -(-(billed * rate.price_per_minute_micros) // MICROS_PER_MINUTE)
+    # billed_seconds(), inlined: this runs several times per step.
+    first = rate.first_increment_seconds
+    if seconds > first:
+        step = rate.next_increment_seconds
+        billed = first + -((first - seconds) // step) * step
+    else:
+        billed = first
+    return rate.connect_fee + -((-billed * rate.price_per_minute_micros) // MICROS_PER_MINUTE)
 
 
 def max_affordable_seconds(rate: Rated, limit_seconds: int, budget: int) -> int:
@@ -48,15 +54,28 @@ def max_affordable_seconds(rate: Rated, limit_seconds: int, budget: int) -> int:
     cost() never decreases with seconds, so a binary search over [0, limit] finds it
     in at most ~17 steps for the 86,400-second ceiling.
     """
-    if limit_seconds <= 0 or budget < cost(rate, 1):
-        return 0
-    if cost(rate, limit_seconds) <= budget:
-        return limit_seconds
-    low, high = 1, limit_seconds  # cost(low) <= budget < cost(high)
+    return affordable(rate, limit_seconds, budget)[0]
+
+
+def affordable(rate: Rated, limit_seconds: int, budget: int) -> tuple[int, int]:
+    """(max_affordable_seconds(...), the cost of that many seconds), in one search.
+
+    The usual case, a budget that covers the whole limit, costs one cost().
+    """
+    if limit_seconds <= 0:
+        return 0, 0
+    top = cost(rate, limit_seconds)
+    if top <= budget:
+        return limit_seconds, top
+    one = cost(rate, 1)
+    if budget < one:
+        return 0, 0
+    low, low_cost, high = 1, one, limit_seconds  # cost(low) <= budget < cost(high)
     while high - low > 1:
         mid = (low + high) // 2
-        if cost(rate, mid) <= budget:
-            low = mid
+        mid_cost = cost(rate, mid)
+        if mid_cost <= budget:
+            low, low_cost = mid, mid_cost
         else:
             high = mid
-    return low
+    return low, low_cost

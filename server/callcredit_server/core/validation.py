@@ -1,11 +1,15 @@
 """Input limits (DESIGN.md, Contract): checked before anything else, changing nothing.
 
-Each function returns the field violations of one command, empty when valid.
+`violations` returns the field violations of one command, empty when valid.
+`is_valid` answers the same question without building them: the state machine asks
+it on every step, and only a refused command needs the violations spelled out.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 from callcredit_server.core.commands import (
     Adjust,
@@ -152,3 +156,67 @@ def _tariff(out: Violations, command: PutTariff) -> None:
         for field_name in ("first_increment_seconds", "next_increment_seconds"):
             _range(out, f"{name}.{field_name}", getattr(rate, field_name), 1, MAX_INCREMENT_SECONDS)
         _range(out, f"{name}.connect_fee", rate.connect_fee, 0, MAX_CONNECT_FEE)
+
+
+# ------------------------------------------------------------ fast path
+
+# is_valid(c) == (violations(c) == []) for every command; tests/core/test_validation.py
+# holds the two to that over every limit. Only the commands of the hot path get a
+# predicate of their own; the others ask violations().
+_ID_MATCH = ID_PATTERN.fullmatch
+_DESTINATION_MATCH = DESTINATION_PATTERN.fullmatch
+_CURRENCY_MATCH = CURRENCY_PATTERN.fullmatch
+
+
+def _reserve_ok(c: Reserve) -> bool:
+    return bool(
+        _ID_MATCH(c.call_id)
+        and _ID_MATCH(c.account_id)
+        and _DESTINATION_MATCH(c.destination)
+        and 0 <= c.requested_seconds <= MAX_SECONDS
+    )
+
+
+def _renew_ok(c: Renew) -> bool:
+    return bool(
+        _ID_MATCH(c.call_id)
+        and 1 <= c.sequence <= MAX_SEQUENCE
+        and 0 <= c.used_seconds <= MAX_SECONDS
+        and 0 <= c.requested_seconds <= MAX_SECONDS
+    )
+
+
+def _release_ok(c: Release) -> bool:
+    return bool(_ID_MATCH(c.call_id) and 0 <= c.used_seconds <= MAX_SECONDS)
+
+
+def _create_account_ok(c: CreateAccount) -> bool:
+    return bool(
+        _ID_MATCH(c.account_id)
+        and _CURRENCY_MATCH(c.currency)
+        and _ID_MATCH(c.tariff_id)
+        and 0 <= c.credit_limit <= MAX_CREDIT_LIMIT
+        and 0 <= c.max_concurrent_calls <= MAX_CALLS
+    )
+
+
+def _tick_ok(c: Tick) -> bool:
+    return True
+
+
+def _no_violations(c: Any) -> bool:
+    return not violations(c)
+
+
+_VALID: dict[type[Any], Callable[[Any], bool]] = {
+    Reserve: _reserve_ok,
+    Renew: _renew_ok,
+    Release: _release_ok,
+    CreateAccount: _create_account_ok,
+    Tick: _tick_ok,
+}
+
+
+def is_valid(command: Command) -> bool:
+    """Whether `command` is within the input limits: `not violations(command)`, faster."""
+    return _VALID.get(type(command), _no_violations)(command)
