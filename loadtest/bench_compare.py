@@ -91,6 +91,12 @@ class Options:
     layouts: tuple[str, ...] = ("hot", "many")
     use_uvloop: bool = True
     quiet: bool = False
+    hot_balance: int = HOT_BALANCE
+    balance: int = ACCOUNT_BALANCE
+    """Each account's balance in the spread layout."""
+    unsafe: bool = False
+    """The PostgreSQL and Redis designs without their balance condition: they overdraw,
+    and the check must say so (tests only)."""
 
 
 @dataclass
@@ -258,8 +264,8 @@ def _result(
 
 def _accounts(layout: str, options: Options) -> tuple[list[str], int]:
     if layout == "hot":
-        return ["hot"], HOT_BALANCE
-    return [f"a{n}" for n in range(options.accounts)], ACCOUNT_BALANCE
+        return ["hot"], options.hot_balance
+    return [f"a{n}" for n in range(options.accounts)], options.balance
 
 
 def _layout_name(layout: str, options: Options) -> str:
@@ -487,10 +493,12 @@ async def run(options: Options) -> Report:
                 else:
                     _skip(report, "callcredit-pg: no --database-url")
             elif system == "postgres":
-                await run_postgres(report, layout, options)
+                await run_postgres(report, layout, options, unsafe=options.unsafe)
             elif system == "redis":
                 if redis_up:
-                    await run_redis(report, layout, options, system, options.redis_url)
+                    await run_redis(
+                        report, layout, options, system, options.redis_url, unsafe=options.unsafe
+                    )
                 else:
                     _skip(report, f"redis: {options.redis_url} does not answer")
             elif system == "redis-aof":
@@ -501,7 +509,7 @@ async def run(options: Options) -> Report:
                     workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bc-redis-"))
                     _, port = stack.enter_context(procs.private_redis(Path(workdir)))
                     url = f"redis://127.0.0.1:{port}/0"
-                    await run_redis(report, layout, options, system, url)
+                    await run_redis(report, layout, options, system, url, unsafe=options.unsafe)
             elif system == "echo":
                 await run_echo(report, layout, options)
             else:
@@ -577,8 +585,12 @@ def _settings_text(report: Report) -> list[str]:
         f"- {o.calls:,} concurrent calls, each reserve -> {o.renews} renews -> release; "
         f"{o.seconds:g} s measured per variant after {o.warmup:g} s of warm-up; layouts: "
         + ", ".join(_layout_name(layout, o) for layout in o.layouts),
-        f"- balances: hot account {HOT_BALANCE:,}, others {ACCOUNT_BALANCE:,} each: no call "
-        "is refused for funds (the refused column must stay 0)",
+        f"- balances: hot account {o.hot_balance:,}, others {o.balance:,} each"
+        + (
+            ": no call is refused for funds (the refused column stays 0)"
+            if (o.hot_balance, o.balance) == (HOT_BALANCE, ACCOUNT_BALANCE)
+            else ": sized by hand, refusals expected"
+        ),
         f"- machine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, grpcio "
         f"{m['grpcio']}, load average at start {m['loadavg_at_start']}",
         f"- client event loop: {'uvloop' if o.use_uvloop else 'asyncio'}; {SHARED_NOTE}",
@@ -660,6 +672,11 @@ def _parse(argv: list[str] | None) -> tuple[Options, Path]:
     parser.add_argument(
         "--streams", type=int, default=0, help="Control streams, single mode (0: calls/64)"
     )
+    parser.add_argument(
+        "--hot-balance", type=int, default=HOT_BALANCE,
+        help="the hot account's balance (small: INSUFFICIENT_FUNDS refusals happen)",
+    )  # fmt: skip
+    parser.add_argument("--balance", type=int, default=ACCOUNT_BALANCE, help="each other account's")
     parser.add_argument("--no-uvloop", action="store_true", help="the default asyncio loop")
     parser.add_argument(
         "--out", type=Path, default=None,
@@ -691,6 +708,8 @@ def _parse(argv: list[str] | None) -> tuple[Options, Path]:
         streams=args.streams,
         layouts=layouts,
         use_uvloop=not args.no_uvloop,
+        hot_balance=args.hot_balance,
+        balance=args.balance,
     )
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
     out = args.out or procs.REPO / "loadtest" / "results" / f"bench_compare-{stamp}.md"

@@ -294,6 +294,5 @@ async def redis_totals(run: RedisRun, accounts: list[str], balance: int) -> Acco
         nonzero_reserved=sum(1 for r in rows if r[1]),
         open_holds=holds,
         open_holds_total=held,
-        reserved_mismatches=0 if holds else sum(1 for r in rows if r[1]),
         server_charged_total=sum(r[2] for r in rows),
     )
