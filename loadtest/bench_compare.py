@@ -88,12 +88,19 @@ class Options:
     streams: int = 0
     """Control streams for one-operation-per-message (0: enough for 64 calls each)."""
     window: int = grpc_drivers.SERVER_WINDOW_MESSAGES
+    batch: int = 100
+    """Most operations per ControlRequest in the raw batched mode (DialerClient: 1,000)."""
+    batch_streams: int = 1
+    dialers: int = 1
+    """DialerClients (one stream each) the library mode spreads the calls over."""
     layouts: tuple[str, ...] = ("hot", "many")
     use_uvloop: bool = True
     quiet: bool = False
     hot_balance: int = HOT_BALANCE
     balance: int = ACCOUNT_BALANCE
     """Each account's balance in the spread layout."""
+    raise_errors: bool = False
+    """Raise a system's failure instead of recording it and going on (tests)."""
     unsafe: bool = False
     """The PostgreSQL and Redis designs without their balance condition: they overdraw,
     and the check must say so (tests only)."""
@@ -113,7 +120,11 @@ class Result:
     refused: int
     cut: int
     client_cpu_pct: float
+    """CPU of the load generator's process over the window, % of one core."""
     server_cpu_pct: float | None
+    """CPU of the server process(es) we can attribute, % of one core."""
+    client_us_per_op: float
+    server_us_per_op: float | None
     machine_cpu_pct: float
     check_ok: bool
     problems: list[str]
@@ -130,6 +141,7 @@ class Report:
     machine: dict[str, str]
     results: list[Result] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
 
     def find(self, key: str, layout: str) -> Result | None:
         for result in self.results:
@@ -250,6 +262,8 @@ def _result(
         cut=workload.cut_grants,
         client_cpu_pct=100 * window.client_cpu,
         server_cpu_pct=None if window.server_cpu is None else 100 * window.server_cpu,
+        client_us_per_op=_per_op(window.client_cpu, window),
+        server_us_per_op=None if window.server_cpu is None else _per_op(window.server_cpu, window),
         machine_cpu_pct=100 * window.machine_busy,
         check_ok=not problems,
         problems=problems,
@@ -257,6 +271,11 @@ def _result(
         notes=notes,
         key=f"{system}/{mode}",
     )
+
+
+def _per_op(cpu_share: float, window: Window) -> float:
+    """CPU microseconds per measured operation."""
+    return cpu_share * window.seconds / max(window.ops, 1) * 1e6
 
 
 # -- the systems ----------------------------------------------------------------------
@@ -295,17 +314,25 @@ def _grpc_modes(
         )
 
     async def dialer(target: str, workload: Workload) -> None:
-        await grpc_drivers.drive_dialer(target, workload)
+        await grpc_drivers.drive_dialer(target, workload, dialers=options.dialers)
 
     async def batched(target: str, workload: Workload) -> None:
         await grpc_drivers.drive_control(
-            target, workload, streams=1, max_batch=1_000, window=options.window
+            target,
+            workload,
+            streams=options.batch_streams,
+            max_batch=options.batch,
+            window=options.window,
         )
 
     return [
         ("single", f"single: 1 op/message, {streams} streams", single),
-        ("dialer", "batched: DialerClient, 1 stream", dialer),
-        ("batched", "batched: raw stream, <=1,000 ops/message", batched),
+        ("dialer", f"batched: DialerClient x {options.dialers} (1 stream each)", dialer),
+        (
+            "batched",
+            f"batched: raw, <={options.batch:,} ops/message, {options.batch_streams} stream(s)",
+            batched,
+        ),
     ]
 
 
@@ -485,36 +512,49 @@ async def run(options: Options) -> Report:
     redis_up = await redis_design.ping(options.redis_url) if "redis" in options.only else False
     for layout in options.layouts:
         for system in options.only:
-            if system == "callcredit":
-                await run_callcredit(report, layout, options, system, "")
-            elif system == "callcredit-pg":
-                if options.database_url:
-                    await run_callcredit(report, layout, options, system, options.database_url)
-                else:
-                    _skip(report, "callcredit-pg: no --database-url")
-            elif system == "postgres":
-                await run_postgres(report, layout, options, unsafe=options.unsafe)
-            elif system == "redis":
-                if redis_up:
-                    await run_redis(
-                        report, layout, options, system, options.redis_url, unsafe=options.unsafe
-                    )
-                else:
-                    _skip(report, f"redis: {options.redis_url} does not answer")
-            elif system == "redis-aof":
-                if shutil.which("redis-server") is None:
-                    _skip(report, "redis-aof: no redis-server installed")
-                    continue
-                with ExitStack() as stack:
-                    workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bc-redis-"))
-                    _, port = stack.enter_context(procs.private_redis(Path(workdir)))
-                    url = f"redis://127.0.0.1:{port}/0"
-                    await run_redis(report, layout, options, system, url, unsafe=options.unsafe)
-            elif system == "echo":
-                await run_echo(report, layout, options)
-            else:
-                raise ValueError(f"unknown system {system!r}")
+            try:
+                await _run_system(report, layout, system, options, redis_up)
+            except Exception as exc:  # one broken system must not lose the others' results
+                if options.raise_errors:
+                    raise
+                message = f"{system} on {layout}: {exc!r}"
+                report.failures.append(message)
+                print(f"FAILED: {message}", file=sys.stderr, flush=True)
     return report
+
+
+async def _run_system(
+    report: Report, layout: str, system: str, options: Options, redis_up: bool
+) -> None:
+    if system == "callcredit":
+        await run_callcredit(report, layout, options, system, "")
+    elif system == "callcredit-pg":
+        if options.database_url:
+            await run_callcredit(report, layout, options, system, options.database_url)
+        else:
+            _skip(report, "callcredit-pg: no --database-url")
+    elif system == "postgres":
+        await run_postgres(report, layout, options, unsafe=options.unsafe)
+    elif system == "redis":
+        if redis_up:
+            await run_redis(
+                report, layout, options, system, options.redis_url, unsafe=options.unsafe
+            )
+        else:
+            _skip(report, f"redis: {options.redis_url} does not answer")
+    elif system == "redis-aof":
+        if shutil.which("redis-server") is None:
+            _skip(report, "redis-aof: no redis-server installed")
+            return
+        with ExitStack() as stack:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bc-redis-"))
+            _, port = stack.enter_context(procs.private_redis(Path(workdir)))
+            url = f"redis://127.0.0.1:{port}/0"
+            await run_redis(report, layout, options, system, url, unsafe=options.unsafe)
+    elif system == "echo":
+        await run_echo(report, layout, options)
+    else:
+        raise ValueError(f"unknown system {system!r}")
 
 
 def _skip(report: Report, message: str) -> None:
@@ -527,13 +567,14 @@ def _skip(report: Report, message: str) -> None:
 # -- output ---------------------------------------------------------------------------
 
 _COLUMNS = (
-    "system", "layout", "mode", "ops/s", "p50 ms", "p99 ms", "client CPU", "server CPU",
-    "machine CPU", "calls", "refused", "check",
+    "system", "layout", "mode", "ops/s", "p50 ms", "p99 ms", "client CPU", "client µs/op",
+    "server CPU", "server µs/op", "machine CPU", "calls", "refused", "check",
 )  # fmt: skip
 
 
 def _cells(result: Result, options: Options) -> list[str]:
     server = "-" if result.server_cpu_pct is None else f"{result.server_cpu_pct:.0f}%"
+    server_op = "-" if result.server_us_per_op is None else f"{result.server_us_per_op:.0f}"
     return [
         result.system,
         _layout_name(result.layout, options),
@@ -542,7 +583,9 @@ def _cells(result: Result, options: Options) -> list[str]:
         f"{result.p50_ms:.2f}",
         f"{result.p99_ms:.2f}",
         f"{result.client_cpu_pct:.0f}%",
+        f"{result.client_us_per_op:.0f}",
         server,
+        server_op,
         f"{result.machine_cpu_pct:.0f}%",
         f"{result.calls:,}",
         f"{result.refused:,}",
@@ -564,7 +607,7 @@ def _line(result: Result) -> str:
 def text_table(report: Report) -> str:
     rows = [list(_COLUMNS)] + [_cells(r, report.options) for r in report.results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    numeric = {3, 4, 5, 6, 7, 8, 9, 10}
+    numeric = set(range(3, 13))
     lines = []
     for n, row in enumerate(rows):
         cells = [
@@ -581,21 +624,25 @@ def _settings_text(report: Report) -> list[str]:
     o = report.options
     m = report.machine
     durabilities = sorted({f"{r.system}: {r.durability}" for r in report.results})
-    return [
-        f"- {o.calls:,} concurrent calls, each reserve -> {o.renews} renews -> release; "
-        f"{o.seconds:g} s measured per variant after {o.warmup:g} s of warm-up; layouts: "
-        + ", ".join(_layout_name(layout, o) for layout in o.layouts),
-        f"- balances: hot account {o.hot_balance:,}, others {o.balance:,} each"
-        + (
-            ": no call is refused for funds (the refused column stays 0)"
-            if (o.hot_balance, o.balance) == (HOT_BALANCE, ACCOUNT_BALANCE)
-            else ": sized by hand, refusals expected"
-        ),
-        f"- machine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, grpcio "
-        f"{m['grpcio']}, load average at start {m['loadavg_at_start']}",
-        f"- client event loop: {'uvloop' if o.use_uvloop else 'asyncio'}; {SHARED_NOTE}",
-        "- durability: " + "; ".join(durabilities),
-    ] + [f"- skipped: {s}" for s in report.skipped]
+    return (
+        [
+            f"- {o.calls:,} concurrent calls, each reserve -> {o.renews} renews -> release; "
+            f"{o.seconds:g} s measured per variant after {o.warmup:g} s of warm-up; layouts: "
+            + ", ".join(_layout_name(layout, o) for layout in o.layouts),
+            f"- balances: hot account {o.hot_balance:,}, others {o.balance:,} each"
+            + (
+                ": no call is refused for funds (the refused column stays 0)"
+                if (o.hot_balance, o.balance) == (HOT_BALANCE, ACCOUNT_BALANCE)
+                else ": sized by hand, refusals expected"
+            ),
+            f"- machine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, grpcio "
+            f"{m['grpcio']}, load average at start {m['loadavg_at_start']}",
+            f"- client event loop: {'uvloop' if o.use_uvloop else 'asyncio'}; {SHARED_NOTE}",
+            "- durability: " + "; ".join(durabilities),
+        ]
+        + [f"- skipped: {s}" for s in report.skipped]
+        + [f"- FAILED: {f}" for f in report.failures]
+    )
 
 
 def markdown(report: Report, command: str) -> str:
@@ -634,6 +681,7 @@ def as_json(report: Report, command: str) -> str:
                 for layout, label, value in report.ratios()
             ],
             "skipped": report.skipped,
+            "failures": report.failures,
             "note": SHARED_NOTE,
         },
         indent=2,
@@ -677,6 +725,9 @@ def _parse(argv: list[str] | None) -> tuple[Options, Path]:
         help="the hot account's balance (small: INSUFFICIENT_FUNDS refusals happen)",
     )  # fmt: skip
     parser.add_argument("--balance", type=int, default=ACCOUNT_BALANCE, help="each other account's")
+    parser.add_argument("--batch", type=int, default=100, help="most ops/message, raw batched")
+    parser.add_argument("--batch-streams", type=int, default=1, help="streams, raw batched")
+    parser.add_argument("--dialers", type=int, default=1, help="DialerClients, library mode")
     parser.add_argument("--no-uvloop", action="store_true", help="the default asyncio loop")
     parser.add_argument(
         "--out", type=Path, default=None,
@@ -706,6 +757,9 @@ def _parse(argv: list[str] | None) -> tuple[Options, Path]:
         redis_clients=args.redis_clients,
         redis_pipelines=args.redis_pipelines,
         streams=args.streams,
+        batch=args.batch,
+        batch_streams=args.batch_streams,
+        dialers=args.dialers,
         layouts=layouts,
         use_uvloop=not args.no_uvloop,
         hot_balance=args.hot_balance,
@@ -739,7 +793,9 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(markdown(report, command.strip()))
     out.with_suffix(".json").write_text(as_json(report, command.strip()))
     print(f"\nwrote {out} and {out.with_suffix('.json')}")
-    return 0 if all(r.check_ok for r in report.results) else 1
+    for failure in report.failures:
+        print(f"FAILED: {failure}")
+    return 0 if all(r.check_ok for r in report.results) and not report.failures else 1
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
@@ -192,8 +193,9 @@ async def drive_control(
         await asyncio.gather(*tasks)
 
 
-async def drive_dialer(target: str, workload: Workload) -> None:
-    """Run the workload through DialerClient (one stream, the library's batching)."""
+async def drive_dialer(target: str, workload: Workload, *, dialers: int = 1) -> None:
+    """Run the workload through DialerClient: `dialers` clients (one stream each, the
+    library's batching), slot i on client i % dialers."""
 
     async def run(dialer: DialerClient, slot: Slot) -> None:
         call: DialerCall | None = None
@@ -230,8 +232,11 @@ async def drive_dialer(target: str, workload: Workload) -> None:
                     workload.error(slot, str(error))
                 more = workload.answer(slot, False, 0, 0, 0)
 
-    async with DialerClient(target) as dialer:
-        await asyncio.gather(*(run(dialer, slot) for slot in workload.start()))
+    async with AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(DialerClient(target)) for _ in range(dialers)]
+        await asyncio.gather(
+            *(run(clients[slot.index % dialers], slot) for slot in workload.start())
+        )
 
 
 async def _bounded(jobs: Iterable[Callable[[], Awaitable[None]]], concurrency: int) -> None:

@@ -35,6 +35,7 @@ def _options(system: str, **changes: object) -> Options:
         only=(system,),
         quiet=True,
         use_uvloop=False,
+        raise_errors=True,
         pg_url=postgres_url() or "",
         database_url=(postgres_url() or "") if system == "callcredit-pg" else "",
         redis_url=f"redis://{REDIS[0]}:{REDIS[1]}/0",
