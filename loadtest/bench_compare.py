@@ -637,7 +637,9 @@ def _settings_text(report: Report) -> list[str]:
             ),
             f"- machine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, grpcio "
             f"{m['grpcio']}, load average at start {m['loadavg_at_start']}",
-            f"- client event loop: {'uvloop' if o.use_uvloop else 'asyncio'}; {SHARED_NOTE}",
+            f"- client event loop: {'uvloop' if o.use_uvloop else 'asyncio'}. {SHARED_NOTE} "
+            "ops/s, latency and CPU cover the measured window; calls counts every call released "
+            "(warm-up and drain included).",
             "- durability: " + "; ".join(durabilities),
         ]
         + [f"- skipped: {s}" for s in report.skipped]
