@@ -8,7 +8,7 @@ Each system runs it on one hot account and on --accounts (default 10,000) accoun
   callcredit     callcredit-server (own process, fresh SQLite journal, default durability):
                  single   one operation per ControlRequest, raw grpc.aio Control streams
                  dialer   the client library's batching (callcredit.dialer.DialerClient)
-                 batched  raw streams, everything ready coalesced (<= 1,000 ops/message)
+                 batched  a raw stream, everything ready coalesced (--batch: <= 100 ops/message)
   callcredit-pg  the same on a PostgreSQL journal (only with --database-url)
   postgres       a conditional UPDATE per operation over a pool of psycopg connections,
                  synchronous_commit on
