@@ -213,3 +213,24 @@ def test_a_takeover_waits_for_the_commit_in_progress(engine: Engine) -> None:
     with pytest.raises(FencedOut):
         commit_records(engine, 7, epoch_a, [(2, "a2")])
     assert journal(engine) == [(1, 1, "a1")]
+
+
+def test_for_key_share_would_not_order_the_takeover(engine: Engine) -> None:
+    """Why the fence reads FOR SHARE: FOR KEY SHARE does not conflict with the takeover's
+    UPDATE (it leaves the key alone), so a takeover would pass a commit in flight."""
+    with engine.begin() as conn:
+        assert take_lease(conn, 7, "a") == 1
+    expire(engine, 7)
+    taken: dict[str, int | None] = {}
+
+    def take() -> None:
+        with engine.begin() as conn_b:
+            taken["b"] = take_lease(conn_b, 7, "b")
+
+    with engine.begin() as conn_a:
+        conn_a.execute(text("SELECT epoch FROM shard_leases WHERE shard_id = 7 FOR KEY SHARE"))
+        standby = threading.Thread(target=take)
+        standby.start()
+        standby.join(timeout=5)
+        assert not standby.is_alive(), "FOR KEY SHARE held the takeover back after all"
+        assert taken == {"b": 2}
