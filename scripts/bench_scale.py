@@ -29,6 +29,8 @@ is fixed: renewal j of the run is due at t0 + j / rate) to its answer.
     python scripts/bench_scale.py --accounts 2000 --calls 200 --seconds 3 \\
         --small-accounts 200 --small-calls 20 --grant-seconds 10 --workdir /tmp/bs-tiny
 
+With --start-from journal the server starts with no snapshot and replays the whole journal
+(the slow start, and the memory of the state without a snapshot's decoding peak).
 With --reuse the journals in --workdir are served again (their accounts, plus what earlier
 runs did to them; call ids are new per run).
 """
@@ -605,6 +607,7 @@ class Result:
     p99: float = 0.0
     p999: float = 0.0
     max_ms: float = 0.0
+    ops_per_message: float = 0.0
     server_cpu: float = 0.0
     server_us_per_renewal: float = 0.0
     client_cpu: float = 0.0
@@ -648,6 +651,7 @@ async def run_state(
             # the steady phase, with the server's memory sampled every second
             log_before = len(server.log_text())
             cpu0 = process_cpu_seconds([pid]), self_cpu_seconds(), machine_cpu_seconds()
+            sent0 = sum(lane.messages for lane in dialer.lanes)
             sampling = True
 
             async def sample_memory() -> None:
@@ -661,6 +665,8 @@ async def run_state(
             await sampler
             cpu1 = process_cpu_seconds([pid]), self_cpu_seconds(), machine_cpu_seconds()
             result.renewals = renewals
+            messages = sum(lane.messages for lane in dialer.lanes) - sent0
+            result.ops_per_message = renewals / max(messages, 1)
             result.renewals_per_s = renewals / took
             result.renew_every_s = result.calls / rate
             histogram = dialer.renew_latency
@@ -732,6 +738,7 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
         ("RSS with the calls open", [f"{r.rss_open:,.0f} MiB" for r in results]),
         ("each call renews every", [f"{r.renew_every_s:.2f} s" for r in results]),
         ("renewals (per s)", [f"{r.renewals:,} ({r.renewals_per_s:,.0f}/s)" for r in results]),
+        ("operations per message (steady)", [f"{r.ops_per_message:.1f}" for r in results]),
         ("renew p50", [f"{r.p50:.2f} ms" for r in results]),
         ("renew p99", [f"{r.p99:.2f} ms" for r in results]),
         ("renew p99.9", [f"{r.p999:.2f} ms" for r in results]),
@@ -792,6 +799,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> list[Result]:
         prepared.append((result, url, snapshots))
     results = []
     for result, url, snapshots in prepared:
+        if args.start_from == "journal":  # a folder of no snapshots: replay the whole journal
+            snapshots = snapshots.with_name(f"snapshots-{time.time_ns()}")
         journal = Journal(url)
         records = journal.last_seq()
         journal.close()
@@ -820,6 +829,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100, help="operations per message, at most")
     parser.add_argument("--check-accounts", type=int, default=1_000, help="accounts sampled")
     parser.add_argument("--workdir", default="bench-scale")
+    parser.add_argument(
+        "--start-from",
+        choices=("snapshot", "journal"),
+        default="snapshot",
+        help="journal: serve with an empty snapshot folder, so the start replays everything",
+    )
     parser.add_argument("--reuse", action="store_true", help="serve the journals already built")
     parser.add_argument("--only", choices=("small", "big"), default=None)
     parser.add_argument("--verify", action="store_true", help="verify the big journal too")
