@@ -615,6 +615,7 @@ class Result:
     snapshots_steady: int = 0
     snapshot_lines: list[str] = field(default_factory=list)
     release_s: float = 0.0
+    scrape_ms: float = 0.0
     problems: list[str] = field(default_factory=list)
     verified: str = "not run"
 
@@ -705,7 +706,9 @@ async def run_state(
             result.problems.append(f"{counts.cost_mismatches} releases charged != cost(used)")
         if counts.final_grants:
             result.problems.append(f"{counts.final_grants} grants were final (cut short)")
-        gauges = server.metrics()
+        scraped = time.perf_counter()
+        gauges = server.metrics()  # Writer.gauges() runs on the server's event loop
+        result.scrape_ms = (time.perf_counter() - scraped) * 1000
         if gauges.get("callcredit_open_calls") != 0:
             result.problems.append(f"open calls at the end: {gauges.get('callcredit_open_calls')}")
         after = await read_accounts(server.target, sample)
@@ -756,6 +759,7 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
             [f"{r.rss_end:,.0f} / {r.hwm:,.0f} MiB" for r in results],
         ),
         ("release all calls", [f"{r.release_s:.1f} s" for r in results]),
+        ("one /metrics scrape", [f"{r.scrape_ms:.0f} ms" for r in results]),
         ("checks", ["ok" if not r.problems else "; ".join(r.problems) for r in results]),
         ("callcredit-server verify", [r.verified for r in results]),
     ]
