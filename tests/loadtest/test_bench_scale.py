@@ -1,0 +1,34 @@
+"""A short run of scripts/bench_scale.py with tiny numbers: both states are built, served,
+opened, renewed at their steady rate and released, and every check passes (every call
+released, no call open, the charges and the sampled ledgers add up, `callcredit-server
+verify` on both journals). No timing assertions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_scale.py"
+
+
+def test_a_tiny_scale_run_completes_and_its_checks_pass(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--accounts", "2000", "--calls", "200",
+         "--small-accounts", "200", "--small-calls", "20", "--seconds", "2",
+         "--grant-seconds", "10", "--check-accounts", "50", "--verify",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    report = out.stdout + out.stderr
+    assert out.returncode == 0, report
+    rows = {
+        line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+        for line in out.stdout.splitlines()
+        if line.startswith("| ")
+    }
+    assert rows["checks"] == ["ok", "ok"], report
+    assert [cell.startswith("ok") for cell in rows["callcredit-server verify"]] == [True, True]
+    # the same rate for both states: 200 calls / (10 - 5) s, for 2 s
+    assert [cell.split()[0] for cell in rows["renewals (per s)"]] == ["80", "80"], report
+    assert "renew p99 big / small" in out.stdout
