@@ -3,8 +3,9 @@
 Each Operation is answered at once with an Outcome of the right shape (a Grant for a
 reserve or renew, a ReleaseResponse for a release), its numbers computed from the request
 alone by the benchmark's tariff, so a client cannot tell it from callcredit on a
-workload that never runs out of money. Same gRPC server options and event loop (the
-default asyncio loop) as `callcredit-server`. Run as its own process:
+workload that never runs out of money. Same gRPC server options and event loop (uvloop
+where installed, `callcredit_server.app.run_loop`) as `callcredit-server`. Run as its
+own process:
 
     python -m loadtest.baselines.echo_server --listen 127.0.0.1:0
 """
@@ -21,9 +22,9 @@ from typing import Any
 import grpc
 
 from callcredit.v1 import credit_control_pb2, credit_control_pb2_grpc
+from callcredit_server.app import MAX_MESSAGE_BYTES, run_loop
 from loadtest.baselines.workload import REQUESTED_SECONDS, billed_seconds, cost
 
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # as callcredit_server.app
 VALIDITY_SECONDS = 120
 CANNED_BALANCE = 10**12
 
@@ -107,7 +108,7 @@ async def _serve(listen: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--listen", default="127.0.0.1:0")
-    asyncio.run(_serve(parser.parse_args().listen))
+    run_loop("auto", _serve(parser.parse_args().listen))
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 
-from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
+from callcredit.v1 import admin_pb2, credit_control_pb2
 from callcredit_server.auth import Authenticator, AuthInterceptor, Token, tokens_from_config
 from callcredit_server.convert import GrantPolicy
+from callcredit_server.handlers import register
 from callcredit_server.journal import Journal
 from callcredit_server.metrics import Metrics, parse_listen
 from callcredit_server.recovery import recover
@@ -38,6 +39,9 @@ from callcredit_server.service import AdminServicer, CreditControlServicer
 from callcredit_server.writer import SnapshotPolicy, Writer
 
 log = logging.getLogger(__name__)
+
+CREDIT_CONTROL_SERVICE = credit_control_pb2.DESCRIPTOR.services_by_name["CreditControlService"]
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
 
 T = TypeVar("T")
 
@@ -368,14 +372,12 @@ async def start(
     writer.observer = metrics
     metrics.watch(writer)
     control = CreditControlServicer(writer, policy, metrics)
-    credit_control_pb2_grpc.add_CreditControlServiceServicer_to_server(control, server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(writer, journal, history, metrics), server
-    )
+    register(server, control, CREDIT_CONTROL_SERVICE, credit_control_pb2)
+    register(server, AdminServicer(writer, journal, history, metrics), ADMIN_SERVICE, admin_pb2)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     services = (
-        credit_control_pb2.DESCRIPTOR.services_by_name["CreditControlService"].full_name,
-        admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+        CREDIT_CONTROL_SERVICE.full_name,
+        ADMIN_SERVICE.full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )

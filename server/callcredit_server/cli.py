@@ -28,6 +28,7 @@ reporting NOT_SERVING on the health service, until it is restarted.
 from __future__ import annotations
 
 import asyncio
+import gc
 import getpass
 import gzip
 import json
@@ -203,6 +204,12 @@ _SETTING_NAMES = frozenset(Settings.__dataclass_fields__) - {"tokens"}
 
 async def _serve(settings: Settings, log_format: str = "text") -> None:
     running = await start(settings)
+    # The recovered state (millions of objects at scale) lives as long as the process:
+    # moved out of the collector's generations, it is not rescanned by every full
+    # collection that request traffic triggers. (Here, not in start(): a test process
+    # starts and stops many servers, whose frozen cycles would never be collected.)
+    gc.collect()
+    gc.freeze()
     message = f"callcredit-server listening on port {running.port}"
     logs.announce(log_format, message, port=running.port)
     stop = asyncio.Event()

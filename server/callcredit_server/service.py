@@ -51,6 +51,7 @@ from callcredit_server.errors import (
     status_for,
     unavailable,
 )
+from callcredit_server.handlers import UndecodableRequest
 from callcredit_server.journal import Journal, JournalError
 from callcredit_server.metrics import Metrics
 from callcredit_server.writer import AccountFilter, Unavailable, Writer
@@ -304,7 +305,7 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
                 yield response  # resumes once gRPC has taken the message
                 session.sent(messages, operations)
             failure = reader.exception() if reader.done() and not reader.cancelled() else None
-            if isinstance(failure, _StreamError):
+            if isinstance(failure, _StreamError | UndecodableRequest):
                 await _abort(context, failure.status)
             if failure is not None:
                 raise failure

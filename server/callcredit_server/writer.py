@@ -435,8 +435,8 @@ class Writer:
     # ---------------------------------------------------------------- gauges
 
     def gauges(self) -> WriterGauges:
-        """Levels for metrics; call on the event loop (O(accounts), once per scrape)."""
-        open_calls = sum(len(a.open_calls) for a in self._machine.accounts.values())
+        """Levels for metrics; call on the event loop (O(1): a scrape never stalls it)."""
+        open_calls = self._machine.open_call_count
         return WriterGauges(
             queued_submissions=self._queue.qsize(),
             uncommitted_records=len(self._records),

@@ -102,12 +102,6 @@ def test_finding_4_many_field_violations_reach_the_client(server: ServerThread) 
     assert server.digest() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="finding 6: a request that does not parse (bad UTF-8, corrupt wire "
-    "format) is answered UNKNOWN, not INVALID_ARGUMENT",
-)
 @pytest.mark.parametrize(
     ("method", "body"),
     [

@@ -125,6 +125,7 @@ class StateMachine:
         self.last_entry_id = 0
         self.last_call_seq = 0
         self.ledger_total = 0  # sum of every entry's amount: must equal sum of balances
+        self.open_call_count = 0  # calls ACTIVE now (metrics read it: O(1), not O(accounts))
         self._expiries: list[tuple[int, int, str]] = []  # (expires_at_ms, call_seq, call_id)
         self._ended: deque[tuple[int, str]] = deque()  # (ended_at_ms, call_id)
         self._keys: dict[tuple[str, str], _KeyRecord] = {}
@@ -413,6 +414,7 @@ class StateMachine:
         )
         self.calls[call_id] = call
         account.open_calls[call_id] = call
+        self.open_call_count += 1
         account.reserved += hold
         if final:
             account.final_calls[call_seq] = call
@@ -659,6 +661,7 @@ class StateMachine:
         call.ended_at_ms = self.now_ms
         self._set_final(account, call, False)
         del account.open_calls[call.call_id]
+        self.open_call_count -= 1
         self._ended.append((self.now_ms, call.call_id))
         self._touched[call.call_id] = call
 
@@ -772,8 +775,10 @@ class StateMachine:
         """Check every invariant across the whole state; the problems found."""
         problems: list[str] = []
         balances = 0
+        open_calls_seen = 0
         for account in self.accounts.values():
             balances += account.balance
+            open_calls_seen += len(account.open_calls)
             open_calls = account.open_calls
             # Most accounts have no open call: a start from a snapshot audits them all.
             holds = sum(call.held for call in open_calls.values()) if open_calls else 0
@@ -792,6 +797,8 @@ class StateMachine:
                     problems.append(f"{call.call_id}: final flag and final set disagree")
         if balances != self.ledger_total:
             problems.append(f"sum of balances {balances} != sum of entries {self.ledger_total}")
+        if open_calls_seen != self.open_call_count:
+            problems.append(f"{open_calls_seen} open calls, counted {self.open_call_count}")
         return problems
 
     # ------------------------------------------------------------- images
@@ -888,6 +895,7 @@ class StateMachine:
             if call.state is CallState.ACTIVE:
                 account = machine.accounts[call.account_id]
                 account.open_calls[call.call_id] = call
+                machine.open_call_count += 1
                 if call.final:
                     account.final_calls[call.call_seq] = call
                 machine._expiries.append((call.expires_at_ms, call.call_seq, call.call_id))
