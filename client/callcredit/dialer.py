@@ -369,7 +369,7 @@ class DialerCall:
         """Whole seconds of talk time since answered(); 0 while ringing."""
         if self._answered_at is None:
             return 0
-        return int(self._client._clock.monotonic() - self._answered_at)
+        return int(self._client._monotonic() - self._answered_at)
 
     @property
     def hangup_reason(self) -> str | None:
@@ -380,7 +380,7 @@ class DialerCall:
         """Start the talk clock now. Until then the call is ringing: it reports
         used_seconds = 0 and renews only to stay valid. A second call changes nothing."""
         if self._answered_at is None:
-            now = self._client._clock.monotonic()
+            now = self._client._monotonic()
             self._answered_at = now
             if self._live:
                 self._tick(now)
@@ -408,7 +408,7 @@ class DialerCall:
         if self._ended:
             raise RuntimeError(f"call {self.call_id!r} was already released")
         client = self._client
-        now = client._clock.monotonic()
+        now = client._monotonic()
         used = self.used_seconds if used_seconds is None else used_seconds
         if used < self._reported_used_seconds:
             raise ValueError(
@@ -458,7 +458,7 @@ class DialerCall:
             client._retire(renewal)
         future: asyncio.Future[credit_control_pb2.ReleaseResponse]
         future = asyncio.get_running_loop().create_future()
-        entry = _Pending(_RELEASE, self, used, 0, 0, client._clock.monotonic(), future)
+        entry = _Pending(_RELEASE, self, used, 0, 0, client._monotonic(), future)
         try:
             if client._free_slots and client._closed is None and client._supervisor:
                 client._free_slots -= 1
@@ -490,7 +490,7 @@ class DialerCall:
         client = self._client
         future: asyncio.Future[credit_control_pb2.ReleaseResponse]
         future = asyncio.get_running_loop().create_future()
-        entry = _Pending(_RELEASE, self, 0, 0, 0, client._clock.monotonic(), future)
+        entry = _Pending(_RELEASE, self, 0, 0, 0, client._monotonic(), future)
         await client._submit(entry)
         try:
             await future
@@ -501,7 +501,7 @@ class DialerCall:
     def _start(self) -> None:
         """reserve() hands the call out: from now on it renews and can be ordered to hang up."""
         self._live = True
-        self._tick(self._client._clock.monotonic())
+        self._tick(self._client._monotonic())
 
     def _granted(self, grant: Grant, granted_at: float | None, base_used_seconds: int) -> None:
         """Take a grant from an answer (granted_at = when the request was made) or a push
@@ -513,7 +513,7 @@ class DialerCall:
             self._granted_at = granted_at
         self._grant_base_used_seconds = base_used_seconds
         if self._live:
-            self._tick(self._client._clock.monotonic())
+            self._tick(self._client._monotonic())
 
     def _renewal_refused(self, error: CallcreditError) -> None:
         """A refused automatic renewal ends the call's renewing and orders the hang-up."""
@@ -545,7 +545,7 @@ class DialerCall:
         if self._grant is not None and not self._ended:
             self._reattach = True
             if self._live:
-                self._tick(self._client._clock.monotonic())
+                self._tick(self._client._monotonic())
 
     def _tick(self, now: float) -> None:
         """Order the hang-up when talk time reached the grant, start a renewal when one
@@ -557,15 +557,35 @@ class DialerCall:
             return
         grant = self._grant
         assert grant is not None
+        allowed = grant.allowed_seconds
+        answered_at = self._answered_at
         wake_at: float | None = None
-        if self._answered_at is not None and self._hangup_reason is None:
-            hangup_at = self._answered_at + grant.allowed_seconds
+        if answered_at is not None and self._hangup_reason is None:
+            hangup_at = answered_at + allowed
             if now >= hangup_at:
                 self._order_hangup(FINAL_GRANT_REACHED if grant.final else ALLOWED_SECONDS_REACHED)
             else:
                 wake_at = hangup_at
         if self._renewal is None:
-            renew_at = self._renew_at(grant)
+            # Renew ahead of the validity (by its margin, at most half of it) and, once
+            # answered and not final, ahead of allowed_seconds (by its margin, at most
+            # half of what the grant added), but never sooner than the minimum interval.
+            validity = grant.validity_seconds
+            margin = (
+                validity / 2 if validity < 2 * VALIDITY_MARGIN_SECONDS else VALIDITY_MARGIN_SECONDS
+            )
+            renew_at = self._granted_at + validity - margin
+            if answered_at is not None and not grant.final:
+                added = allowed - self._grant_base_used_seconds
+                if added < 0:
+                    added = 0
+                margin = added / 2 if added < 2 * RENEW_MARGIN_SECONDS else RENEW_MARGIN_SECONDS
+                talk_at = answered_at + allowed - margin
+                if talk_at < renew_at:
+                    renew_at = talk_at
+            renewed_at = self._renewed_at
+            if renewed_at is not None and renew_at < renewed_at + RENEW_INTERVAL_MIN_SECONDS:
+                renew_at = renewed_at + RENEW_INTERVAL_MIN_SECONDS
             if self._reattach or now >= renew_at:
                 self._reattach = False
                 self._start_renewal(now)
@@ -588,17 +608,6 @@ class DialerCall:
             client._enqueue(entry)
         else:
             client._spawn(client._submit(entry), f"callcredit-renew-{self.call_id}")
-
-    def _renew_at(self, grant: Grant) -> float:
-        validity_margin = min(VALIDITY_MARGIN_SECONDS, grant.validity_seconds / 2)
-        renew_at = self._granted_at + grant.validity_seconds - validity_margin
-        if self._answered_at is not None and not grant.final:
-            window = max(grant.allowed_seconds - self._grant_base_used_seconds, 0)
-            talk_margin = min(RENEW_MARGIN_SECONDS, window / 2)
-            renew_at = min(renew_at, self._answered_at + grant.allowed_seconds - talk_margin)
-        if self._renewed_at is not None:
-            renew_at = max(renew_at, self._renewed_at + RENEW_INTERVAL_MIN_SECONDS)
-        return renew_at
 
 
 class DialerClient:
@@ -656,6 +665,10 @@ class DialerClient:
         self._tls_files = tls_files
         self._metadata = token_metadata(token)
         self._clock: Clock = clock if clock is not None else SystemClock()
+        # The clock read on every operation: time.monotonic itself for the system clock.
+        self._monotonic: Callable[[], float] = (
+            time.monotonic if type(self._clock) is SystemClock else self._clock.monotonic
+        )
         self._max_ops_per_message = max_ops_per_message
         self._max_messages_in_flight = max_messages_in_flight
         # Pending slots: a counter and the callers waiting for one, first come first served.
@@ -747,7 +760,7 @@ class DialerClient:
             raise ValueError(f"call {call_id!r} is already open on this dialer")
         call = DialerCall(self, call_id, account_id, destination, requested_seconds, on_hangup)
         future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
-        entry = _Pending(_RESERVE, call, 0, 0, requested_seconds, self._clock.monotonic(), future)
+        entry = _Pending(_RESERVE, call, 0, 0, requested_seconds, self._monotonic(), future)
         self._calls[call_id] = call
         try:
             await self._submit(entry)
