@@ -701,9 +701,9 @@ async def test_operations_due_together_are_coalesced_up_to_the_size(fake: FakeSe
 
 
 def test_message_size_and_window_are_checked() -> None:
-    for bad in ({"max_ops_per_message": 0}, {"max_ops_per_message": 10_001}):
+    for bad in (0, 10_001):
         with pytest.raises(ValueError, match="max_ops_per_message"):
-            DialerClient("127.0.0.1:1", **bad)
+            DialerClient("127.0.0.1:1", max_ops_per_message=bad)
     with pytest.raises(ValueError, match="max_messages_in_flight"):
         DialerClient("127.0.0.1:1", max_messages_in_flight=0)
 
