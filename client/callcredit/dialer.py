@@ -400,7 +400,9 @@ class DialerCall:
     async def renew(self, used_seconds: int | None = None, requested_seconds: int = 0) -> Grant:
         """Renew now, besides the automatic renewals, and return the new grant (which the
         call also takes as its own). `used_seconds` defaults to the talk time since
-        answered(); it may not be below what the call already reported.
+        answered() (or what the call already reported, if that is more); it may not be
+        below what the call already reported. Automatic renewals and release() go on
+        from the highest talk time reported.
         `requested_seconds` 0 asks for what the call was reserved with (its own 0: the
         server's default grant). A refusal raises CallcreditError; CALL_ALREADY_ENDED
         and CALL_NOT_FOUND also order the hang-up. Cancelling the caller does not take
@@ -409,7 +411,7 @@ class DialerCall:
             raise RuntimeError(f"call {self.call_id!r} was already released")
         client = self._client
         now = client._monotonic()
-        used = self.used_seconds if used_seconds is None else used_seconds
+        used = self._default_used_seconds() if used_seconds is None else used_seconds
         if used < self._reported_used_seconds:
             raise ValueError(
                 f"used_seconds={used} is below the {self._reported_used_seconds} s "
@@ -438,11 +440,12 @@ class DialerCall:
 
     async def release(self, used_seconds: int | None = None) -> ReleaseResult:
         """End the call and return its charge. `used_seconds` defaults to the talk time
-        since answered(). The release runs to its answer even if the caller is cancelled:
-        a lost release leaves the call to expire, charged its whole allowance."""
+        since answered(), or what a renewal already reported if that is more. The release
+        runs to its answer even if the caller is cancelled: a lost release leaves the call
+        to expire, charged its whole allowance."""
         if self._ended:
             raise RuntimeError(f"call {self.call_id!r} was already released")
-        used = self.used_seconds if used_seconds is None else used_seconds
+        used = self._default_used_seconds() if used_seconds is None else used_seconds
         if used < self._reported_used_seconds:
             raise ValueError(
                 f"used_seconds={used} is below the {self._reported_used_seconds} s "
@@ -594,12 +597,19 @@ class DialerCall:
         if wake_at is not None:
             self._client._schedule(self, wake_at)
 
-    def _start_renewal(self, now: float) -> None:
+    def _default_used_seconds(self) -> int:
+        """The talk time to report when the caller names none: the talk clock, but never
+        below what was already reported (renew(used_seconds=...) may run ahead of it, and
+        the server refuses a report lower than an earlier one)."""
         used = self.used_seconds
+        reported = self._reported_used_seconds
+        return used if used > reported else reported
+
+    def _start_renewal(self, now: float) -> None:
+        used = self._default_used_seconds()
         self._sequence += 1
         self._renewed_at = now
-        if used > self._reported_used_seconds:
-            self._reported_used_seconds = used
+        self._reported_used_seconds = used
         entry = _Pending(_RENEW, self, used, self._sequence, self.requested_seconds, now, None)
         self._renewal = entry
         client = self._client

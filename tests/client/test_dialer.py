@@ -744,3 +744,21 @@ async def test_calls_share_one_timer_task(fake: FakeServer) -> None:
         await asyncio.gather(*(call.release() for call in calls))
 
     assert {op.renew.used_seconds for op in fake.operations("renew")} == {5}
+
+
+async def test_talk_time_reported_ahead_of_the_clock_is_never_reported_lower(
+    fake: FakeServer,
+) -> None:
+    clock = FakeClock()
+    async with DialerClient(fake.target, clock=clock) as dialer:
+        call = await dialer.reserve("c-1", ACCOUNT, DESTINATION)  # valid 60 s
+        call.answered()
+        assert (await call.renew(used_seconds=100)).allowed_seconds == 110
+        clock.advance(55)  # validity 60 s - 5 s margin: an automatic renewal, talk clock 55 s
+        await eventually(lambda: len(fake.operations("renew")) == 2)
+        await asyncio.sleep(SETTLE_SECONDS)
+        assert call.hangup_reason is None
+        result = await call.release()
+
+    assert [op.renew.used_seconds for op in fake.operations("renew")] == [100, 100]
+    assert result.used_seconds == 100
