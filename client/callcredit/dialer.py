@@ -4,7 +4,15 @@ Why it is shaped this way (DESIGN.md, "Shape" and "Contract"):
 
 - In Python gRPC costs about as much per *message* as the server's decision costs per
   *operation*, so operations due at the same moment travel together: a sender task takes
-  what is queued and writes it as one ControlRequest (at most MAX_OPS_PER_MESSAGE).
+  what is queued and writes it in ControlRequests of at most `max_ops_per_message`
+  operations, keeping up to `max_messages_in_flight` of them unanswered. Several
+  moderate messages in flight let the server apply and commit one while the client
+  writes the next and reads the answers to the one before; one huge message at a time
+  makes client and server take turns.
+- Per operation the library does as little as it can: one future for the caller who
+  waits, the Operation built in place in the message being written, and no task per
+  call. One timer task serves every call's renewal and hang-up deadlines from a heap;
+  answers update the call and reschedule it directly.
 - Every operation is idempotent (reserve by call_id, renew by (call_id, sequence), release
   by call_id), so whatever was not answered when a stream broke is simply sent again on
   the next one. The request_id only matches answers to the coroutines waiting for them.
@@ -37,11 +45,13 @@ time by hand. Reconnect backoff is transport timing and uses the event loop's ow
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import math
 import random
 import time
 import uuid
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
@@ -60,6 +70,7 @@ __all__ = [
     "FINAL_GRANT_REACHED",
     "HEARTBEAT_INTERVAL_SECONDS",
     "HEARTBEAT_TIMEOUT_SECONDS",
+    "MAX_MESSAGES_IN_FLIGHT",
     "MAX_OPS_PER_MESSAGE",
     "MAX_PENDING_OPERATIONS",
     "RECONNECT_BACKOFF_INITIAL_SECONDS",
@@ -79,10 +90,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MAX_OPS_PER_MESSAGE = 1_000
-"""Most operations in one ControlRequest. The server takes 10,000; at ~300 bytes per
-operation 1,000 stays far below gRPC's 4 MiB message limit and already amortises the
-per-message cost (DESIGN.md measures 100 per message at ~29x the throughput of 1)."""
+MAX_OPS_PER_MESSAGE = 100
+"""Default for `max_ops_per_message`: most operations in one ControlRequest. 100 already
+amortises the per-message cost (DESIGN.md measures 100 per message at ~29x the throughput
+of 1) and keeps each message small enough for the server to pipeline several."""
+
+MAX_MESSAGES_IN_FLIGHT = 8
+"""Default for `max_messages_in_flight`: ControlRequests with operations written on the
+stream and not yet fully answered. More are queued until answers come back. The server
+reads at most 64 unanswered messages per stream."""
+
+SERVER_MAX_OPS_PER_MESSAGE = 10_000
+"""The server refuses a ControlRequest with more operations (DESIGN.md, limits)."""
 
 MAX_PENDING_OPERATIONS = 10_000
 """Most operations awaiting an answer at once; one more waits for a free slot. It bounds
@@ -211,19 +230,97 @@ class ReleaseResult:
     """The account's balance after the release, in minor units."""
 
 
-@dataclass(slots=True, eq=False)
-class _Pending:
-    """One operation sent (or about to be) and not yet answered."""
+_RESERVE = 0
+_RENEW = 1
+_RELEASE = 2
 
-    operation: credit_control_pb2.Operation
-    future: asyncio.Future[credit_control_pb2.Outcome]
-    call: DialerCall
-    submitted_at: float
-    """When it was queued: the server started the grant's validity no earlier."""
-    used_seconds: int
-    """The talk time this operation reports; a grant it earns is counted from there."""
-    sent: bool = False
-    """Written to some stream at least once, so the server may have acted on it."""
+_WAITING = 0
+"""An operation made but not yet queued: it waits for a pending slot."""
+_PENDING = 1
+"""Queued or written, awaiting its answer; it is in DialerClient._pending."""
+_DONE = 2
+"""Answered, refused, or dropped: no longer counted against any bound."""
+
+_RENEWAL_ENDS_CALL = frozenset({"CALL_ALREADY_ENDED", "CALL_NOT_FOUND"})
+"""Refusals of a renew() that mean the call is gone on the server: it must hang up."""
+
+
+class _Pending:
+    """One operation queued (or about to be) and not yet answered. The Operation message
+    itself is built in place in the ControlRequest that carries it, from these fields,
+    and built again if it has to be resent on a new stream."""
+
+    __slots__ = (
+        "call",
+        "future",
+        "kind",
+        "message",
+        "request_id",
+        "requested_seconds",
+        "sent",
+        "sequence",
+        "state",
+        "submitted_at",
+        "used_seconds",
+    )
+
+    def __init__(
+        self,
+        kind: int,
+        call: DialerCall,
+        used_seconds: int,
+        sequence: int,
+        requested_seconds: int,
+        submitted_at: float,
+        future: asyncio.Future[Any] | None,
+    ) -> None:
+        self.kind = kind
+        self.call = call
+        self.used_seconds = used_seconds
+        """The talk time this operation reports; a grant it earns is counted from there."""
+        self.sequence = sequence
+        self.requested_seconds = requested_seconds
+        self.submitted_at = submitted_at
+        """When it was made: the server started the grant's validity no earlier."""
+        self.future = future
+        """What the waiting caller awaits (a Grant or a ReleaseResponse); None for an
+        automatic renewal, which nobody awaits."""
+        self.request_id = ""
+        self.state = _WAITING
+        self.sent = False
+        """Written to some stream at least once, so the server may have acted on it."""
+        self.message = 0
+        """Number of the message that carries it on the current stream (0: none)."""
+
+
+def _add_operations(request: credit_control_pb2.ControlRequest, batch: list[_Pending]) -> None:
+    """Append one Operation per entry, fields set in place (building nested messages and
+    copying them in costs about twice as much per operation)."""
+    add = request.operations.add
+    for entry in batch:
+        operation = add(request_id=entry.request_id)
+        kind = entry.kind
+        call = entry.call
+        if kind == _RENEW:
+            renew = operation.renew
+            renew.call_id = call.call_id
+            renew.sequence = entry.sequence
+            renew.used_seconds = entry.used_seconds
+            renew.requested_seconds = entry.requested_seconds
+        elif kind == _RELEASE:
+            release = operation.release
+            release.call_id = call.call_id
+            release.used_seconds = entry.used_seconds
+        else:
+            reserve = operation.reserve
+            reserve.call_id = call.call_id
+            reserve.account_id = call.account_id
+            reserve.destination = call.destination
+            reserve.requested_seconds = entry.requested_seconds
+
+
+def _grant(message: credit_control_pb2.Grant) -> Grant:
+    return Grant(message.allowed_seconds, message.final, message.validity_seconds, message.held)
 
 
 class DialerCall:
@@ -253,10 +350,13 @@ class DialerCall:
         self._sequence = 0
         self._renewed_at: float | None = None
         self._reattach = False
+        self._live = False  # reserve() returned it: renewals and hang-ups run
+        self._stopped = False  # an automatic renewal was refused: renewing stopped
         self._ended = False
-        self._wake = asyncio.Event()
-        self._hangup: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._renewer: asyncio.Task[None] | None = None
+        self._renewal: _Pending | None = None  # the automatic renewal awaiting its answer
+        self._due: float | None = None  # the earliest wake-up of this call on the timer heap
+        self._hangup_reason: str | None = None
+        self._hangup_waiter: asyncio.Future[str] | None = None
 
     @property
     def grant(self) -> Grant:
@@ -269,19 +369,21 @@ class DialerCall:
         """Whole seconds of talk time since answered(); 0 while ringing."""
         if self._answered_at is None:
             return 0
-        return int(self._client._clock.monotonic() - self._answered_at)
+        return int(self._client._monotonic() - self._answered_at)
 
     @property
     def hangup_reason(self) -> str | None:
         """Why the call must hang up, or None while it may go on."""
-        return self._hangup.result() if self._hangup.done() else None
+        return self._hangup_reason
 
     def answered(self) -> None:
         """Start the talk clock now. Until then the call is ringing: it reports
         used_seconds = 0 and renews only to stay valid. A second call changes nothing."""
         if self._answered_at is None:
-            self._answered_at = self._client._clock.monotonic()
-            self._wake.set()
+            now = self._client._monotonic()
+            self._answered_at = now
+            if self._live:
+                self._tick(now)
 
     async def must_hang_up(self) -> str:
         """Wait until the call must hang up and return why: FINAL_GRANT_REACHED (or
@@ -289,15 +391,61 @@ class DialerCall:
         reason (ACCOUNT_SUSPENDED, ADMIN), or the reason a renewal was refused
         (CALL_ALREADY_ENDED after an expiry). Resolves with CALL_RELEASED or CLIENT_CLOSED
         once the call or the client is gone, so nothing waits forever."""
-        return await asyncio.shield(self._hangup)
+        if self._hangup_reason is not None:
+            return self._hangup_reason
+        if self._hangup_waiter is None:
+            self._hangup_waiter = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(self._hangup_waiter)
+
+    async def renew(self, used_seconds: int | None = None, requested_seconds: int = 0) -> Grant:
+        """Renew now, besides the automatic renewals, and return the new grant (which the
+        call also takes as its own). `used_seconds` defaults to the talk time since
+        answered() (or what the call already reported, if that is more); it may not be
+        below what the call already reported. Automatic renewals and release() go on
+        from the highest talk time reported.
+        `requested_seconds` 0 asks for what the call was reserved with (its own 0: the
+        server's default grant). A refusal raises CallcreditError; CALL_ALREADY_ENDED
+        and CALL_NOT_FOUND also order the hang-up. Cancelling the caller does not take
+        back a renewal already queued: its answer still updates the call."""
+        if self._ended:
+            raise RuntimeError(f"call {self.call_id!r} was already released")
+        client = self._client
+        now = client._monotonic()
+        used = self._default_used_seconds() if used_seconds is None else used_seconds
+        if used < self._reported_used_seconds:
+            raise ValueError(
+                f"used_seconds={used} is below the {self._reported_used_seconds} s "
+                f"already reported for call {self.call_id!r}"
+            )
+        self._sequence += 1
+        self._renewed_at = now
+        self._reported_used_seconds = used
+        future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
+        entry = _Pending(
+            _RENEW,
+            self,
+            used,
+            self._sequence,
+            requested_seconds or self.requested_seconds,
+            now,
+            future,
+        )
+        await client._submit(entry)
+        try:
+            return await future
+        except CallcreditError as err:
+            if err.reason in _RENEWAL_ENDS_CALL:
+                self._order_hangup(err.reason)
+            raise
 
     async def release(self, used_seconds: int | None = None) -> ReleaseResult:
         """End the call and return its charge. `used_seconds` defaults to the talk time
-        since answered(). The release runs to its answer even if the caller is cancelled:
-        a lost release leaves the call to expire, charged its whole allowance."""
+        since answered(), or what a renewal already reported if that is more. The release
+        runs to its answer even if the caller is cancelled: a lost release leaves the call
+        to expire, charged its whole allowance."""
         if self._ended:
             raise RuntimeError(f"call {self.call_id!r} was already released")
-        used = self.used_seconds if used_seconds is None else used_seconds
+        used = self._default_used_seconds() if used_seconds is None else used_seconds
         if used < self._reported_used_seconds:
             raise ValueError(
                 f"used_seconds={used} is below the {self._reported_used_seconds} s "
@@ -305,25 +453,33 @@ class DialerCall:
             )
         self._ended = True
         self._settle(CALL_RELEASED)
-        task = self._client._spawn(self._release(used), f"callcredit-release-{self.call_id}")
-        return await asyncio.shield(task)
-
-    async def _release(self, used_seconds: int) -> ReleaseResult:
+        client = self._client
         # Stop renewing first, so no Renew is queued behind the Release.
-        await self._stop_renewing()
-        operation = credit_control_pb2.Operation(
-            release=credit_control_pb2.ReleaseRequest(
-                call_id=self.call_id, used_seconds=used_seconds
-            )
-        )
+        renewal = self._renewal
+        if renewal is not None:
+            self._renewal = None
+            client._retire(renewal)
+        future: asyncio.Future[credit_control_pb2.ReleaseResponse]
+        future = asyncio.get_running_loop().create_future()
+        entry = _Pending(_RELEASE, self, used, 0, 0, client._monotonic(), future)
         try:
-            outcome = await self._client._request(self, operation, used_seconds)
+            if client._free_slots and client._closed is None and client._supervisor:
+                client._free_slots -= 1
+                client._enqueue(entry)
+            else:
+                # Waiting for a slot (or failing) runs as its own task: a caller cancelled
+                # meanwhile must not keep the release from going out.
+                task = client._spawn(client._submit(entry), f"callcredit-release-{self.call_id}")
+                await asyncio.shield(task)
+            response = await future
+        except asyncio.CancelledError:
+            future.cancel()  # nobody waits for the answer; the release still goes out
+            raise
         finally:
-            self._client._forget(self)
-        response = outcome.release
+            client._forget(self)
         return ReleaseResult(
             call_id=self.call_id,
-            used_seconds=used_seconds,
+            used_seconds=used,
             billed_seconds=response.billed_seconds,
             charged=response.charged,
             shortfall=response.shortfall,
@@ -334,145 +490,134 @@ class DialerCall:
         """Release a call whose reserve() was cancelled after the Reserve went out: the
         server may hold it, and an unreleased call is charged its whole allowance."""
         self._ended = True
-        operation = credit_control_pb2.Operation(
-            release=credit_control_pb2.ReleaseRequest(call_id=self.call_id, used_seconds=0)
-        )
+        client = self._client
+        future: asyncio.Future[credit_control_pb2.ReleaseResponse]
+        future = asyncio.get_running_loop().create_future()
+        entry = _Pending(_RELEASE, self, 0, 0, 0, client._monotonic(), future)
+        await client._submit(entry)
         try:
-            await self._client._request(self, operation, 0)
+            await future
         except CallcreditError as err:
             # CALL_NOT_FOUND: the Reserve never reached the server. Nothing to undo.
             logger.debug("abandoned call %s: release answered %s", self.call_id, err.reason)
 
-    def _granted(
-        self, grant: credit_control_pb2.Grant, granted_at: float | None, base_used_seconds: int
-    ) -> None:
-        """Take a grant from an answer (granted_at = when the request was queued) or a push
+    def _start(self) -> None:
+        """reserve() hands the call out: from now on it renews and can be ordered to hang up."""
+        self._live = True
+        self._tick(self._client._monotonic())
+
+    def _granted(self, grant: Grant, granted_at: float | None, base_used_seconds: int) -> None:
+        """Take a grant from an answer (granted_at = when the request was made) or a push
         (granted_at None: keep the earlier validity start, which is the safer guess)."""
         if self._ended:
             return
-        self._grant = Grant(
-            allowed_seconds=grant.allowed_seconds,
-            final=grant.final,
-            validity_seconds=grant.validity_seconds,
-            held=grant.held,
-        )
+        self._grant = grant
         if granted_at is not None:
             self._granted_at = granted_at
         self._grant_base_used_seconds = base_used_seconds
-        self._wake.set()
+        if self._live:
+            self._tick(self._client._monotonic())
+
+    def _renewal_refused(self, error: CallcreditError) -> None:
+        """A refused automatic renewal ends the call's renewing and orders the hang-up."""
+        self._renewal = None
+        if self._ended:
+            return
+        logger.info("call %s: renewal refused: %s", self.call_id, error)
+        self._stopped = True
+        self._order_hangup(error.reason)
 
     def _order_hangup(self, reason: str) -> None:
-        if self._hangup.done():
+        if self._hangup_reason is not None:
             return
-        self._hangup.set_result(reason)
+        self._settle(reason)
         if self._on_hangup is not None:
             # Scheduled, not called: a failing callback must not break the stream's reader.
             asyncio.get_running_loop().call_soon(self._on_hangup, self, reason)
 
     def _settle(self, reason: str) -> None:
-        if not self._hangup.done():
-            self._hangup.set_result(reason)
+        if self._hangup_reason is not None:
+            return
+        self._hangup_reason = reason
+        waiter = self._hangup_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(reason)
 
     def _reattach_soon(self) -> None:
         """Renew at once on a new stream, so the server pushes to it from now on."""
         if self._grant is not None and not self._ended:
             self._reattach = True
-            self._wake.set()
+            if self._live:
+                self._tick(self._client._monotonic())
 
-    def _start_renewing(self) -> None:
-        self._renewer = self._client._spawn(self._keep_alive(), f"callcredit-renew-{self.call_id}")
-
-    async def _stop_renewing(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            await asyncio.wait((self._renewer,))
-
-    async def _keep_alive(self) -> None:
-        """Renew on schedule (or at once after a reconnect) and order the hang-up when talk
-        time reaches the grant, until released. A renewal runs as its own task so that a
-        server that does not answer cannot hold up the hang-up. A refused renewal ends
-        the call's renewing."""
-        clock = self._client._clock
-        renewal: asyncio.Task[None] | None = None
-        try:
-            while True:
-                self._wake.clear()
-                if renewal is not None and renewal.done():
-                    try:
-                        renewal.result()
-                    except CallcreditError as err:
-                        logger.info("call %s: renewal refused: %s", self.call_id, err)
-                        self._order_hangup(err.reason)
-                        return
-                    renewal = None
-                now = clock.monotonic()
-                hangup_at = self._hangup_at()
-                if hangup_at is not None and now >= hangup_at:
-                    final = self.grant.final
-                    self._order_hangup(FINAL_GRANT_REACHED if final else ALLOWED_SECONDS_REACHED)
-                    hangup_at = None
+    def _tick(self, now: float) -> None:
+        """Order the hang-up when talk time reached the grant, start a renewal when one
+        is due (or the call must re-attach), and put the next of those moments on the
+        client's timer heap. Called by the timer task and whenever something that moves
+        them happens (a grant, answered(), a new stream). A renewal in flight is not
+        waited for: a server that does not answer cannot hold up the hang-up."""
+        if self._ended or self._stopped or self._client._closed is not None:
+            return
+        grant = self._grant
+        assert grant is not None
+        allowed = grant.allowed_seconds
+        answered_at = self._answered_at
+        wake_at: float | None = None
+        if answered_at is not None and self._hangup_reason is None:
+            hangup_at = answered_at + allowed
+            if now >= hangup_at:
+                self._order_hangup(FINAL_GRANT_REACHED if grant.final else ALLOWED_SECONDS_REACHED)
+            else:
                 wake_at = hangup_at
-                if renewal is None:
-                    renew_at = self._renew_at()
-                    if self._reattach or now >= renew_at:
-                        self._reattach = False
-                        renewal = asyncio.create_task(self._renew(now))
-                        renewal.add_done_callback(lambda _: self._wake.set())
-                        continue
-                    wake_at = renew_at if wake_at is None else min(wake_at, renew_at)
-                if wake_at is None:
-                    await self._wake.wait()
-                else:
-                    await self._sleep_or_wake(wake_at - now)
-        finally:
-            if renewal is not None:
-                renewal.cancel()
-                await asyncio.wait((renewal,))
-                if not renewal.cancelled():
-                    renewal.exception()  # seen: once renewing stops, its answer is moot
+        if self._renewal is None:
+            # Renew ahead of the validity (by its margin, at most half of it) and, once
+            # answered and not final, ahead of allowed_seconds (by its margin, at most
+            # half of what the grant added), but never sooner than the minimum interval.
+            validity = grant.validity_seconds
+            margin = (
+                validity / 2 if validity < 2 * VALIDITY_MARGIN_SECONDS else VALIDITY_MARGIN_SECONDS
+            )
+            renew_at = self._granted_at + validity - margin
+            if answered_at is not None and not grant.final:
+                added = allowed - self._grant_base_used_seconds
+                if added < 0:
+                    added = 0
+                margin = added / 2 if added < 2 * RENEW_MARGIN_SECONDS else RENEW_MARGIN_SECONDS
+                talk_at = answered_at + allowed - margin
+                if talk_at < renew_at:
+                    renew_at = talk_at
+            renewed_at = self._renewed_at
+            if renewed_at is not None and renew_at < renewed_at + RENEW_INTERVAL_MIN_SECONDS:
+                renew_at = renewed_at + RENEW_INTERVAL_MIN_SECONDS
+            if self._reattach or now >= renew_at:
+                self._reattach = False
+                self._start_renewal(now)
+            elif wake_at is None or renew_at < wake_at:
+                wake_at = renew_at
+        if wake_at is not None:
+            self._client._schedule(self, wake_at)
 
-    async def _renew(self, now: float) -> None:
+    def _default_used_seconds(self) -> int:
+        """The talk time to report when the caller names none: the talk clock, but never
+        below what was already reported (renew(used_seconds=...) may run ahead of it, and
+        the server refuses a report lower than an earlier one)."""
         used = self.used_seconds
+        reported = self._reported_used_seconds
+        return used if used > reported else reported
+
+    def _start_renewal(self, now: float) -> None:
+        used = self._default_used_seconds()
         self._sequence += 1
         self._renewed_at = now
-        self._reported_used_seconds = max(self._reported_used_seconds, used)
-        operation = credit_control_pb2.Operation(
-            renew=credit_control_pb2.RenewRequest(
-                call_id=self.call_id,
-                sequence=self._sequence,
-                used_seconds=used,
-                requested_seconds=self.requested_seconds,
-            )
-        )
-        await self._client._request(self, operation, used)
-
-    def _renew_at(self) -> float:
-        grant = self.grant
-        validity_margin = min(VALIDITY_MARGIN_SECONDS, grant.validity_seconds / 2)
-        renew_at = self._granted_at + grant.validity_seconds - validity_margin
-        if self._answered_at is not None and not grant.final:
-            window = max(grant.allowed_seconds - self._grant_base_used_seconds, 0)
-            talk_margin = min(RENEW_MARGIN_SECONDS, window / 2)
-            renew_at = min(renew_at, self._answered_at + grant.allowed_seconds - talk_margin)
-        if self._renewed_at is not None:
-            renew_at = max(renew_at, self._renewed_at + RENEW_INTERVAL_MIN_SECONDS)
-        return renew_at
-
-    def _hangup_at(self) -> float | None:
-        """When talk time reaches the grant. A later grant moves it, which is how a pushed
-        grant_update cancels a pending FINAL_GRANT_REACHED."""
-        if self._answered_at is None or self._hangup.done():
-            return None
-        return self._answered_at + self.grant.allowed_seconds
-
-    async def _sleep_or_wake(self, seconds: float) -> None:
-        sleeper = asyncio.create_task(self._client._clock.sleep(seconds))
-        waker = asyncio.create_task(self._wake.wait())
-        try:
-            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
+        self._reported_used_seconds = used
+        entry = _Pending(_RENEW, self, used, self._sequence, self.requested_seconds, now, None)
+        self._renewal = entry
+        client = self._client
+        if client._free_slots:
+            client._free_slots -= 1
+            client._enqueue(entry)
+        else:
+            client._spawn(client._submit(entry), f"callcredit-renew-{self.call_id}")
 
 
 class DialerClient:
@@ -486,6 +631,10 @@ class DialerClient:
     of the server's configuration, goes with the stream either way. Use it as
     `async with DialerClient(...) as dialer:`. Closing does not release open calls: release
     them first, or they expire and are charged their allowance.
+
+    Operations are written in messages of at most `max_ops_per_message`, with at most
+    `max_messages_in_flight` messages unanswered; at most `max_pending_operations`
+    operations await answers at once (one more waits for a free slot).
     """
 
     def __init__(
@@ -494,6 +643,8 @@ class DialerClient:
         *,
         clock: Clock | None = None,
         max_pending_operations: int = MAX_PENDING_OPERATIONS,
+        max_ops_per_message: int = MAX_OPS_PER_MESSAGE,
+        max_messages_in_flight: int = MAX_MESSAGES_IN_FLIGHT,
         token: str | None = None,
         tls: bool = False,
         ca_file: str | None = None,
@@ -504,6 +655,10 @@ class DialerClient:
     ) -> None:
         if max_pending_operations < 1:
             raise ValueError("max_pending_operations must be at least 1")
+        if not 1 <= max_ops_per_message <= SERVER_MAX_OPS_PER_MESSAGE:
+            raise ValueError(f"max_ops_per_message must be 1-{SERVER_MAX_OPS_PER_MESSAGE}")
+        if max_messages_in_flight < 1:
+            raise ValueError("max_messages_in_flight must be at least 1")
         if heartbeat_interval_seconds <= 0 or heartbeat_timeout_seconds <= 0:
             raise ValueError("heartbeat interval and timeout must be positive")
         self._heartbeat_interval = heartbeat_interval_seconds
@@ -520,20 +675,41 @@ class DialerClient:
         self._tls_files = tls_files
         self._metadata = token_metadata(token)
         self._clock: Clock = clock if clock is not None else SystemClock()
-        self._slots = asyncio.Semaphore(max_pending_operations)
+        # The clock read on every operation: time.monotonic itself for the system clock.
+        self._monotonic: Callable[[], float] = (
+            time.monotonic if type(self._clock) is SystemClock else self._clock.monotonic
+        )
+        self._max_ops_per_message = max_ops_per_message
+        self._max_messages_in_flight = max_messages_in_flight
+        # Pending slots: a counter and the callers waiting for one, first come first served.
+        self._free_slots = max_pending_operations
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._max_pending = max_pending_operations
+        # Every operation awaiting its answer (state _PENDING), oldest first: what a new
+        # stream sends again.
         self._pending: dict[str, _Pending] = {}
-        # Operations the current stream has yet to write, oldest first; a subset of
-        # _pending (so bounded by it), rebuilt from _pending on every new stream.
-        self._unsent: OrderedDict[str, _Pending] = OrderedDict()
-        self._unsent_ready = asyncio.Event()
+        # Operations the current stream has yet to write, oldest first: rebuilt from
+        # _pending on every new stream; entries dropped meanwhile are skipped.
+        self._unsent: deque[_Pending] = deque()
+        self._send_wake = asyncio.Event()
+        # Messages with operations written on the current stream: number -> unanswered.
+        self._in_flight: dict[int, int] = {}
+        self._message_count = 0
         self._calls: dict[str, DialerCall] = {}
+        # Renewal and hang-up deadlines of every call: (when, n, call), the call's
+        # earliest one current when it equals call._due; later ones are skipped.
+        self._timers: list[tuple[float, int, DialerCall]] = []
+        self._timer_count = 0
+        self._timer_target = math.inf  # when the timer task wakes next
+        self._timer_wake = asyncio.Event()
+        self._timer_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._channel: grpc.aio.Channel | None = None
         self._stub: credit_control_pb2_grpc.CreditControlServiceAsyncStub | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
         self._closed: tuple[str, str] | None = None
-        self._request_prefix = uuid.uuid4().hex[:12]
+        self._request_prefix = uuid.uuid4().hex[:12] + ":"
         self._request_count = 0
         self._backoff_seconds = RECONNECT_BACKOFF_INITIAL_SECONDS
 
@@ -546,6 +722,7 @@ class DialerClient:
             self._channel = self._target
         self._stub = credit_control_pb2_grpc.CreditControlServiceStub(self._channel)
         self._supervisor = asyncio.create_task(self._run(), name="callcredit-dialer-stream")
+        self._timer_task = asyncio.create_task(self._run_timers(), name="callcredit-dialer-timers")
         return self
 
     def _open_channel(self) -> grpc.aio.Channel:
@@ -592,33 +769,27 @@ class DialerClient:
         if call_id in self._calls:
             raise ValueError(f"call {call_id!r} is already open on this dialer")
         call = DialerCall(self, call_id, account_id, destination, requested_seconds, on_hangup)
-        operation = credit_control_pb2.Operation(
-            reserve=credit_control_pb2.ReserveRequest(
-                call_id=call_id,
-                account_id=account_id,
-                destination=destination,
-                requested_seconds=requested_seconds,
-            )
-        )
+        future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
+        entry = _Pending(_RESERVE, call, 0, 0, requested_seconds, self._monotonic(), future)
         self._calls[call_id] = call
         try:
-            entry = await self._submit(call, operation, 0)
+            await self._submit(entry)
         except BaseException:
             self._forget(call)
             raise
         try:
-            await entry.future
+            await future
         except asyncio.CancelledError:
             self._forget(call)
+            self._retire(entry)
             if entry.sent and self._closed is None:
                 self._spawn(call._abandon(), f"callcredit-abandon-{call_id}")
             raise
         except BaseException:
             self._forget(call)
-            raise
-        finally:
             self._retire(entry)
-        call._start_renewing()
+            raise
+        call._start()
         return call
 
     async def aclose(self) -> None:
@@ -628,7 +799,9 @@ class DialerClient:
         self._closing = True
         self._shut_down(CLIENT_CLOSED, "the dialer client was closed", order_hangup=False)
         self._supervisor.cancel()
-        await asyncio.wait((self._supervisor, *self._tasks))
+        assert self._timer_task is not None
+        self._timer_task.cancel()
+        await asyncio.wait((self._supervisor, self._timer_task, *self._tasks))
         if isinstance(self._target, str) and self._channel is not None:
             await self._channel.close()
 
@@ -657,48 +830,139 @@ class DialerClient:
         reason, message = self._closed
         return StreamClosedError(reason, message, grpc.StatusCode.CANCELLED)
 
-    async def _submit(
-        self, call: DialerCall, operation: credit_control_pb2.Operation, used_seconds: int
-    ) -> _Pending:
-        """Queue an operation for the stream; wait for a slot when MAX_PENDING are out."""
+    async def _submit(self, entry: _Pending) -> None:
+        """Queue an operation for the stream; wait for a slot when max_pending are out."""
         if self._supervisor is None:
             raise RuntimeError("use `async with DialerClient(...) as dialer:`")
         if self._closed is not None:
             raise self._closed_error()
-        await self._slots.acquire()
-        if self._closed is not None:
-            self._slots.release()
-            raise self._closed_error()
+        if self._free_slots:
+            self._free_slots -= 1
+        else:
+            await self._wait_for_slot()
+            if self._closed is not None:
+                self._release_slot()
+                raise self._closed_error()
+        if entry.state != _WAITING:  # an automatic renewal dropped while it waited
+            self._release_slot()
+            return
+        self._enqueue(entry)
+
+    async def _wait_for_slot(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed a slot as we were cancelled: pass it on
+            raise
+
+    def _release_slot(self) -> None:
+        waiters = self._slot_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to the longest waiter
+                return
+        self._free_slots += 1
+
+    def _enqueue(self, entry: _Pending) -> None:
+        """Make a pending operation of an entry that holds a slot."""
         self._request_count += 1
-        operation.request_id = f"{self._request_prefix}:{self._request_count}"
-        entry = _Pending(
-            operation=operation,
-            future=asyncio.get_running_loop().create_future(),
-            call=call,
-            submitted_at=self._clock.monotonic(),
-            used_seconds=used_seconds,
-        )
-        self._pending[operation.request_id] = entry
-        self._unsent[operation.request_id] = entry
-        self._unsent_ready.set()
-        return entry
+        request_id = f"{self._request_prefix}{self._request_count}"
+        entry.request_id = request_id
+        entry.state = _PENDING
+        self._pending[request_id] = entry
+        self._unsent.append(entry)
+        self._send_wake.set()
+
+    def _answered(self, entry: _Pending) -> None:
+        """Count an entry as answered against the message that carried it (the window)."""
+        number = entry.message
+        if number:
+            entry.message = 0
+            in_flight = self._in_flight
+            left = in_flight.get(number)
+            if left is None:
+                return  # written on an earlier stream
+            if left > 1:
+                in_flight[number] = left - 1
+            else:
+                del in_flight[number]
+                if self._unsent:
+                    self._send_wake.set()
 
     def _retire(self, entry: _Pending) -> None:
-        """Forget an operation whose waiter is done (answered, refused or cancelled)."""
-        request_id = entry.operation.request_id
-        self._pending.pop(request_id, None)
-        self._unsent.pop(request_id, None)
-        self._slots.release()
+        """Drop an operation nobody needs answered any more (a cancelled reserve, an
+        automatic renewal of a released call). Not yet written, it never will be."""
+        state = entry.state
+        entry.state = _DONE
+        if state != _PENDING:
+            return
+        self._pending.pop(entry.request_id, None)
+        self._answered(entry)
+        self._release_slot()
+        unsent = self._unsent
+        if len(unsent) > 2 * self._max_pending + 64:  # dropped entries pile up: sweep them
+            self._unsent = deque(e for e in unsent if e.state == _PENDING)
 
-    async def _request(
-        self, call: DialerCall, operation: credit_control_pb2.Operation, used_seconds: int
-    ) -> credit_control_pb2.Outcome:
-        """Send an operation and return its Outcome; a refusal raises CallcreditError."""
-        entry = await self._submit(call, operation, used_seconds)
+    def _schedule(self, call: DialerCall, when: float) -> None:
+        """Wake `call` at `when` (or earlier: a wake-up already due sooner stays)."""
+        due = call._due
+        if due is not None and due <= when:
+            return
+        call._due = when
+        self._timer_count += 1
+        timers = self._timers
+        heapq.heappush(timers, (when, self._timer_count, call))
+        if when < self._timer_target:
+            self._timer_wake.set()
+        if len(timers) > 2 * len(self._calls) + 1_024:
+            # Superseded wake-ups and those of released calls: keep the current ones only.
+            current = [
+                (c._due, n, c) for n, c in enumerate(self._calls.values()) if c._due is not None
+            ]
+            heapq.heapify(current)
+            self._timers = current
+
+    async def _run_timers(self) -> None:
+        """The one task that serves every call's deadlines, earliest first."""
+        clock = self._clock
+        wake = self._timer_wake
+        loop = asyncio.get_running_loop()
+        system_clock = type(clock) is SystemClock
         try:
-            return await entry.future
-        finally:
-            self._retire(entry)
+            while True:
+                now = clock.monotonic()
+                timers = self._timers
+                while timers and timers[0][0] <= now:
+                    when, _, call = heapq.heappop(timers)
+                    if call._due == when:
+                        call._due = None
+                        call._tick(now)
+                        timers = self._timers  # _tick may have swept it
+                self._timer_target = timers[0][0] if timers else math.inf
+                wake.clear()
+                if not timers:
+                    await wake.wait()
+                elif system_clock:
+                    # asyncio's own timer (the same monotonic clock): no task per wait.
+                    handle = loop.call_later(self._timer_target - now, wake.set)
+                    try:
+                        await wake.wait()
+                    finally:
+                        handle.cancel()
+                else:
+                    sleeper = asyncio.ensure_future(clock.sleep(self._timer_target - now))
+                    sleeper.add_done_callback(lambda _: wake.set())
+                    try:
+                        await wake.wait()
+                    finally:
+                        sleeper.cancel()
+        except Exception as exc:
+            logger.exception("callcredit dialer timers failed")
+            self._shut_down(STREAM_FAILED, f"dialer timers failed: {exc!r}", order_hangup=True)
 
     async def _run(self) -> None:
         """Keep a stream up: serve one until it ends, back off with jitter, start again."""
@@ -722,14 +986,11 @@ class DialerClient:
         assert self._stub is not None
         stream = self._stub.Control(wait_for_ready=True, metadata=self._metadata)
         # Everything unanswered goes out again: every operation is idempotent.
-        self._unsent = OrderedDict(
-            (request_id, entry)
-            for request_id, entry in self._pending.items()
-            if not entry.future.done()
-        )
+        self._unsent = deque(self._pending.values())
+        self._in_flight = {}
         if self._unsent:
-            self._unsent_ready.set()
-        for call in self._calls.values():
+            self._send_wake.set()
+        for call in list(self._calls.values()):
             call._reattach_soon()
         sender = asyncio.create_task(self._send(stream))
         receiver = asyncio.create_task(self._receive(stream))
@@ -763,7 +1024,7 @@ class DialerClient:
                 continue
             probed_at = loop.time()
             self._probe_due = True
-            self._unsent_ready.set()
+            self._send_wake.set()
             await asyncio.sleep(self._heartbeat_timeout)
             if self._received_at < probed_at:
                 logger.warning(
@@ -773,24 +1034,40 @@ class DialerClient:
                 return
 
     async def _send(self, stream: _ControlCall) -> None:
-        """Write what is queued, up to MAX_OPS_PER_MESSAGE operations per message. Ops
-        queued while a write is in flight go out together in the next one."""
+        """Write what is queued in messages of at most max_ops_per_message operations,
+        while fewer than max_messages_in_flight are unanswered. Operations queued while
+        a write is in flight go out together in the next message. A due heartbeat probe
+        goes out whatever the window (an empty message)."""
+        wake = self._send_wake
+        max_ops = self._max_ops_per_message
+        window = self._max_messages_in_flight
         try:
             while True:
-                await self._unsent_ready.wait()
-                batch: list[_Pending] = []
-                while self._unsent and len(batch) < MAX_OPS_PER_MESSAGE:
-                    batch.append(self._unsent.popitem(last=False)[1])
-                if not self._unsent:
-                    self._unsent_ready.clear()
-                if not batch and not self._probe_due:
+                unsent = self._unsent
+                in_flight = self._in_flight
+                if unsent and len(in_flight) < window:
+                    number = self._message_count + 1
+                    batch: list[_Pending] = []
+                    while unsent and len(batch) < max_ops:
+                        entry = unsent.popleft()
+                        if entry.state == _PENDING:
+                            entry.sent = True
+                            entry.message = number
+                            batch.append(entry)
+                    if not batch and not self._probe_due:
+                        continue
+                    request = credit_control_pb2.ControlRequest()
+                    if batch:
+                        self._message_count = number
+                        in_flight[number] = len(batch)
+                        _add_operations(request, batch)
+                elif self._probe_due:
+                    request = credit_control_pb2.ControlRequest()
+                else:
+                    wake.clear()
+                    await wake.wait()
                     continue
                 self._probe_due = False  # every message is answered: any one is a probe
-                for entry in batch:
-                    entry.sent = True
-                request = credit_control_pb2.ControlRequest(
-                    operations=[entry.operation for entry in batch]
-                )
                 await stream.write(request)
         except (grpc.RpcError, asyncio.InvalidStateError) as err:
             logger.warning("callcredit stream write failed: %s", err)
@@ -812,45 +1089,73 @@ class DialerClient:
         except grpc.RpcError as err:
             logger.warning("callcredit stream failed: %s", err)
 
+    def _finish(self, entry: _Pending) -> None:
+        """An answered entry leaves _pending (done by the caller): free what it held."""
+        entry.state = _DONE
+        if entry.message:
+            self._answered(entry)
+        if self._slot_waiters:
+            self._release_slot()
+        else:
+            self._free_slots += 1
+
     def _dispatch(self, response: credit_control_pb2.ControlResponse) -> CallcreditError | None:
         """Apply one server message. Returns the refusal if the server said UNAVAILABLE
         (draining, or its journal failed): those operations stay pending for the next
         stream, which the caller opens after a backoff."""
         unavailable: CallcreditError | None = None
+        pending = self._pending
         for outcome in response.outcomes:
-            entry = self._pending.get(outcome.request_id)
-            if entry is None or entry.future.done():
-                continue  # its waiter gave up (cancelled) or it was answered before
+            request_id = outcome.request_id
+            entry = pending.get(request_id)
+            if entry is None:
+                continue  # answered before, or dropped (its reserve was cancelled)
             result = outcome.WhichOneof("result")
+            future = entry.future
+            if result == "renew" or result == "reserve":
+                del pending[request_id]
+                self._finish(entry)
+                message = outcome.renew.grant if result == "renew" else outcome.reserve.grant
+                grant = Grant(
+                    message.allowed_seconds, message.final, message.validity_seconds, message.held
+                )
+                call = entry.call
+                if call._renewal is entry:
+                    call._renewal = None
+                call._granted(grant, entry.submitted_at, entry.used_seconds)
+                if future is not None and not future.done():
+                    future.set_result(grant)
+                continue
+            if result == "release":
+                del pending[request_id]
+                self._finish(entry)
+                if future is not None and not future.done():
+                    future.set_result(outcome.release)
+                continue
             if result == "error":
                 error = CallcreditError.from_status(outcome.error)
                 if error.code is grpc.StatusCode.UNAVAILABLE:
                     unavailable = error
                     continue
-                del self._pending[outcome.request_id]
-                entry.future.set_exception(error)
-                continue
-            if result is None:
-                del self._pending[outcome.request_id]
-                entry.future.set_exception(
-                    CallcreditError("UNKNOWN", "outcome without a result", grpc.StatusCode.UNKNOWN)
+            else:
+                error = CallcreditError(
+                    "UNKNOWN", "outcome without a result", grpc.StatusCode.UNKNOWN
                 )
-                continue
-            del self._pending[outcome.request_id]
-            if result == "reserve":
-                entry.call._granted(outcome.reserve.grant, entry.submitted_at, entry.used_seconds)
-            elif result == "renew":
-                entry.call._granted(outcome.renew.grant, entry.submitted_at, entry.used_seconds)
-            entry.future.set_result(outcome)
-        for grant in response.grant_updates:
-            call = self._calls.get(grant.call_id)
-            if call is not None:
+            del pending[request_id]
+            self._finish(entry)
+            if future is None:
+                entry.call._renewal_refused(error)
+            elif not future.done():
+                future.set_exception(error)
+        for update in response.grant_updates:
+            updated = self._calls.get(update.call_id)
+            if updated is not None:
                 # The server re-grants "as a Renew with their last reported used_seconds".
-                call._granted(grant, None, call._reported_used_seconds)
+                updated._granted(_grant(update), None, updated._reported_used_seconds)
         for termination in response.terminations:
-            call = self._calls.get(termination.call_id)
-            if call is not None:
-                call._order_hangup(termination.reason)
+            terminated = self._calls.get(termination.call_id)
+            if terminated is not None:
+                terminated._order_hangup(termination.reason)
         return unavailable
 
     def _shut_down(self, reason: str, message: str, *, order_hangup: bool) -> None:
@@ -863,8 +1168,12 @@ class DialerClient:
                 call._order_hangup(reason)
             else:
                 call._settle(reason)
-            if call._renewer is not None:
-                call._renewer.cancel()
+        self._timers.clear()
         for entry in self._pending.values():
-            if not entry.future.done():
-                entry.future.set_exception(self._closed_error())
+            future = entry.future
+            if future is not None and not future.done():
+                future.set_exception(self._closed_error())
+        for waiter in self._slot_waiters:  # they find the client closed
+            if not waiter.done():
+                waiter.set_result(None)
+        self._slot_waiters.clear()

@@ -7,10 +7,9 @@ callcredit account set-up and end-of-run read-back.
   unanswered (the server reads at most 64 ahead per stream). No task per call: the
   reader turns each Outcome into the slot's next operation directly.
 - `drive_dialer`: the client library, `callcredit.dialer.DialerClient` (one stream, its
-  own coalescing sender), one task per slot. DialerClient renews only on its own timers
-  and has no public renew, so the workload's renews go through `DialerClient._request`
-  (private) on the DialerCall that `reserve()` returned; reserve and release are the
-  public `DialerClient.reserve()` and `DialerCall.release(used_seconds)`.
+  own coalescing, windowed sender), one task per slot, through the public API only:
+  `DialerClient.reserve()`, `DialerCall.renew(used_seconds, requested_seconds)` and
+  `DialerCall.release(used_seconds)`.
 """
 
 from __future__ import annotations
@@ -212,16 +211,7 @@ async def drive_dialer(target: str, workload: Workload, *, dialers: int = 1) -> 
                     more = workload.answer(slot, True, grant.allowed_seconds, grant.held, 0)
                 elif kind == RENEW:
                     assert call is not None
-                    operation = credit_control_pb2.Operation(
-                        renew=credit_control_pb2.RenewRequest(
-                            call_id=slot.call_id,
-                            sequence=slot.sequence,
-                            used_seconds=slot.used,
-                            requested_seconds=REQUESTED_SECONDS,
-                        )
-                    )
-                    outcome = await dialer._request(call, operation, slot.used)
-                    g = outcome.renew.grant
+                    g = await call.renew(slot.used, REQUESTED_SECONDS)
                     more = workload.answer(slot, True, g.allowed_seconds, g.held, 0)
                 else:
                     assert call is not None

@@ -583,3 +583,182 @@ async def test_idle_dialer_sends_no_heartbeat(fake: FakeServer) -> None:
 
     assert fake.messages == []
     assert fake.streams == 1
+
+
+async def test_renew_now_returns_the_grant_and_the_call_takes_it(fake: FakeServer) -> None:
+    clock = FakeClock()
+    async with DialerClient(fake.target, clock=clock) as dialer:
+        call = await dialer.reserve("c-1", ACCOUNT, DESTINATION)  # 10 s, valid 60 s
+        call.answered()
+        clock.advance(3)
+        first = await call.renew()  # used 3 s, as reserved (0: the server's default)
+        assert (
+            first
+            == call.grant
+            == Grant(
+                allowed_seconds=13, final=False, validity_seconds=60, held=13 * PRICE_PER_SECOND
+            )
+        )
+        second = await call.renew(used_seconds=4, requested_seconds=30)
+        assert second == call.grant
+        assert second.allowed_seconds == 34
+        with pytest.raises(ValueError, match="below"):
+            await call.renew(used_seconds=2)
+        clock.advance(26)  # 29 s used: 34 allowed - 5 s margin, the automatic renewal
+        await eventually(lambda: len(fake.operations("renew")) == 3)
+        await call.release()
+        with pytest.raises(RuntimeError, match="released"):
+            await call.renew()
+
+    renews = [op.renew for op in fake.operations("renew")]
+    assert [(r.sequence, r.used_seconds, r.requested_seconds) for r in renews] == [
+        (1, 3, 0),
+        (2, 4, 30),
+        (3, 29, 0),
+    ]
+
+
+async def test_renew_of_a_call_the_server_ended_raises_and_orders_the_hang_up(
+    fake: FakeServer,
+) -> None:
+    async with DialerClient(fake.target) as dialer:
+        call = await dialer.reserve("c-1", ACCOUNT, DESTINATION)
+        fake.calls["c-1"].ended = True  # it expired on the server
+        with pytest.raises(CallcreditError) as refused:
+            await call.renew(0)
+        assert refused.value.reason == "CALL_ALREADY_ENDED"
+        assert await asyncio.wait_for(call.must_hang_up(), 5) == "CALL_ALREADY_ENDED"
+
+
+async def test_cancelled_renew_still_updates_the_call(fake: FakeServer) -> None:
+    async with DialerClient(fake.target) as dialer:
+        call = await dialer.reserve("c-1", ACCOUNT, DESTINATION)
+        fake.holding = True
+        renewing = asyncio.create_task(call.renew(7))
+        await eventually(lambda: len(fake.held) == 1)
+        renewing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await renewing
+        fake.holding = False
+        fake.flush()
+        await eventually(lambda: call.grant.allowed_seconds == 17)
+        await call.release(7)
+
+
+async def test_cancelled_release_still_goes_out_and_is_answered(fake: FakeServer) -> None:
+    async with DialerClient(fake.target) as dialer:
+        call = await dialer.reserve("c-1", ACCOUNT, DESTINATION)
+        fake.holding = True
+        releasing = asyncio.create_task(call.release(4))
+        await eventually(lambda: len(fake.held) == 1)
+        releasing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await releasing
+        fake.holding = False
+        fake.flush()
+        await eventually(lambda: not dialer._pending)
+
+    assert fake.calls["c-1"].ended
+    assert [op.release.used_seconds for op in fake.operations("release")] == [4]
+
+
+@pytest.mark.parametrize("max_ops, window", [(3, 2), (2, 4)])
+async def test_messages_never_exceed_the_size_and_a_window_of_them_is_in_flight(
+    fake: FakeServer, max_ops: int, window: int
+) -> None:
+    fake.holding = True  # nothing is answered: the window fills and stays full
+    async with DialerClient(
+        fake.target, max_ops_per_message=max_ops, max_messages_in_flight=window
+    ) as dialer:
+        tasks = [
+            asyncio.create_task(dialer.reserve(f"c-{n}", ACCOUNT, DESTINATION)) for n in range(20)
+        ]
+        await eventually(lambda: len(fake.messages) == window)
+        await asyncio.sleep(SETTLE_SECONDS)
+        # Several messages in flight at once, none answered, each full; no more than the window.
+        assert [len(message.operations) for _, message in fake.messages] == [max_ops] * window
+        fake.holding = False
+        fake.flush()  # answers open the window: the rest goes out, still in bounded messages
+        calls = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+
+    sizes = [len(message.operations) for _, message in fake.messages]
+    assert sum(sizes) == 20
+    assert max(sizes) == max_ops
+    assert [call.call_id for call in calls] == [f"c-{n}" for n in range(20)]
+    assert {stream for stream, _ in fake.messages} == {1}
+
+
+async def test_operations_due_together_are_coalesced_up_to_the_size(fake: FakeServer) -> None:
+    async with DialerClient(fake.target, max_ops_per_message=4) as dialer:
+        await dialer.reserve("c-first", ACCOUNT, DESTINATION)  # the stream is up
+        calls = await asyncio.gather(
+            *(dialer.reserve(f"c-{n}", ACCOUNT, DESTINATION) for n in range(10))
+        )
+        await asyncio.gather(*(call.release(0) for call in calls))
+
+    sizes = [len(message.operations) for _, message in fake.messages]
+    assert sizes == [1, 4, 4, 2, 4, 4, 2]
+
+
+def test_message_size_and_window_are_checked() -> None:
+    for bad in (0, 10_001):
+        with pytest.raises(ValueError, match="max_ops_per_message"):
+            DialerClient("127.0.0.1:1", max_ops_per_message=bad)
+    with pytest.raises(ValueError, match="max_messages_in_flight"):
+        DialerClient("127.0.0.1:1", max_messages_in_flight=0)
+
+
+async def test_probe_goes_out_while_the_window_is_full(fake: FakeServer) -> None:
+    fake.holding = True  # the one message in flight is never answered
+    async with DialerClient(
+        fake.target,
+        max_messages_in_flight=1,
+        heartbeat_interval_seconds=0.2,
+        heartbeat_timeout_seconds=0.3,
+    ) as dialer:
+        reserving = asyncio.create_task(dialer.reserve("c-1", ACCOUNT, DESTINATION))
+        await eventually(lambda: fake.streams == 2)
+        fake.holding = False
+        call = await asyncio.wait_for(reserving, 5)  # sent again on the new stream
+        await call.release(0)
+
+    first_stream = [message for stream, message in fake.messages if stream == 1]
+    assert [len(message.operations) for message in first_stream][:2] == [1, 0]
+
+
+async def test_calls_share_one_timer_task(fake: FakeServer) -> None:
+    clock = FakeClock()
+    async with DialerClient(fake.target, clock=clock) as dialer:
+        await dialer.reserve("c-first", ACCOUNT, DESTINATION)
+        tasks_before = len(asyncio.all_tasks())
+        calls = await asyncio.gather(
+            *(dialer.reserve(f"c-{n}", ACCOUNT, DESTINATION) for n in range(50))
+        )
+        for call in calls:
+            call.answered()
+        # No task per call: at most the timer task's one sleeper comes and goes.
+        assert len(asyncio.all_tasks()) <= tasks_before + 1
+        clock.advance(5)  # every call is due: one renewal each, from the one timer task
+        await eventually(lambda: len(fake.operations("renew")) == 50)
+        await eventually(lambda: all(call.grant.allowed_seconds == 15 for call in calls))
+        await asyncio.gather(*(call.release() for call in calls))
+
+    assert {op.renew.used_seconds for op in fake.operations("renew")} == {5}
+
+
+async def test_talk_time_reported_ahead_of_the_clock_is_never_reported_lower(
+    fake: FakeServer,
+) -> None:
+    clock = FakeClock()
+    async with DialerClient(fake.target, clock=clock) as dialer:
+        call = await dialer.reserve("c-1", ACCOUNT, DESTINATION)  # valid 60 s
+        call.answered()
+        assert (await call.renew(used_seconds=100)).allowed_seconds == 110
+        clock.advance(55)  # validity 60 s - 5 s margin: an automatic renewal, talk clock 55 s
+        await eventually(lambda: len(fake.operations("renew")) == 2)
+        await asyncio.sleep(SETTLE_SECONDS)
+        assert call.hangup_reason is None
+        result = await call.release()
+
+    assert [op.renew.used_seconds for op in fake.operations("renew")] == [100, 100]
+    assert result.used_seconds == 100
