@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from callcredit_server.auth import hash_token, new_token
+from loadtest.baselines.procs import process_cpu_seconds
 from tests.security.processes import server_process as configured_server_process
 from tests.service.processes import server_process
 
@@ -108,18 +108,12 @@ class Result:
 
 
 def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU time of process `pid` (all its threads), from /proc.
+    """User + system CPU time of process `pid` (all its threads); None without one.
 
     CPU time per operation is steadier than throughput on a shared machine: it does
     not count the time the server waited for a core.
     """
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None if pid is None else process_cpu_seconds([pid])
 
 
 async def _setup(channel: grpc.aio.Channel, accounts: int, token: str | None = None) -> None:
