@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import re
 import sys
 import tempfile
 import time
@@ -152,7 +153,8 @@ async def _drive(
 ) -> Result:
     stub = credit_control_pb2_grpc.CreditControlServiceStub(channel)
     ids = itertools.count()
-    counts = {"ops": 0, "msgs": 0}
+    counts = {"ops": 0, "msgs": 0, "refused": 0}
+    tag = re.sub(r"[^A-Za-z0-9._:@-]", "_", name)  # the name as an id: "tls+token ..." is not
     deadline = time.perf_counter() + seconds
 
     async def one_stream(k: int) -> None:
@@ -166,6 +168,11 @@ async def _drive(
             answered = 0
             async for response in call:
                 counts["ops"] += len(response.outcomes)
+                for outcome in response.outcomes:
+                    if outcome.HasField("error"):
+                        counts["refused"] += 1
+                        if counts["refused"] == 1:
+                            print(f"{name}: first refusal: {outcome.error.message}")
                 answered += len(response.outcomes)
                 while answered >= batch:
                     answered -= batch
@@ -187,7 +194,7 @@ async def _drive(
                 release_next = []
             else:
                 for _ in range(batch):
-                    call_id = f"{name}-{k}-{next(ids)}"
+                    call_id = f"{tag}-{k}-{next(ids)}"
                     ops.append(credit_control_pb2.Operation(
                         request_id=f"r{call_id}",
                         reserve=credit_control_pb2.ReserveRequest(
@@ -206,6 +213,8 @@ async def _drive(
     elapsed = time.perf_counter() - start
     cpu_after = cpu_seconds(server_pid)
     cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    if counts["refused"]:
+        print(f"{name}: {counts['refused']:,} of {counts['ops']:,} operations refused")
     return Result(name, counts["ops"], counts["msgs"], elapsed, cpu)
 
 

@@ -53,7 +53,13 @@ def listening_process(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},
+        # The caller's PYTHONPATH first: a run can put another version of the server
+        # in front of this checkout (docs/benchmarks.md compares against one).
+        env={
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, (os.environ.get("PYTHONPATH"), str(REPO)))),
+        },
     )
     try:
         assert process.stderr is not None
