@@ -48,7 +48,7 @@ import grpc
 from callcredit.v1 import credit_control_pb2, credit_control_pb2_grpc
 from loadtest import bench_compare
 from loadtest.baselines import grpc_drivers, procs
-from loadtest.baselines.grpc_drivers import _answer, _Lane, _operation
+from loadtest.baselines.grpc_drivers import _answer, _Lane
 from loadtest.baselines.workload import RESERVE, AccountTotals, Workload, check
 
 LOGICAL_SHARDS = 64
@@ -126,30 +126,7 @@ async def drive_sharded(
             return lanes[server][slot_index % streams_per_server]
 
         async def send(lane: _Lane) -> None:
-            ready = lane.ready
-            while True:
-                if not ready:
-                    if workload.drained.is_set():
-                        break
-                    lane.wake.clear()
-                    await lane.wake.wait()
-                    continue
-                if lane.in_flight >= window:
-                    lane.window_open.clear()
-                    await lane.window_open.wait()
-                    continue
-                count = min(len(ready), max_batch)
-                number = lane.next_message
-                lane.next_message = number + 1
-                operations = []
-                for _ in range(count):
-                    slot = ready.popleft()
-                    slot.msg = number
-                    operations.append(_operation(slot, request_ids[slot.index]))
-                lane.unanswered[number] = count
-                lane.in_flight += 1
-                await lane.call.write(credit_control_pb2.ControlRequest(operations=operations))
-            await lane.call.done_writing()
+            await lane.send(workload, window, max_batch, request_ids)
 
         async def receive(lane: _Lane) -> None:
             unanswered = lane.unanswered

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -116,6 +116,36 @@ class _Lane:
         self.unanswered: dict[int, int] = {}  # message number -> operations unanswered
         self.next_message = 0
 
+    async def send(
+        self, workload: Workload, window: int, max_batch: int, request_ids: Sequence[str]
+    ) -> None:
+        """Write the ready slots as messages of at most `max_batch` operations, keeping at
+        most `window` messages unanswered, until the workload drains."""
+        ready = self.ready
+        while True:
+            if not ready:
+                if workload.drained.is_set():
+                    break
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            if self.in_flight >= window:
+                self.window_open.clear()
+                await self.window_open.wait()
+                continue
+            count = min(len(ready), max_batch)
+            number = self.next_message
+            self.next_message = number + 1
+            operations = []
+            for _ in range(count):
+                slot = ready.popleft()
+                slot.msg = number
+                operations.append(_operation(slot, request_ids[slot.index]))
+            self.unanswered[number] = count
+            self.in_flight += 1
+            await self.call.write(credit_control_pb2.ControlRequest(operations=operations))
+        await self.call.done_writing()
+
 
 async def drive_control(
     target: str, workload: Workload, *, streams: int, max_batch: int, window: int
@@ -128,30 +158,7 @@ async def drive_control(
         lanes = [_Lane(stub.Control(wait_for_ready=True)) for _ in range(streams)]
 
         async def send(lane: _Lane) -> None:
-            ready = lane.ready
-            while True:
-                if not ready:
-                    if workload.drained.is_set():
-                        break
-                    lane.wake.clear()
-                    await lane.wake.wait()
-                    continue
-                if lane.in_flight >= window:
-                    lane.window_open.clear()
-                    await lane.window_open.wait()
-                    continue
-                count = min(len(ready), max_batch)
-                number = lane.next_message
-                lane.next_message = number + 1
-                operations = []
-                for _ in range(count):
-                    slot = ready.popleft()
-                    slot.msg = number
-                    operations.append(_operation(slot, request_ids[slot.index]))
-                lane.unanswered[number] = count
-                lane.in_flight += 1
-                await lane.call.write(credit_control_pb2.ControlRequest(operations=operations))
-            await lane.call.done_writing()
+            await lane.send(workload, window, max_batch, request_ids)
 
         async def receive(lane: _Lane) -> None:
             ready = lane.ready
