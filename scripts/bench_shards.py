@@ -160,19 +160,7 @@ async def drive_sharded(
 
         for slot in workload.start():
             lane_of(slot.index).ready.append(slot)
-        tasks = [asyncio.create_task(send(lane)) for lane in every_lane]
-        tasks += [asyncio.create_task(receive(lane)) for lane in every_lane]
-        drained = asyncio.create_task(workload.drained.wait())
-        await asyncio.wait([drained, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        if not drained.done():  # a stream ended early: say why
-            drained.cancel()
-            for task in tasks:
-                if task.done():
-                    task.result()
-            raise RuntimeError("a Control stream ended before the workload drained")
-        for lane in every_lane:
-            lane.wake.set()
-        await asyncio.gather(*tasks)
+        await grpc_drivers.run_lanes(every_lane, workload, send, receive)
 
 
 # -- measuring ------------------------------------------------------------------------

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
@@ -184,19 +184,30 @@ async def drive_control(
 
         for slot in workload.start():
             lanes[slot.index % streams].ready.append(slot)
-        tasks = [asyncio.create_task(send(lane)) for lane in lanes]
-        tasks += [asyncio.create_task(receive(lane)) for lane in lanes]
-        drained = asyncio.create_task(workload.drained.wait())
-        await asyncio.wait([drained, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        if not drained.done():  # a stream ended early: say why
-            drained.cancel()
-            for task in tasks:
-                if task.done():
-                    task.result()
-            raise RuntimeError("a Control stream ended before the workload drained")
-        for lane in lanes:
-            lane.wake.set()
-        await asyncio.gather(*tasks)
+        await run_lanes(lanes, workload, send, receive)
+
+
+async def run_lanes(
+    lanes: Sequence[_Lane],
+    workload: Workload,
+    send: Callable[[_Lane], Coroutine[Any, Any, None]],
+    receive: Callable[[_Lane], Coroutine[Any, Any, None]],
+) -> None:
+    """Run every lane's sender and receiver until the workload drains; a stream that
+    ends before that is an error, raised with its cause."""
+    tasks = [asyncio.create_task(send(lane)) for lane in lanes]
+    tasks += [asyncio.create_task(receive(lane)) for lane in lanes]
+    drained = asyncio.create_task(workload.drained.wait())
+    await asyncio.wait([drained, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    if not drained.done():  # a stream ended early: say why
+        drained.cancel()
+        for task in tasks:
+            if task.done():
+                task.result()
+        raise RuntimeError("a Control stream ended before the workload drained")
+    for lane in lanes:
+        lane.wake.set()
+    await asyncio.gather(*tasks)
 
 
 async def drive_dialer(target: str, workload: Workload, *, dialers: int = 1) -> None:
