@@ -176,7 +176,7 @@ _FILE_KEYS: dict[str, type] = {
     for f in fields(Settings)
     if f.name not in ("tokens", "tick_interval_ms")
 }
-_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 
 def is_loopback(listen: str) -> bool:
@@ -219,6 +219,8 @@ def read_config_file(path: str) -> tuple[dict[str, Any], tuple[Token, ...], list
         expected = _FILE_KEYS.get(key)
         if expected is None:
             problems.append(f"--config {path}: unknown key {key!r}")
+        elif type(value) is int and expected is float:
+            values[key] = float(value)  # drain_seconds = 10: TOML reads 10 as an integer
         elif type(value) is not expected:
             problems.append(f"--config {path}: {key} must be {_TYPE_NAMES[expected]}")
         else:

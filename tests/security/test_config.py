@@ -147,6 +147,7 @@ BAD_FILES = [
     ("tick_interval_ms = 20\n", "unknown key 'tick_interval_ms'"),
     ("grant_seconds = '60'\n", "grant_seconds must be an integer"),
     ("insecure = 1\n", "insecure must be true or false"),
+    ("drain_seconds = '10'\n", "drain_seconds must be a number"),
     ('[[tokens]]\nname = "a"\nrole = "admin"\nhash = "sha256:abc"\n',
      "token 'a': 'hash' must be 'sha256:' followed by 64 lowercase hex digits"),
     (f'[[tokens]]\nname = "a"\nrole = "admin"\nhash = "{hash_token("x" * 20).upper()}"\n',
@@ -188,6 +189,16 @@ def test_each_bad_config_file_is_refused_in_one_line(
     assert message in line
     assert re.search("[0-9a-fA-F]{64}", line) is None  # a hash is never echoed back
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("written", ["10", "10.0"])
+def test_a_number_setting_takes_an_integer_or_a_float_from_the_file(
+    tmp_path: Path, written: str
+) -> None:
+    config = write_config(tmp_path, f"drain_seconds = {written}\n")
+    result = run("--config", str(config), "--check-config")
+    assert result.exit_code == 0, result.output
+    assert "drain_seconds = 10.0" in result.stdout.splitlines()
 
 
 def test_a_missing_config_file_is_refused(tmp_path: Path) -> None:
