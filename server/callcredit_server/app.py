@@ -77,6 +77,8 @@ class Settings:
     tls_client_ca: str = ""  # PEM CA bundle: mutual TLS, clients need a cert it signed
     insecure: bool = False  # allow a non-loopback listen without TLS and tokens
     tokens: tuple[Token, ...] = ()  # from the config file only; none = no auth
+    metrics_listen: str = ""  # HOST:PORT of the Prometheus exporter; "" = off
+    drain_seconds: float = 30.0  # on SIGTERM: keep answering renewals/releases this long
 
     @property
     def auth_enabled(self) -> bool:
@@ -85,9 +87,6 @@ class Settings:
     @property
     def tls_enabled(self) -> bool:
         return bool(self.tls_cert)
-
-    metrics_listen: str = ""  # HOST:PORT of the Prometheus exporter; "" = off
-    drain_seconds: float = 30.0  # on SIGTERM: keep answering renewals/releases this long
 
     def snapshot_root(self) -> Path:
         """Where snapshots go: the flag, else beside a SQLite file, else ./data.
