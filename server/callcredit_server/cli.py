@@ -164,7 +164,7 @@ def serve(
     """Serve CreditControlService and AdminService until SIGTERM/SIGINT."""
     if context.invoked_subcommand is not None:
         level = log_level.upper() if log_level.upper() in LOG_LEVELS else "INFO"
-        logging.basicConfig(level=level, format=LOG_FORMAT)
+        logs.configure(level, "text")
         return
     if log_format not in logs.FORMATS:
         typer.echo(f"error: --log-format must be one of {', '.join(logs.FORMATS)}", err=True)
@@ -198,7 +198,6 @@ def _source(context: typer.Context, name: str) -> str:
     return source.name if source is not None else ""
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 GC_THRESHOLDS = (50_000, 20, 10)  # the collector's generations (defaults: 700, 10, 10)
 _SETTING_NAMES = frozenset(Settings.__dataclass_fields__) - {"tokens"}
 
