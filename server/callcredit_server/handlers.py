@@ -29,9 +29,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class UndecodableRequest(Exception):
     """A request message that is not a valid encoding of its type.
 
-    Raised out of a Control stream's request iterator (the servicer ends the
-    stream with the status it carries); unary requests are refused before the
-    servicer sees them.
+    The decoder hands one over in place of the request. Raised out of a Control
+    stream's request iterator (the servicer ends the stream with the status it
+    carries); unary requests are refused before the servicer sees them.
     """
 
     def __init__(self, type_name: str) -> None:
@@ -39,21 +39,16 @@ class UndecodableRequest(Exception):
         super().__init__(self.status.message)
 
 
-class _Undecodable:
-    """What the decoder hands over in place of a request that did not parse."""
-
-    def __init__(self, type_name: str) -> None:
-        self.type_name = type_name
-
-
-def _decoder(message: type[Message]) -> Callable[[bytes], Message | _Undecodable]:
+def _decoder(message: type[Message]) -> Callable[[bytes], Message | UndecodableRequest]:
+    """`message.FromString`, handing over (not raising) an UndecodableRequest for bytes
+    that do not parse: grpcio would turn a raised one into UNKNOWN."""
     name = message.DESCRIPTOR.name
 
-    def decode(data: bytes) -> Message | _Undecodable:
+    def decode(data: bytes) -> Message | UndecodableRequest:
         try:
             return message.FromString(data)
         except DecodeError:
-            return _Undecodable(name)
+            return UndecodableRequest(name)
 
     return decode
 
@@ -62,9 +57,8 @@ def _unary(
     method: Callable[[Any, Context], Awaitable[Any]],
 ) -> Callable[[Any, Context], Awaitable[Any]]:
     async def handle(request: Any, context: Context) -> Any:
-        if isinstance(request, _Undecodable):
-            status = UndecodableRequest(request.type_name).status
-            await context.abort_with_status(rpc_status.to_status(status))
+        if isinstance(request, UndecodableRequest):
+            await context.abort_with_status(rpc_status.to_status(request.status))
         return await method(request, context)
 
     return handle
@@ -72,8 +66,8 @@ def _unary(
 
 async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for request in requests:
-        if isinstance(request, _Undecodable):
-            raise UndecodableRequest(request.type_name)
+        if isinstance(request, UndecodableRequest):
+            raise request
         yield request
 
 
