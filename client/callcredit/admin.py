@@ -38,7 +38,14 @@ import grpc
 from callcredit.errors import CallcreditError
 from callcredit.v1 import admin_pb2, admin_pb2_grpc
 
-__all__ = ["DEFAULT_TIMEOUT_SECONDS", "AdminClient", "RateSpec", "open_channel", "token_metadata"]
+__all__ = [
+    "DEFAULT_TIMEOUT_SECONDS",
+    "AdminClient",
+    "RateSpec",
+    "check_tls_options",
+    "open_channel",
+    "token_metadata",
+]
 
 # An admin request is one state-machine command plus one group commit of the journal:
 # milliseconds when healthy. Ten seconds leaves room for a slow disk or a busy server
@@ -71,6 +78,22 @@ class RateSpec:
         )
 
 
+def check_tls_options(
+    target: object,
+    *,
+    tls: bool = False,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+) -> None:
+    """Refuse TLS options that cannot apply (ValueError): options for a channel the
+    caller passed in (``target`` not an address), or half a client certificate."""
+    if not isinstance(target, str) and (tls or ca_file or cert_file or key_file):
+        raise ValueError("TLS options apply to a channel the client opens, not to yours")
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("a client certificate needs both cert_file and key_file")
+
+
 def open_channel(
     target: str,
     *,
@@ -87,10 +110,9 @@ def open_channel(
     key, for a server that requires mutual TLS. A file that cannot be read raises
     OSError here, before anything is sent.
     """
+    check_tls_options(target, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
     if not (tls or ca_file or cert_file or key_file):
         return grpc.aio.insecure_channel(target, options=options)
-    if bool(cert_file) != bool(key_file):
-        raise ValueError("a client certificate needs both cert_file and key_file")
     credentials = grpc.ssl_channel_credentials(
         root_certificates=Path(ca_file).read_bytes() if ca_file else None,
         private_key=Path(key_file).read_bytes() if key_file else None,
@@ -134,8 +156,7 @@ class AdminClient:
         cert_file: str | None = None,
         key_file: str | None = None,
     ) -> None:
-        if not isinstance(target, str) and (tls or ca_file or cert_file or key_file):
-            raise ValueError("TLS options apply to a channel the client opens, not to yours")
+        check_tls_options(target, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
         self._owns_channel = isinstance(target, str)
         self._channel: grpc.aio.Channel = (
             open_channel(target, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file)

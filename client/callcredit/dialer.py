@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, TypeAlias
 
 import grpc
 
-from callcredit.admin import open_channel, token_metadata
+from callcredit.admin import check_tls_options, open_channel, token_metadata
 from callcredit.errors import CallcreditError, StreamClosedError
 from callcredit.v1 import credit_control_pb2, credit_control_pb2_grpc
 
@@ -666,10 +666,7 @@ class DialerClient:
         self._received_at = 0.0  # loop time of the stream's last message (or its start)
         self._probe_due = False  # the sender writes a message even with nothing queued
         tls_files = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
-        if not isinstance(target, str) and (tls or any(tls_files.values())):
-            raise ValueError("TLS options apply to a channel the client opens, not to yours")
-        if bool(cert_file) != bool(key_file):
-            raise ValueError("a client certificate needs both cert_file and key_file")
+        check_tls_options(target, tls=tls, **tls_files)
         self._target = target
         self._tls = tls
         self._tls_files = tls_files
