@@ -35,8 +35,7 @@ from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from callcredit_server.auth import hash_token, new_token
 from loadtest.baselines.procs import process_cpu_seconds
-from tests.security.processes import server_process as configured_server_process
-from tests.service.processes import server_process
+from tests.service.processes import configured_server_process, server_process
 
 WINDOW_MESSAGES = 8  # messages in flight per stream
 
