@@ -296,7 +296,7 @@ class RunningServer:
             open_calls = self.writer.gauges().open_calls
             if open_calls == 0:
                 break
-            if self.metrics is not None and self.metrics.streams_open:
+            if self.control is not None and self.control.open_streams:
                 idle_since = loop.time()
             elif loop.time() - idle_since >= DRAIN_IDLE_S:
                 break

@@ -309,6 +309,11 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
             del self._streams[session]
             self.metrics.stream_closed()
 
+    @property
+    def open_streams(self) -> int:
+        """Control streams connected now."""
+        return len(self._streams)
+
     def end_streams(self) -> None:
         """Stop reading every Control stream; each ends (status OK) once the answers to
         what it already read are sent, so its dialer reconnects (to a restarted server)."""
