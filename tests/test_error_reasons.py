@@ -15,12 +15,19 @@ from google.rpc import error_details_pb2
 from callcredit.errors import CallcreditError, ErrorReason
 from callcredit_server.core import Reason
 from callcredit_server.core.outcomes import AccessReason, Refused
-from callcredit_server.errors import TRANSPORT_REASONS, refusal_status, status_for
+from callcredit_server.errors import refusal_status, status_for
 
 PROTO = (
     Path(__file__).resolve().parent.parent / "proto" / "callcredit" / "v1" / "error_reason.proto"
 )
 CORE_REASONS = (*Reason, *AccessReason)
+TRANSPORT_REASONS = (
+    ErrorReason.UNAUTHENTICATED,
+    ErrorReason.UNAVAILABLE,
+    ErrorReason.SLOW_CONSUMER,
+)
+"""Sent by the servicer alone (a token, a drain or a failing journal, a stream's reader
+too slow for its pushes): the core never decides them, so its enums do not name them."""
 SENT = [value for _, value in ErrorReason.items() if value != ErrorReason.ERROR_REASON_UNSPECIFIED]
 
 

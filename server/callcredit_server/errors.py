@@ -3,8 +3,10 @@
 The one place a reason becomes a gRPC status code. The reasons are the contract's
 `callcredit.v1.ErrorReason` (proto/callcredit/v1/error_reason.proto); ErrorInfo.reason
 carries the value's name. The core decides with its own enums (`Reason`, `AccessReason`:
-it imports no generated code); each of their members is the ErrorReason of the same name
-(tests/test_error_reasons.py proves the two lists match).
+it imports no generated code); each of their members is the ErrorReason of the same name.
+The servicer alone sends UNAUTHENTICATED (auth.py), UNAVAILABLE (a drain, a failing
+journal) and SLOW_CONSUMER (a Control stream's reader too slow for its pushes): the core
+never decides those. tests/test_error_reasons.py proves the lists match.
 """
 
 from __future__ import annotations
@@ -22,13 +24,6 @@ DOMAIN = "callcredit.v1"
 # metadata): a refusal names its first violations and counts the rest.
 MAX_FIELD_VIOLATIONS = 20
 MAX_STATUS_MESSAGE_CHARS = 1_000
-
-TRANSPORT_REASONS: frozenset[ErrorReason.ValueType] = frozenset(
-    {ErrorReason.UNAUTHENTICATED, ErrorReason.UNAVAILABLE, ErrorReason.SLOW_CONSUMER}
-)
-"""The reasons only the servicer sends (a token, a drain or a failing journal, a stream's
-reader too slow for its pushes): the state machine never decides them, so the core's
-enums do not name them."""
 
 _CODES: dict[ErrorReason.ValueType, grpc.StatusCode] = {
     ErrorReason.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
