@@ -312,7 +312,11 @@ class Writer:
                 if step.changed:
                     records.append(JournalRecord(seq, now_ms, command, step.entries, step.calls))
                     seq += 1
-                if target is not None and isinstance(command, _CALL_COMMANDS):
+                if (
+                    target is not None
+                    and isinstance(command, _CALL_COMMANDS)
+                    and not isinstance(step.outcome, Refused)  # a refusal changes nothing
+                ):
                     call_id = command.call_id
                     call = calls.get(call_id)
                     if call is not None and call.state is CallState.ACTIVE:
