@@ -104,7 +104,7 @@ class _Reply:
 
 
 class Writer:
-    """Owns the state machine; serialises every change and read through one queue."""
+    """Runs the writer core: serialises every change and read through one queue."""
 
     def __init__(
         self,
@@ -262,10 +262,10 @@ class Writer:
                         raise Unavailable(
                             f"a journal commit took over {COMMIT_TIMEOUT_S:.0f} s"
                         ) from exc
-                    for reply in self._core.durable(records[-1].seq):
-                        _release(reply)
                     if self.observer is not None:
                         self.observer.committed(len(records), time.perf_counter() - started)
+                    for reply in self._core.durable(records[-1].seq):
+                        _release(reply)
                     self._committed.set()
                     self._maybe_snapshot()
         except asyncio.CancelledError:
