@@ -4,7 +4,9 @@ Tenant A holds every account "ta-*", tenant B exactly "tb-main" and "tb-2". B re
 call b-push-1 over its Control stream; A then reserves the same call id on an account of
 its own. That passes the servicer's tenant check (the account is A's) and the state
 machine refuses it with CALL_ID_CONFLICT. The refusal must change nothing: B's
-grant_update and termination for b-push-1 keep going to B's stream, none to A's.
+grant_update and termination for b-push-1 keep going to B's stream, none to A's. The
+same holds on a server without tokens (two dialers, one call id), and when A's Reserve
+is unary (which carries no stream to route to).
 """
 
 from __future__ import annotations
@@ -52,9 +54,10 @@ hash = "{hash_token(B_TOKEN)}"
 Pushes = tuple[list[str], list[str]]  # (call ids of grant_updates, of terminations)
 
 
-@pytest.fixture
-async def tenants(tmp_path: Path) -> AsyncIterator[Secured]:
-    async with secured_server(tmp_path, TWO_TENANTS_TOML) as running:
+@pytest.fixture(params=[TWO_TENANTS_TOML, ""], ids=["tokens", "no-tokens"])
+async def tenants(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Secured]:
+    """The server with the two tenants' tokens, and one without any (tokens are ignored)."""
+    async with secured_server(tmp_path, request.param) as running:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
         try:
             yield Secured(
