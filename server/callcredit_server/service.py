@@ -52,7 +52,8 @@ from callcredit_server.errors import (
 from callcredit_server.handlers import UndecodableRequest
 from callcredit_server.journal import Journal, JournalError
 from callcredit_server.metrics import Metrics
-from callcredit_server.writer import AccountFilter, Unavailable, Writer
+from callcredit_server.writer import Unavailable, Writer
+from callcredit_server.writer_core import AccountFilter
 
 log = logging.getLogger(__name__)
 
