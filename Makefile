@@ -21,9 +21,10 @@ $(SERVE_STAMP): pyproject.toml client/pyproject.toml | $(VENV)/pyvenv.cfg
 	$(BIN)/python -m pip install -q -e ./client -e .
 	touch $@
 
-$(DEV_STAMP): $(SERVE_STAMP)
+# The dev tools on top. What it installs serves too, so it makes the serve stamp as well.
+$(DEV_STAMP): pyproject.toml client/pyproject.toml | $(VENV)/pyvenv.cfg
 	$(BIN)/python -m pip install -q -e ./client -e '.[dev]'
-	touch $@
+	touch $(SERVE_STAMP) $@
 
 serve: $(SERVE_STAMP)
 	$(BIN)/callcredit-server
