@@ -359,7 +359,7 @@ async def run_callcredit(
                 )
                 totals = await grpc_drivers.callcredit_totals(server.target, accounts, balance)
                 if server.process.poll() is not None:
-                    raise RuntimeError(f"callcredit-server exited: {list(server.tail)[-5:]}")
+                    raise RuntimeError(f"callcredit-server exited: {server.log_text()[-500:]}")
         _add(report, _result(system, layout, mode, label, workload, window, totals, durability))
 
 

@@ -44,7 +44,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -59,6 +58,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from callcredit.errors import CallcreditError
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
+from callcredit_server import launch
 from callcredit_server.core import Command, CreateAccount, PutTariff, Rate, StateMachine, Tariff
 from callcredit_server.core import TopUp as TopUpCommand
 from callcredit_server.journal import Journal, JournalRecord
@@ -93,6 +93,7 @@ WINDOW_MESSAGES = 32  # per stream; the server reads at most 64 unanswered messa
 SCHEDULER_TICK_S = 0.002
 RENEW_MARGIN_S = 5  # a call renews G - 5 s after its last grant
 START_TIMEOUT_S = 3_600.0
+STOP_TIMEOUT_S = 120.0  # SIGTERM: the drain, then the last flush
 ADMIN_CONCURRENCY = 32
 ERRORS_KEPT = 5
 RESERVE, RENEW, RELEASE = 0, 1, 2
@@ -213,40 +214,20 @@ def serving(url: str, snapshot_root: Path, grant_seconds: int, log: Path) -> Ite
     """`callcredit-server` on the journal, default settings but --grant-seconds; INFO logs
     to a file (start-up and snapshot lines). Stopped with SIGTERM (drain, then exit)."""
     metrics_port = free_port()
-    argv = [sys.executable, "-m", "callcredit_server.cli", "--listen", "127.0.0.1:0",
-            "--database-url", url, "--snapshot-dir", str(snapshot_root),
+    args = ["--listen", "127.0.0.1:0", "--database-url", url, "--snapshot-dir", str(snapshot_root),
             "--grant-seconds", str(grant_seconds),
             "--metrics-listen", f"127.0.0.1:{metrics_port}", "--log-level", "INFO"]  # fmt: skip
     started = time.perf_counter()
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},
-        )
-    try:
-        port = 0
-        while not port:
-            found = re.search(r"listening on port (\d+)", log.read_text(errors="replace"))
-            if found:
-                port = int(found.group(1))
-            elif process.poll() is not None or time.perf_counter() - started > START_TIMEOUT_S:
-                tail = log.read_text(errors="replace").splitlines()[-10:]
-                raise RuntimeError(f"the server did not start: {' | '.join(tail)}")
-            else:
-                time.sleep(0.05)
-        yield Server(process, port, metrics_port, log, time.perf_counter() - started)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        process.wait()
+    with launch.serving(
+        args,
+        log,
+        env={"PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        start_timeout_seconds=START_TIMEOUT_S,
+        stop_timeout_seconds=STOP_TIMEOUT_S,
+    ) as server:
+        took = time.perf_counter() - started
+        yield Server(server.process, server.port, metrics_port, log, took)
 
 
 # ------------------------------------------------------------------ the dialer side

@@ -264,7 +264,7 @@ async def run_variant(
         )
         for s in servers:
             if s.process.poll() is not None:
-                raise RuntimeError(f"callcredit-server exited: {list(s.tail)[-5:]}")
+                raise RuntimeError(f"callcredit-server exited: {s.log_text()[-500:]}")
     elapsed = t1 - t0
     ops = workload.measured_ops
     server_cpu = [(b - a) / elapsed for a, b in zip(server0, server1, strict=True)]

@@ -55,6 +55,7 @@ from typing import IO, Any
 import grpc
 
 from callcredit.v1 import admin_pb2, admin_pb2_grpc
+from callcredit_server import launch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TARGET_FILE = "target"
@@ -289,19 +290,16 @@ class Supervisor:
         self.recovery_kills = 0
         self.recovery_kills_after_replay = 0  # replay was over already
         self.start_seconds: list[float] = []
-        self._log: Path | None = None
+        self._server: launch.ServerProcess | None = None
 
-    def _spawn(self, port: int) -> Path:
+    def _spawn(self, port: int) -> launch.ServerProcess:
         self.starts += 1
         log_path = self.workdir / f"server-{self.starts:03d}.log"
-        with log_path.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "callcredit_server.cli", "--listen", f"127.0.0.1:{port}",
-                 *self.journal_args, *self.serve_args],
-                stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=self.env,
-            )  # fmt: skip
-        self._log = log_path
-        return log_path
+        args = ["--listen", f"127.0.0.1:{port}", *self.journal_args, *self.serve_args]
+        server = launch.spawn(args, log_path, env=self.env, cwd=REPO_ROOT)
+        self.process = server.process
+        self._server = server
+        return server
 
     def start(self, *, same_port: bool, tries: int = 5) -> float:
         """Start and wait until it serves; the seconds that took.
@@ -310,20 +308,18 @@ class Supervisor:
         """
         began = time.monotonic()
         port = self.port if same_port and self.port else _free_port(avoid=self.port)
-        log_path = self._spawn(port)
+        server = self._spawn(port)
         while True:
-            text = log_path.read_text(encoding="utf-8", errors="replace")
-            found = re.search(r"listening on port (\d+)", text)
-            if found:
-                self.port = int(found.group(1))
+            if server.poll_ready():
+                self.port = server.port
                 self.target = f"127.0.0.1:{self.port}"
                 write_target(self.workdir, self.target)
                 took = time.monotonic() - began
                 self.start_seconds.append(took)
                 return took
-            assert self.process is not None
-            code = self.process.poll()
+            code = server.process.poll()
             if code is not None:
+                text = server.log_text()
                 if tries > 1 and "could not start" in text and "bind" in text.lower():
                     # the port was taken meanwhile
                     return self.start(same_port=False, tries=tries - 1)
@@ -336,10 +332,10 @@ class Supervisor:
         """Start on the same port and SIGKILL it before it serves: while it opens the
         journal and replays it (the end of the usual time to serve), or while it imports."""
         usual = sorted(self.start_seconds)[len(self.start_seconds) // 2]
-        log_path = self._spawn(self.port or 0)
+        server = self._spawn(self.port or 0)
         time.sleep(rng.uniform(0.6, 1.0) * usual)
         self.recovery_kills += 1
-        text = log_path.read_text(encoding="utf-8", errors="replace")
+        text = server.log_text()
         if "recovered" in text:  # replay was over: it was binding or serving
             self.recovery_kills_after_replay += 1
         self.kill()
@@ -347,9 +343,9 @@ class Supervisor:
     def kill(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is not None and self._log is not None:
-            text = self._log.read_text(encoding="utf-8", errors="replace")
-            if "callcredit-server listening" in text or "could not start" in text:
+        if self.process.poll() is not None and self._server is not None:
+            text = self._server.log_text()
+            if self._server.poll_ready() or "could not start" in text:
                 raise ServerFailed(
                     f"server #{self.starts} died before it was killed "
                     f"(exit {self.process.returncode}):\n{text[-3000:]}"
@@ -360,8 +356,8 @@ class Supervisor:
         self.process = None
 
     def check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None and self._log:
-            text = self._log.read_text(encoding="utf-8", errors="replace")
+        if self.process is not None and self.process.poll() is not None and self._server:
+            text = self._server.log_text()
             raise ServerFailed(
                 f"server #{self.starts} exited on its own ({self.process.returncode}):\n"
                 f"{text[-3000:]}"
@@ -388,9 +384,9 @@ class Supervisor:
         return done.returncode, (done.stdout + done.stderr).strip()
 
     def log_tail(self, chars: int = 3000) -> str:
-        if self._log is None:
+        if self._server is None:
             return ""
-        return self._log.read_text(encoding="utf-8", errors="replace")[-chars:]
+        return self._server.log_text()[-chars:]
 
     def wait_for_log(self, pattern: str, timeout_s: float = 30.0) -> re.Match[str]:
         """The first match of `pattern` in the current server's log, once it is there."""
