@@ -6,10 +6,18 @@ import dataclasses
 import gzip
 from pathlib import Path
 
+import pytest
+
 from callcredit.v1 import admin_pb2
 from callcredit_server.journal import Journal
 from callcredit_server.recovery import recover, verify
-from callcredit_server.snapshot import list_snapshots, snapshot_path, write_snapshot
+from callcredit_server.snapshot import (
+    SnapshotError,
+    list_snapshots,
+    read_snapshot,
+    snapshot_path,
+    write_snapshot,
+)
 from tests.service.conftest import FakeClock, Harness, open_harness
 from tests.service.streams import RawStream, release_op, renew_op, reserve_op
 
@@ -96,3 +104,12 @@ async def test_a_snapshot_beyond_the_journal_is_discarded_and_a_damaged_one_skip
     finally:
         await h.channel.close()
         await h.running.stop(grace_s=0.5)
+
+
+def test_a_snapshot_file_of_another_format_is_refused_by_name(tmp_path: Path) -> None:
+    path = snapshot_path(tmp_path, 7)
+    path.write_bytes(gzip.compress(b'{"format": 2, "seq": 7}\n{}'))
+    with pytest.raises(
+        SnapshotError, match=r"unsupported snapshot file format 2 \(this server reads 1\)"
+    ):
+        read_snapshot(path)
