@@ -372,7 +372,7 @@ class StateMachine:
                 Reason.NO_RATE_FOR_DESTINATION,
                 f"tariff {account.tariff_id!r} has no rate for {destination}",
             )
-        available = account.balance + account.credit_limit - account.reserved
+        available = account.available
         grant_seconds = c.grant_seconds
         allowed, hold = affordable(rate, grant_seconds, available)
         if allowed == 0:
@@ -484,7 +484,7 @@ class StateMachine:
         self._changed = True
         price = cost(call.rate, c.used_seconds)
         self._close(account, call, CallState.RELEASED)
-        charge = min(price, account.balance + account.credit_limit - account.reserved)
+        charge = min(price, account.available)
         if charge:
             self._post(account, EntryKind.CALL_CHARGE, -charge, call.call_id)
         call.used_seconds = c.used_seconds
@@ -554,7 +554,7 @@ class StateMachine:
         wanted = call.used_seconds + call.grant_seconds
         allowed_before = call.allowed_seconds
         held = call.held
-        budget = held + account.balance + account.credit_limit - account.reserved
+        budget = held + account.available
         allowed, hold = affordable(call.rate, max(allowed_before, wanted), budget)
         if allowed < allowed_before:
             raise InvariantViolation(f"call {call.call_id} would lose granted seconds")
@@ -708,7 +708,7 @@ class StateMachine:
         moved = bool(self._entries) or self.ledger_total != self._ledger_total_before
         for account_id, account in self._accounts_touched.items():
             reserved = account.reserved
-            if reserved < 0 or account.balance + account.credit_limit < reserved:
+            if reserved < 0 or account.available < 0:
                 raise InvariantViolation(
                     f"account {account_id}: available {account.available}, reserved {reserved}"
                 )
@@ -783,7 +783,7 @@ class StateMachine:
             holds = sum(call.held for call in open_calls.values()) if open_calls else 0
             if holds != account.reserved:
                 problems.append(f"{account.account_id}: reserved {account.reserved} != {holds}")
-            if account.balance + account.credit_limit < account.reserved:
+            if account.available < 0:
                 problems.append(f"{account.account_id}: available {account.available} < 0")
             if not open_calls:
                 continue
