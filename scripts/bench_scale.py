@@ -51,7 +51,6 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
 
@@ -78,11 +77,7 @@ from loadtest.baselines.workload import (
     Histogram,
     cost,
 )
-
-if TYPE_CHECKING:
-    _ControlCall: TypeAlias = grpc.aio.StreamStreamCall[
-        credit_control_pb2.ControlRequest, credit_control_pb2.ControlResponse
-    ]
+from loadtest.lanes import Lane
 
 REPO = Path(__file__).resolve().parent.parent
 TARIFF_ID = "scale"
@@ -233,21 +228,6 @@ def serving(url: str, snapshot_root: Path, grant_seconds: int, log: Path) -> Ite
 # ------------------------------------------------------------------ the dialer side
 
 
-class _Lane:
-    """One Control stream: calls ready to send, and the messages it has in flight."""
-
-    def __init__(self, call: _ControlCall) -> None:
-        self.call = call
-        self.ready: collections.deque[int] = collections.deque()
-        self.wake = asyncio.Event()
-        self.window_open = asyncio.Event()
-        self.in_flight = 0
-        self.unanswered: dict[int, int] = {}  # message number -> operations unanswered
-        self.next_message = 0
-        self.messages = 0
-        self.operations = 0
-
-
 @dataclass
 class Counts:
     ok: list[int] = field(default_factory=lambda: [0, 0, 0])
@@ -286,15 +266,20 @@ class Dialer:
         self.counts = Counts()
         self.renew_latency = Histogram()
         self.phase_latency = Histogram()
-        self.lanes: list[_Lane] = []
+        self.lanes: list[Lane[int]] = []
         self._tasks: list[asyncio.Task[None]] = []
 
     @contextlib.asynccontextmanager
     async def connected(self, target: str) -> AsyncIterator[Dialer]:
         async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as chan:
             stub = credit_control_pb2_grpc.CreditControlServiceStub(chan)
-            self.lanes = [_Lane(stub.Control(wait_for_ready=True)) for _ in range(self.streams)]
-            self._tasks = [asyncio.create_task(self._send(lane)) for lane in self.lanes]
+            self.lanes = [
+                Lane(
+                    stub.Control(wait_for_ready=True), window=WINDOW_MESSAGES, max_batch=self.batch
+                )
+                for _ in range(self.streams)
+            ]
+            self._tasks = [asyncio.create_task(lane.send(self._operation)) for lane in self.lanes]
             self._tasks += [asyncio.create_task(self._receive(lane)) for lane in self.lanes]
             try:
                 yield self
@@ -305,7 +290,9 @@ class Dialer:
 
     # -- operations
 
-    def _operation(self, i: int) -> credit_control_pb2.Operation:
+    def _operation(self, i: int, message: int) -> credit_control_pb2.Operation:
+        """Call i's next operation, sent in `message`."""
+        self.message_of[i] = message
         kind = self.kind[i]
         if kind == RESERVE:
             return credit_control_pb2.Operation(
@@ -349,9 +336,7 @@ class Dialer:
         self.due[i] = due
         self.outstanding += 1
         self.idle.clear()
-        lane = self.lanes[i % self.streams]
-        lane.ready.append(i)
-        lane.wake.set()
+        self.lanes[i % self.streams].push(i)
 
     def _answered(self, i: int, outcome: credit_control_pb2.Outcome, now: float) -> None:
         kind = self.kind[i]
@@ -388,33 +373,7 @@ class Dialer:
         elif self.outstanding == 0:
             self.idle.set()
 
-    async def _send(self, lane: _Lane) -> None:
-        ready = lane.ready
-        while True:
-            if not ready:
-                lane.wake.clear()
-                await lane.wake.wait()
-                continue
-            if lane.in_flight >= WINDOW_MESSAGES:
-                lane.window_open.clear()
-                await lane.window_open.wait()
-                continue
-            count = min(len(ready), self.batch)
-            number = lane.next_message
-            lane.next_message = number + 1
-            operations = []
-            for _ in range(count):
-                i = ready.popleft()
-                self.message_of[i] = number
-                operations.append(self._operation(i))
-            lane.unanswered[number] = count
-            lane.in_flight += 1
-            lane.messages += 1
-            lane.operations += count
-            await lane.call.write(credit_control_pb2.ControlRequest(operations=operations))
-
-    async def _receive(self, lane: _Lane) -> None:
-        unanswered = lane.unanswered
+    async def _receive(self, lane: Lane[int]) -> None:
         while True:
             response = await lane.call.read()
             if response is grpc.aio.EOF:
@@ -423,14 +382,7 @@ class Dialer:
             now = time.perf_counter()
             for outcome in response.outcomes:
                 i = int(outcome.request_id)
-                number = self.message_of[i]
-                left = unanswered[number] - 1
-                if left:
-                    unanswered[number] = left
-                else:
-                    del unanswered[number]
-                    lane.in_flight -= 1
-                    lane.window_open.set()
+                lane.answered(self.message_of[i])
                 self._answered(i, outcome, now)
 
     async def wait_idle(self) -> None:

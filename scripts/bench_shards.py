@@ -48,8 +48,9 @@ import grpc
 from callcredit.v1 import credit_control_pb2, credit_control_pb2_grpc
 from loadtest import bench_compare
 from loadtest.baselines import grpc_drivers, procs
-from loadtest.baselines.grpc_drivers import _answer, _Lane
-from loadtest.baselines.workload import RESERVE, AccountTotals, Workload, check
+from loadtest.baselines.grpc_drivers import _answer, slot_operation
+from loadtest.baselines.workload import RESERVE, AccountTotals, Slot, Workload, check
+from loadtest.lanes import Lane, run_lanes
 
 LOGICAL_SHARDS = 64
 """Fixed for the life of a deployment: an account's logical shard never changes; only
@@ -111,25 +112,29 @@ async def drive_sharded(
     request_ids = [str(index) for index in range(workload.calls)]
     slots = workload.slots
     async with AsyncExitStack() as stack:
-        lanes: list[list[_Lane]] = []
+        lanes: list[list[Lane[Slot]]] = []
         for target in targets:
             chan = await stack.enter_async_context(grpc_drivers.channel(target))
             stub = credit_control_pb2_grpc.CreditControlServiceStub(chan)
             lanes.append(
-                [_Lane(stub.Control(wait_for_ready=True)) for _ in range(streams_per_server)]
+                [
+                    Lane[Slot](
+                        stub.Control(wait_for_ready=True), window=window, max_batch=max_batch
+                    )
+                    for _ in range(streams_per_server)
+                ]
             )
         every_lane = [lane for per_server in lanes for lane in per_server]
 
-        def lane_of(slot_index: int) -> _Lane:
+        def lane_of(slot_index: int) -> Lane[Slot]:
             slot = slots[slot_index]
             server = router.route(slot.call_id, slot.kind, slot.account)
             return lanes[server][slot_index % streams_per_server]
 
-        async def send(lane: _Lane) -> None:
-            await lane.send(workload, window, max_batch, request_ids)
+        async def send(lane: Lane[Slot]) -> None:
+            await lane.send(slot_operation(request_ids), workload.drained)
 
-        async def receive(lane: _Lane) -> None:
-            unanswered = lane.unanswered
+        async def receive(lane: Lane[Slot]) -> None:
             while True:
                 response = await lane.call.read()
                 if response is grpc.aio.EOF:
@@ -138,13 +143,7 @@ async def drive_sharded(
                 woken: set[int] = set()
                 for outcome in response.outcomes:
                     slot = slots[int(outcome.request_id)]
-                    left = unanswered[slot.msg] - 1
-                    if left:
-                        unanswered[slot.msg] = left
-                    else:
-                        del unanswered[slot.msg]
-                        lane.in_flight -= 1
-                        lane.window_open.set()
+                    lane.answered(slot.msg)
                     ended = slot.call_id
                     if _answer(workload, slot, outcome):
                         if slot.call_id != ended:  # the call ended, the slot placed another
@@ -160,7 +159,7 @@ async def drive_sharded(
 
         for slot in workload.start():
             lane_of(slot.index).ready.append(slot)
-        await grpc_drivers.run_lanes(every_lane, workload, send, receive)
+        await run_lanes(every_lane, workload.drained, send, receive)
 
 
 # -- measuring ------------------------------------------------------------------------
