@@ -92,14 +92,14 @@ class Result:
     operations: int
     messages: int
     seconds: float
-    server_cpu_s: float | None = None  # the server process's user + system CPU time
+    server_cpu_seconds: float | None = None  # the server process's user + system CPU time
 
     def line(self) -> str:
         cpu = ""
-        if self.server_cpu_s is not None:
+        if self.server_cpu_seconds is not None:
             cpu = (
-                f"  server CPU {self.server_cpu_s / self.operations * 1e6:,.1f} us/op, "
-                f"{self.server_cpu_s / self.messages * 1e6:,.0f} us/msg"
+                f"  server CPU {self.server_cpu_seconds / self.operations * 1e6:,.1f} us/op, "
+                f"{self.server_cpu_seconds / self.messages * 1e6:,.0f} us/msg"
             )
         return (
             f"{self.name:<38} {self.operations / self.seconds:>10,.0f} ops/s "

@@ -169,7 +169,7 @@ async def drive_sharded(
 class Result:
     shards: int
     round: int
-    ops_per_s: float
+    ops_per_second: float
     p50_ms: float
     p99_ms: float
     ops: int
@@ -274,7 +274,7 @@ async def run_variant(
     return Result(
         shards=shards,
         round=round_number,
-        ops_per_s=ops / elapsed,
+        ops_per_second=ops / elapsed,
         p50_ms=workload.histogram.quantile_ms(0.50),
         p99_ms=workload.histogram.quantile_ms(0.99),
         ops=ops,
@@ -311,7 +311,7 @@ def _line(r: Result) -> str:
     servers = " + ".join(f"{c:.0f}%" for c in r.server_cpu_pct)
     check_text = "ok" if r.check_ok else "FAILED: " + "; ".join(r.problems)
     return (
-        f"{r.shards} shard(s) round {r.round}: {r.ops_per_s:>9,.0f} ops/s  "
+        f"{r.shards} shard(s) round {r.round}: {r.ops_per_second:>9,.0f} ops/s  "
         f"p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  client {r.client_cpu_pct:3.0f}%  "
         f"server(s) {servers}  {r.server_us_per_op:.0f} µs/op  "
         f"machine {r.machine_cpu_pct:3.0f}%  check {check_text}"

@@ -26,8 +26,8 @@ from callcredit_server import launch
 from callcredit_server.app import RunningServer, Settings, start
 from tests.service.conftest import FakeClock
 
-STARTUP_TIMEOUT_S = 60.0
-SIGTERM_EXIT_TIMEOUT_S = 15.0
+STARTUP_TIMEOUT_SECONDS = 60.0
+SIGTERM_EXIT_TIMEOUT_SECONDS = 15.0
 _STARTS = itertools.count(1)  # numbers the log files of one test run
 
 
@@ -66,7 +66,7 @@ async def in_process_server(
         yield running, endpoint
     finally:
         await endpoint.channel.close()
-        await running.stop(grace_s=0.5)
+        await running.stop(grace_seconds=0.5)
 
 
 class ServerProcess:
@@ -93,13 +93,13 @@ class ServerProcess:
         return self.process.poll() is None
 
     async def wait_listening(self) -> str:
-        await asyncio.to_thread(self.server.wait_ready, STARTUP_TIMEOUT_S)
+        await asyncio.to_thread(self.server.wait_ready, STARTUP_TIMEOUT_SECONDS)
         return self.server.target
 
     async def wait_exit(self) -> int:
         """The exit code of a process that must stop by itself (e.g. refusing to start)."""
         try:
-            return await asyncio.to_thread(self.process.wait, STARTUP_TIMEOUT_S)
+            return await asyncio.to_thread(self.process.wait, STARTUP_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired as exc:
             raise AssertionError(f"server did not exit by itself:\n{self.log}") from exc
 
@@ -107,10 +107,10 @@ class ServerProcess:
         """SIGTERM; the exit code, once the process has stopped (it must, promptly)."""
         self.process.send_signal(signal.SIGTERM)
         try:
-            return await asyncio.to_thread(self.process.wait, SIGTERM_EXIT_TIMEOUT_S)
+            return await asyncio.to_thread(self.process.wait, SIGTERM_EXIT_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired as exc:
             raise AssertionError(
-                f"server still running {SIGTERM_EXIT_TIMEOUT_S}s after SIGTERM:\n{self.log}"
+                f"server still running {SIGTERM_EXIT_TIMEOUT_SECONDS}s after SIGTERM:\n{self.log}"
             ) from exc
 
     async def kill(self) -> None:

@@ -85,7 +85,7 @@ async def test_drain_refuses_new_reserves_answers_the_rest_and_ends_when_calls_e
 
     await stream.ask(release_op("x2", "c2", 1))
     await asyncio.wait_for(draining, 2)  # no call open: the drain ends before its grace
-    await harness.running.stop(grace_s=5)
+    await harness.running.stop(grace_seconds=5)
     assert await stream.ended() == grpc.StatusCode.OK  # closed by the server, not cut
 
 
@@ -220,7 +220,7 @@ async def test_sigterm_drains_and_a_restart_continues_the_calls(
 async def test_drain_ends_when_no_dialer_stream_is_connected(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("callcredit_server.app.DRAIN_IDLE_S", 0.5)
+    monkeypatch.setattr("callcredit_server.app.DRAIN_IDLE_SECONDS", 0.5)
     await harness.funded_account("acc", 1_000)
     stream = RawStream(harness.dialer)
     await stream.ask(reserve_op("r1", "c1", "acc"))

@@ -41,7 +41,7 @@ async def _state(h: Harness) -> tuple[object, ...]:
 
 async def _restart(h: Harness, **changes: object) -> Harness:
     await h.channel.close()
-    await h.running.stop(grace_s=0.5)
+    await h.running.stop(grace_seconds=0.5)
     settings = dataclasses.replace(h.settings, **changes)  # type: ignore[arg-type]
     return await open_harness(settings, FakeClock(h.clock.now_ms))
 
@@ -77,7 +77,7 @@ async def test_a_start_replays_only_what_follows_the_newest_snapshot(harness: Ha
         assert renewed.renew.grant.allowed_seconds == 80
     finally:
         await h.channel.close()
-        await h.running.stop(grace_s=0.5)
+        await h.running.stop(grace_seconds=0.5)
 
 
 async def test_a_snapshot_beyond_the_journal_is_discarded_and_a_damaged_one_skipped(
@@ -103,7 +103,7 @@ async def test_a_snapshot_beyond_the_journal_is_discarded_and_a_damaged_one_skip
         assert (recovered.snapshot_seq, recovered.replayed) == (0, last)  # damaged: skipped
     finally:
         await h.channel.close()
-        await h.running.stop(grace_s=0.5)
+        await h.running.stop(grace_seconds=0.5)
 
 
 def test_a_snapshot_file_of_another_format_is_refused_by_name(tmp_path: Path) -> None:
