@@ -360,7 +360,7 @@ async def start(
         journal,
         clock_ms=clock_ms,
         retention_ms=settings.retention_seconds * 1000,
-        tick_interval_s=settings.tick_interval_ms / 1000,
+        tick_interval_seconds=settings.tick_interval_ms / 1000,
         snapshots=snapshots,
         snapshot_seq=recovered.snapshot_seq,
     )

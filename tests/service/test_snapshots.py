@@ -57,7 +57,7 @@ async def test_a_start_replays_only_what_follows_the_newest_snapshot(harness: Ha
     await h.running.writer.wait_for_snapshot()
     taken = list_snapshots(_directory(h))
     assert taken and taken[0].seq >= 25
-    assert h.running.writer.snapshot_stall_s_max > 0
+    assert h.running.writer.snapshot_stall_seconds_max > 0
     before = await _state(h)
     h = await _restart(h, snapshot_every_records=0)
     try:
