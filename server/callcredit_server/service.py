@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MAX_OPERATIONS_PER_MESSAGE = 10_000  # DESIGN.md's cap on one ControlRequest
+MAX_OPERATIONS_PER_MESSAGE = 10_000  # docs/design.md's cap on one ControlRequest
 # A stream's requests whose answers are not yet sent: the server stops reading the
 # stream beyond either bound, so a client that never reads its answers holds at
 # most this much (gRPC's flow control then stops its writes).

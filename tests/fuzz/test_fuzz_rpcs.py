@@ -1,7 +1,7 @@
 """Hostile input on every RPC, over real gRPC to a running server.
 
-Every answer is either a success that obeys DESIGN.md or a documented refusal
-(ErrorInfo of domain callcredit.v1 with the reason/code pair of DESIGN.md's
+Every answer is either a success that obeys docs/design.md or a documented refusal
+(ErrorInfo of domain callcredit.v1 with the reason/code pair of docs/design.md's
 table; INVALID_ARGUMENT with BadRequest) — never UNKNOWN, INTERNAL or a hang.
 A refused request changes nothing (the whole state image and the journal tail
 are compared), every success keeps the invariants (StateMachine.audit), and the
@@ -40,7 +40,7 @@ from tests.fuzz.strategies import BatchRecipe, RenewStep, batch_recipes, message
 
 A = admin_pb2
 C = credit_control_pb2
-MAX_OPERATIONS = 10_000  # DESIGN.md: at most 10,000 operations per ControlRequest
+MAX_OPERATIONS = 10_000  # docs/design.md: at most 10,000 operations per ControlRequest
 INT64_MAX = 2**63 - 1
 
 UNARY: dict[str, type[Any]] = {
@@ -310,7 +310,7 @@ def _in_range(value: int, low: int, high: int) -> bool:
 def test_renewals_out_of_order_then_a_release_beyond_the_grant(
     server: ServerThread, account: str, steps: list[RenewStep], overrun: int, over_stream: bool
 ) -> None:
-    """DESIGN.md, Calls and Idempotency, step by step against a running server."""
+    """docs/design.md, Calls and Idempotency, step by step against a running server."""
     call_id = f"rs-{next(_tags)}"
     # acc is rich; acc2 gets little each time, so grants are cut and overruns fall short.
     amount = 100_000 if account == "acc" else 2_000

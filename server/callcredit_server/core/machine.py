@@ -1,7 +1,7 @@
-"""The balance state machine: every rule of DESIGN.md, one command at a time.
+"""The balance state machine: every rule of docs/design.md, one command at a time.
 
 `StateMachine.apply(command, now_ms)` is a function of (state, time, command).
-Each handler runs all of its checks first, in the order DESIGN.md gives, each
+Each handler runs all of its checks first, in the order docs/design.md gives, each
 returning a named refusal; after the line marked `# -- commit point --` the
 command must succeed, and only then does state change. A refused command changes
 nothing (expiries that fell due before it are time passing, not the command).
