@@ -295,7 +295,10 @@ class Writer:
         if self.observer is not None:
             self.observer.snapshot_paused(stall_seconds)
         log.info(
-            "snapshot at seq %d: child %d started, writer paused %.1f ms", seq, pid, stall_seconds * 1e3
+            "snapshot at seq %d: child %d started, writer paused %.1f ms",
+            seq,
+            pid,
+            stall_seconds * 1e3,
         )
         self._snapshot_seq = seq
         self._snapshot_child = asyncio.create_task(self._reap(pid, seq, policy.directory))

@@ -31,8 +31,8 @@ DOCUMENTED: dict[str, grpc.StatusCode] = {
     "CALL_ALREADY_ENDED": grpc.StatusCode.FAILED_PRECONDITION,
     "CURRENCY_MISMATCH": grpc.StatusCode.FAILED_PRECONDITION,
     "CONCURRENT_CALL_LIMIT": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    # Beyond the brief's table (docs/design.md, Decisions beyond the brief), though its rule is ("Close: only from an account
-    # with no open calls"): the server's reason for it. Reported as a doc gap.
+    # Beyond the brief's table, though its rule is ("Close: only from an account with no
+    # open calls"): the server's reason for it (docs/design.md, Decisions beyond the brief).
     "ACCOUNT_HAS_OPEN_CALLS": grpc.StatusCode.FAILED_PRECONDITION,
     # Ends a Control stream whose reader fell too far behind its pushes
     # (docs/hostile-input.md); never the answer to one operation.

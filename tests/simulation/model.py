@@ -440,8 +440,8 @@ class Model:
         if c.credit_limit is not None and account.balance + c.credit_limit - account.holds() < 0:
             return _refused(Reason.INSUFFICIENT_FUNDS)  # "a lower credit_limit ... is refused"
         if c.status is AccountStatus.CLOSED and account.open_calls:
-            # Decided beyond the brief (docs/design.md) (it says only "from an account with no open calls"): the
-            # server names the refusal ACCOUNT_HAS_OPEN_CALLS.
+            # Decided beyond the brief (docs/design.md; the brief says only "from an account
+            # with no open calls"): the server names the refusal ACCOUNT_HAS_OPEN_CALLS.
             return _refused(Reason.ACCOUNT_HAS_OPEN_CALLS)
         grew = resumed = False
         if c.tariff_id is not None and c.tariff_id != account.tariff_id:
@@ -476,8 +476,8 @@ class Model:
         account = self.accounts.get(account_id)
         if account is None:
             return _refused(Reason.ACCOUNT_NOT_FOUND)
-        # Decided beyond the brief (docs/design.md): the order of these checks. A repeat is answered before
-        # the status is looked at, so a retried top-up keeps its first answer.
+        # Decided beyond the brief (docs/design.md): the order of these checks. A repeat is
+        # answered before the status is looked at, so a retried top-up keeps its first answer.
         remembered = self.keys.get((account_id, key))
         if remembered is not None:
             if remembered.fields == fields:
@@ -651,8 +651,8 @@ class Model:
         )
 
     def _tick(self, c: Tick) -> Outcome:
-        # Decided beyond the brief (docs/design.md): the boundary. Something that ended (or a key used) exactly
-        # `retention` ago is forgotten, as the server does.
+        # Decided beyond the brief (docs/design.md): the boundary. Something that ended (or a
+        # key used) exactly `retention` ago is forgotten, as the server does.
         cutoff_ms = self.now_ms - c.retention_ms
         gone = [
             call
@@ -733,8 +733,8 @@ class Model:
                 continue
             before = call.grant()
             self._extend(account, call)
-            # Decided beyond the brief (docs/design.md): a final call whose grant stays as it was is not
-            # "re-granted" (no push, its validity is not reset), as on the server.
+            # Decided beyond the brief (docs/design.md): a final call whose grant stays as it
+            # was is not "re-granted" (no push, its validity is not reset), as on the server.
             if call.grant() != before:
                 call.expires_at_ms = self._deadline(call.validity_seconds)
                 self._out.pushes.append(GrantPush(call.grant()))

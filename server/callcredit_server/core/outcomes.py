@@ -36,7 +36,8 @@ class Reason(StrEnum):
     NO_RATE_FOR_DESTINATION = "NO_RATE_FOR_DESTINATION"
     CALL_ALREADY_ENDED = "CALL_ALREADY_ENDED"
     CURRENCY_MISMATCH = "CURRENCY_MISMATCH"
-    # Beyond the brief (docs/design.md, Decisions beyond the brief): closing an account that still has open calls.
+    # Beyond the brief (docs/design.md, Decisions beyond the brief): closing an
+    # account that still has open calls.
     ACCOUNT_HAS_OPEN_CALLS = "ACCOUNT_HAS_OPEN_CALLS"
     CONCURRENT_CALL_LIMIT = "CONCURRENT_CALL_LIMIT"
 
