@@ -97,6 +97,7 @@ class CallRecord:
     """One dialed call as the SIPp dialer saw it (times: its ms clock)."""
 
     refused: int | None = None
+    refused_ms: int | None = None
     answered_ms: int | None = None
     ended_ms: int | None = None
     ended_by_proxy: bool = False
@@ -132,6 +133,7 @@ class Dial:
             what, value = parts[1], int(parts[2])
             if what == "refused":
                 call.refused = value
+                call.refused_ms = int(parts[3]) if len(parts) > 3 else None
             elif what == "answered":
                 call.answered_ms = value
             elif what in ("bye_in", "bye_out"):
@@ -344,10 +346,15 @@ def assert_billed(call: admin_pb2.Call, record: CallRecord) -> None:
     assert call.state == admin_pb2.CALL_STATE_RELEASED, call
     assert call.shortfall == 0, call
     assert call.charged == call.used_seconds, call
-    # The dialer's clock and Kamailio's see the answer and the BYE a few ms apart:
-    # allow that much either side of a whole second.
-    low, high = (record.talk_ms - 50) / 1000, (record.talk_ms + 50) / 1000
-    assert math.ceil(low) <= call.used_seconds <= math.ceil(high), (call, record)
+    assert_billed_seconds(call.used_seconds, record.talk_ms)
+
+
+def assert_billed_seconds(used_seconds: int, talk_ms: int) -> None:
+    """used_seconds is the talk time with every started second counted. The dialer's
+    clock and Kamailio's see the answer and the BYE a few ms apart: allow that much
+    either side of a whole second."""
+    low, high = (talk_ms - 50) / 1000, (talk_ms + 50) / 1000
+    assert math.ceil(low) <= used_seconds <= math.ceil(high), (used_seconds, talk_ms)
 
 
 def call_id(sip_call_id: str) -> str:

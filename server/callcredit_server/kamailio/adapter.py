@@ -527,17 +527,19 @@ class Adapter:
                 await self._rpc_end_dialog(call, err.reason)
             return
         call.dialer = handle
-        talked_micros = max(time.time_ns() // 1_000 - event.at_micros, 0)
         call.start_micros = event.at_micros
-        call.started_seen_at = asyncio.get_running_loop().time() - talked_micros / 1_000_000
-        handle.answered(ago_seconds=talked_micros / 1_000_000)
         try:
             ended_at = await self._recorded_end(event.sip_call_id)
         except RpcError:
             ended_at = None
         if ended_at is not None:
+            # Ended meanwhile: released with its talk time, before the library's talk
+            # clock (started by answered()) could report more in a renewal.
             self._finish(call, talk_seconds(event.at_micros, ended_at))
             return
+        talked_micros = max(time.time_ns() // 1_000 - event.at_micros, 0)
+        call.started_seen_at = asyncio.get_running_loop().time() - talked_micros / 1_000_000
+        handle.answered(ago_seconds=talked_micros / 1_000_000)
         logger.info("call %s: taken up after %d ms of talk", token.call_id, talked_micros // 1000)
         self._retime(call)
 
