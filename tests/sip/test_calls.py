@@ -72,6 +72,25 @@ async def test_calls_starting_together_share_the_credit_and_the_rest_get_402(
     await assert_ledger(admin, account)
 
 
+async def test_invites_callcredit_refuses_get_their_sip_answers(
+    lab: Lab, admin: AdminClient
+) -> None:
+    await funded(admin, "single-line", 100, max_calls=1)
+
+    busy = lab.dial("single-line", calls=2, talk_s=4)
+    unknown = lab.dial("no-such-account", calls=1, talk_s=4)
+    malformed = lab.dial("not an id", calls=1, talk_s=4)
+
+    assert len(unknown.wait(timeout_s=20).refused(403)) == 1
+    assert len(malformed.wait(timeout_s=20).refused(400)) == 1
+    busy.wait(timeout_s=20)
+    assert len(busy.answered) == 1
+    assert len(busy.refused(486)) == 1
+    account = await settled(admin, "single-line")
+    assert len(await calls_of(admin, "single-line")) == 1
+    await assert_ledger(admin, account)
+
+
 async def test_calls_ending_together_are_each_charged_once(lab: Lab, admin: AdminClient) -> None:
     await funded(admin, "batch", 1_000)
 
@@ -138,8 +157,13 @@ async def test_calls_end_at_their_grant_when_the_adapter_is_killed(
     dial = lab.dial("orphans", calls=2, talk_s=20)
     await asyncio.sleep(1.5)  # answered, first grant (5 s) not yet renewed
     lab.kill_adapter()
+    unserved = lab.dial("orphans", calls=1, talk_s=5).wait(timeout_s=20)
     dial.wait(timeout_s=30)
 
+    # With no adapter, Kamailio itself answers 503 after CC_WAIT_MS (3 s).
+    [not_held] = unserved.refused(503)
+    assert not_held.refused_ms is not None
+    assert not_held.refused_ms <= 3_500
     assert len(dial.answered) == 2
     for record in dial.answered:
         assert record.ended_by_proxy
