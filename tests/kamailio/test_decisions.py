@@ -15,6 +15,7 @@ from callcredit_server.kamailio.decisions import (
     CallToken,
     End,
     Failed,
+    Held,
     NetstringDecoder,
     Probe,
     Recheck,
@@ -216,6 +217,8 @@ def test_events_parse() -> None:
     assert parse_event(orjson.dumps(start)) == Start("c1", 10_500_000, 3, 4, token)
     assert parse_event(b'{"event":"end","sip_call_id":"c1","at":"11.0"}') == End("c1", 11 * S)
     assert parse_event(b'{"event":"failed","sip_call_id":"c1"}') == Failed("c1")
+    held = {"event": "held", "sip_call_id": "c1", "call": token.encode()}
+    assert parse_event(orjson.dumps(held)) == Held("c1", token)
     assert parse_event(b'{"event":"unheld","tindex":1,"tlabel":2}') == Unheld(1, 2)
 
 

@@ -81,7 +81,7 @@ def authority(tmp_path: Path) -> Iterator[Authority]:
 @pytest.fixture
 def lab(authority: Authority, tmp_path: Path) -> Iterator[Lab]:
     lab = Lab(tmp_path, authority.target)
-    with kamailio(lab), carrier(lab):
+    with kamailio(lab), carrier(lab) as lab.carrier:
         lab.start_adapter()
         try:
             yield lab

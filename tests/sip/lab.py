@@ -159,6 +159,7 @@ class Lab:
     carrier_port: int = field(default_factory=lambda: free_port(socket.SOCK_DGRAM))
     reserve_timeout_s: float = 1.5
     adapter: subprocess.Popen[bytes] | None = None
+    carrier: subprocess.Popen[bytes] | None = None
     adapter_starts: int = 0
     dials: int = 0
 

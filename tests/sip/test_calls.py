@@ -23,6 +23,7 @@ from tests.sip.lab import (
     calls_of,
     funded,
     settled,
+    stop,
 )
 
 INCREMENT_MS = 1_000
@@ -198,6 +199,30 @@ async def test_a_restarted_adapter_takes_up_a_live_call(lab: Lab, admin: AdminCl
     [(sip_call_id, _)] = dial.calls.items()
     assert_billed((await calls_of(admin, "resumed"))[call_id(sip_call_id)], record)
     await assert_ledger(admin, account)
+
+
+async def test_a_call_that_failed_while_the_adapter_was_down_is_released_free(
+    lab: Lab, admin: AdminClient
+) -> None:
+    await funded(admin, "unlucky", 1_000)
+    assert lab.carrier is not None
+    stop(lab.carrier)  # the carrier never answers: the INVITE times out (408) in 5 s
+
+    dial = lab.dial("unlucky", calls=1, talk_s=8)
+    await asyncio.sleep(1.0)  # let through, ringing
+    lab.kill_adapter()
+    dial.wait(timeout_s=20)
+    [record] = dial.calls.values()
+    assert record.refused == 408
+    assert (await admin.get_account("unlucky")).active_calls == 1  # nobody released it
+    lab.start_adapter()
+
+    account = await settled(admin, "unlucky")
+    assert account.active_calls == 0
+    [call] = (await calls_of(admin, "unlucky")).values()
+    assert call.state == admin_pb2.CALL_STATE_RELEASED
+    assert call.charged == 0
+    assert account.balance == 1_000
 
 
 async def test_with_callcredit_down_invites_get_503_and_calls_end_at_their_grant(
