@@ -542,7 +542,7 @@ def _request(ctx: typer.Context, send: Callable[[AdminClient], Awaitable[_T]]) -
     except CallcreditError as err:
         no_answer = err.code in _NO_ANSWER_CODES
         line = f"error: {err}"
-        if no_answer:
+        if no_answer and settings.target not in err.message:
             line += f" (target {settings.target})"
         typer.echo(line, err=True)
         for field, description in err.field_violations:
