@@ -64,6 +64,14 @@ from rich.text import Text
 
 from callcredit.admin import DEFAULT_TIMEOUT_SECONDS, AdminClient, RateSpec
 from callcredit.errors import CallcreditError
+from callcredit.money import (
+    AmountError,
+    format_amount,
+    format_price,
+    needs_currency,
+    parse_amount,
+    parse_price,
+)
 from callcredit.v1 import admin_pb2
 
 __all__ = ["EXIT_NO_ANSWER", "EXIT_REFUSED", "app", "main"]
@@ -197,8 +205,10 @@ def tariff_put(
         list[str] | None,
         typer.Option(
             help=(
-                "PREFIX:PRICE_PER_MINUTE_MICROS[:FIRST/NEXT[:CONNECT_FEE]], repeatable. "
-                "An empty prefix (':...') is the default rate; increments default to 1/1."
+                "PREFIX:PRICE[:FIRST/NEXT[:CONNECT_FEE]], repeatable. PRICE is micros of "
+                "the minor unit per minute (1179600000), or major units per second or "
+                "minute (19.66/s, 1179.6/min). An empty prefix (':...') is the default "
+                "rate; increments default to 1/1; CONNECT_FEE is an amount (see topup)."
             ),
         ),
     ] = None,
@@ -219,7 +229,7 @@ def tariff_put(
         rates: list[RateSpec | admin_pb2.Rate] = list(tariff.rates)
         currency = tariff.currency
     elif rate:
-        rates = [_parse_rate(text) for text in rate]
+        rates = [_parse_rate(text, currency) for text in rate]
     else:
         raise typer.BadParameter("give --rate at least once, or --file")
     if not currency:
@@ -238,12 +248,17 @@ def tariff_show(
     _output(ctx, tariff, lambda: _tariff_table(tariff))
 
 
-def _parse_rate(text: str) -> RateSpec:
+def _parse_rate(text: str, currency: str | None) -> RateSpec:
     """Parse one --rate; only the syntax is checked here, the limits are the server's."""
     parts = text.split(":")
     if not 2 <= len(parts) <= 4:
-        _bad_rate(text, "expected PREFIX:PRICE_PER_MINUTE_MICROS[:FIRST/NEXT[:CONNECT_FEE]]")
-    prefix, price = parts[0], _rate_int(text, parts[1], "PRICE_PER_MINUTE_MICROS")
+        _bad_rate(text, "expected PREFIX:PRICE[:FIRST/NEXT[:CONNECT_FEE]]")
+    try:
+        price = parse_price(parts[1], currency)
+        connect_fee = parse_amount(parts[3], currency) if len(parts) == 4 else 0
+    except AmountError as err:
+        _bad_rate(text, str(err))
+    prefix = parts[0]
     first = next_ = 1
     if len(parts) >= 3:
         first_text, slash, next_text = parts[2].partition("/")
@@ -251,7 +266,6 @@ def _parse_rate(text: str) -> RateSpec:
             _bad_rate(text, f"increments must be FIRST/NEXT, got {parts[2]!r}")
         first = _rate_int(text, first_text, "FIRST")
         next_ = _rate_int(text, next_text, "NEXT")
-    connect_fee = _rate_int(text, parts[3], "CONNECT_FEE") if len(parts) == 4 else 0
     return RateSpec(prefix, price, first, next_, connect_fee)
 
 
@@ -297,20 +311,21 @@ def account_create(
     currency: Annotated[str, typer.Option(help="ISO 4217 code; the tariff's currency.")],
     tariff: Annotated[str, typer.Option(help="The tariff new calls are rated with.")],
     credit_limit: Annotated[
-        int, typer.Option(help="How far below zero the balance may go (minor units).")
-    ] = 0,
+        str, typer.Option(help="How far below zero the balance may go; an amount (see topup).")
+    ] = "0",
     max_concurrent_calls: Annotated[
         int, typer.Option(help="Most calls open at once; 0 means no cap.")
     ] = 0,
 ) -> None:
     """Open an account with a zero balance."""
+    limit = _amount(credit_limit, currency, "--credit-limit")
     account = _request(
         ctx,
         lambda admin: admin.create_account(
             account_id,
             currency=currency,
             tariff_id=tariff,
-            credit_limit=credit_limit,
+            credit_limit=limit,
             max_concurrent_calls=max_concurrent_calls,
         ),
     )
@@ -374,39 +389,75 @@ _IdempotencyKeyOption = Annotated[
 ]
 
 
-@app.command("topup")
+_AMOUNT_HELP = (
+    "An integer is minor units, as on the wire and in --json (USD 1250 = $12.50); a "
+    "decimal point means major units (12.50 = $12.50; VND has no minor unit, so 20000 "
+    "and 20000.0 are both 20,000 ₫). Commas may group thousands: 20,000."
+)
+
+
+# ignore_unknown_options (topup and adjust alike): "-500" is not an option of the
+# command, so the parser hands it on as AMOUNT instead of refusing it as an option.
+@app.command("topup", context_settings={"ignore_unknown_options": True}, epilog=_AMOUNT_HELP)
 def topup(
     ctx: typer.Context,
     account_id: Annotated[str, typer.Argument(help="The account to credit.")],
-    amount: Annotated[int, typer.Argument(help="Minor units to add, > 0.")],
+    amount: Annotated[str, typer.Argument(help="The amount to add, > 0 (below).")],
     idempotency_key: _IdempotencyKeyOption = None,
     reference: Annotated[str, typer.Option(help="Payment reference kept on the entry.")] = "",
 ) -> None:
     """Add money to an account."""
-    key = _idempotency_key(idempotency_key, "top-up")
-    account = _request(
-        ctx,
-        lambda admin: admin.top_up(account_id, amount, idempotency_key=key, reference=reference),
-    )
-    _output(ctx, account, lambda: _account_table(account))
+    if amount.lstrip().startswith("-"):
+        raise typer.BadParameter(
+            "a top-up adds money: give a positive amount (adjust removes money)",
+            param_hint="'AMOUNT'",
+        )
+    _move_money(ctx, account_id, amount, "top-up", idempotency_key, reference)
 
 
-# ignore_unknown_options: "-500" is not an option of this command, so the parser hands
-# it on as the AMOUNT argument instead of refusing it as an unknown option.
-@app.command("adjust", context_settings={"ignore_unknown_options": True})
+@app.command("adjust", context_settings={"ignore_unknown_options": True}, epilog=_AMOUNT_HELP)
 def adjust(
     ctx: typer.Context,
     account_id: Annotated[str, typer.Argument(help="The account to adjust.")],
-    amount: Annotated[int, typer.Argument(help="Signed minor units: -500 removes 500.")],
+    amount: Annotated[str, typer.Argument(help="Signed: -500 removes 500 (below).")],
     idempotency_key: _IdempotencyKeyOption = None,
     reason: Annotated[str, typer.Option(help="Why; kept as the entry's reference.")] = "",
 ) -> None:
     """Add or remove money (a correction); a removal must leave available >= 0."""
-    key = _idempotency_key(idempotency_key, "adjustment")
-    account = _request(
-        ctx, lambda admin: admin.adjust(account_id, amount, idempotency_key=key, reason=reason)
-    )
+    _move_money(ctx, account_id, amount, "adjustment", idempotency_key, reason)
+
+
+def _move_money(
+    ctx: typer.Context,
+    account_id: str,
+    amount_text: str,
+    what: str,
+    idempotency_key: str | None,
+    reference: str,
+) -> None:
+    """A top-up or an adjustment; a decimal amount first reads the account's currency."""
+    try:
+        major = needs_currency(amount_text)
+    except AmountError as err:  # a usage error before any key is announced
+        raise typer.BadParameter(str(err), param_hint="'AMOUNT'") from err
+    key = _idempotency_key(idempotency_key, what)
+
+    async def send(admin: AdminClient) -> admin_pb2.Account:
+        currency = (await admin.get_account(account_id)).currency if major else None
+        amount = _amount(amount_text, currency, "AMOUNT")
+        if what == "top-up":
+            return await admin.top_up(account_id, amount, idempotency_key=key, reference=reference)
+        return await admin.adjust(account_id, amount, idempotency_key=key, reason=reference)
+
+    account = _request(ctx, send)
     _output(ctx, account, lambda: _account_table(account))
+
+
+def _amount(text: str, currency: str | None, hint: str) -> int:
+    try:
+        return parse_amount(text, currency)
+    except AmountError as err:
+        raise typer.BadParameter(str(err), param_hint=f"'{hint}'") from err
 
 
 def _idempotency_key(given: str | None, what: str) -> str:
@@ -588,7 +639,7 @@ def _account_table(account: admin_pb2.Account) -> Table:
 def _tariff_table(tariff: admin_pb2.Tariff) -> Table:
     table = Table(
         "prefix",
-        "price per minute (micros)",
+        "price",
         "increments (s)",
         "connect fee",
         title=Text(f"Tariff {tariff.tariff_id} ({tariff.currency})"),
@@ -597,7 +648,7 @@ def _tariff_table(tariff: admin_pb2.Tariff) -> Table:
     for rate in tariff.rates:
         table.add_row(
             Text(rate.prefix or "(default)"),
-            Text(str(rate.price_per_minute_micros)),
+            Text(format_price(rate.price_per_minute_micros, tariff.currency)),
             Text(f"{rate.first_increment_seconds}/{rate.next_increment_seconds}"),
             Text(_money(rate.connect_fee, tariff.currency)),
         )
@@ -620,7 +671,8 @@ def _call_table(call: admin_pb2.Call, currency: str) -> Table:
             ("shortfall", _money(call.shortfall, currency)),
             (
                 "rate",
-                f"prefix {rate.prefix or '(default)'}: {rate.price_per_minute_micros} micros/min, "
+                f"prefix {rate.prefix or '(default)'}: "
+                f"{format_price(rate.price_per_minute_micros, currency)}, "
                 f"{rate.first_increment_seconds}/{rate.next_increment_seconds} s, "
                 f"connect fee {_money(rate.connect_fee, currency)}",
             ),
@@ -639,8 +691,8 @@ def _calls_table(account_id: str, page: admin_pb2.ListCallsResponse, currency: s
         "state",
         "allowed s",
         "used s",
-        f"held ({currency})",
-        f"charged ({currency})",
+        "held",
+        "charged",
         "started",
         title=Text(f"Calls of {account_id}"),
         box=box.SIMPLE,
@@ -652,8 +704,8 @@ def _calls_table(account_id: str, page: admin_pb2.ListCallsResponse, currency: s
             Text(_enum_label(admin_pb2.CallState.DESCRIPTOR, call.state)),
             Text(str(call.allowed_seconds)),
             Text(str(call.used_seconds)),
-            Text(str(call.held)),
-            Text(str(call.charged)),
+            Text(_money(call.held, currency)),
+            Text(_money(call.charged, currency)),
             Text(_time(call.HasField("started_at"), call.started_at)),
         )
     return table
@@ -663,8 +715,8 @@ def _entries_table(account_id: str, entries: list[admin_pb2.LedgerEntry], curren
     table = Table(
         "entry",
         "kind",
-        f"amount ({currency})",
-        f"balance after ({currency})",
+        "amount",
+        "balance after",
         "call",
         "reference",
         "at",
@@ -675,8 +727,8 @@ def _entries_table(account_id: str, entries: list[admin_pb2.LedgerEntry], curren
         table.add_row(
             Text(str(entry.entry_id)),
             Text(_enum_label(admin_pb2.EntryKind.DESCRIPTOR, entry.kind)),
-            Text(str(entry.amount)),
-            Text(str(entry.balance_after)),
+            Text(_money(entry.amount, currency)),
+            Text(_money(entry.balance_after, currency)),
             Text(entry.call_id),
             Text(entry.reference),
             Text(_time(entry.HasField("created_at"), entry.created_at)),
@@ -697,8 +749,8 @@ def _fields_table(title: str, rows: list[tuple[str, str]]) -> Table:
 
 
 def _money(amount: int, currency: str) -> str:
-    """Minor units as the integer they are, with the currency: no rounding, no float."""
-    return f"{amount} {currency}"
+    """Minor units in the currency's own units, symbol and grouping (money.py)."""
+    return format_amount(amount, currency)
 
 
 def _enum_label(descriptor: EnumDescriptor, number: int) -> str:

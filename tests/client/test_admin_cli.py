@@ -32,6 +32,7 @@ from typer.testing import CliRunner, Result
 from callcredit.admin import AdminClient, RateSpec
 from callcredit.cli import EXIT_NO_ANSWER, EXIT_REFUSED, app
 from callcredit.errors import DOMAIN, CallcreditError
+from callcredit.money import format_price
 from callcredit.v1 import admin_pb2, admin_pb2_grpc
 
 _M = TypeVar("_M", bound=Message)
@@ -271,7 +272,7 @@ def test_tariff_put_sends_each_rate(fake: FakeAdmin, rate: str, expected: admin_
     assert result.exit_code == 0, result.output
     [request] = fake.sent(admin_pb2.PutTariffRequest)
     assert request.tariff == admin_pb2.Tariff(tariff_id="vn-std", currency="VND", rates=[expected])
-    assert str(expected.price_per_minute_micros) in result.stdout
+    assert format_price(expected.price_per_minute_micros, "VND") in result.stdout
 
 
 def test_tariff_put_sends_rates_in_order_and_shows_them(fake: FakeAdmin) -> None:
@@ -290,7 +291,7 @@ def test_tariff_put_sends_rates_in_order_and_shows_them(fake: FakeAdmin) -> None
 
     assert result.exit_code == 0, result.output
     assert [r.tariff for r in fake.sent(admin_pb2.PutTariffRequest)] == [TARIFF]
-    for shown in ("Tariff vn-std (VND)", "(default)", "60/60", "8490", "6/1", "500 VND"):
+    for shown in ("Tariff vn-std (VND)", "(default)", "60/60", "8490", "6/1", "₫500"):
         assert shown in result.stdout
 
 
@@ -310,7 +311,11 @@ def test_tariff_put_from_the_file_tariff_show_prints(fake: FakeAdmin, tmp_path: 
         pytest.param(["--currency", "VND"], "--rate", id="no-rates"),
         pytest.param(["--rate", ":1"], "--currency", id="no-currency"),
         pytest.param(["--currency", "VND", "--rate", "84"], "--rate", id="no-price"),
-        pytest.param(["--currency", "VND", "--rate", "84:1.5"], "integer", id="float-price"),
+        pytest.param(["--currency", "VND", "--rate", "84:1.5"], "not a price", id="float-price"),
+        pytest.param(["--currency", "VND", "--rate", "84:0.1/h"], "not a price", id="per-hour"),
+        pytest.param(
+            ["--currency", "VND", "--rate", "84:1/s:1/1:0.5"], "no minor unit", id="fee-fraction"
+        ),
         pytest.param(["--currency", "VND", "--rate", "84:1:60"], "FIRST/NEXT", id="no-slash"),
         pytest.param(["--currency", "VND", "--rate", "84:1:6/1:2:3"], "--rate", id="extra-part"),
     ],
@@ -351,8 +356,8 @@ def test_tariff_show(fake: FakeAdmin) -> None:
 
     assert result.exit_code == 0, result.output
     assert fake.sent(admin_pb2.GetTariffRequest) == [admin_pb2.GetTariffRequest(tariff_id="vn-std")]
-    assert "1500000" in result.stdout
-    assert "1180000" in result.stdout
+    assert "₫0.025/s (₫1.5/min)" in result.stdout
+    assert "₫0.019667/s (₫1.18/min)" in result.stdout
 
 
 def test_tariff_show_json_keeps_int64_numbers(fake: FakeAdmin) -> None:
@@ -413,7 +418,7 @@ def test_account_show_table_has_money_with_currency_and_bare_enums(fake: FakeAdm
     assert fake.sent(admin_pb2.GetAccountRequest) == [
         admin_pb2.GetAccountRequest(account_id="acme")
     ]
-    for shown in ("Account acme", "SUSPENDED", "1500000 VND", "200000 VND", "1300000 VND"):
+    for shown in ("Account acme", "SUSPENDED", "₫1,500,000", "₫200,000", "₫1,300,000"):
         assert shown in result.stdout
     assert "ACCOUNT_STATUS" not in result.stdout
 
@@ -517,7 +522,7 @@ def test_topup_with_a_key_sends_it_and_says_nothing_else(fake: FakeAdmin) -> Non
         )
     ]
     assert result.stderr == ""
-    assert "1500000 VND" in result.stdout
+    assert "₫1,500,000" in result.stdout
 
 
 def test_topup_without_a_key_prints_the_generated_one(fake: FakeAdmin) -> None:
@@ -558,6 +563,34 @@ def test_adjust_takes_a_negative_amount(fake: FakeAdmin, args: list[str]) -> Non
     assert request.idempotency_key == "adj-1"
 
 
+def test_a_decimal_amount_is_major_units_of_the_accounts_currency(fake: FakeAdmin) -> None:
+    result = run_cli(fake.target, "topup", "acme", "20,000.0", "--idempotency-key", "k")
+
+    assert result.exit_code == 0, result.output
+    assert fake.sent(admin_pb2.GetAccountRequest) == [
+        admin_pb2.GetAccountRequest(account_id="acme")
+    ]
+    assert [r.amount for r in fake.sent(admin_pb2.TopUpRequest)] == [20_000]
+
+
+def test_a_fraction_of_a_currency_without_minor_units_is_refused(fake: FakeAdmin) -> None:
+    result = run_cli(fake.target, "adjust", "acme", "-0.5", "--idempotency-key", "k")
+
+    assert result.exit_code == EXIT_USAGE
+    assert "'-0.5': VND has no minor unit" in result.stderr
+    assert fake.sent(admin_pb2.AdjustRequest) == []
+
+
+def test_a_rate_in_major_units_per_second(fake: FakeAdmin) -> None:
+    rate = "84:19.66/s:6/6"
+    result = run_cli(fake.target, "tariff", "put", "vn-std", "--currency", "VND", "--rate", rate)
+
+    assert result.exit_code == 0, result.output
+    [request] = fake.sent(admin_pb2.PutTariffRequest)
+    assert request.tariff.rates[0].price_per_minute_micros == 1_179_600_000
+    assert "₫19.66/s (₫1,179.6/min)" in result.stdout
+
+
 def test_adjust_sends_the_reason(fake: FakeAdmin) -> None:
     result = run_cli(
         fake.target, "adjust", "acme", "750", "--idempotency-key", "adj-2", "--reason", "goodwill"
@@ -574,7 +607,8 @@ def test_adjust_sends_the_reason(fake: FakeAdmin) -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        pytest.param(["topup", "acme", "1.5"], id="topup-fraction"),
+        pytest.param(["topup", "acme", "1.5x"], id="topup-not-a-number"),
+        pytest.param(["topup", "acme", "-100"], id="topup-negative"),
         pytest.param(["adjust", "acme", "-5x"], id="adjust-not-a-number"),
         pytest.param(["adjust", "acme", "5", "--reasn", "typo"], id="adjust-unknown-option"),
     ],
@@ -598,7 +632,7 @@ def test_calls_list_sends_the_filters_and_shows_the_next_page(fake: FakeAdmin) -
     assert fake.sent(admin_pb2.ListCallsRequest) == [
         admin_pb2.ListCallsRequest(account_id="acme", active_only=True, limit=20, page_token="p1")
     ]
-    for shown in ("call-1", "84901234567", "EXPIRED", "1975", "held (VND)", "2025-01-01 12:00:00"):
+    for shown in ("call-1", "84901234567", "EXPIRED", "₫1,975", "held", "2025-01-01 12:00:00"):
         assert shown in result.stdout
     assert "next page: --page-token page-2" in result.stdout
 
@@ -623,8 +657,8 @@ def test_call_show(fake: FakeAdmin) -> None:
     for shown in (
         "Call call-1",
         "EXPIRED",
-        "1975 VND",
-        "prefix 8490",
+        "₫1,975",
+        "prefix 8490: ₫0.019667/s (₫1.18/min)",
         "6/1",
         "2025-01-01 12:02:10",
     ):
@@ -645,7 +679,7 @@ def test_entries_list_sends_the_cursor(fake: FakeAdmin) -> None:
     assert fake.sent(admin_pb2.ListEntriesRequest) == [
         admin_pb2.ListEntriesRequest(account_id="acme", after_entry_id=6, limit=2)
     ]
-    for shown in ("TOP_UP", "EXPIRY_CHARGE", "-2400", "1997600", "inv-2025-001", "amount (VND)"):
+    for shown in ("TOP_UP", "EXPIRY_CHARGE", "-₫2,400", "₫1,997,600", "inv-2025-001", "amount"):
         assert shown in result.stdout
 
 
@@ -745,9 +779,10 @@ def test_an_unreachable_server_is_exit_3(closed_target: str) -> None:
     result = run_cli(closed_target, "account", "show", "acme")
 
     assert result.exit_code == EXIT_NO_ANSWER
-    [line] = result.stderr.splitlines()
-    assert line.startswith("error: UNAVAILABLE: ")
-    assert line.endswith(f"(target {closed_target})")
+    assert result.stderr == (
+        f"error: UNAVAILABLE: cannot reach {closed_target}: connection refused "
+        "(is the server running, on this port?)\n"
+    )
 
 
 def test_no_answer_within_the_timeout_is_exit_3(fake: FakeAdmin) -> None:

@@ -139,7 +139,9 @@ async def test_no_token_is_unauthenticated_naming_the_server(tmp_path: Path) -> 
         dialer, seconds = await reserve_error(target)
     assert admin.reason == dialer.reason == "UNAUTHENTICATED"
     assert admin.message.startswith(f"{target} said: no bearer token"), admin.message
-    assert dialer.message.startswith(f"{target} refused the stream: no bearer token"), dialer.message
+    assert dialer.message.startswith(f"{target} refused the stream: no bearer token"), (
+        dialer.message
+    )
     assert seconds < BOUND  # the server answered: no need to wait for the bound
 
 
