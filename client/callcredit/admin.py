@@ -380,6 +380,36 @@ class AdminClient:
         response: admin_pb2.ListCallsResponse = await self._call(self._stub.ListCalls, request)
         return response
 
+    async def list_accounts(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        account_id_prefix: str = "",
+        status: admin_pb2.AccountStatus.ValueType = admin_pb2.ACCOUNT_STATUS_UNSPECIFIED,
+    ) -> admin_pb2.ListAccountsResponse:
+        """One page of accounts in id order (``next_page_token`` empty on the last page),
+        only those whose id starts with ``account_id_prefix`` and, unless UNSPECIFIED, of
+        ``status``. ``page_size`` 0 lets the server choose."""
+        request = admin_pb2.ListAccountsRequest(
+            page_size=page_size,
+            page_token=page_token,
+            account_id_prefix=account_id_prefix,
+            status=status,
+        )
+        response: admin_pb2.ListAccountsResponse = await self._call(
+            self._stub.ListAccounts, request
+        )
+        return response
+
+    async def list_tariffs(
+        self, *, page_size: int = 0, page_token: str = ""
+    ) -> admin_pb2.ListTariffsResponse:
+        """One page of tariffs in id order, without their rates (get_tariff has them)."""
+        request = admin_pb2.ListTariffsRequest(page_size=page_size, page_token=page_token)
+        response: admin_pb2.ListTariffsResponse = await self._call(self._stub.ListTariffs, request)
+        return response
+
     async def list_entries(
         self,
         account_id: str,
