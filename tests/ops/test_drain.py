@@ -146,7 +146,7 @@ async def _exit_code(process: subprocess.Popen[str], timeout: float) -> int:
 async def test_sigterm_drains_and_a_restart_continues_the_calls(database_url: str) -> None:
     port, metrics_port = _free_port(), _free_port()
     target = f"127.0.0.1:{port}"
-    renewed = ("callcredit_operations_total", (("kind", "renew"), ("outcome", "ok")))
+    renewed = ("callcredit_operations_total", (("kind", "renew"), ("outcome", "OK")))
     with _server(database_url, port, metrics_port) as (first, first_log):
         channel = grpc.aio.insecure_channel(target)
         admin = admin_pb2_grpc.AdminServiceStub(channel)
