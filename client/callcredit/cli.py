@@ -415,7 +415,7 @@ def account_update(
     ] = None,
     tariff: Annotated[str | None, typer.Option(help="New tariff for future calls.")] = None,
     credit_limit: Annotated[
-        int | None, typer.Option(help="New credit limit (minor units).")
+        str | None, typer.Option(help="New credit limit; an amount (see topup).")
     ] = None,
     max_concurrent_calls: Annotated[
         int | None, typer.Option(help="New cap on open calls; 0 means no cap.")
@@ -426,16 +426,22 @@ def account_update(
         raise typer.BadParameter(
             "nothing to change: give --status, --tariff, --credit-limit or --max-concurrent-calls"
         )
-    account = _request(
-        ctx,
-        lambda admin: admin.update_account(
+    major = credit_limit is not None and _needs_currency(credit_limit, "--credit-limit")
+
+    async def send(admin: AdminClient) -> admin_pb2.Account:
+        limit = None
+        if credit_limit is not None:
+            currency = (await admin.get_account(account_id)).currency if major else None
+            limit = _amount(credit_limit, currency, "--credit-limit")
+        return await admin.update_account(
             account_id,
             status=None if status is None else _STATUS_VALUES[status],
             tariff_id=tariff,
-            credit_limit=credit_limit,
+            credit_limit=limit,
             max_concurrent_calls=max_concurrent_calls,
-        ),
-    )
+        )
+
+    account = _request(ctx, send)
     _output(ctx, account, _account_table(account))
 
 
@@ -496,10 +502,7 @@ def _move_money(
     reference: str,
 ) -> None:
     """A top-up or an adjustment; a decimal amount first reads the account's currency."""
-    try:
-        major = needs_currency(amount_text)
-    except AmountError as err:  # a usage error before any key is announced
-        raise typer.BadParameter(str(err), param_hint="'AMOUNT'") from err
+    major = _needs_currency(amount_text, "AMOUNT")  # a usage error before a key is announced
     key = _idempotency_key(idempotency_key, what)
 
     async def send(admin: AdminClient) -> admin_pb2.Account:
@@ -511,6 +514,14 @@ def _move_money(
 
     account = _request(ctx, send, idempotency_key=key)
     _output(ctx, account, _account_table(account))
+
+
+def _needs_currency(text: str, hint: str) -> bool:
+    """Whether an amount is in major units (so its currency must be read first)."""
+    try:
+        return needs_currency(text)
+    except AmountError as err:
+        raise typer.BadParameter(str(err), param_hint=f"'{hint}'") from err
 
 
 def _amount(text: str, currency: str | None, hint: str) -> int:

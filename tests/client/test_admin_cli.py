@@ -594,6 +594,14 @@ def test_a_decimal_amount_is_major_units_of_the_accounts_currency(fake: FakeAdmi
     assert [r.amount for r in fake.sent(admin_pb2.TopUpRequest)] == [20_000]
 
 
+def test_a_credit_limit_takes_the_same_amounts(fake: FakeAdmin) -> None:
+    result = run_cli(fake.target, "account", "update", "acme", "--credit-limit", "1,000.0")
+
+    assert result.exit_code == 0, result.output
+    [request] = fake.sent(admin_pb2.UpdateAccountRequest)
+    assert request == admin_pb2.UpdateAccountRequest(account_id="acme", credit_limit=1_000)
+
+
 def test_a_fraction_of_a_currency_without_minor_units_is_refused(fake: FakeAdmin) -> None:
     result = run_cli(fake.target, "adjust", "acme", "-0.5", "--idempotency-key", "k")
 
