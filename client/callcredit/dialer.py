@@ -249,13 +249,13 @@ _DONE = 2
 """Answered, refused, or dropped: no longer counted against any bound."""
 
 _RENEWAL_ENDS_CALL = frozenset({"CALL_ALREADY_ENDED", "CALL_NOT_FOUND"})
+"""Refusals of a renew() that mean the call is gone on the server: it must hang up."""
 
 _STREAM_REFUSED_CODES = frozenset(
     {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 )
 """A stream the server refuses whole for these (a missing or wrong token) gets the same
 answer on every retry: the operations waiting for it fail with the server's words."""
-"""Refusals of a renew() that mean the call is gone on the server: it must hang up."""
 
 
 class _Pending:
