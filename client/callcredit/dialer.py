@@ -789,9 +789,10 @@ class DialerClient:
         """Open a call and return its handle, which renews itself from now on.
 
         Raises CallcreditError when refused (reason INSUFFICIENT_FUNDS, ACCOUNT_SUSPENDED,
-        CONCURRENT_CALL_LIMIT, ...). Waits through reconnects; bound it with
-        asyncio.timeout if you must. Cancelled after the Reserve went out, the call is
-        released in the background; reserve it again under a new call_id.
+        CONCURRENT_CALL_LIMIT, ...), and UNAVAILABLE with the cause when the server
+        cannot be reached within connect_timeout_seconds (reconnects shorter than that
+        are waited through). Cancelled after the Reserve went out, the call is released
+        in the background; reserve it again under a new call_id.
         """
         if call_id in self._calls:
             raise ValueError(f"call {call_id!r} is already open on this dialer")
