@@ -37,7 +37,8 @@ Exit codes:
        the line ends with the --idempotency-key to retry it with.
 
 With ``--json`` a failure is ``{"error": {"reason", "code", "message", "target",
-"field_violations"?, "idempotency_key"?}}`` on stdout instead, with the same exit code.
+"field_violations"?, "idempotency_key"?}}`` on stdout instead, with the same exit code;
+a usage error is ``{"error": {"reason": "USAGE", "message"}}``, exit 2.
 
 Idempotency keys: ``topup`` and ``adjust`` move money, so each request carries a key
 (DESIGN.md, Idempotency). Pass ``--idempotency-key`` (scripts should: one key per
@@ -57,11 +58,12 @@ import datetime
 import enum
 import json
 import re
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NoReturn, TypeVar
+from typing import Annotated, NoReturn, Protocol, TypeVar, cast
 
 import grpc
 import typer
@@ -98,6 +100,20 @@ EXIT_NO_ANSWER = 3
 _NO_ANSWER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 _T = TypeVar("_T")
+
+# Click's base of usage errors, whether typer uses click or a copy of its own (0.2x
+# vendors it): the class BadParameter derives from, by name.
+_CLICK_EXCEPTION: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
+)
+
+
+class _UsageError(Protocol):
+    """What main() reads of a click exception."""
+
+    exit_code: int
+
+    def format_message(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,8 +214,24 @@ def _global_options(
 
 
 def main() -> None:
-    """The ``callcredit-admin`` console script."""
-    app()
+    """The ``callcredit-admin`` console script.
+
+    With ``--json`` a usage error is JSON on stdout too (reason ``USAGE``, exit 2), so
+    a script reads every failure the same way.
+    """
+    if "--json" not in sys.argv[1:]:
+        app()
+        return
+    try:
+        code = app(standalone_mode=False)
+    except _CLICK_EXCEPTION as err:
+        usage = cast(_UsageError, err)
+        error = {"reason": "USAGE", "message": usage.format_message()}
+        typer.echo(json.dumps({"error": error}, indent=2, ensure_ascii=False))
+        sys.exit(usage.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 # --- tariffs ---------------------------------------------------------------------------

@@ -919,6 +919,33 @@ def test_process_exits_3_without_a_traceback_when_unreachable(closed_target: str
     assert line.startswith("error: UNAVAILABLE: ")
 
 
+def test_process_usage_errors_are_json_too_with_json(fake: FakeAdmin) -> None:
+    done = run_process(fake.target, "--json", "topup", "acme", "12x")
+
+    assert done.returncode == EXIT_USAGE
+    assert json.loads(done.stdout) == {
+        "error": {
+            "reason": "USAGE",
+            "message": "Invalid value for 'AMOUNT': '12x' is not an amount "
+            "(e.g. 20000, 20,000 or 12.50)",
+        }
+    }
+    assert fake.requests == []
+
+
+def test_process_with_json_exits_with_the_commands_code(fake: FakeAdmin) -> None:
+    fake.refusal = refusal(grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND", "no account")
+
+    refused = run_process(fake.target, "--json", "account", "show", "x")
+    fake.refusal = None
+    shown = run_process(fake.target, "--json", "account", "show", "acme")
+
+    assert refused.returncode == EXIT_REFUSED
+    assert json.loads(refused.stdout)["error"]["reason"] == "ACCOUNT_NOT_FOUND"
+    assert shown.returncode == 0
+    assert json.loads(shown.stdout)["account_id"] == "acme"
+
+
 # --- the library -----------------------------------------------------------------------
 
 
