@@ -91,6 +91,7 @@ async def test_the_openssl_commands_make_certificates_a_server_serves_mutual_tls
             with pytest.raises(CallcreditError) as refused:
                 await admin.get_account("nobody")
         assert refused.value.reason == "UNAVAILABLE"  # no client certificate: no handshake
+        assert "a client certificate it does not accept?" in refused.value.message
 
 
 async def test_an_empty_database_gets_its_tables_on_the_first_start(
