@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from callcredit.admin import AdminClient
-from tests.service.processes import configured_server_process
+from callcredit_server.launch import ServerProcess, serving
 from tests.sip.lab import UNIT_PER_SECOND, Lab, carrier, free_port, kamailio, tool
 
 GRANT_SECONDS = 5
@@ -40,7 +39,7 @@ class Authority:
         self.port = free_port(socket.SOCK_STREAM)
         self.target = f"127.0.0.1:{self.port}"
         self._stack = contextlib.ExitStack()
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: ServerProcess | None = None
         self._starts = 0
 
     def start(self) -> None:
@@ -59,9 +58,7 @@ class Authority:
         ]
         log = self.folder / f"server-{self._starts}.log"
         self._stack = contextlib.ExitStack()
-        self._process, _ = self._stack.enter_context(
-            configured_server_process(log, args, kill=True)
-        )
+        self._process = self._stack.enter_context(serving(args, log, kill=True))
 
     def kill(self) -> None:
         self._stack.close()
