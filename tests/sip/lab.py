@@ -33,14 +33,14 @@ REPO = Path(__file__).resolve().parents[2]
 KAMAILIO_CFG = REPO / "integrations" / "kamailio" / "kamailio.cfg"
 SIPP_DIR = REPO / "integrations" / "kamailio" / "sipp"
 
-START_TIMEOUT_S = 15.0
-STOP_TIMEOUT_S = 5.0
+START_TIMEOUT_SECONDS = 15.0
+STOP_TIMEOUT_SECONDS = 5.0
 DESTINATION = "84901234567"
 
 UNIT_PER_SECOND = RateSpec("", 60_000_000)
 """1 minor unit per second, billed per second (1/1): credit of N covers N seconds."""
 
-SETTLE_TIMEOUT_S = 10.0
+SETTLE_TIMEOUT_SECONDS = 10.0
 
 
 def tool(name: str) -> str | None:
@@ -63,7 +63,7 @@ def stop(process: subprocess.Popen[bytes], *, kill: bool = False) -> None:
         else:
             process.send_signal(signal.SIGTERM)
     try:
-        process.wait(timeout=STOP_TIMEOUT_S)
+        process.wait(timeout=STOP_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
@@ -72,7 +72,7 @@ def stop(process: subprocess.Popen[bytes], *, kill: bool = False) -> None:
 def wait_for(what: str, check: object, log: Path, process: subprocess.Popen[bytes]) -> None:
     """Poll `check()` until true; fail with the log if the process dies or time runs out."""
     assert callable(check)
-    deadline = time.monotonic() + START_TIMEOUT_S
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while not check():
         if process.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"{what} did not start:\n{log.read_text(errors='replace')}")
@@ -119,9 +119,9 @@ class Dial:
     """time.monotonic() when the process was started (its clock's zero, give or take)."""
     calls: dict[str, CallRecord] = field(default_factory=dict)
 
-    def wait(self, timeout_s: float) -> Dial:
+    def wait(self, timeout_seconds: float) -> Dial:
         try:
-            self.process.wait(timeout=timeout_s)
+            self.process.wait(timeout=timeout_seconds)
         except subprocess.TimeoutExpired:
             stop(self.process)
             raise AssertionError("the SIPp dialer did not finish in time") from None
@@ -157,7 +157,7 @@ class Lab:
     events_port: int = field(default_factory=lambda: free_port(socket.SOCK_STREAM))
     rpc_port: int = field(default_factory=lambda: free_port(socket.SOCK_DGRAM))
     carrier_port: int = field(default_factory=lambda: free_port(socket.SOCK_DGRAM))
-    reserve_timeout_s: float = 1.5
+    reserve_timeout_seconds: float = 1.5
     adapter: subprocess.Popen[bytes] | None = None
     carrier: subprocess.Popen[bytes] | None = None
     adapter_starts: int = 0
@@ -179,7 +179,7 @@ class Lab:
                     "--rpc",
                     f"127.0.0.1:{self.rpc_port}",
                     "--reserve-timeout",
-                    str(self.reserve_timeout_s),
+                    str(self.reserve_timeout_seconds),
                     "--log-level",
                     "INFO",
                 ],
@@ -200,8 +200,8 @@ class Lab:
             stop(self.adapter, kill=True)
             self.adapter = None
 
-    def dial(self, account: str, calls: int, talk_s: float, *, rate: int = 1000) -> Dial:
-        """Start `calls` SIPp calls for `account`, each wanting `talk_s` of talk, `rate`
+    def dial(self, account: str, calls: int, talk_seconds: float, *, rate: int = 1000) -> Dial:
+        """Start `calls` SIPp calls for `account`, each wanting `talk_seconds` of talk, `rate`
         per second (1000: together)."""
         self.dials += 1
         log = self.folder / f"uac-{self.dials}.log"
@@ -224,7 +224,7 @@ class Lab:
                     "destination",
                     DESTINATION,
                     "-recv_timeout",
-                    str(int(talk_s * 1000)),
+                    str(int(talk_seconds * 1000)),
                     "-m",
                     str(calls),
                     "-l",
@@ -319,7 +319,7 @@ async def funded(admin: AdminClient, account_id: str, amount: int, *, max_calls:
 
 async def settled(admin: AdminClient, account_id: str) -> admin_pb2.Account:
     """The account once no call of it is open (every call released or expired)."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
     while True:
         account = await admin.get_account(account_id)
         if account.active_calls == 0 or time.monotonic() > deadline:

@@ -34,7 +34,7 @@ async def test_a_single_call_talks_its_credit_and_is_charged_exactly(
 ) -> None:
     await funded(admin, "solo", 20)
 
-    dial = lab.dial("solo", calls=1, talk_s=60).wait(timeout_s=40)
+    dial = lab.dial("solo", calls=1, talk_seconds=60).wait(timeout_seconds=40)
 
     [record] = dial.answered
     assert record.ended_by_proxy
@@ -54,7 +54,7 @@ async def test_calls_starting_together_share_the_credit_and_the_rest_get_402(
 ) -> None:
     await funded(admin, "crowd", 20)
 
-    dial = lab.dial("crowd", calls=20, talk_s=30).wait(timeout_s=40)
+    dial = lab.dial("crowd", calls=20, talk_seconds=30).wait(timeout_seconds=40)
 
     answered = dial.answered
     assert len(dial.calls) == 20
@@ -78,13 +78,13 @@ async def test_invites_callcredit_refuses_get_their_sip_answers(
 ) -> None:
     await funded(admin, "single-line", 100, max_calls=1)
 
-    busy = lab.dial("single-line", calls=2, talk_s=4)
-    unknown = lab.dial("no-such-account", calls=1, talk_s=4)
-    malformed = lab.dial("not an id", calls=1, talk_s=4)
+    busy = lab.dial("single-line", calls=2, talk_seconds=4)
+    unknown = lab.dial("no-such-account", calls=1, talk_seconds=4)
+    malformed = lab.dial("not an id", calls=1, talk_seconds=4)
 
-    assert len(unknown.wait(timeout_s=20).refused(403)) == 1
-    assert len(malformed.wait(timeout_s=20).refused(400)) == 1
-    busy.wait(timeout_s=20)
+    assert len(unknown.wait(timeout_seconds=20).refused(403)) == 1
+    assert len(malformed.wait(timeout_seconds=20).refused(400)) == 1
+    busy.wait(timeout_seconds=20)
     assert len(busy.answered) == 1
     assert len(busy.refused(486)) == 1
     account = await settled(admin, "single-line")
@@ -95,7 +95,7 @@ async def test_invites_callcredit_refuses_get_their_sip_answers(
 async def test_calls_ending_together_are_each_charged_once(lab: Lab, admin: AdminClient) -> None:
     await funded(admin, "batch", 1_000)
 
-    dial = lab.dial("batch", calls=20, talk_s=4).wait(timeout_s=20)
+    dial = lab.dial("batch", calls=20, talk_seconds=4).wait(timeout_seconds=20)
 
     assert len(dial.answered) == 20
     assert not any(record.ended_by_proxy for record in dial.answered)
@@ -116,10 +116,10 @@ async def test_a_top_up_extends_a_live_call_past_its_first_grant(
 ) -> None:
     await funded(admin, "topped", 6)
 
-    dial = lab.dial("topped", calls=1, talk_s=12)
+    dial = lab.dial("topped", calls=1, talk_seconds=12)
     await asyncio.sleep(3.5)  # answered, renewed once: its grant is final at 6 s
     await admin.top_up("topped", 100, idempotency_key="mid-call")
-    dial.wait(timeout_s=30)
+    dial.wait(timeout_seconds=30)
 
     [record] = dial.answered
     assert not record.ended_by_proxy  # it hung up itself, at the 12 s it wanted
@@ -132,11 +132,11 @@ async def test_a_top_up_extends_a_live_call_past_its_first_grant(
 async def test_a_suspension_ends_live_calls_within_a_second(lab: Lab, admin: AdminClient) -> None:
     await funded(admin, "naughty", 1_000)
 
-    dial = lab.dial("naughty", calls=3, talk_s=30)
+    dial = lab.dial("naughty", calls=3, talk_seconds=30)
     await asyncio.sleep(3.0)
     suspended_at = time.monotonic()
     await admin.update_account("naughty", status=admin_pb2.ACCOUNT_STATUS_SUSPENDED)
-    dial.wait(timeout_s=30)
+    dial.wait(timeout_seconds=30)
 
     assert len(dial.answered) == 3
     for record in dial.answered:
@@ -155,11 +155,11 @@ async def test_calls_end_at_their_grant_when_the_adapter_is_killed(
 ) -> None:
     await funded(admin, "orphans", 1_000)
 
-    dial = lab.dial("orphans", calls=2, talk_s=20)
+    dial = lab.dial("orphans", calls=2, talk_seconds=20)
     await asyncio.sleep(1.5)  # answered, first grant (5 s) not yet renewed
     lab.kill_adapter()
-    unserved = lab.dial("orphans", calls=1, talk_s=5).wait(timeout_s=20)
-    dial.wait(timeout_s=30)
+    unserved = lab.dial("orphans", calls=1, talk_seconds=5).wait(timeout_seconds=20)
+    dial.wait(timeout_seconds=30)
 
     # With no adapter, Kamailio itself answers 503 after CC_WAIT_MS (3 s).
     [not_held] = unserved.refused(503)
@@ -186,11 +186,11 @@ async def test_calls_end_at_their_grant_when_the_adapter_is_killed(
 async def test_a_restarted_adapter_takes_up_a_live_call(lab: Lab, admin: AdminClient) -> None:
     await funded(admin, "resumed", 1_000)
 
-    dial = lab.dial("resumed", calls=1, talk_s=10)
+    dial = lab.dial("resumed", calls=1, talk_seconds=10)
     await asyncio.sleep(1.5)
     lab.kill_adapter()
     lab.start_adapter()  # within the first grant: the call is still talking
-    dial.wait(timeout_s=30)
+    dial.wait(timeout_seconds=30)
 
     [record] = dial.answered
     assert not record.ended_by_proxy  # renewed by the new adapter, up to the 10 s it wanted
@@ -208,10 +208,10 @@ async def test_a_call_that_failed_while_the_adapter_was_down_is_released_free(
     assert lab.carrier is not None
     stop(lab.carrier)  # the carrier never answers: the INVITE times out (408) in 5 s
 
-    dial = lab.dial("unlucky", calls=1, talk_s=8)
+    dial = lab.dial("unlucky", calls=1, talk_seconds=8)
     await asyncio.sleep(1.0)  # let through, ringing
     lab.kill_adapter()
-    dial.wait(timeout_s=20)
+    dial.wait(timeout_seconds=20)
     [record] = dial.calls.values()
     assert record.refused == 408
     assert (await admin.get_account("unlucky")).active_calls == 1  # nobody released it
@@ -230,16 +230,16 @@ async def test_with_callcredit_down_invites_get_503_and_calls_end_at_their_grant
 ) -> None:
     await funded(admin, "stranded", 1_000)
 
-    talking = lab.dial("stranded", calls=2, talk_s=20)
+    talking = lab.dial("stranded", calls=2, talk_seconds=20)
     await asyncio.sleep(1.5)
     authority.kill()
-    refused = lab.dial("stranded", calls=3, talk_s=5).wait(timeout_s=20)
-    talking.wait(timeout_s=30)
+    refused = lab.dial("stranded", calls=3, talk_seconds=5).wait(timeout_seconds=20)
+    talking.wait(timeout_seconds=30)
 
     assert len(refused.refused(503)) == 3
     for record in refused.calls.values():
         assert record.refused_ms is not None
-        assert record.refused_ms <= (lab.reserve_timeout_s + 0.5) * 1000
+        assert record.refused_ms <= (lab.reserve_timeout_seconds + 0.5) * 1000
     assert len(talking.answered) == 2
     for record in talking.answered:
         assert record.ended_by_proxy
