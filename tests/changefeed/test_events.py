@@ -43,7 +43,7 @@ def test_each_change_emits_its_event_with_the_account_after_it() -> None:
     started = sim.reserve("c1")
     (event,) = started.events
     assert event.kind is EventKind.CALL_STARTED and event.call is not None
-    assert event.account.available == 500 - 60 and event.burn_micros == PER_SECOND
+    assert event.account.available == 500 - 60 and event.account.burn_micros == PER_SECOND
     sim.advance(10)
     assert sim.renew("c1", 1, 10).events == []  # a renewal that crosses nothing is silent
     ended = sim.release("c1", 30)
@@ -51,7 +51,7 @@ def test_each_change_emits_its_event_with_the_account_after_it() -> None:
     charge, end = ended.events
     assert charge.entry is not None and charge.entry.amount == -30
     assert end.call is not None and end.call.charged == 30
-    assert (end.account.balance, end.account.available, end.burn_micros) == (470, 470, 0)
+    assert (end.account.balance, end.account.available, end.account.burn_micros) == (470, 470, 0)
     updated = sim.suspend()
     (event,) = updated.events
     assert event.kind is EventKind.ACCOUNT_UPDATED
@@ -114,7 +114,7 @@ def test_burn_rate_and_seconds_until_empty() -> None:
     sim.open_account(balance=10_000)
     sim.reserve("c1", destination="1555")
     step = sim.reserve("c2")
-    assert step.events[-1].burn_micros == PER_SECOND * 5 // 2
+    assert step.events[-1].account.burn_micros == PER_SECOND * 5 // 2
     assert burn_rate_per_minute(PER_SECOND * 5 // 2) == 150
     assert burn_rate_per_minute(1) == 1  # rounded up: never shown as free
     available = sim.view().available

@@ -6,8 +6,8 @@ replaying the journal yields the same events in the same order. The writer numbe
 them `(seq, index)` (the journal record, and the place among its events), which is
 the changefeed's cursor and each event's id.
 
-Each event carries the account just after its change (`AccountView`) and the account's
-burn rate then (`burn_micros`: the sum of its open calls' prices per minute).
+Each event carries the account just after its change (`AccountView`), burn rate
+(`burn_micros`: the sum of its open calls' prices per minute) included.
 
 Low-balance thresholds: at the end of every step that changed state, each account the
 step touched is compared with its threshold. `available` below it while armed: one
@@ -51,8 +51,7 @@ class Event:
     """One change of one account (Event in the contract, without its seq and index)."""
 
     kind: EventKind
-    account: AccountView  # just after the change
-    burn_micros: int  # the account's open calls' prices per minute, summed, then
+    account: AccountView  # just after the change (burn_micros: its burn rate then)
     entry: LedgerEntry | None = None  # BALANCE_CHANGED
     call: CallRecord | None = None  # CALL_STARTED, CALL_ENDED
     previous_status: AccountStatus | None = None  # ACCOUNT_UPDATED
@@ -91,8 +90,8 @@ def event_image(event: Event) -> list[Any]:
             a.max_concurrent_calls,
             a.active_calls,
             a.low_balance_threshold,
+            a.burn_micros,
         ],
-        event.burn_micros,
         None
         if entry is None
         else [
@@ -141,17 +140,27 @@ class EventImageError(ValueError):
 def event_from_image(image: Any) -> Event:
     """The event `event_image` made; EventImageError if `image` is not one."""
     try:
-        version, kind, a, burn_micros, entry, call, previous = image
+        version, kind, a, entry, call, previous = image
         if version != EVENT_IMAGE_FORMAT:
             raise EventImageError(f"event image format {version!r}, expected 1")
         account_id = a[0]
         account = AccountView(
-            account_id, a[1], _STATUSES[a[2]], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10]
+            account_id,
+            a[1],
+            _STATUSES[a[2]],
+            a[3],
+            a[4],
+            a[5],
+            a[6],
+            a[7],
+            a[8],
+            a[9],
+            a[10],
+            a[11],
         )
         return Event(
             _KINDS[kind],
             account,
-            burn_micros,
             None
             if entry is None
             else LedgerEntry(

@@ -92,8 +92,7 @@ class Step:
 
 
 new_event: Callable[
-    [EventKind, AccountView, int, LedgerEntry | None, CallRecord | None, AccountStatus | None],
-    Event,
+    [EventKind, AccountView, LedgerEntry | None, CallRecord | None, AccountStatus | None], Event
 ] = positional_constructor(Event)
 
 
@@ -235,7 +234,7 @@ class StateMachine:
         self.accounts[c.account_id] = account
         self._touch(account)
         view = account.view()
-        self._events.append(new_event(EventKind.ACCOUNT_CREATED, view, 0, None, None, None))
+        self._events.append(new_event(EventKind.ACCOUNT_CREATED, view, None, None, None))
         return new_account_result(view)
 
     def _update_account(self, c: UpdateAccount) -> Outcome:
@@ -299,7 +298,6 @@ class StateMachine:
                 new_event(
                     EventKind.ACCOUNT_UPDATED,
                     account.view(),
-                    account.burn_micros,
                     None,
                     None,
                     previous_status,
@@ -735,16 +733,10 @@ class StateMachine:
             self.now_ms,
         )
         self._entries.append(entry)
-        self._events.append(
-            new_event(
-                EventKind.BALANCE_CHANGED, account.view(), account.burn_micros, entry, None, None
-            )
-        )
+        self._events.append(new_event(EventKind.BALANCE_CHANGED, account.view(), entry, None, None))
 
     def _call_event(self, kind: EventKind, account: Account, call: Call) -> None:
-        self._events.append(
-            new_event(kind, account.view(), account.burn_micros, None, call.record(), None)
-        )
+        self._events.append(new_event(kind, account.view(), None, call.record(), None))
 
     def _cross_thresholds(self) -> None:
         """LOW_BALANCE or BALANCE_RESTORED for each touched account that crossed (events.py)."""
@@ -760,9 +752,7 @@ class StateMachine:
                 kind = EventKind.LOW_BALANCE
             else:
                 continue
-            self._events.append(
-                new_event(kind, account.view(), account.burn_micros, None, None, None)
-            )
+            self._events.append(new_event(kind, account.view(), None, None, None))
 
     def _check_step(self) -> None:
         """The invariants, checked on what the step touched (O(touched), not O(state)).
@@ -1050,13 +1040,15 @@ def _view_image(view: AccountView) -> list[Any]:
         view.max_concurrent_calls,
         view.active_calls,
         view.low_balance_threshold,
+        view.burn_micros,
     ]
 
 
 def _view(row: list[Any]) -> AccountView:
-    if len(row) not in (len(AccountView._fields) - 1, len(AccountView._fields)):
+    fields = len(AccountView._fields)
+    if len(row) not in (fields - 2, fields):
         raise InvariantViolation(f"state image: an account view of {len(row)} fields")
-    values = list(row) if len(row) == len(AccountView._fields) else [*row, 0]  # format 1
+    values = list(row) if len(row) == fields else [*row, 0, 0]  # format 1: no threshold, burn
     values[2] = _ACCOUNT_STATUS[values[2]]
     return _new(AccountView, tuple(values))
 

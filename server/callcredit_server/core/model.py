@@ -122,6 +122,7 @@ class AccountView(NamedTuple):
     max_concurrent_calls: int
     active_calls: int
     low_balance_threshold: int = 0  # 0: off
+    burn_micros: int = 0  # the open calls' price_per_minute_micros, summed
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +258,7 @@ class Account:
                 self.max_concurrent_calls,
                 len(self.open_calls),
                 self.low_balance_threshold,
+                self.burn_micros,
             ),
         )
 
