@@ -26,7 +26,7 @@ system's roots), and ``cert_file=``/``key_file=`` when it requires client certif
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +194,7 @@ class AdminClient:
         tariff_id: str,
         credit_limit: int = 0,
         max_concurrent_calls: int = 0,
+        low_balance_threshold: int = 0,
     ) -> admin_pb2.Account:
         """Open an account with a zero balance (``ACCOUNT_EXISTS`` if the id is taken).
 
@@ -206,6 +207,7 @@ class AdminClient:
             tariff_id=tariff_id,
             credit_limit=credit_limit,
             max_concurrent_calls=max_concurrent_calls,
+            low_balance_threshold=low_balance_threshold,
         )
         with _translated_errors():
             response: admin_pb2.CreateAccountResponse = await self._stub.CreateAccount(
@@ -230,6 +232,7 @@ class AdminClient:
         tariff_id: str | None = None,
         credit_limit: int | None = None,
         max_concurrent_calls: int | None = None,
+        low_balance_threshold: int | None = None,
     ) -> admin_pb2.Account:
         """Change only the fields given; ``None`` leaves a field as it is.
 
@@ -245,6 +248,8 @@ class AdminClient:
             request.credit_limit = credit_limit
         if max_concurrent_calls is not None:
             request.max_concurrent_calls = max_concurrent_calls
+        if low_balance_threshold is not None:
+            request.low_balance_threshold = low_balance_threshold
         with _translated_errors():
             response: admin_pb2.UpdateAccountResponse = await self._stub.UpdateAccount(
                 request, timeout=self._timeout_seconds, metadata=self._metadata
@@ -385,3 +390,29 @@ class AdminClient:
                 request, timeout=self._timeout_seconds, metadata=self._metadata
             )
         return list(response.entries)
+
+    async def watch_events(
+        self,
+        *,
+        after: str = "",
+        from_end: bool = False,
+        account_ids: Sequence[str] = (),
+        kinds: Sequence[admin_pb2.EventKind.ValueType] = (),
+    ) -> AsyncIterator[admin_pb2.WatchEventsResponse]:
+        """Follow the changefeed: each response's events, and the ``cursor`` to resume from.
+
+        Never ends by itself and has no deadline. Keep the last ``cursor`` (durably, if
+        it must survive a restart) and pass it as ``after`` when reconnecting: nothing
+        is missed and nothing repeated. A stream the server cut for reading too slowly
+        raises ``CallcreditError`` with ``SLOW_CONSUMER``: reconnect the same way.
+        """
+        request = admin_pb2.WatchEventsRequest(
+            after=after, from_end=from_end, account_ids=account_ids, kinds=kinds
+        )
+        call = self._stub.WatchEvents(request, metadata=self._metadata)
+        try:
+            with _translated_errors():
+                async for response in call:
+                    yield response
+        finally:
+            call.cancel()

@@ -52,6 +52,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -70,12 +71,14 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    or_,
     select,
 )
 from sqlalchemy.engine import URL, Dialect, make_url
 
 from callcredit_server.codec import CodecError, decode_command, encode_command
 from callcredit_server.core.commands import Command
+from callcredit_server.core.events import Event, event_image
 from callcredit_server.core.model import (
     CallRecord,
     CallState,
@@ -91,9 +94,11 @@ __all__ = [
     "Journal",
     "JournalError",
     "JournalRecord",
+    "StoredEvent",
     "calls_table",
     "engine_url",
     "entries_table",
+    "events_table",
     "journal_table",
     "metadata",
 ]
@@ -131,6 +136,18 @@ class JournalRecord(NamedTuple):
     command: Command
     entries: Sequence[LedgerEntry]  # the step's own lists, never changed after
     calls: Sequence[CallRecord]
+    events: Sequence[Event] = ()  # the changefeed's, stored as events_table rows
+
+
+class StoredEvent(NamedTuple):
+    """An events_table row: the event's place, time, account and kind, and its image."""
+
+    seq: int
+    idx: int  # the place among the record's events, from 0
+    at_ms: int
+    account_id: str
+    kind: str
+    body: str  # JSON of core.events.event_image
 
 
 # ------------------------------------------------------------------ schema
@@ -215,6 +232,20 @@ Index(
     calls_table.c.call_seq,
     sqlite_where=calls_table.c.state == CallState.ACTIVE.value,
     postgresql_where=calls_table.c.state == CallState.ACTIVE.value,
+)
+
+# The changefeed (changefeed.py): every event a record produced, in the same
+# transaction, keyed by (seq, index). Kept like entries and calls: a prune of the
+# journal leaves it.
+events_table = Table(
+    "events",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("idx", Integer, primary_key=True, autoincrement=False),
+    Column("at_ms", BigInteger, nullable=False),
+    Column("account_id", _Id, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("body", Text, nullable=False),
 )
 
 _CALL_COLUMNS = [c for c in calls_table.c if c.name != "seq"]
@@ -468,8 +499,8 @@ def chain_after(previous: str, seq: int, at_ms: int, kind: str, body: str) -> st
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _Rows]:
-    """The journal, entry and call rows of a batch, checked before any I/O.
+def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _Rows, _Rows]:
+    """The journal, entry, call and event rows of a batch, checked before any I/O.
 
     Seqs must run on without a gap and times must not go back; a call touched
     several times in the batch keeps only its last snapshot (one row per call,
@@ -477,6 +508,7 @@ def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _R
     """
     journal_rows: _Rows = []
     entry_rows: _Rows = []
+    event_rows: _Rows = []
     call_rows: dict[str, tuple[object, ...]] = {}
     previous: JournalRecord | None = None
     for record in records:
@@ -498,8 +530,11 @@ def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _R
         entry_rows.extend(_entry_row(entry, record.seq) for entry in record.entries)
         for call in record.calls:
             call_rows[call.call_id] = _call_row(call, record.seq)  # the last one wins
+        for index, e in enumerate(record.events):
+            body = orjson.dumps(event_image(e)).decode()
+            event_rows.append((record.seq, index, record.at_ms, e.account_id, e.kind.value, body))
         previous = record
-    return journal_rows, entry_rows, list(call_rows.values())
+    return journal_rows, entry_rows, list(call_rows.values()), event_rows
 
 
 def _insert(connection: Connection, table: Table, rows: _Rows, upsert_key: str = "") -> None:
@@ -654,7 +689,7 @@ class Journal:
         first = records[0]
         span = f"journal seq {first.seq}..{records[-1].seq}"
         with _failing_as(f"preparing {span}"):
-            journal_rows, entry_rows, call_rows = _rows(records, span)
+            journal_rows, entry_rows, call_rows, event_rows = _rows(records, span)
         try:
             with _failing_as(f"append of {span}"), self._writer.begin() as connection:
                 # The tail is read from the database once, then known: this object
@@ -677,6 +712,8 @@ class Journal:
                     _insert(connection, entries_table, entry_rows)
                 if call_rows:
                     _insert(connection, calls_table, call_rows, upsert_key="call_id")
+                if event_rows:
+                    _insert(connection, events_table, event_rows)
         except BaseException:
             self._tail = None  # what reached the database is unknown: read it next time
             raise
@@ -846,6 +883,23 @@ class Journal:
         query = query.order_by(calls_table.c.call_seq.desc()).limit(limit)
         with _failing_as("listing calls"), self._engine.connect() as connection:
             return [_call(row) for row in connection.execute(query)]
+
+    def read_events(
+        self, after_seq: int, after_index: int, through_seq: int, limit: int
+    ) -> list[StoredEvent]:
+        """Events after (after_seq, after_index) up to seq `through_seq`, in order; <= limit."""
+        _check_limit(limit)
+        self._check_open()
+        seq, idx = events_table.c.seq, events_table.c.idx
+        query = (
+            select(*events_table.c)
+            .where(or_(seq > after_seq, (seq == after_seq) & (idx > after_index)))
+            .where(seq <= through_seq)
+            .order_by(seq, idx)
+            .limit(limit)
+        )
+        with _failing_as("reading events"), self._engine.connect() as connection:
+            return [StoredEvent(*row) for row in connection.execute(query)]
 
     def get_call(self, call_id: str) -> CallRecord | None:
         """The latest snapshot of the call, or None if it was never journaled."""

@@ -7,6 +7,7 @@ Control stream they are error Outcomes and the stream stays open.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -15,13 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+import orjson
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
 from callcredit.v1.error_reason_pb2 import ErrorReason
-from callcredit_server import convert
+from callcredit_server import changefeed, convert
 from callcredit_server.auth import current_tenant
+from callcredit_server.changefeed import Changefeed, Cursor, FeedEvent, Filter
 from callcredit_server.convert import GrantPolicy
 from callcredit_server.core import (
     AccountResult,
@@ -41,6 +44,7 @@ from callcredit_server.core import (
     TopUp,
     UpdateAccount,
 )
+from callcredit_server.core.events import EventKind, event_from_image
 from callcredit_server.core.validation import ID_PATTERN, ID_RULE
 from callcredit_server.errors import (
     invalid,
@@ -463,11 +467,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         journal: Journal,
         history: ThreadPoolExecutor,
         metrics: Metrics | None = None,
+        feed: Changefeed | None = None,
     ) -> None:
         self._writer = writer
         self._journal = journal
         self._history = history  # threads for database reads, apart from the journal writer
         self.metrics = metrics if metrics is not None else Metrics()
+        self._feed = feed if feed is not None else Changefeed(journal.last_seq())
 
     async def _account(
         self, command: Command, context: grpc.aio.ServicerContext[Any, Any]
@@ -508,6 +514,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             tariff_id=request.tariff_id,
             credit_limit=request.credit_limit,
             max_concurrent_calls=request.max_concurrent_calls,
+            low_balance_threshold=request.low_balance_threshold,
         )
         return admin_pb2.CreateAccountResponse(account=await self._account(command, context))
 
@@ -532,6 +539,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             credit_limit=request.credit_limit if request.HasField("credit_limit") else None,
             max_concurrent_calls=(
                 request.max_concurrent_calls if request.HasField("max_concurrent_calls") else None
+            ),
+            low_balance_threshold=(
+                request.low_balance_threshold if request.HasField("low_balance_threshold") else None
             ),
         )
         return admin_pb2.UpdateAccountResponse(account=await self._account(command, context))
@@ -643,3 +653,115 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             context,
         )
         return admin_pb2.ListEntriesResponse(entries=[convert.entry_pb(e) for e in entries])
+
+    # ------------------------------------------------------------ changefeed
+
+    async def WatchEvents(
+        self, request: admin_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[admin_pb2.WatchEventsResponse]:
+        """Replay the stored events after the cursor, then follow live ones (changefeed.py)."""
+        feed = self._feed
+        wanted = await self._watch_filter(request, context)
+        cursor: Cursor = (0, changefeed.END_OF_RECORD)
+        if request.from_end:
+            if request.after:
+                await _abort(context, invalid("after", "must be empty with from_end"))
+            cursor = (feed.tail_seq, changefeed.END_OF_RECORD)
+        elif request.after:
+            parsed = changefeed.parse_cursor(request.after)
+            if parsed is None:
+                await _abort(context, invalid("after", "is not a cursor this server gave"))
+            if parsed[0] > feed.tail_seq:
+                await _abort(
+                    context, invalid("after", f"is beyond the journal's end (seq {feed.tail_seq})")
+                )
+            cursor = parsed
+        async for response, read_to in self._stored_events(cursor, wanted, context):
+            yield response
+            cursor = read_to
+        follower = feed.subscribe(wanted)
+        if follower is None:
+            await _abort(context, unavailable("too many WatchEvents streams; retry later"))
+        try:
+            async for response, read_to in self._stored_events(cursor, wanted, context):
+                yield response
+                cursor = read_to
+            while True:
+                await follower.wake.wait()
+                if follower.cut:
+                    await _abort(
+                        context,
+                        status_for(
+                            ErrorReason.SLOW_CONSUMER,
+                            f"more than {changefeed.MAX_BUFFERED_EVENTS} events waited for this "
+                            f"stream: resume with after={changefeed.format_cursor(cursor)}",
+                        ),
+                    )
+                if follower.closed:
+                    await _abort(context, unavailable("the server stopped taking work"))
+                taken = follower.take(cursor)
+                if taken:
+                    cursor = taken[-1].cursor
+                    yield _events_response(taken, cursor)
+        finally:
+            feed.unsubscribe(follower)
+
+    async def _watch_filter(
+        self, request: admin_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Filter:
+        allows = _allows()
+        if len(request.account_ids) > changefeed.MAX_ACCOUNT_FILTER:
+            await _abort(
+                context,
+                invalid("account_ids", f"at most {changefeed.MAX_ACCOUNT_FILTER} accounts"),
+            )
+        for account_id in request.account_ids:
+            if not ID_PATTERN.fullmatch(account_id):
+                await _abort(context, invalid("account_ids", ID_RULE))
+            if allows is not None and not allows(account_id):
+                await _abort(context, _outside(account_id))
+        kinds = set()
+        for kind in request.kinds:
+            known = convert.EVENT_KIND_FROM_PB.get(kind)
+            if known is None:
+                await _abort(context, invalid("kinds", f"unknown event kind {kind}"))
+            kinds.add(known)
+        return Filter(allows, frozenset(request.account_ids), frozenset(kinds))
+
+    async def _stored_events(
+        self, cursor: Cursor, wanted: Filter, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[tuple[admin_pb2.WatchEventsResponse, Cursor]]:
+        """Pages of the events table after `cursor` until its end, one response per page.
+
+        A page whose events the filter all leaves out still answers, with no events and
+        the cursor past them, so that a narrow filter need not rescan them on resume.
+        """
+        page = changefeed.MAX_EVENTS_PER_RESPONSE
+        while True:
+            seq, index = cursor
+            # Only what the writer has published: durable, and never beyond its tail.
+            read = functools.partial(
+                self._journal.read_events, seq, index, self._feed.tail_seq, page
+            )
+            rows = await self._history_read(read, context)
+            if not rows:
+                return
+            matched = [
+                FeedEvent(row.seq, row.idx, row.at_ms, event_from_image(orjson.loads(row.body)))
+                for row in rows
+                if wanted.matches(row.account_id, EVENT_KIND_OF[row.kind])
+            ]
+            cursor = (rows[-1].seq, rows[-1].idx)
+            yield _events_response(matched, cursor), cursor
+            if len(rows) < page:
+                return
+
+
+EVENT_KIND_OF = {kind.value: kind for kind in EventKind}
+
+
+def _events_response(events: list[FeedEvent], cursor: Cursor) -> admin_pb2.WatchEventsResponse:
+    return admin_pb2.WatchEventsResponse(
+        events=[convert.event_pb(e.seq, e.index, e.at_ms, e.event) for e in events],
+        cursor=changefeed.format_cursor(cursor),
+    )

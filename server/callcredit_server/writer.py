@@ -159,6 +159,8 @@ class Writer:
         self._snapshot_child: asyncio.Task[None] | None = None
         self.snapshot_stall_s_max = 0.0  # the longest pause a snapshot caused the writer
         self.observer: WriterObserver | None = None  # metrics, set by app.py
+        # The changefeed (app.py): told of each batch of records once it is durable.
+        self.on_durable: Callable[[Sequence[JournalRecord]], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -310,7 +312,9 @@ class Writer:
                         continue
                 step = apply(command, now_ms)
                 if step.changed:
-                    records.append(JournalRecord(seq, now_ms, command, step.entries, step.calls))
+                    records.append(
+                        JournalRecord(seq, now_ms, command, step.entries, step.calls, step.events)
+                    )
                     seq += 1
                 if target is not None and isinstance(command, _CALL_COMMANDS):
                     call_id = command.call_id
@@ -356,6 +360,8 @@ class Writer:
                             f"a journal commit took over {COMMIT_TIMEOUT_S:.0f} s"
                         ) from exc
                     self._durable_seq = records[-1].seq
+                    if self.on_durable is not None:
+                        self.on_durable(records)
                     if self.observer is not None:
                         self.observer.committed(len(records), time.perf_counter() - started)
                     self._committed.set()
