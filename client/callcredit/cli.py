@@ -29,7 +29,7 @@ Exit codes:
        may not have been applied: retry it with the same --idempotency-key.
 
 Idempotency keys: ``topup`` and ``adjust`` move money, so each request carries a key
-(DESIGN.md, Idempotency). Pass ``--idempotency-key`` (scripts should: one key per
+(docs/design.md, Idempotency). Pass ``--idempotency-key`` (scripts should: one key per
 intended movement of money, e.g. the invoice number). Without it the CLI generates one
 and prints it on stderr *before* sending, so that whatever happens next (exit 3, a
 killed terminal) the operator can retry with that key and the money moves at most once.

@@ -1,6 +1,6 @@
 """The async dialer library: one Control stream per dialer process, carrying every call.
 
-Why it is shaped this way (DESIGN.md, "Shape" and "Contract"):
+Why it is shaped this way (docs/design.md, "Shape" and "Contract"):
 
 - In Python gRPC costs about as much per *message* as the server's decision costs per
   *operation*, so operations due at the same moment travel together: a sender task takes
@@ -92,7 +92,7 @@ logger = logging.getLogger(__name__)
 
 MAX_OPS_PER_MESSAGE = 100
 """Default for `max_ops_per_message`: most operations in one ControlRequest. 100 already
-amortises the per-message cost (DESIGN.md measures 100 per message at ~29x the throughput
+amortises the per-message cost (docs/design.md measures 100 per message at ~29x the throughput
 of 1) and keeps each message small enough for the server to pipeline several."""
 
 MAX_MESSAGES_IN_FLIGHT = 8
@@ -101,7 +101,7 @@ stream and not yet fully answered. More are queued until answers come back. The 
 reads at most 64 unanswered messages per stream."""
 
 SERVER_MAX_OPS_PER_MESSAGE = 10_000
-"""The server refuses a ControlRequest with more operations (DESIGN.md, limits)."""
+"""The server refuses a ControlRequest with more operations (docs/design.md, Limits on input)."""
 
 MAX_PENDING_OPERATIONS = 10_000
 """Most operations awaiting an answer at once; one more waits for a free slot. It bounds
@@ -203,7 +203,7 @@ class SystemClock:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """How long a call may last (DESIGN.md, Calls): the server's Grant, minus the call_id."""
+    """How long a call may last (docs/design.md, Calls): the server's Grant, minus the call_id."""
 
     allowed_seconds: int
     """Total talk time the call may reach, counted from answer."""

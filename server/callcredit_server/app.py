@@ -51,10 +51,10 @@ HISTORY_READ_THREADS = 2
 DEFAULT_DATABASE_URL = "sqlite:///./data/callcredit.db"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-DRAIN_POLL_S = 0.2  # how often a drain checks whether any call is still open
+DRAIN_POLL_SECONDS = 0.2  # how often a drain checks whether any call is still open
 # A drain with no Control stream connected for this long ends: no dialer is left to
 # serve. Longer than the dialer library's longest reconnect backoff (5 s).
-DRAIN_IDLE_S = 6.0
+DRAIN_IDLE_SECONDS = 6.0
 MAX_DRAIN_SECONDS = 3_600
 
 
@@ -274,23 +274,23 @@ class RunningServer:
     control: CreditControlServicer | None = None
     metrics: Metrics | None = None
 
-    async def drain(self, grace_s: float) -> None:
+    async def drain(self, grace_seconds: float) -> None:
         """Health NOT_SERVING, refuse new reserves (UNAVAILABLE), and keep answering
-        everything else until grace_s has passed, or no call is open, or no Control
-        stream has been connected for DRAIN_IDLE_S. Then call stop()."""
+        everything else until grace_seconds has passed, or no call is open, or no Control
+        stream has been connected for DRAIN_IDLE_SECONDS. Then call stop()."""
         await self.health.enter_graceful_shutdown()
         if self.control is not None:
             self.control.draining = True
         if self.metrics is not None:
             self.metrics.draining = True
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
+        deadline = loop.time() + grace_seconds
         open_calls = self.writer.gauges().open_calls
         log.info(
             "draining: new reserves refused; up to %.0f s for %d open calls",
-            grace_s,
+            grace_seconds,
             open_calls,
-            extra={"drain_seconds": grace_s, "open_calls": open_calls},
+            extra={"drain_seconds": grace_seconds, "open_calls": open_calls},
         )
         idle_since = loop.time()
         while not self.writer.failed and loop.time() < deadline:
@@ -299,14 +299,14 @@ class RunningServer:
                 break
             if self.control is not None and self.control.open_streams:
                 idle_since = loop.time()
-            elif loop.time() - idle_since >= DRAIN_IDLE_S:
+            elif loop.time() - idle_since >= DRAIN_IDLE_SECONDS:
                 break
-            await asyncio.sleep(min(DRAIN_POLL_S, max(deadline - loop.time(), 0)))
+            await asyncio.sleep(min(DRAIN_POLL_SECONDS, max(deadline - loop.time(), 0)))
         log.info("drain over: %d calls still open", open_calls, extra={"open_calls": open_calls})
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def stop(self, grace_seconds: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
-        stopping = asyncio.ensure_future(self.server.stop(grace_s))  # no new RPCs from now
+        stopping = asyncio.ensure_future(self.server.stop(grace_seconds))  # no new RPCs from now
         if self.control is not None:
             self.control.end_streams()  # each ends once its answers in flight are sent
         await stopping
@@ -361,7 +361,7 @@ async def start(
         journal,
         clock_ms=clock_ms,
         retention_ms=settings.retention_seconds * 1000,
-        tick_interval_s=settings.tick_interval_ms / 1000,
+        tick_interval_seconds=settings.tick_interval_ms / 1000,
         snapshots=snapshots,
         snapshot_seq=recovered.snapshot_seq,
     )

@@ -51,6 +51,7 @@ from callcredit_server.app import (
 from callcredit_server.auth import MIN_TOKEN_LENGTH, hash_token, new_token
 from callcredit_server.core import InvariantViolation
 from callcredit_server.journal import Journal, JournalError
+from callcredit_server.launch import write_ready_file
 from callcredit_server.recovery import verify
 from callcredit_server.snapshot import SnapshotError, list_snapshots, read_snapshot
 
@@ -160,6 +161,11 @@ def serve(
         envvar="CALLCREDIT_DRAIN_SECONDS",
         help="On SIGTERM, answer renewals and releases this long before exiting.",
     ),
+    ready_file: str = typer.Option(
+        "",
+        envvar="CALLCREDIT_READY_FILE",
+        help='Once serving, write {"port": N, "pid": P} here (atomically); removed on exit.',
+    ),
 ) -> None:
     """Serve CreditControlService and AdminService until SIGTERM/SIGINT."""
     if context.invoked_subcommand is not None:
@@ -185,12 +191,14 @@ def serve(
         return
     logs.configure(settings.log_level, log_format)
     try:
-        run_loop(settings.event_loop, _serve(settings, log_format))
+        run_loop(settings.event_loop, _serve(settings, log_format, ready_file))
     except (RuntimeError, OSError, JournalError, InvariantViolation) as exc:
         # Cannot bind, cannot read a TLS file or the journal, or the journal replays to
         # a broken state: nothing was served; say why in one line.
         typer.echo(f"error: callcredit-server could not start: {exc}", err=True)
         raise typer.Exit(1) from exc
+    if ready_file:
+        Path(ready_file).unlink(missing_ok=True)  # it serves no more
 
 
 def _source(context: typer.Context, name: str) -> str:
@@ -202,7 +210,7 @@ GC_THRESHOLDS = (50_000, 20, 10)  # the collector's generations (defaults: 700, 
 _SETTING_NAMES = frozenset(Settings.__dataclass_fields__) - {"tokens"}
 
 
-async def _serve(settings: Settings, log_format: str = "text") -> None:
+async def _serve(settings: Settings, log_format: str, ready_file: str) -> None:
     running = await start(settings)
     # The recovered state (millions of objects at scale) lives as long as the process:
     # moved out of the collector's generations, it is not rescanned by every full
@@ -216,6 +224,8 @@ async def _serve(settings: Settings, log_format: str = "text") -> None:
     gc.set_threshold(*GC_THRESHOLDS)
     message = f"callcredit-server listening on port {running.port}"
     logs.announce(log_format, message, port=running.port)
+    if ready_file:
+        write_ready_file(Path(ready_file), running.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

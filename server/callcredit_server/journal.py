@@ -38,7 +38,7 @@ Limits (TigerStyle: a bound on everything):
   grow with the journal and no connection is held while the caller works;
 - `MAX_READ_ROWS` rows per history read (`limit` must be 1..MAX_READ_ROWS);
 - the pool: `POOL_SIZE` + `POOL_MAX_OVERFLOW` connections, a checkout waits at most
-  `POOL_TIMEOUT_S`; SQLite waits at most `SQLITE_BUSY_TIMEOUT_MS` for a lock.
+  `POOL_TIMEOUT_SECONDS`; SQLite waits at most `SQLITE_BUSY_TIMEOUT_MS` for a lock.
 """
 
 from __future__ import annotations
@@ -108,9 +108,9 @@ REPLAY_PAGE_SIZE = 1_000  # rows per replay query: flat memory, short connection
 MAX_READ_ROWS = 10_000  # rows per history read (the API pages at 1,000, asks limit + 1)
 POOL_SIZE = 5  # connections kept: the writer plus a few history readers
 POOL_MAX_OVERFLOW = 10  # more under a burst of reads, closed when returned
-POOL_TIMEOUT_S = 30.0  # a checkout waits this long, then fails (JournalError)
+POOL_TIMEOUT_SECONDS = 30.0  # a checkout waits this long, then fails (JournalError)
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # a locked SQLite file is retried this long
-POSTGRES_CONNECT_TIMEOUT_S = 10  # libpq's connect_timeout
+POSTGRES_CONNECT_TIMEOUT_SECONDS = 10  # libpq's connect_timeout
 POSTGRES_TCP_USER_TIMEOUT_MS = 15_000  # unacknowledged data this old fails the connection
 _DELETE_CHUNK = 500  # ids per DELETE ... IN (...) in the portable upsert
 
@@ -316,7 +316,7 @@ def _open_engine(url: URL) -> Engine:
     pool: dict[str, Any] = {
         "pool_size": POOL_SIZE,
         "max_overflow": POOL_MAX_OVERFLOW,
-        "pool_timeout": POOL_TIMEOUT_S,
+        "pool_timeout": POOL_TIMEOUT_SECONDS,
     }
     backend = url.get_backend_name()
     if backend == "sqlite":
@@ -338,7 +338,7 @@ def _open_engine(url: URL) -> Engine:
         # A network that drops packets must not hang a commit forever: libpq gives
         # up connecting, and the kernel gives up on unacknowledged data, in bounded time.
         connect_args = {
-            "connect_timeout": POSTGRES_CONNECT_TIMEOUT_S,
+            "connect_timeout": POSTGRES_CONNECT_TIMEOUT_SECONDS,
             "tcp_user_timeout": POSTGRES_TCP_USER_TIMEOUT_MS,
             "keepalives": 1,
             "keepalives_idle": 10,

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SAMPLE_TIMEOUT_S = 1.0
+SAMPLE_TIMEOUT_SECONDS = 1.0
 """A scrape waits this long for the event loop to sample the gauges, then reports the
 previous sample (a loop busy for a second is itself worth seeing in the latency)."""
 
@@ -70,11 +70,11 @@ OK = "ok"
 UNAVAILABLE = ErrorReason.Name(ErrorReason.UNAVAILABLE)
 OTHER_ERROR = "ERROR"
 
-LATENCY_BUCKETS_S = (
+LATENCY_BUCKETS_SECONDS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 COMMIT_RECORDS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000)
-SNAPSHOT_PAUSE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+SNAPSHOT_PAUSE_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 KIND_OF_COMMAND: dict[type[Command], str] = {
     Reserve: "reserve",
@@ -148,10 +148,10 @@ class Metrics(Collector):
         self.registry = CollectorRegistry()
         self.ok: defaultdict[str, int] = defaultdict(int)  # kind -> answered ok
         self.refused: defaultdict[tuple[str, str], int] = defaultdict(int)  # (kind, reason)
-        self.latency = Histogram(LATENCY_BUCKETS_S)
+        self.latency = Histogram(LATENCY_BUCKETS_SECONDS)
         self.commit_records = Histogram(COMMIT_RECORDS_BUCKETS)
-        self.commit_latency = Histogram(LATENCY_BUCKETS_S)
-        self.snapshot_pause = Histogram(SNAPSHOT_PAUSE_BUCKETS_S)
+        self.commit_latency = Histogram(LATENCY_BUCKETS_SECONDS)
+        self.snapshot_pause = Histogram(SNAPSHOT_PAUSE_BUCKETS_SECONDS)
         self.grant_updates_pushed = 0
         self.terminations_pushed = 0
         self.streams_open = 0
@@ -281,7 +281,7 @@ class Metrics(Collector):
 
         try:
             loop.call_soon_threadsafe(sample)
-            self._last = future.result(SAMPLE_TIMEOUT_S)
+            self._last = future.result(SAMPLE_TIMEOUT_SECONDS)
         except (RuntimeError, TimeoutError):  # the loop closed, or is busy: last sample
             pass
         return self._last

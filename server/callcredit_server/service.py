@@ -56,13 +56,14 @@ from callcredit_server.errors import (
 from callcredit_server.handlers import UndecodableRequest
 from callcredit_server.journal import Journal, JournalError
 from callcredit_server.metrics import Metrics
-from callcredit_server.writer import AccountFilter, Unavailable, Writer
+from callcredit_server.writer import Unavailable, Writer
+from callcredit_server.writer_core import AccountFilter
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MAX_OPERATIONS_PER_MESSAGE = 10_000  # DESIGN.md's cap on one ControlRequest
+MAX_OPERATIONS_PER_MESSAGE = 10_000  # docs/design.md's cap on one ControlRequest
 # A stream's requests whose answers are not yet sent: the server stops reading the
 # stream beyond either bound, so a client that never reads its answers holds at
 # most this much (gRPC's flow control then stops its writes).

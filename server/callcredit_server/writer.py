@@ -1,13 +1,14 @@
-"""The single writer: one asyncio task owns the state machine; one commits the journal.
+"""The single writer's I/O: one asyncio task applies rounds; one commits the journal.
 
-Servicers hand work to `Writer` through a bounded queue and await the answer.
-The apply task takes everything queued (up to a bound), applies it to the state
-machine in order at one instant, and appends the journal records of the
-commands that changed state. The commit task writes all records gathered so far
-in ONE transaction (group commit) on a dedicated thread while the apply task
-goes on with the next round. An answer, push or read is released only once the
-journal holds every record up to the point where it was produced: nothing
-leaves the server that a crash could take back.
+Every decision is in `WriterCore` (writer_core.py: the tenant guard, journal seqs and
+records, holding answers until durable, push routing); this shell only moves bytes
+and futures. Servicers hand work to `Writer` through a bounded queue and await the
+answer. The apply task takes everything queued (up to a bound) and has the core apply
+it in order at one instant. The commit task writes all records gathered so far in
+ONE transaction (group commit) on a dedicated thread while the apply task goes on
+with the next round, then tells the core what is durable and resolves the futures
+and pushes it hands back: nothing leaves the server that a crash could take back.
+A tick task lets time pass; after a commit, a forked child may write a snapshot.
 
 If the journal cannot be written, or the state machine reports a broken
 invariant, the writer fails: every waiting and later request gets
@@ -22,28 +23,16 @@ import contextlib
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from callcredit_server.core import (
-    CallState,
-    Command,
-    Outcome,
-    Push,
-    Refused,
-    Release,
-    Renew,
-    Reserve,
-    StateMachine,
-    Tick,
-)
-from callcredit_server.core.outcomes import AccessReason
+from callcredit_server.core import Command, Outcome, Push, StateMachine, Tick
 from callcredit_server.journal import Journal, JournalRecord
 from callcredit_server.snapshot import discard_older, fork_snapshot
+from callcredit_server.writer_core import AccountFilter, WriterCore
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +44,7 @@ MAX_RECORDS_PER_COMMIT = 20_000  # journal records in one transaction
 MAX_UNCOMMITTED_RECORDS = 100_000  # the apply task waits for the journal beyond this
 # A commit that has not returned in this long is a failed journal (a stalled
 # network, a hung disk): fail-stop rather than hold every answer indefinitely.
-COMMIT_TIMEOUT_S = 5.0
-
-
-_CALL_COMMANDS = (Reserve, Renew, Release)  # the commands that name a call
+COMMIT_TIMEOUT_SECONDS = 5.0
 
 
 class Unavailable(Exception):
@@ -71,10 +57,6 @@ class SnapshotPolicy:
 
     directory: Path
     every_records: int
-
-
-AccountFilter = Callable[[str], bool]
-"""May a submission act on this account id? (a dialer token's tenant, auth.py)"""
 
 
 class WriterObserver(Protocol):
@@ -113,17 +95,16 @@ class _Submission:
 
 
 @dataclass(slots=True)
-class _Waiting:
-    """Something to release once the journal is durable up to `seq`."""
+class _Reply:
+    """What the core holds until durable: a future's result, and the pushes to send."""
 
-    seq: int
-    future: asyncio.Future[Any] | None = None
-    result: Any = None
-    pushes: list[tuple[PushTarget, Push]] = field(default_factory=list)
+    future: asyncio.Future[Any]
+    result: Any
+    pushes: list[tuple[PushTarget, Push]]
 
 
 class Writer:
-    """Owns the state machine; serialises every change and read through one queue."""
+    """Runs the writer core: serialises every change and read through one queue."""
 
     def __init__(
         self,
@@ -132,23 +113,18 @@ class Writer:
         *,
         clock_ms: Callable[[], int],
         retention_ms: int,
-        tick_interval_s: float = 0.25,
+        tick_interval_seconds: float = 0.25,
         snapshots: SnapshotPolicy | None = None,
         snapshot_seq: int = 0,
     ) -> None:
-        self._machine = machine
+        self._core: WriterCore[PushTarget, _Reply] = WriterCore(machine, journal.last_seq())
         self._journal = journal
         self._clock_ms = clock_ms
         self._retention_ms = retention_ms
-        self._tick_interval_s = tick_interval_s
+        self._tick_interval_seconds = tick_interval_seconds
         self._queue: asyncio.Queue[_Submission] = asyncio.Queue(MAX_QUEUED_SUBMISSIONS)
-        self._records: list[JournalRecord] = []
-        self._waiting: deque[_Waiting] = deque()
-        self._next_seq = journal.last_seq() + 1
-        self._durable_seq = self._next_seq - 1
         self._wake_committer = asyncio.Event()
         self._committed = asyncio.Event()
-        self._routes: dict[str, PushTarget] = {}
         self._failure: BaseException | None = None
         self._commit_timed_out = False
         self._failure_listeners: list[Callable[[BaseException], None]] = []
@@ -157,7 +133,7 @@ class Writer:
         self._snapshots = snapshots
         self._snapshot_seq = snapshot_seq  # the newest snapshot taken (or recovered from)
         self._snapshot_child: asyncio.Task[None] | None = None
-        self.snapshot_stall_s_max = 0.0  # the longest pause a snapshot caused the writer
+        self.snapshot_stall_seconds_max = 0.0  # the longest pause a snapshot caused the writer
         self.observer: WriterObserver | None = None  # metrics, set by app.py
         # The changefeed (app.py): told of each batch of records once it is durable.
         self.on_durable: Callable[[Sequence[JournalRecord]], None] | None = None
@@ -223,8 +199,7 @@ class Writer:
 
     def forget(self, target: PushTarget) -> None:
         """A stream closed: its calls stay open, but nothing is pushed to it any more."""
-        for call_id in [c for c, t in self._routes.items() if t is target]:
-            del self._routes[call_id]
+        self._core.forget(target)
 
     def _new_future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
@@ -243,7 +218,7 @@ class Writer:
                 batch = [await self._queue.get()]
                 while len(batch) < MAX_SUBMISSIONS_PER_ROUND and not self._queue.empty():
                     batch.append(self._queue.get_nowait())
-                while len(self._records) >= MAX_UNCOMMITTED_RECORDS:
+                while len(self._core.records) >= MAX_UNCOMMITTED_RECORDS:
                     self._committed.clear()
                     await self._committed.wait()
                 self._apply_round(batch)
@@ -254,90 +229,21 @@ class Writer:
             self._fail(exc)
 
     def _apply_round(self, batch: list[_Submission]) -> None:
-        now_ms = max(self._clock_ms(), self._machine.now_ms)
+        core = self._core
+        now_ms = core.round_time(self._clock_ms())
         for submission in batch:
-            if submission.future.done():  # the caller went away
+            future = submission.future
+            if future.done():  # the caller went away
                 continue
             if submission.read is not None:
-                seen = submission.read(self._machine)
-                self._hold(_Waiting(self._next_seq - 1, submission.future, seen))
-                continue
-            pushes: list[tuple[PushTarget, Push]] = []
-            outcomes = self._apply_commands(
-                submission.commands, now_ms, submission.target, pushes, submission.allows
-            )
-            self._hold(_Waiting(self._next_seq - 1, submission.future, outcomes, pushes))
-
-    def _out_of_scope(self, command: Command, allows: AccountFilter) -> Refused | None:
-        """The tenant guard: Renew and Release name only a call; its account must be allowed.
-
-        Checked before the state machine (nothing changes, no expiry runs, and the call
-        is not routed to the refused stream). Reserve names its account: the servicer
-        checks it. A call memory no longer holds is left to the machine (CALL_NOT_FOUND).
-        """
-        if isinstance(command, Renew | Release):
-            call = self._machine.calls.get(command.call_id)
-            if call is not None and not allows(call.account_id):
-                return Refused(
-                    AccessReason.PERMISSION_DENIED,
-                    f"call {command.call_id!r} is on an account outside this token's tenant",
+                reply = _Reply(future, submission.read(core.machine), [])
+            else:
+                outcomes, pushes = core.apply(
+                    submission.commands, now_ms, submission.target, submission.allows
                 )
-        return None
-
-    def _apply_commands(
-        self,
-        commands: Sequence[Command],
-        now_ms: int,
-        target: PushTarget | None,
-        pushes: list[tuple[PushTarget, Push]],
-        allows: AccountFilter | None,
-    ) -> list[Outcome]:
-        """Apply commands in order; journal the ones that changed state; route pushes.
-
-        The hot loop of the server: a batched Control message runs it once per
-        operation, so names are bound to locals once.
-        """
-        apply = self._machine.apply
-        calls = self._machine.calls
-        records = self._records
-        routes = self._routes
-        seq = self._next_seq
-        outcomes: list[Outcome] = []
-        try:
-            for command in commands:
-                if allows is not None:
-                    denied = self._out_of_scope(command, allows)
-                    if denied is not None:
-                        outcomes.append(denied)
-                        continue
-                step = apply(command, now_ms)
-                if step.changed:
-                    records.append(
-                        JournalRecord(seq, now_ms, command, step.entries, step.calls, step.events)
-                    )
-                    seq += 1
-                if target is not None and isinstance(command, _CALL_COMMANDS):
-                    call_id = command.call_id
-                    call = calls.get(call_id)
-                    if call is not None and call.state is CallState.ACTIVE:
-                        routes[call_id] = target  # pushes follow the stream that last spoke
-                for push in step.pushes:
-                    routed = routes.get(push.call_id)
-                    if routed is not None:
-                        pushes.append((routed, push))
-                for record in step.calls:
-                    if record.state is not CallState.ACTIVE:
-                        routes.pop(record.call_id, None)
-                outcomes.append(step.outcome)
-        finally:
-            self._next_seq = seq  # even if a step broke an invariant (then we fail)
-        return outcomes
-
-    def _hold(self, waiting: _Waiting) -> None:
-        if waiting.seq <= self._durable_seq:
-            self._release(waiting)
-        else:
-            self._waiting.append(waiting)
+                reply = _Reply(future, outcomes, pushes)
+            if core.hold(reply):
+                _release(reply)
 
     # ----------------------------------------------------------- commit task
 
@@ -347,41 +253,29 @@ class Writer:
             while True:
                 await self._wake_committer.wait()
                 self._wake_committer.clear()
-                while self._records:
-                    records = self._records[:MAX_RECORDS_PER_COMMIT]
-                    del self._records[:MAX_RECORDS_PER_COMMIT]
+                while self._core.records:
+                    records = self._core.take_records(MAX_RECORDS_PER_COMMIT)
                     started = time.perf_counter()
                     commit = loop.run_in_executor(self._thread, self._journal.append, records)
                     try:
-                        await asyncio.wait_for(commit, COMMIT_TIMEOUT_S)
+                        await asyncio.wait_for(commit, COMMIT_TIMEOUT_SECONDS)
                     except TimeoutError as exc:
                         self._commit_timed_out = True
                         raise Unavailable(
-                            f"a journal commit took over {COMMIT_TIMEOUT_S:.0f} s"
+                            f"a journal commit took over {COMMIT_TIMEOUT_SECONDS:.0f} s"
                         ) from exc
-                    self._durable_seq = records[-1].seq
-                    if self.on_durable is not None:
-                        self.on_durable(records)
                     if self.observer is not None:
                         self.observer.committed(len(records), time.perf_counter() - started)
+                    for reply in self._core.durable(records[-1].seq):
+                        _release(reply)
+                    if self.on_durable is not None:
+                        self.on_durable(records)
                     self._committed.set()
-                    self._release_durable()
                     self._maybe_snapshot()
-                self._release_durable()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the journal failed: fail-stop
             self._fail(exc)
-
-    def _release_durable(self) -> None:
-        while self._waiting and self._waiting[0].seq <= self._durable_seq:
-            self._release(self._waiting.popleft())
-
-    def _release(self, waiting: _Waiting) -> None:
-        if waiting.future is not None and not waiting.future.done():
-            waiting.future.set_result(waiting.result)
-        for target, push in waiting.pushes:
-            target.push(push)
 
     # -------------------------------------------------------------- snapshots
 
@@ -395,17 +289,20 @@ class Writer:
         policy = self._snapshots
         if policy is None or self._snapshot_child is not None:
             return
-        if self._durable_seq - self._snapshot_seq < policy.every_records:
+        if self._core.durable_seq - self._snapshot_seq < policy.every_records:
             return
-        seq = self._next_seq - 1
+        seq = self._core.next_seq - 1
         started = time.perf_counter()
-        pid = fork_snapshot(self._machine, seq, policy.directory, self._machine.now_ms)
-        stall_s = time.perf_counter() - started
-        self.snapshot_stall_s_max = max(self.snapshot_stall_s_max, stall_s)
+        pid = fork_snapshot(self._core.machine, seq, policy.directory, self._core.machine.now_ms)
+        stall_seconds = time.perf_counter() - started
+        self.snapshot_stall_seconds_max = max(self.snapshot_stall_seconds_max, stall_seconds)
         if self.observer is not None:
-            self.observer.snapshot_paused(stall_s)
+            self.observer.snapshot_paused(stall_seconds)
         log.info(
-            "snapshot at seq %d: child %d started, writer paused %.1f ms", seq, pid, stall_s * 1e3
+            "snapshot at seq %d: child %d started, writer paused %.1f ms",
+            seq,
+            pid,
+            stall_seconds * 1e3,
         )
         self._snapshot_seq = seq
         self._snapshot_child = asyncio.create_task(self._reap(pid, seq, policy.directory))
@@ -434,7 +331,7 @@ class Writer:
         """Let time pass: expire silent calls, forget what left the window."""
         tick = Tick(retention_ms=self._retention_ms)
         while True:
-            await asyncio.sleep(self._tick_interval_s)
+            await asyncio.sleep(self._tick_interval_seconds)
             with contextlib.suppress(Unavailable):  # one tick at a time, its answer awaited
                 await self.execute([tick])
 
@@ -442,13 +339,13 @@ class Writer:
 
     def gauges(self) -> WriterGauges:
         """Levels for metrics; call on the event loop (O(1): a scrape never stalls it)."""
-        open_calls = self._machine.open_call_count
+        open_calls = self._core.machine.open_call_count
         return WriterGauges(
             queued_submissions=self._queue.qsize(),
-            uncommitted_records=len(self._records),
-            accounts=len(self._machine.accounts),
+            uncommitted_records=len(self._core.records),
+            accounts=len(self._core.machine.accounts),
             open_calls=open_calls,
-            open_calls_without_stream=max(open_calls - len(self._routes), 0),
+            open_calls_without_stream=max(open_calls - len(self._core.routes), 0),
             failed=self._failure is not None,
         )
 
@@ -461,13 +358,20 @@ class Writer:
         if log_it:
             log.critical("writer stopped taking work: %r", exc, exc_info=exc)
         error = Unavailable(f"journal unavailable: {exc}" if log_it else str(exc))
-        while self._waiting:
-            future = self._waiting.popleft().future
-            if future is not None and not future.done():
-                future.set_exception(error)
+        for reply in self._core.drop_held():
+            if not reply.future.done():
+                reply.future.set_exception(error)
         while not self._queue.empty():
             future = self._queue.get_nowait().future
             if not future.done():
                 future.set_exception(error)
         for listener in self._failure_listeners:
             listener(exc)
+
+
+def _release(reply: _Reply) -> None:
+    """The journal covers the reply: resolve its future, send its pushes."""
+    if not reply.future.done():
+        reply.future.set_result(reply.result)
+    for target, push in reply.pushes:
+        target.push(push)

@@ -135,7 +135,7 @@ async def secured_server(
     try:
         yield running
     finally:
-        await running.stop(grace_s=0.5)
+        await running.stop(grace_seconds=0.5)
 
 
 @dataclass
