@@ -61,14 +61,21 @@ def format_cursor(cursor: Cursor) -> str:
     return f"{cursor[0]}.{cursor[1]}"
 
 
-@dataclass(frozen=True, slots=True)
 class FeedEvent:
-    """An event with its place in the journal: what a stream sends."""
+    """An event with its place in the journal: what a stream sends.
 
-    seq: int
-    index: int
-    at_ms: int
-    event: Event
+    `wire` caches the event's bytes on the wire (service.py fills it once): every
+    follower of a live event sends the same bytes, so ten followers cost one encoding.
+    """
+
+    __slots__ = ("at_ms", "event", "index", "seq", "wire")
+
+    def __init__(self, seq: int, index: int, at_ms: int, event: Event) -> None:
+        self.seq = seq
+        self.index = index
+        self.at_ms = at_ms
+        self.event = event
+        self.wire: bytes | None = None
 
     @property
     def cursor(self) -> Cursor:

@@ -103,6 +103,16 @@ def _server_streaming(
     return handle
 
 
+def _serialized(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """`serialize`, except that a response already serialized (bytes) goes as it is:
+    WatchEvents encodes each event once for all of its streams."""
+
+    def serializer(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)
+
+    return serializer
+
+
 def _handler(servicer: object, method: MethodDescriptor, messages: ModuleType) -> Any:
     request = getattr(messages, method.input_type.name)
     response = getattr(messages, method.output_type.name)
@@ -124,7 +134,7 @@ def _handler(servicer: object, method: MethodDescriptor, messages: ModuleType) -
         return grpc.unary_stream_rpc_method_handler(
             _server_streaming(implementation),
             request_deserializer=decode,
-            response_serializer=response.SerializeToString,
+            response_serializer=_serialized(response.SerializeToString),
         )
     raise ValueError(f"{method.full_name}: client-streaming methods are not served")
 

@@ -657,10 +657,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     # ------------------------------------------------------------ changefeed
 
-    async def WatchEvents(
+    # The stub says messages; this yields their bytes, which handlers.py sends as they are.
+    async def WatchEvents(  # type: ignore[override]
         self, request: admin_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[admin_pb2.WatchEventsResponse]:
-        """Replay the stored events after the cursor, then follow live ones (changefeed.py)."""
+    ) -> AsyncIterator[bytes]:
+        """Replay the stored events after the cursor, then follow live ones (changefeed.py).
+
+        Yields serialized WatchEventsResponse messages: a live event's bytes are made
+        once and shared by every stream that sends it.
+        """
         feed = self._feed
         wanted = await self._watch_filter(request, context)
         cursor: Cursor = (0, changefeed.END_OF_RECORD)
@@ -731,7 +736,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def _stored_events(
         self, cursor: Cursor, wanted: Filter, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[tuple[admin_pb2.WatchEventsResponse, Cursor]]:
+    ) -> AsyncIterator[tuple[bytes, Cursor]]:
         """Pages of the events table after `cursor` until its end, one response per page.
 
         A page whose events the filter all leaves out still answers, with no events and
@@ -759,10 +764,32 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
 
 EVENT_KIND_OF = {kind.value: kind for kind in EventKind}
+# WatchEventsResponse on the wire: field 1 (events) and field 2 (cursor), length-delimited.
+_EVENTS_TAG = b"\x0a"
+_CURSOR_TAG = b"\x12"
 
 
-def _events_response(events: list[FeedEvent], cursor: Cursor) -> admin_pb2.WatchEventsResponse:
-    return admin_pb2.WatchEventsResponse(
-        events=[convert.event_pb(e.seq, e.index, e.at_ms, e.event) for e in events],
-        cursor=changefeed.format_cursor(cursor),
-    )
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _event_wire(item: FeedEvent) -> bytes:
+    """The event as field 1 of a WatchEventsResponse; encoded once, shared by every stream."""
+    wire = item.wire
+    if wire is None:
+        body = convert.event_pb(item.seq, item.index, item.at_ms, item.event).SerializeToString()
+        wire = item.wire = _EVENTS_TAG + _varint(len(body)) + body
+    return wire
+
+
+def _events_response(events: list[FeedEvent], cursor: Cursor) -> bytes:
+    """A serialized WatchEventsResponse (handlers.py sends bytes as they are)."""
+    text = changefeed.format_cursor(cursor).encode()
+    parts = [_event_wire(e) for e in events]
+    parts.append(_CURSOR_TAG + _varint(len(text)) + text)
+    return b"".join(parts)
