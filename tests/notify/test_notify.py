@@ -152,7 +152,11 @@ def test_signed_deliveries_survive_500s_and_timeouts(tmp_path: Path) -> None:
         assert json.loads(record["body"])["event_id"] == record["event_id"]
     final = [r for r in records if r["status"] == 200]
     assert {r["attempt"] for r in final} == {3}  # a timeout, a 500, then delivered
-    bodies = [json.loads(r["body"]) for r in final if r["path"] == "/alerts"]
+    # Deliveries are not ordered (retries, concurrency): the event's place orders them.
+    bodies = sorted(
+        (json.loads(r["body"]) for r in final if r["path"] == "/alerts"),
+        key=lambda b: (int(b["seq"]), b.get("index", 0)),
+    )
     assert [b["kind"] for b in bodies] == ["EVENT_KIND_LOW_BALANCE", "EVENT_KIND_BALANCE_RESTORED"]
     assert {json.loads(r["body"])["account_id"] for r in final} == {"acme"}
 
