@@ -71,14 +71,13 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    or_,
     select,
 )
 from sqlalchemy.engine import URL, Dialect, make_url
 
 from callcredit_server.codec import CodecError, decode_command, encode_command
 from callcredit_server.core.commands import Command
-from callcredit_server.core.events import Event, event_image
+from callcredit_server.core.events import Event, EventImageError, event_from_image, event_image
 from callcredit_server.core.model import (
     CallRecord,
     CallState,
@@ -140,14 +139,12 @@ class JournalRecord(NamedTuple):
 
 
 class StoredEvent(NamedTuple):
-    """An events_table row: the event's place, time, account and kind, and its image."""
+    """An event read back from events_table, with its place and its record's time."""
 
     seq: int
     idx: int  # the place among the record's events, from 0
     at_ms: int
-    account_id: str
-    kind: str
-    body: str  # JSON of core.events.event_image
+    event: Event
 
 
 # ------------------------------------------------------------------ schema
@@ -234,19 +231,18 @@ Index(
     postgresql_where=calls_table.c.state == CallState.ACTIVE.value,
 )
 
-# The changefeed (changefeed.py): every event a record produced, in the same
-# transaction, keyed by (seq, index). Kept like entries and calls: a prune of the
-# journal leaves it.
+# The changefeed (changefeed.py): the events a record produced, as one row per record
+# with events (a JSON list of core.events images, in order), in the same transaction.
+# One row per record rather than per event: one insert and one key per record keeps
+# the writer's cost down. Kept like entries and calls: a prune of the journal leaves it.
 events_table = Table(
     "events",
     metadata,
-    Column("seq", BigInteger, primary_key=True, autoincrement=False),
-    Column("idx", Integer, primary_key=True, autoincrement=False),
+    Column("seq", _Key, primary_key=True, autoincrement=False),
     Column("at_ms", BigInteger, nullable=False),
-    Column("account_id", _Id, nullable=False),
-    Column("kind", String(32), nullable=False),
     Column("body", Text, nullable=False),
 )
+EVENT_RECORDS_PER_READ = 100  # records per read_events query (each may hold many events)
 
 _CALL_COLUMNS = [c for c in calls_table.c if c.name != "seq"]
 _ENTRY_COLUMNS = [c for c in entries_table.c if c.name != "seq"]
@@ -530,9 +526,9 @@ def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _R
         entry_rows.extend(_entry_row(entry, record.seq) for entry in record.entries)
         for call in record.calls:
             call_rows[call.call_id] = _call_row(call, record.seq)  # the last one wins
-        for index, e in enumerate(record.events):
-            body = orjson.dumps(event_image(e)).decode()
-            event_rows.append((record.seq, index, record.at_ms, e.account_id, e.kind.value, body))
+        if record.events:
+            body = orjson.dumps([event_image(e) for e in record.events]).decode()
+            event_rows.append((record.seq, record.at_ms, body))
         previous = record
     return journal_rows, entry_rows, list(call_rows.values()), event_rows
 
@@ -885,21 +881,33 @@ class Journal:
             return [_call(row) for row in connection.execute(query)]
 
     def read_events(
-        self, after_seq: int, after_index: int, through_seq: int, limit: int
-    ) -> list[StoredEvent]:
-        """Events after (after_seq, after_index) up to seq `through_seq`, in order; <= limit."""
-        _check_limit(limit)
+        self, after_seq: int, after_index: int, through_seq: int
+    ) -> tuple[list[StoredEvent], int | None, bool]:
+        """The events after (after_seq, after_index) in the next EVENT_RECORDS_PER_READ
+        records with events up to seq `through_seq`, in order; the last seq read (None if
+        none); and whether more records may follow. An event that does not decode raises
+        JournalError."""
         self._check_open()
-        seq, idx = events_table.c.seq, events_table.c.idx
+        seq = events_table.c.seq
         query = (
             select(*events_table.c)
-            .where(or_(seq > after_seq, (seq == after_seq) & (idx > after_index)))
-            .where(seq <= through_seq)
-            .order_by(seq, idx)
-            .limit(limit)
+            .where(seq >= after_seq, seq <= through_seq)
+            .order_by(seq)
+            .limit(EVENT_RECORDS_PER_READ)
         )
         with _failing_as("reading events"), self._engine.connect() as connection:
-            return [StoredEvent(*row) for row in connection.execute(query)]
+            rows = connection.execute(query).all()
+        events: list[StoredEvent] = []
+        for row in rows:
+            try:
+                images = orjson.loads(row.body)
+                for idx, image in enumerate(images):
+                    if row.seq > after_seq or idx > after_index:
+                        events.append(StoredEvent(row.seq, idx, row.at_ms, event_from_image(image)))
+            except (orjson.JSONDecodeError, EventImageError) as exc:
+                raise JournalError(f"events of journal seq {row.seq}: {exc}") from exc
+        last = int(rows[-1].seq) if rows else None
+        return events, last, len(rows) == EVENT_RECORDS_PER_READ
 
     def get_call(self, call_id: str) -> CallRecord | None:
         """The latest snapshot of the call, or None if it was never journaled."""

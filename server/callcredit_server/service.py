@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-import orjson
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
@@ -44,7 +43,6 @@ from callcredit_server.core import (
     TopUp,
     UpdateAccount,
 )
-from callcredit_server.core.events import EventKind, event_from_image
 from callcredit_server.core.validation import ID_PATTERN, ID_RULE
 from callcredit_server.errors import (
     invalid,
@@ -737,33 +735,34 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def _stored_events(
         self, cursor: Cursor, wanted: Filter, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[tuple[bytes, Cursor]]:
-        """Pages of the events table after `cursor` until its end, one response per page.
+        """The stored events after `cursor`, in responses of at most 1,000, until the end.
 
-        A page whose events the filter all leaves out still answers, with no events and
-        the cursor past them, so that a narrow filter need not rescan them on resume.
+        The last response of each page read carries the cursor past the page's last
+        record, events or not, so that a narrow filter need not rescan what it left out.
         """
-        page = changefeed.MAX_EVENTS_PER_RESPONSE
+        limit = changefeed.MAX_EVENTS_PER_RESPONSE
         while True:
             seq, index = cursor
             # Only what the writer has published: durable, and never beyond its tail.
-            read = functools.partial(
-                self._journal.read_events, seq, index, self._feed.tail_seq, page
-            )
-            rows = await self._history_read(read, context)
-            if not rows:
+            read = functools.partial(self._journal.read_events, seq, index, self._feed.tail_seq)
+            stored, last, more = await self._history_read(read, context)
+            if last is None:
                 return
             matched = [
-                FeedEvent(row.seq, row.idx, row.at_ms, event_from_image(orjson.loads(row.body)))
-                for row in rows
-                if wanted.matches(row.account_id, EVENT_KIND_OF[row.kind])
+                FeedEvent(e.seq, e.idx, e.at_ms, e.event)
+                for e in stored
+                if wanted.matches(e.event.account_id, e.event.kind)
             ]
-            cursor = (rows[-1].seq, rows[-1].idx)
-            yield _events_response(matched, cursor), cursor
-            if len(rows) < page:
+            chunks = [matched[i : i + limit] for i in range(0, len(matched), limit)] or [[]]
+            for chunk in chunks[:-1]:
+                cursor = chunk[-1].cursor
+                yield _events_response(chunk, cursor), cursor
+            cursor = (last, changefeed.END_OF_RECORD)
+            yield _events_response(chunks[-1], cursor), cursor
+            if not more:
                 return
 
 
-EVENT_KIND_OF = {kind.value: kind for kind in EventKind}
 # WatchEventsResponse on the wire: field 1 (events) and field 2 (cursor), length-delimited.
 _EVENTS_TAG = b"\x0a"
 _CURSOR_TAG = b"\x12"

@@ -105,7 +105,7 @@ async def test_a_filtered_replay_still_moves_the_cursor(harness: Harness) -> Non
     feed.cancel()
     assert isinstance(response, admin_pb2.WatchEventsResponse)
     assert [e.account_id for e in response.events] == ["quiet", "quiet"]
-    assert response.cursor == f"{h.running.journal.last_seq()}.0"
+    assert response.cursor == f"{h.running.journal.last_seq()}.{changefeed.END_OF_RECORD}"
 
 
 @pytest.mark.parametrize(
@@ -212,3 +212,32 @@ async def test_a_tenant_token_sees_only_its_accounts(secured: Secured) -> None:
             admin_pb2.GetAccountRequest(account_id="acme-1"), metadata=bearer(ACME_TOKEN)
         )
     assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_record_with_more_events_than_a_response_holds(harness: Harness) -> None:
+    # 600 calls expiring in one Tick: one journal record of 1,200 events (charge + end).
+    h = harness
+    await h.funded_account("acme", 10**9)
+    stream = h.dialer.Control()
+    await stream.write(
+        credit_control_pb2.ControlRequest(
+            operations=[
+                credit_control_pb2.Operation(
+                    request_id=f"r{i}",
+                    reserve=credit_control_pb2.ReserveRequest(
+                        call_id=f"c{i}", account_id="acme", destination="84901"
+                    ),
+                )
+                for i in range(600)
+            ]
+        )
+    )
+    await stream.read()
+    start = f"{h.running.journal.last_seq()}.{changefeed.END_OF_RECORD}"
+    h.clock.advance(h.settings.validity_seconds + 1)
+    expired, _ = await collect(watch(h, after=start), 1_200)
+    assert {e.seq for e in expired} == {expired[0].seq}
+    assert [e.index for e in expired] == list(range(1_200))
+    middle = expired[700].event_id
+    rest, _ = await collect(watch(h, after=middle), 499)
+    assert ids(rest) == ids(expired[701:])
