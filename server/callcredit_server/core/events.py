@@ -71,17 +71,20 @@ _STATUSES = {status.value: status for status in AccountStatus}
 
 
 def event_image(event: Event) -> list[Any]:
-    """`event` as a JSON-able list (what the journal's events table stores)."""
+    """`event` as a JSON-able list (what the journal's events table stores).
+
+    Enum members are left as they are: they are str, and JSON writes them as their
+    value (reading `.value` costs more than the rest of the image)."""
     a = event.account
     entry = event.entry
     call = event.call
     return [
         EVENT_IMAGE_FORMAT,
-        event.kind.value,
+        event.kind,
         [
             a.account_id,
             a.currency,
-            a.status.value,
+            a.status,
             a.tariff_id,
             a.balance,
             a.reserved,
@@ -96,7 +99,7 @@ def event_image(event: Event) -> list[Any]:
         if entry is None
         else [
             entry.entry_id,
-            entry.kind.value,
+            entry.kind,
             entry.amount,
             entry.balance_after,
             entry.call_id,
@@ -110,7 +113,7 @@ def event_image(event: Event) -> list[Any]:
             call.call_id,
             call.call_seq,
             call.destination,
-            call.state.value,
+            call.state,
             call.allowed_seconds,
             call.used_seconds,
             call.held,
@@ -129,7 +132,7 @@ def event_image(event: Event) -> list[Any]:
             call.expires_at_ms,
             call.last_sequence,
         ],
-        None if event.previous_status is None else event.previous_status.value,
+        event.previous_status,
     ]
 
 
