@@ -140,13 +140,17 @@ def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 
 
 @contextmanager
-def kamailio(config: Path, defines: Sequence[str], workdir: Path) -> Iterator[int]:
+def kamailio(
+    config: Path, defines: Sequence[str], workdir: Path, *, shm_mb: int = 64
+) -> Iterator[int]:
     """Kamailio in the foreground on a SIP port of its own; yields that port.
 
-    `defines` are the -A values besides SIP_LISTEN; its log is workdir/kamailio.log."""
+    `defines` are the -A values besides SIP_LISTEN; `shm_mb` its shared memory (64 MiB,
+    Kamailio's default, holds a few hundred calls a second at most); its log is
+    workdir/kamailio.log."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = udp_port()
-    argv = ["kamailio", "-DD", "-E", "-Y", str(workdir), "-f", str(config)]
+    argv = ["kamailio", "-DD", "-E", "-Y", str(workdir), "-m", str(shm_mb), "-f", str(config)]
     argv += ["-A", f"SIP_LISTEN=udp:127.0.0.1:{port}"]
     for define in defines:
         argv += ["-A", define]
@@ -434,6 +438,11 @@ class Result:
         return sum(self.talk_s)
 
     @property
+    def carrier_bills(self) -> int:
+        """What the talk time costs billed per second, call by call (money units)."""
+        return RATE_PER_SECOND * sum(math.ceil(round(t, 3)) for t in self.talk_s)
+
+    @property
     def overshoot_s(self) -> float:
         return max(0.0, self.talk_total_s - self.credit_seconds)
 
@@ -447,6 +456,7 @@ class Result:
             "talk_total_s": round(self.talk_total_s, 2),
             "overshoot_s": round(self.overshoot_s, 2),
             "overshoot_percent": round(self.overshoot_percent, 1),
+            "carrier_bills": self.carrier_bills,
         }
 
 
@@ -464,6 +474,11 @@ def charge_is_exact(talk_s: float, charged: Decimal) -> bool:
     return any(charged == RATE_PER_SECOND * seconds for seconds in range(low, high + 1))
 
 
+def money(amount: Decimal) -> str:
+    """An amount without trailing zeros or an exponent (cnxcc writes 21.000000)."""
+    return f"{amount.normalize():f}"
+
+
 def judge_charges(talks: Sequence[Talk], charges: Sequence[tuple[float, Decimal]]) -> str:
     """Pair calls and charges in the order they ended; "yes" if every charge is exact.
 
@@ -473,7 +488,7 @@ def judge_charges(talks: Sequence[Talk], charges: Sequence[tuple[float, Decimal]
     if len(talks) != len(charges):
         return f"no: {len(charges)} charges for {len(talks)} calls"
     wrong = [
-        f"{talk.seconds:.2f} s charged {amount}"
+        f"{talk.seconds:.2f} s charged {money(amount)}"
         for talk, (_, amount) in zip(
             sorted(talks, key=lambda t: t.ended_at), sorted(charges), strict=True
         )
@@ -583,7 +598,7 @@ async def _callcredit_charges(
 
 @contextmanager
 def callcredit_proxy(
-    workdir: Path, *, trace_callee: bool = True
+    workdir: Path, *, trace_callee: bool = True, shm_mb: int = 64
 ) -> Iterator[tuple[str, int, Callee]]:
     """callcredit-server, Kamailio with kamailio.cfg and the adapter between them, and
     a callee behind; yields the server's target, Kamailio's SIP port and the callee."""
@@ -608,6 +623,7 @@ def callcredit_proxy(
                     f'CC_RPC="udp:127.0.0.1:{rpc}"',
                 ],
                 workdir / "kamailio",
+                shm_mb=shm_mb,
             )
         )
         stack.enter_context(adapter(target, events, rpc, workdir / "adapter.log"))
@@ -704,7 +720,7 @@ def run(options: Options) -> list[Result]:
             if job.system == "cnxcc":
                 assert monitor is not None
                 deducted = monitor.of(job.account)
-                result.charged = str(sum((d.amount for d in deducted), Decimal(0)).normalize())
+                result.charged = money(sum((d.amount for d in deducted), Decimal(0)))
                 result.charges_exact = judge_charges(talks, [(d.at, d.amount) for d in deducted])
             else:
                 charges, problems = asyncio.run(
@@ -712,7 +728,7 @@ def run(options: Options) -> list[Result]:
                         target, job.account, options.credit_seconds * RATE_PER_SECOND
                     )
                 )
-                result.charged = str(sum(amount for _, amount in charges))
+                result.charged = money(sum((amount for _, amount in charges), Decimal(0)))
                 result.charges_exact = judge_charges(talks, charges)
                 result.notes += problems
             results.append(result)
@@ -723,8 +739,8 @@ def run(options: Options) -> list[Result]:
 
 COLUMNS = (
     "scenario", "system", "check period", "calls", "admitted", "refused", "talk total s",
-    "credit s", "overshoot s", "overshoot %", "longest call s", "never ended", "charged",
-    "charges exact",
+    "credit s", "overshoot s", "overshoot %", "longest call s", "never ended", "carrier bills",
+    "charged", "charges exact",
 )  # fmt: skip
 
 
@@ -746,6 +762,7 @@ def table(results: Sequence[Result]) -> str:
             f"{r.overshoot_percent:.0f}%",
             f"{max(r.talk_s, default=0.0):.2f}",
             str(r.never_ended),
+            str(r.carrier_bills),
             r.charged,
             r.charges_exact,
         ]
