@@ -83,6 +83,7 @@ __all__ = [
     "DialerCall",
     "DialerClient",
     "Grant",
+    "GrantCallback",
     "HangupCallback",
     "ReleaseResult",
     "SystemClock",
@@ -177,6 +178,10 @@ if TYPE_CHECKING:
 
 HangupCallback: TypeAlias = "Callable[[DialerCall, str], object]"
 """Called as callback(call, reason) once, when callcredit orders a call to hang up."""
+
+GrantCallback: TypeAlias = "Callable[[DialerCall, Grant], object]"
+"""Called as callback(call, grant) whenever a renewal's answer or a push gives a live call
+a new grant (a switch that enforces allowed_seconds itself moves its deadline then)."""
 
 
 class Clock(Protocol):
@@ -335,6 +340,7 @@ class DialerCall:
         destination: str,
         requested_seconds: int,
         on_hangup: HangupCallback | None,
+        on_grant: GrantCallback | None = None,
     ) -> None:
         self.call_id = call_id
         self.account_id = account_id
@@ -342,6 +348,7 @@ class DialerCall:
         self.requested_seconds = requested_seconds
         self._client = client
         self._on_hangup = on_hangup
+        self._on_grant = on_grant
         self._grant: Grant | None = None
         self._granted_at = 0.0
         self._grant_base_used_seconds = 0
@@ -376,12 +383,13 @@ class DialerCall:
         """Why the call must hang up, or None while it may go on."""
         return self._hangup_reason
 
-    def answered(self) -> None:
-        """Start the talk clock now. Until then the call is ringing: it reports
+    def answered(self, ago_seconds: float = 0.0) -> None:
+        """Start the talk clock, as of `ago_seconds` ago (a call found already talking,
+        e.g. by a restarted process). Until then the call is ringing: it reports
         used_seconds = 0 and renews only to stay valid. A second call changes nothing."""
         if self._answered_at is None:
             now = self._client._monotonic()
-            self._answered_at = now
+            self._answered_at = now - ago_seconds
             if self._live:
                 self._tick(now)
 
@@ -517,6 +525,9 @@ class DialerCall:
         self._grant_base_used_seconds = base_used_seconds
         if self._live:
             self._tick(self._client._monotonic())
+            if self._on_grant is not None:
+                # Scheduled, like the hang-up callback: it must not break the reader.
+                asyncio.get_running_loop().call_soon(self._on_grant, self, grant)
 
     def _renewal_refused(self, error: CallcreditError) -> None:
         """A refused automatic renewal ends the call's renewing and orders the hang-up."""
@@ -755,6 +766,7 @@ class DialerClient:
         requested_seconds: int = 0,
         *,
         on_hangup: HangupCallback | None = None,
+        on_grant: GrantCallback | None = None,
     ) -> DialerCall:
         """Open a call and return its handle, which renews itself from now on.
 
@@ -762,10 +774,14 @@ class DialerClient:
         CONCURRENT_CALL_LIMIT, ...). Waits through reconnects; bound it with
         asyncio.timeout if you must. Cancelled after the Reserve went out, the call is
         released in the background; reserve it again under a new call_id.
+        `on_hangup(call, reason)` is called when callcredit orders the hang-up;
+        `on_grant(call, grant)` whenever a renewal or a push brings the call a new grant.
         """
         if call_id in self._calls:
             raise ValueError(f"call {call_id!r} is already open on this dialer")
-        call = DialerCall(self, call_id, account_id, destination, requested_seconds, on_hangup)
+        call = DialerCall(
+            self, call_id, account_id, destination, requested_seconds, on_hangup, on_grant
+        )
         future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         entry = _Pending(_RESERVE, call, 0, 0, requested_seconds, self._monotonic(), future)
         self._calls[call_id] = call
