@@ -62,12 +62,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import TypeAlias
 
 if __package__ in (None, ""):  # run as a script: make `loadtest` and `tests` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from callcredit.admin import AdminClient, RateSpec
 from callcredit.v1 import admin_pb2
+from callcredit_server.kamailio.decisions import derive_call_id
 from tests.service.processes import configured_server_process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -479,28 +481,55 @@ def money(amount: Decimal) -> str:
     return f"{amount.normalize():f}"
 
 
-def judge_charges(talks: Sequence[Talk], charges: Sequence[tuple[float, Decimal]]) -> str:
-    """Pair calls and charges in the order they ended; "yes" if every charge is exact.
+Pairs: TypeAlias = list[tuple[Talk, Decimal]]
 
-    Pairing by end time needs no shared call id: both systems charge a call when it
-    ends, and the calls of a scenario end in the same order everywhere (calls ending
-    within a few ms of each other last the same to within the tolerance)."""
+
+def pair_in_end_order(
+    talks: Sequence[Talk], charges: Sequence[tuple[float, Decimal]]
+) -> tuple[Pairs, str]:
+    """Calls and (ended_at, amount) charges paired in the order they ended, for a
+    system that names no call (cnxcc); what could not be paired, if anything.
+
+    Both the callee and the charging system see a call end at about the same moment, so
+    the order is the same (calls ending within ms of each other last the same to
+    within the tolerance)."""
     if len(talks) != len(charges):
-        return f"no: {len(charges)} charges for {len(talks)} calls"
+        return [], f"{len(charges)} charges for {len(talks)} calls"
+    ordered = sorted(talks, key=lambda t: t.ended_at)
+    return [(t, amount) for t, (_, amount) in zip(ordered, sorted(charges), strict=True)], ""
+
+
+def pair_by_call_id(talks: dict[str, Talk], charged: dict[str, Decimal]) -> tuple[Pairs, str]:
+    """Calls (by SIP Call-ID) and callcredit's charges (by its call_id, which the
+    adapter derives from the SIP Call-ID); what could not be paired, if anything."""
+    ids = {derive_call_id(sip_call_id): sip_call_id for sip_call_id in talks}
+    pairs = [(talks[sip], charged[call_id]) for call_id, sip in ids.items() if call_id in charged]
+    unpaired = []
+    if len(pairs) < len(talks):
+        unpaired.append(f"{len(talks) - len(pairs)} calls without a charge")
+    strangers = [call_id for call_id in charged if call_id not in ids and charged[call_id]]
+    if strangers:
+        unpaired.append(f"{len(strangers)} charges for calls the callee never saw end")
+    return pairs, "; ".join(unpaired)
+
+
+def judge_charges(pairs: Pairs, unpaired: str) -> str:
+    """ "yes" if every call was paired with its charge and every charge is exact."""
+    if unpaired:
+        return f"no: {unpaired}"
+    if not pairs:
+        return "n/a (no call)"
     wrong = [
         f"{talk.seconds:.2f} s charged {money(amount)}"
-        for talk, (_, amount) in zip(
-            sorted(talks, key=lambda t: t.ended_at), sorted(charges), strict=True
-        )
+        for talk, amount in pairs
         if not charge_is_exact(talk.seconds, amount)
     ]
-    if not talks:
-        return "n/a (no call)"
-    return "yes" if not wrong else f"no: {len(wrong)} of {len(talks)} ({'; '.join(wrong[:3])})"
+    return "yes" if not wrong else f"no: {len(wrong)} of {len(pairs)} ({'; '.join(wrong[:3])})"
 
 
-def observe(result: Result, caller_trace: Path, callee_trace: Path) -> list[Talk]:
-    """Fill admissions and talk time from the two traces; the scenario's talks."""
+def observe(result: Result, caller_trace: Path, callee_trace: Path) -> dict[str, Talk]:
+    """Fill admissions and talk time from the two traces; the talk of each admitted call
+    that ended, by SIP Call-ID."""
     finals = final_answers(parse_message_trace(caller_trace))
     talks_all = talk_by_call(parse_message_trace(callee_trace))
     result.admitted = sum(1 for code in finals.values() if code == 200)
@@ -508,11 +537,12 @@ def observe(result: Result, caller_trace: Path, callee_trace: Path) -> list[Talk
     result.refused = dict(
         sorted(Counter(str(code) for code in finals.values() if code not in (0, 200)).items())
     )
-    talks = [talks_all[c] for c, code in finals.items() if code == 200 and c in talks_all]
+    talks = {c: talks_all[c] for c, code in finals.items() if code == 200 and c in talks_all}
     result.never_ended = result.admitted - len(talks)
     if result.unanswered:
         result.notes.append(f"{result.unanswered} INVITEs got no final answer")
-    result.talk_s = [round(t.seconds, 3) for t in sorted(talks, key=lambda t: t.answered_at)]
+    ordered = sorted(talks.values(), key=lambda t: t.answered_at)
+    result.talk_s = [round(t.seconds, 3) for t in ordered]
     return talks
 
 
@@ -571,8 +601,8 @@ async def _setup_callcredit(target: str, accounts: Sequence[str], credit: int) -
 
 async def _callcredit_charges(
     target: str, account: str, credit: int
-) -> tuple[list[tuple[float, Decimal]], list[str]]:
-    """The account's ended calls as (ended_at, charged), and what does not add up."""
+) -> tuple[dict[str, Decimal], list[str]]:
+    """The account's calls' charges by call_id, and what does not add up in its ledger."""
     problems = []
     async with AdminClient(target) as admin:
         calls: list[admin_pb2.Call] = []
@@ -585,7 +615,6 @@ async def _callcredit_charges(
                 break
         state = await admin.get_account(account)
         entries = await admin.list_entries(account)
-    charges = [(c.ended_at.ToDatetime().timestamp(), Decimal(c.charged)) for c in calls]
     total = sum(c.charged for c in calls)
     if credit - state.balance != total:
         problems.append(f"credit {credit} - balance {state.balance} != charged {total}")
@@ -593,7 +622,7 @@ async def _callcredit_charges(
         problems.append("the ledger does not sum to the balance")
     if state.reserved or state.active_calls:
         problems.append(f"still held: {state.reserved} ({state.active_calls} calls)")
-    return charges, problems
+    return {c.call_id: Decimal(c.charged) for c in calls}, problems
 
 
 @contextmanager
@@ -717,19 +746,21 @@ def run(options: Options) -> list[Result]:
             talks = observe(result, job.workdir / "caller_messages.log", job.callee.trace)
             if status != 0:
                 result.notes.append(f"sipp exited {status} (see {job.workdir})")
-            if job.system == "cnxcc":
-                assert monitor is not None
+            if monitor is not None and job.system == "cnxcc":
                 deducted = monitor.of(job.account)
                 result.charged = money(sum((d.amount for d in deducted), Decimal(0)))
-                result.charges_exact = judge_charges(talks, [(d.at, d.amount) for d in deducted])
-            else:
-                charges, problems = asyncio.run(
+                pairs, unpaired = pair_in_end_order(
+                    list(talks.values()), [(d.at, d.amount) for d in deducted]
+                )
+                result.charges_exact = judge_charges(pairs, unpaired)
+            elif job.system == "callcredit":
+                charged, problems = asyncio.run(
                     _callcredit_charges(
                         target, job.account, options.credit_seconds * RATE_PER_SECOND
                     )
                 )
-                result.charged = money(sum((amount for _, amount in charges), Decimal(0)))
-                result.charges_exact = judge_charges(talks, charges)
+                result.charged = money(sum(charged.values(), Decimal(0)))
+                result.charges_exact = judge_charges(*pair_by_call_id(talks, charged))
                 result.notes += problems
             results.append(result)
     return results
