@@ -141,11 +141,18 @@ def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
         process.wait()
 
 
+@dataclass(frozen=True)
+class Listening:
+    port: int
+    pid: int
+
+
 @contextmanager
 def kamailio(
     config: Path, defines: Sequence[str], workdir: Path, *, shm_mb: int = 64
-) -> Iterator[int]:
-    """Kamailio in the foreground on a SIP port of its own; yields that port.
+) -> Iterator[Listening]:
+    """Kamailio in the foreground on a SIP port of its own; yields that port and its
+    main process's pid.
 
     `defines` are the -A values besides SIP_LISTEN; `shm_mb` its shared memory (64 MiB,
     Kamailio's default, holds a few hundred calls a second at most); its log is
@@ -164,7 +171,7 @@ def kamailio(
         while not sip_answers(port):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"kamailio did not start: {log.read_text(errors='replace')}")
-        yield port
+        yield Listening(port, process.pid)
     finally:
         stop(process)
 
@@ -625,12 +632,20 @@ async def _callcredit_charges(
     return {c.call_id: Decimal(c.charged) for c in calls}, problems
 
 
+@dataclass(frozen=True)
+class CallcreditStack:
+    target: str  # callcredit-server's
+    sip_port: int  # Kamailio's
+    callee: Callee
+    pids: dict[str, int]  # by role: callcredit-server, kamailio (its main process), adapter
+
+
 @contextmanager
 def callcredit_proxy(
     workdir: Path, *, trace_callee: bool = True, shm_mb: int = 64
-) -> Iterator[tuple[str, int, Callee]]:
+) -> Iterator[CallcreditStack]:
     """callcredit-server, Kamailio with kamailio.cfg and the adapter between them, and
-    a callee behind; yields the server's target, Kamailio's SIP port and the callee."""
+    a callee behind."""
     workdir.mkdir(parents=True, exist_ok=True)
     server_args = [
         "--listen", "127.0.0.1:0", "--database-url", f"sqlite:///{workdir / 'journal.db'}",
@@ -638,12 +653,12 @@ def callcredit_proxy(
     ]  # fmt: skip
     events, rpc = tcp_port(), udp_port()
     with ExitStack() as stack:
-        _, server_port = stack.enter_context(
+        server, server_port = stack.enter_context(
             configured_server_process(workdir / "server.log", server_args)
         )
         target = f"127.0.0.1:{server_port}"
         callee_ = stack.enter_context(callee(workdir / "callee", trace_messages=trace_callee))
-        sip_port = stack.enter_context(
+        proxy = stack.enter_context(
             kamailio(
                 CALLCREDIT_CFG,
                 [
@@ -655,13 +670,15 @@ def callcredit_proxy(
                 shm_mb=shm_mb,
             )
         )
-        stack.enter_context(adapter(target, events, rpc, workdir / "adapter.log"))
-        yield target, sip_port, callee_
+        adapter_pid = stack.enter_context(adapter(target, events, rpc, workdir / "adapter.log"))
+        pids = {"callcredit-server": server.pid, "kamailio": proxy.pid, "adapter": adapter_pid}
+        yield CallcreditStack(target, proxy.port, callee_, pids)
 
 
 @contextmanager
-def adapter(target: str, events: int, rpc: int, log: Path) -> Iterator[None]:
-    """`python -m callcredit_server.kamailio` connected to callcredit and Kamailio."""
+def adapter(target: str, events: int, rpc: int, log: Path) -> Iterator[int]:
+    """`python -m callcredit_server.kamailio` connected to callcredit and Kamailio;
+    yields its pid."""
     argv = [
         sys.executable, "-m", "callcredit_server.kamailio", "--target", target,
         "--events", f"127.0.0.1:{events}", "--rpc", f"127.0.0.1:{rpc}",
@@ -677,7 +694,7 @@ def adapter(target: str, events: int, rpc: int, log: Path) -> Iterator[None]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the adapter did not start: {log.read_text()}")
             time.sleep(0.05)
-        yield
+        yield process.pid
     finally:
         stop(process)
 
@@ -699,7 +716,7 @@ def run(options: Options) -> list[Result]:
             for period in options.periods:
                 here = workdir / f"cnxcc-p{period}"
                 callee_ = stack.enter_context(callee(here / "callee"))
-                proxy_port = stack.enter_context(
+                proxy = stack.enter_context(
                     kamailio(
                         CNXCC_CFG,
                         [
@@ -716,18 +733,27 @@ def run(options: Options) -> list[Result]:
                 )
                 jobs += [
                     Job(s, "cnxcc", period, account_name(s, "cnxcc", period, run_id),
-                        proxy_port, callee_, here / s.key)
+                        proxy.port, callee_, here / s.key)
                     for s in scenarios
                 ]  # fmt: skip
         if "callcredit" in options.systems:
             here = workdir / "callcredit"
-            target, proxy_port, callee_ = stack.enter_context(callcredit_proxy(here))
+            callcredit = stack.enter_context(callcredit_proxy(here))
+            target = callcredit.target
             accounts = [account_name(s, "callcredit", None, run_id) for s in scenarios]
             asyncio.run(
                 _setup_callcredit(target, accounts, options.credit_seconds * RATE_PER_SECOND)
             )
             jobs += [
-                Job(s, "callcredit", None, account, proxy_port, callee_, here / s.key)
+                Job(
+                    s,
+                    "callcredit",
+                    None,
+                    account,
+                    callcredit.sip_port,
+                    callcredit.callee,
+                    here / s.key,
+                )
                 for s, account in zip(scenarios, accounts, strict=True)
             ]
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from callcredit.admin import AdminClient, RateSpec
-from loadtest.baselines.procs import machine_cpu_seconds
+from loadtest.baselines.procs import machine_cpu_seconds, process_cpu_seconds
 from loadtest.sip_compare import (
     CNXCC_CFG,
     CURRENCY,
@@ -60,6 +60,7 @@ ACCOUNT = "capacity"
 BALANCE = 10**12  # minor units: never the limit here
 SYSTEMS = ("forward", "callcredit")
 SETTLE_S = 2.0  # a fresh stack idles this long before the load starts
+LEFTOVER_WAIT_S = 10.0  # the last releases after the last BYE
 SHM_MB = 512  # Kamailio's shared memory: 64 MiB (its default) runs out at ~500 calls/s
 
 
@@ -75,11 +76,18 @@ class RateResult:
     ringing_ms: tuple[float, float, float]  # p50, p99, max of INVITE -> 180
     answer_ms: tuple[float, float, float]  # p50, p99, max of INVITE -> 200
     machine_cpu_percent: float  # of both cores, 200% = all of the machine
+    cpu_percent: dict[str, int]  # per process (Kamailio: all its processes), 100% = a core
     sipp_status: int
+    left_open: str  # callcredit: "ok" when no call stayed open or held
 
     @property
     def clean(self) -> bool:
-        return self.failed == 0 and self.refused == 0 and self.answered == self.placed
+        return (
+            self.failed == 0
+            and self.refused == 0
+            and self.answered == self.placed
+            and self.left_open in ("ok", "n/a")
+        )
 
 
 def percentiles(samples_ms: Sequence[float]) -> tuple[float, float, float]:
@@ -130,12 +138,13 @@ def sipp_failed_calls(stat_csv: Path) -> int:
 
 
 @contextmanager
-def proxy(system: str, workdir: Path) -> Iterator[int]:
-    """The system's stack with an untraced callee behind it; yields Kamailio's SIP port."""
+def proxy(system: str, workdir: Path) -> Iterator[tuple[int, str, dict[str, int]]]:
+    """The system's stack with an untraced callee behind it; yields Kamailio's SIP port,
+    callcredit's target ("" for forwarding) and the pids of its processes by role."""
     with ExitStack() as stack:
         if system == "forward":
             callee_ = stack.enter_context(callee(workdir / "callee", trace_messages=False))
-            port = stack.enter_context(
+            forwarder = stack.enter_context(
                 kamailio(
                     CNXCC_CFG,
                     [
@@ -148,12 +157,44 @@ def proxy(system: str, workdir: Path) -> Iterator[int]:
                     shm_mb=SHM_MB,
                 )
             )
+            yield forwarder.port, "", {"kamailio": forwarder.pid}
         else:
-            target, port, _ = stack.enter_context(
+            callcredit = stack.enter_context(
                 callcredit_proxy(workdir, trace_callee=False, shm_mb=SHM_MB)
             )
-            asyncio.run(_setup(target))
-        yield port
+            asyncio.run(_setup(callcredit.target))
+            yield callcredit.sip_port, callcredit.target, callcredit.pids
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (Kamailio's workers are children of its main process)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_bytes().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+async def _left_open(target: str) -> str:
+    """After the run: "ok" once the account has no call open and nothing held (every
+    answered call released), waiting up to LEFTOVER_WAIT_S; else what is left."""
+    deadline = time.monotonic() + LEFTOVER_WAIT_S
+    async with AdminClient(target) as admin:
+        while True:
+            account = await admin.get_account(ACCOUNT)
+            if account.active_calls == 0 and account.reserved == 0:
+                return "ok"
+            if time.monotonic() > deadline:
+                return f"{account.active_calls} calls open, {account.reserved} held"
+            await asyncio.sleep(0.5)
 
 
 async def _setup(target: str) -> None:
@@ -165,7 +206,7 @@ async def _setup(target: str) -> None:
 
 def run_rate(system: str, rate: int, seconds: int, hold_s: float, workdir: Path) -> RateResult:
     calls = rate * seconds
-    with proxy(system, workdir) as port:
+    with proxy(system, workdir) as (port, target, pids):
         time.sleep(SETTLE_S)
         argv = sipp_caller_argv(
             port,
@@ -177,9 +218,18 @@ def run_rate(system: str, rate: int, seconds: int, hold_s: float, workdir: Path)
             limit=math.ceil(rate * (hold_s + 10)),
             extra=["-trace_stat", "-stf", str(workdir / "caller_stat.csv"), "-fd", "1"],
         )
+        trees = {role: process_tree(pid) for role, pid in pids.items()}
+        cpu_before = {role: process_cpu_seconds(tree) for role, tree in trees.items()}
         busy_before, total_before = machine_cpu_seconds()
+        started = time.monotonic()
         status = run_caller(argv, workdir)
+        wall_s = time.monotonic() - started
         busy_after, total_after = machine_cpu_seconds()
+        cpu_percent = {
+            role: round(100 * (process_cpu_seconds(tree) - cpu_before[role]) / wall_s)
+            for role, tree in trees.items()
+        }
+        left = asyncio.run(_left_open(target)) if target else "n/a"
     placed, refused, ring_ms, answer_ms = setup_latency(workdir / "caller_messages.log")
     cpu = 100 * (os.cpu_count() or 1) * (busy_after - busy_before) / (total_after - total_before)
     return RateResult(
@@ -193,7 +243,9 @@ def run_rate(system: str, rate: int, seconds: int, hold_s: float, workdir: Path)
         ringing_ms=percentiles(ring_ms),
         answer_ms=percentiles(answer_ms),
         machine_cpu_percent=round(cpu),
+        cpu_percent=cpu_percent,
         sipp_status=status,
+        left_open=left,
     )
 
 
@@ -201,14 +253,17 @@ def table(results: Sequence[RateResult]) -> str:
     columns = (
         "system", "calls/s offered", "placed", "answered", "failed", "refused",
         "INVITE→180 p50 / p99 / max ms", "INVITE→200 p50 / p99 / max ms", "machine CPU",
+        "CPU by process", "calls left open",
     )  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     for r in results:
         ring = " / ".join(f"{v:.1f}" for v in r.ringing_ms)
         answer = " / ".join(f"{v:.1f}" for v in r.answer_ms)
+        by_process = ", ".join(f"{role} {cpu}%" for role, cpu in r.cpu_percent.items())
         lines.append(
             f"| {r.system} | {r.rate_per_s} | {r.placed} | {r.answered} | {r.failed} | "
-            f"{r.refused} | {ring} | {answer} | {r.machine_cpu_percent}% |"
+            f"{r.refused} | {ring} | {answer} | {r.machine_cpu_percent}% | {by_process} | "
+            f"{r.left_open} |"
         )
     lines.append("")
     for system in dict.fromkeys(r.system for r in results):
