@@ -227,11 +227,18 @@ def sipp_caller_argv(
         "-i", "127.0.0.1", "-p", str(udp_port()), "-s", DESTINATION,
         "-key", "account", account, "-m", str(calls), "-l", str(limit),
         "-r", str(rate_per_s), "-rp", "1000", "-recv_timeout", str(round(hold_s * 1000)),
-        "-timeout", str(math.ceil(hold_s + CALL_MARGIN_S)), "-timeout_error", "-nostdin",
+        "-timeout", str(caller_timeout_s(calls, hold_s, rate_per_s, limit)), "-timeout_error",
+        "-nostdin",
         "-trace_msg", "-message_file", str(workdir / "caller_messages.log"),
         "-trace_err", "-error_file", str(workdir / "caller_errors.log"),
         *extra,
     ]  # fmt: skip
+
+
+def caller_timeout_s(calls: int, hold_s: float, rate_per_s: float, limit: int) -> int:
+    """How long a caller may run before it is hung: placing its calls, then at most
+    `limit` at a time each talking `hold_s`, plus CALL_MARGIN_S."""
+    return math.ceil(calls / rate_per_s + math.ceil(calls / limit) * hold_s + CALL_MARGIN_S)
 
 
 def run_caller(argv: Sequence[str], workdir: Path) -> int:
