@@ -79,6 +79,7 @@ class RateResult:
     cpu_percent: dict[str, int]  # per process (Kamailio: all its processes), 100% = a core
     sipp_status: int
     left_open: str  # callcredit: "ok" when no call stayed open or held
+    loadavg_1min: float  # the machine's, when this rate started
 
     @property
     def clean(self) -> bool:
@@ -206,6 +207,7 @@ async def _setup(target: str) -> None:
 
 def run_rate(system: str, rate: int, seconds: int, hold_s: float, workdir: Path) -> RateResult:
     calls = rate * seconds
+    loadavg_1min = os.getloadavg()[0]
     with proxy(system, workdir) as (port, target, pids):
         time.sleep(SETTLE_S)
         argv = sipp_caller_argv(
@@ -246,6 +248,7 @@ def run_rate(system: str, rate: int, seconds: int, hold_s: float, workdir: Path)
         cpu_percent=cpu_percent,
         sipp_status=status,
         left_open=left,
+        loadavg_1min=round(loadavg_1min, 2),
     )
 
 
@@ -253,7 +256,7 @@ def table(results: Sequence[RateResult]) -> str:
     columns = (
         "system", "calls/s offered", "placed", "answered", "failed", "refused",
         "INVITE→180 p50 / p99 / max ms", "INVITE→200 p50 / p99 / max ms", "machine CPU",
-        "CPU by process", "calls left open",
+        "CPU by process", "load average", "calls left open",
     )  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     for r in results:
@@ -263,7 +266,7 @@ def table(results: Sequence[RateResult]) -> str:
         lines.append(
             f"| {r.system} | {r.rate_per_s} | {r.placed} | {r.answered} | {r.failed} | "
             f"{r.refused} | {ring} | {answer} | {r.machine_cpu_percent}% | {by_process} | "
-            f"{r.left_open} |"
+            f"{r.loadavg_1min:.1f} | {r.left_open} |"
         )
     lines.append("")
     for system in dict.fromkeys(r.system for r in results):
@@ -296,15 +299,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     with ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        for system in systems:
-            for rate in (int(r) for r in args.rates.split(",") if r):
+        # Systems alternate at each rate: on a shared machine, neighbouring runs see
+        # about the same background load.
+        for rate in (int(r) for r in args.rates.split(",") if r):
+            for system in systems:
                 result = run_rate(
                     system, rate, args.seconds, args.hold_seconds, workdir / f"{system}-{rate}"
                 )
                 print(f"{system} at {rate}/s: {result}", file=sys.stderr)
                 results.append(result)
     print(f"load average at start: {load}")
-    print(table(results))
+    print(table(sorted(results, key=lambda r: (systems.index(r.system), r.rate_per_s))))
     if args.json_path is not None:
         rows = [{**asdict(r), "clean": r.clean, "loadavg_at_start": load} for r in results]
         args.json_path.write_text(json.dumps(rows, indent=2) + "\n")
