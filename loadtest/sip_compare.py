@@ -17,15 +17,18 @@ Scenarios, on --credit-seconds of credit (default 20) per scenario and system:
   sequential  two calls one after the other, each wanting 1.5x the credit
 
 Per scenario and system it prints: calls admitted (answered) and refused (the SIP codes),
-total talk time against the credit, the overshoot, the longest call, what was charged, and
+total talk time against the credit, the overshoot, the longest call, the answered calls
+the callee never saw end (no BYE reached it: the carrier's leg stays up), what the talk
+time costs billed per second call by call ("carrier bills"), what the system charged, and
 whether every charge was exact. Talk time is measured independently of both systems: from
 the callee's message trace (SIPp -trace_msg), its 200 OK to the BYE it receives, as the
 carrier would bill it. A charge is exact when it is the rate times that talk time rounded
 up to the second, allowing TALK_TOLERANCE_S for the clocks of two observers. callcredit's
-charges are its calls' `charged` (AdminService.ListCalls), and its ledger must add up:
-the credit minus the final balance equals the charges. cnxcc keeps no ledger; what it
-deducted is observed in Redis (its ended_calls_consumed_amount increments, read with
-MONITOR).
+charges are its calls' `charged` (AdminService.ListCalls), paired with the calls by the
+adapter's call_id, and its ledger must add up: the credit minus the final balance equals
+the charges. cnxcc keeps no ledger and names no call; what it deducted is observed in
+Redis (its ended_calls_consumed_amount increments, read with MONITOR) and paired with the
+calls in the order they ended.
 
 Every scenario and system runs at once, each on its own ports, so one run takes about as
 long as its longest call (~1 minute with the defaults):
