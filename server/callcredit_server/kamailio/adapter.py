@@ -34,6 +34,7 @@ from callcredit_server.kamailio.decisions import (
     CallToken,
     End,
     Failed,
+    Held,
     NetstringDecoder,
     Probe,
     Recheck,
@@ -167,6 +168,9 @@ class _Call:
     """The allowed_seconds that Kamailio's dialog timeout enforces now."""
     end_on_start: bool = False
     """A termination came while ringing: end the dialog as soon as it starts."""
+    early_start: tuple[Start, float] | None = None
+    """A start heard while the call was being taken up (its Reserve not yet answered),
+    and the loop time it was heard."""
     done: bool = False
     failed_lookups: int = 0
     watchdog: asyncio.TimerHandle | None = None
@@ -315,21 +319,25 @@ class Adapter:
             on_grant=self._on_grant,
         )
 
-    def _on_start(self, event: Start) -> None:
+    def _on_start(self, event: Start, seen_at: float | None = None) -> None:
         call = self._calls.get(event.sip_call_id)
         if call is None:
             if event.token is not None:  # answered while this adapter was not running
                 self._spawn(self._reattach(event))
             return
-        if call.start_micros is not None or call.dialer is None:
+        loop_time = asyncio.get_running_loop().time()
+        if call.dialer is None:
+            call.early_start = (event, loop_time)  # being taken up: goes on once reserved
+            return
+        if call.start_micros is not None:
             return
         for key, held in list(self._held.items()):
             if held is call:
                 del self._held[key]
         call.start_micros = event.at_micros
-        call.started_seen_at = asyncio.get_running_loop().time()
+        call.started_seen_at = loop_time if seen_at is None else seen_at
         call.h_entry, call.h_id = event.h_entry, event.h_id
-        call.dialer.answered()
+        call.dialer.answered(ago_seconds=loop_time - call.started_seen_at)
         if call.end_on_start:
             self._end_dialog(call, call.dialer.hangup_reason or "TERMINATED")
             return
@@ -504,13 +512,51 @@ class Adapter:
                 if not isinstance(value, str):
                     continue
                 event = parse_event(value.encode())
-                if isinstance(event, Start) and event.sip_call_id not in self._calls:
-                    adopted += 1
+                if not isinstance(event, Start | Held) or event.sip_call_id in self._calls:
+                    continue
+                adopted += 1
+                if isinstance(event, Start):
                     self._spawn(self._reattach(event))
+                else:
+                    self._spawn(self._reattach_ringing(event))
         if adopted:
             logger.info("kamailio: taking up %d calls started before", adopted)
 
-    async def _reattach(self, event: Start) -> None:
+    async def _reattach_ringing(self, event: Held) -> None:
+        """Take up a call let through but not answered when it was last seen: it may
+        ring still, have failed, or have been answered since."""
+        token = event.token
+        if token is None or event.sip_call_id in self._calls:
+            return
+        call = _Call(event.sip_call_id, token)
+        self._track(call)
+        try:
+            handle = await self._reserve(token)
+        except CallcreditError as err:
+            self._untrack(call)
+            logger.warning("call %s: cannot take it up: %s", token.call_id, err.reason)
+            return
+        call.dialer = handle
+        if call.early_start is not None:
+            self._on_start(*call.early_start)  # answered while it was being reserved
+            return
+        try:
+            kept = await self._rpc.call("htable.get", "cccall", event.sip_call_id)
+        except RpcError:
+            kept = None
+        value = kept.get("item", {}).get("value") if isinstance(kept, dict) else None
+        now_kept = parse_event(value.encode()) if isinstance(value, str) else None
+        if isinstance(now_kept, Start) and call.start_micros is None:
+            # Answered between the dump and now: take it up as a talking call.
+            self._untrack(call)
+            call.done = True
+            self._spawn(self._reattach(now_kept, handle))
+            return
+        # Still ringing or failed: the lookup finds out (released with 0 once its
+        # dialog is gone), and a start heard meanwhile takes it over.
+        self._watch(call, 0.0)
+
+    async def _reattach(self, event: Start, handle: DialerCall | None = None) -> None:
         token = event.token
         if token is None or event.sip_call_id in self._calls:
             return
@@ -518,7 +564,8 @@ class Adapter:
         self._track(call)
         try:
             # The same Reserve again returns the call's current grant while it is open.
-            handle = await self._reserve(token)
+            if handle is None:
+                handle = await self._reserve(token)
         except CallcreditError as err:
             self._untrack(call)
             logger.warning("call %s: cannot take it up: %s", token.call_id, err.reason)
@@ -527,17 +574,19 @@ class Adapter:
                 await self._rpc_end_dialog(call, err.reason)
             return
         call.dialer = handle
-        talked_micros = max(time.time_ns() // 1_000 - event.at_micros, 0)
         call.start_micros = event.at_micros
-        call.started_seen_at = asyncio.get_running_loop().time() - talked_micros / 1_000_000
-        handle.answered(ago_seconds=talked_micros / 1_000_000)
         try:
             ended_at = await self._recorded_end(event.sip_call_id)
         except RpcError:
             ended_at = None
         if ended_at is not None:
+            # Ended meanwhile: released with its talk time, before the library's talk
+            # clock (started by answered()) could report more in a renewal.
             self._finish(call, talk_seconds(event.at_micros, ended_at))
             return
+        talked_micros = max(time.time_ns() // 1_000 - event.at_micros, 0)
+        call.started_seen_at = asyncio.get_running_loop().time() - talked_micros / 1_000_000
+        handle.answered(ago_seconds=talked_micros / 1_000_000)
         logger.info("call %s: taken up after %d ms of talk", token.call_id, talked_micros // 1000)
         self._retime(call)
 

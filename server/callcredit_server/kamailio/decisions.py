@@ -45,6 +45,7 @@ __all__ = [
     "End",
     "Event",
     "Failed",
+    "Held",
     "NetstringDecoder",
     "Probe",
     "Recheck",
@@ -251,6 +252,15 @@ class Start:
 
 
 @dataclass(frozen=True, slots=True)
+class Held:
+    """An INVITE let through and not yet answered: what Kamailio keeps of it (htable
+    cccall) until its start replaces it. Read after a restart, never sent as an event."""
+
+    sip_call_id: str
+    token: CallToken | None
+
+
+@dataclass(frozen=True, slots=True)
 class End:
     """A BYE (either side, or Kamailio's own on the timeout) ended the dialog at
     `at_micros`, the first end Kamailio saw (later signals repeat it)."""
@@ -274,7 +284,7 @@ class Unheld:
     tlabel: int
 
 
-Event: TypeAlias = Reserve | Start | End | Failed | Unheld
+Event: TypeAlias = Reserve | Start | Held | End | Failed | Unheld
 
 
 def parse_kamailio_time(text: str) -> int | None:
@@ -341,6 +351,9 @@ def parse_event(data: bytes) -> Event | str:
         return End(sip_call_id, at_micros)
     if kind == "failed":
         return Failed(sip_call_id)
+    if kind == "held":
+        token = message.get("call")
+        return Held(sip_call_id, CallToken.decode(token) if isinstance(token, str) else None)
     return f"unknown event {kind!r}"
 
 
