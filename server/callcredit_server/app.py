@@ -14,9 +14,10 @@ import asyncio
 import importlib.util
 import ipaddress
 import logging
+import os
 import time
 import tomllib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -69,7 +70,7 @@ class Settings:
     validity_seconds: int = 120
     retention_seconds: int = 86_400
     tick_interval_ms: int = 250
-    snapshot_dir: str = ""  # "" = beside a SQLite journal, else ./data/snapshots
+    snapshot_dir: str = ""  # "" = beside a SQLite journal, else the state directory
     snapshot_every_records: int = 100_000  # 0 = never
     event_loop: str = "auto"  # uvloop where installed, else asyncio
     log_level: str = "INFO"
@@ -89,8 +90,11 @@ class Settings:
     def tls_enabled(self) -> bool:
         return bool(self.tls_cert)
 
-    def snapshot_root(self) -> Path:
-        """Where snapshots go: the flag, else beside a SQLite file, else ./data.
+    def snapshot_root(self, environ: Mapping[str, str] = os.environ) -> Path:
+        """Where snapshots go: the flag, else beside a SQLite file, else the state
+        directory, whatever the working directory: systemd's ``$STATE_DIRECTORY`` (a unit
+        with ``StateDirectory=``), else ``$XDG_STATE_HOME/callcredit``, else
+        ``~/.local/state/callcredit``; then ``snapshots/`` in it.
 
         Each journal keeps its snapshots in a subfolder named by its journal_id,
         so journals sharing a root can never read each other's snapshots.
@@ -100,7 +104,15 @@ class Settings:
         url = make_url(self.database_url)
         if url.get_backend_name() == "sqlite" and url.database:
             return Path(url.database).parent / "snapshots"
-        return Path("data") / "snapshots"
+        # systemd may list several directories, separated by colons: the first is ours.
+        state = environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if not state:
+            xdg = Path(environ.get("XDG_STATE_HOME", ""))
+            home = environ.get("HOME", "") or str(Path.home())
+            # A relative XDG_STATE_HOME is invalid (XDG spec) and would depend on the cwd.
+            base = xdg if xdg.is_absolute() else Path(home) / ".local" / "state"
+            state = str(base / "callcredit")
+        return Path(state) / "snapshots"
 
     def problems(self) -> list[str]:
         """What makes these settings unusable, in words for the operator."""

@@ -69,7 +69,8 @@ SNAPSHOT_DIR = typer.Option(
     "",
     envvar="CALLCREDIT_SNAPSHOT_DIR",
     help="Folder of snapshots (each journal uses a subfolder named by its id); "
-    "default: 'snapshots' beside a SQLite journal, else ./data/snapshots.",
+    "default: 'snapshots' beside a SQLite journal, else $STATE_DIRECTORY/snapshots "
+    "(systemd), $XDG_STATE_HOME/callcredit/snapshots or ~/.local/state/callcredit/snapshots.",
 )
 
 

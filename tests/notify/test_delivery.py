@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,7 @@ from callcredit_server.notify.delivery import (
     signature,
     verify,
 )
+from tests.test_docs import REPO, marked_block
 
 SECRET = "whsec_0123456789abcdef"
 POLICY = RetryPolicy(max_attempts=5, first_retry_s=1.0, max_retry_s=10.0)
@@ -113,3 +116,13 @@ def test_backoff_doubles_up_to_its_cap_and_jitter_only_shortens() -> None:
 def test_what_follows_an_attempt(attempt: int, status: int | None, expected: object) -> None:
     error = "ReadTimeout" if status is None else ""
     assert after_attempt(POLICY, attempt, status, error) == expected
+
+
+def test_the_verification_snippet_of_the_docs_accepts_our_signature() -> None:
+    namespace: dict[str, Any] = {}
+    exec(marked_block(REPO / "docs" / "operations.md", "webhook-verify"), namespace)
+    body = b'{"event_id":"7.1"}'
+    now_s = int(time.time())
+    assert namespace["verify"](SECRET, signature(SECRET, now_s, body), body)
+    assert not namespace["verify"](SECRET, signature(SECRET, now_s, body), body + b" ")
+    assert not namespace["verify"](SECRET, signature(SECRET, now_s - 301, body), body)

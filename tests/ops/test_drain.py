@@ -118,7 +118,7 @@ async def test_sigterm_drains_and_a_restart_continues_the_calls(
 ) -> None:
     port, metrics_port = _free_port(), _free_port()
     target = f"127.0.0.1:{port}"
-    renewed = ("callcredit_operations_total", (("kind", "renew"), ("outcome", "ok")))
+    renewed = ("callcredit_operations_total", (("kind", "renew"), ("outcome", "OK")))
     first_log = tmp_path / "first.log"
     with _server(database_url, port, metrics_port, first_log) as first_server:
         first = first_server.process

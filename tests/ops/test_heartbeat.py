@@ -57,7 +57,7 @@ async def test_a_black_holed_stream_is_detected_and_calls_continue_on_a_new_one(
         assert detected_after < 2 * INTERVAL_SECONDS + TIMEOUT_SECONDS + 1.0
         # The call is re-attached to the new stream by a Renew (the first: its grant
         # would not need one for 55 s), then goes on and is released.
-        renewed = ("callcredit_operations_total", (("kind", "renew"), ("outcome", "ok")))
+        renewed = ("callcredit_operations_total", (("kind", "renew"), ("outcome", "OK")))
         async with asyncio.timeout(10):
             while (await scrape(metrics.port)).get(renewed, 0) < 1:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)

@@ -69,6 +69,14 @@ class AdminServiceStub:
     last cursor received. Admin tokens see every account; a dialer token (the
     one method it may call here) sees only its tenant's accounts.
     """
+    ListAccounts: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAccountsRequest, _admin_pb2.ListAccountsResponse]
+    """ListAccounts pages through accounts in account_id order, filtered by an
+    id prefix and a status.
+    """
+    ListTariffs: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTariffsRequest, _admin_pb2.ListTariffsResponse]
+    """ListTariffs pages through tariffs in tariff_id order, without their rates
+    (GetTariff reads those).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -103,6 +111,14 @@ class AdminServiceAsyncStub(AdminServiceStub):
     whose reader falls behind is ended with SLOW_CONSUMER: reconnect with the
     last cursor received. Admin tokens see every account; a dialer token (the
     one method it may call here) sees only its tenant's accounts.
+    """
+    ListAccounts: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAccountsRequest, _admin_pb2.ListAccountsResponse]  # type: ignore[assignment]
+    """ListAccounts pages through accounts in account_id order, filtered by an
+    id prefix and a status.
+    """
+    ListTariffs: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTariffsRequest, _admin_pb2.ListTariffsResponse]  # type: ignore[assignment]
+    """ListTariffs pages through tariffs in tariff_id order, without their rates
+    (GetTariff reads those).
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -201,6 +217,26 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         whose reader falls behind is ended with SLOW_CONSUMER: reconnect with the
         last cursor received. Admin tokens see every account; a dialer token (the
         one method it may call here) sees only its tenant's accounts.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAccounts(
+        self,
+        request: _admin_pb2.ListAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAccountsResponse, _abc.Awaitable[_admin_pb2.ListAccountsResponse]]:
+        """ListAccounts pages through accounts in account_id order, filtered by an
+        id prefix and a status.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTariffs(
+        self,
+        request: _admin_pb2.ListTariffsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListTariffsResponse, _abc.Awaitable[_admin_pb2.ListTariffsResponse]]:
+        """ListTariffs pages through tariffs in tariff_id order, without their rates
+        (GetTariff reads those).
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
