@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
@@ -24,18 +23,11 @@ from callcredit.errors import CallcreditError
 from callcredit_server.app import Settings, start
 from callcredit_server.launch import serving
 from tests.service.conftest import FakeClock
+from tests.test_docs import marked_block
 
 REPO = Path(__file__).resolve().parents[2]
 OPERATIONS = REPO / "docs" / "operations.md"
 UNIT = REPO / "deploy" / "callcredit.service"
-
-
-def marked_block(document: Path, marker: str) -> str:
-    """The fenced code block right after `<!-- test: MARKER -->` in `document`."""
-    text = document.read_text(encoding="utf-8")
-    found = re.search(rf"<!-- test: {marker} -->\n```\w*\n(.*?)```\n", text, re.DOTALL)
-    assert found, f"no block marked {marker!r} in {document}"
-    return found.group(1)
 
 
 def test_the_docs_show_the_unit_file_as_it_is() -> None:
