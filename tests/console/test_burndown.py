@@ -8,9 +8,11 @@ from callcredit_server.console.burndown import (
     CHART_HEIGHT,
     CHART_WIDTH,
     HISTORY_MS,
+    MIN_WINDOW_MS,
     History,
     Point,
     burndown_chart,
+    chart_window_ms,
 )
 
 NOW_MS = 1_800_000_000_000
@@ -118,3 +120,25 @@ def test_negative_money_is_drawn_on_the_zero_line() -> None:
 def test_a_chart_without_room_is_a_bug() -> None:
     with pytest.raises(ValueError):
         burndown_chart([], now_ms=NOW_MS, available=1, seconds_until_empty=None, width=0)
+
+
+@pytest.mark.parametrize(
+    ("followed_ms", "window"),
+    [
+        pytest.param(0, MIN_WINDOW_MS, id="just-started"),
+        pytest.param(20 * 60_000, 20 * 60_000, id="twenty-minutes"),
+        pytest.param(5 * HISTORY_MS, HISTORY_MS, id="hours"),
+    ],
+)
+def test_the_chart_reaches_back_as_far_as_the_console_has_followed(
+    followed_ms: int, window: int
+) -> None:
+    assert chart_window_ms(NOW_MS, NOW_MS - followed_ms) == window
+
+
+def test_a_shorter_window_keeps_the_projection_no_longer_than_itself() -> None:
+    chart = burndown_chart(
+        [], now_ms=NOW_MS, available=100, seconds_until_empty=3600, window_ms=MIN_WINDOW_MS
+    )
+    assert chart.window_ms == chart.ahead_ms == MIN_WINDOW_MS
+    assert chart.now_x == CHART_WIDTH // 2

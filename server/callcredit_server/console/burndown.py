@@ -13,8 +13,9 @@ coordinates of an inline SVG::
                                  ╲ at seconds_until_empty (clipped
                                   ╲ at the chart's right edge)
 
-Coordinates are integers computed with integer arithmetic: the chart is drawn from
-money and never turns money into a float.
+The chart reaches back an hour, or as far as the console has followed the feed
+(``chart_window_ms``). Coordinates are integers computed with integer arithmetic: the
+chart is drawn from money and never turns money into a float.
 """
 
 from __future__ import annotations
@@ -28,14 +29,19 @@ __all__ = [
     "HISTORY_MS",
     "MAX_ACCOUNTS",
     "MAX_POINTS_PER_ACCOUNT",
+    "MIN_WINDOW_MS",
     "Chart",
     "History",
     "Point",
     "burndown_chart",
+    "chart_window_ms",
 ]
 
 HISTORY_MS = 3_600_000
-"""The chart shows the last hour, and as far ahead as the projection needs (an hour at most)."""
+"""The chart shows at most the last hour, and at most as far ahead as it shows back."""
+
+MIN_WINDOW_MS = 300_000
+"""A console that started a moment ago still shows five minutes (flat before its start)."""
 
 MAX_POINTS_PER_ACCOUNT = 3_600
 """Points kept per account: one a second for an hour; a busier account keeps the newest."""
@@ -98,6 +104,12 @@ class History:
         return len(self._points)
 
 
+def chart_window_ms(now_ms: int, following_since_ms: int) -> int:
+    """How far back the chart reaches: the last hour, or only as far as the console has
+    followed the changefeed (at least MIN_WINDOW_MS); before that it knows nothing."""
+    return min(HISTORY_MS, max(MIN_WINDOW_MS, now_ms - following_since_ms))
+
+
 @dataclass(frozen=True, slots=True)
 class Chart:
     """What the template draws. ``history`` and ``projection`` are SVG ``points``
@@ -109,8 +121,10 @@ class Chart:
     """The money the top edge stands for (minor units): the highest value and a tenth."""
     now_x: int
     """Where "now" is: left of it is the past hour, right of it the projection."""
+    window_ms: int
+    """How far back the left edge is."""
     ahead_ms: int
-    """How far ahead the right edge is."""
+    """How far ahead the right edge is (at most ``window_ms``)."""
     empty_at_ms: int | None
     """When available reaches 0 at the current burn rate; None when nothing burns."""
 
@@ -171,6 +185,7 @@ def burndown_chart(
         projection=projection,
         y_max=y_max,
         now_x=x(now_ms),
+        window_ms=window_ms,
         ahead_ms=ahead_ms,
         empty_at_ms=empty_at_ms,
     )

@@ -70,8 +70,8 @@ class ConsoleSettings:
             problems.append(f"--listen {self.listen!r} is not HOST:PORT")
         elif self.login_required and not (self.token or self.operator_password_hash):
             problems.append(
-                f"--listen {self.listen} is not a loopback address, so the console needs a "
-                "login: set operator_password_hash in --config (callcredit-console "
+                f"--listen {self.listen} is not on {', '.join(LOOPBACK_HOSTS)}, so the console "
+                "needs a login: set operator_password_hash in --config (callcredit-console "
                 "hash-password), or give the admin token"
             )
         try:
