@@ -6,11 +6,13 @@ from __future__ import annotations
 import re
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from callcredit_server.console.security import LOGIN_FAILURES_MAX, hash_password
+from callcredit_server.launch import serving
 from tests.console.conftest import new_account
 from tests.console.processes import admin_cli, console_process
 
@@ -129,3 +131,36 @@ def test_guessing_is_braked(guarded: str) -> None:
         assert codes == [401] * LOGIN_FAILURES_MAX + [429]
         # Even the right password waits until the window has passed.
         assert client.post("/login", data={**fields, "secret": PASSWORD}).status_code == 429
+
+
+def test_the_console_follows_the_feed_again_after_the_server_restarts(
+    tmp_path: Path,
+) -> None:
+    database = f"sqlite:///{tmp_path / 'journal.db'}"
+
+    def args(port: int) -> list[str]:
+        return ["--listen", f"127.0.0.1:{port}", "--database-url", database]
+
+    with serving(args(0), tmp_path / "first.log") as first:
+        port = first.port
+        admin_cli(first.target, "tariff", "put", "t-usd", "--currency", "USD", "--rate", ":1:1/1")
+        new_account(first.target, "restart-1", dollars=1)
+        with console_process(tmp_path / "console.log", first.target) as console:
+            first.stop()
+            with serving(args(port), tmp_path / "second.log"):
+                lines: list[str] = []
+
+                def read() -> None:
+                    url = f"{console}/live?account=restart-1"
+                    with httpx.stream("GET", url, timeout=30) as stream:
+                        for line in stream.iter_lines():
+                            lines.append(line)
+                            if line.startswith("event: changed"):
+                                return
+
+                reader = threading.Thread(target=read)
+                reader.start()
+                target = f"127.0.0.1:{port}"
+                admin_cli(target, "topup", "restart-1", "100", "--idempotency-key", "after")
+                reader.join(15)
+                assert "event: changed" in lines
