@@ -29,6 +29,7 @@ from callcredit_server.kamailio.decisions import (
     check_invite,
     derive_call_id,
     dialog_timeout_seconds,
+    end_command,
     ends_call_now,
     netstring,
     parse_event,
@@ -268,6 +269,15 @@ def test_commands() -> None:
         "h_entry": 3,
         "h_id": 4,
         "seconds": 7,
+    }
+    end = orjson.loads(end_command('a"b@host', 3, 4, "ACCOUNT_SUSPENDED"))
+    assert end["cmd"] == "end"
+    assert end["sip_call_id"] == 'a"b@host'
+    assert orjson.loads(end["rpc"]) == {
+        "jsonrpc": "2.0",
+        "method": "dlg.end_dlg",
+        "params": [3, 4, "X-Callcredit-Reason: ACCOUNT_SUSPENDED\r\n"],
+        "id": 1,
     }
 
 

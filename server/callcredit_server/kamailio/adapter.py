@@ -2,8 +2,8 @@
 callcredit through one DialerClient. Every decision is in decisions.py.
 
     Kamailio --(evapi TCP, netstrings)--> Adapter --(DialerClient)--> callcredit
-    Kamailio <--(evapi: answer, timeout)-- Adapter
-    Kamailio <--(JSON-RPC over UDP: dlg.end_dlg, dlg.dlg_list, htable.*)-- Adapter
+    Kamailio <--(evapi: answer, timeout, end)-- Adapter
+    Kamailio <--(JSON-RPC over UDP: dlg.dlg_list, htable.*)-- Adapter
 
 One adapter serves one Kamailio (evapi sends every event to every connected client: two
 adapters would each reserve every call).
@@ -46,6 +46,7 @@ from callcredit_server.kamailio.decisions import (
     answer_for_refusal,
     check_invite,
     dialog_timeout_seconds,
+    end_command,
     ends_call_now,
     netstring,
     parse_event,
@@ -77,9 +78,6 @@ hundred calls does; see docs/telephony.md."""
 
 CONNECT_RETRY_SECONDS = 0.5
 """Wait between attempts to connect to Kamailio's evapi socket."""
-
-BYE_HEADERS = "X-Callcredit-Reason: "
-"""Extra header on the BYEs of a dialog ended by callcredit (dlg.end_dlg), with the reason."""
 
 
 class RpcError(Exception):
@@ -388,16 +386,12 @@ class Adapter:
 
     def _end_dialog(self, call: _Call, reason: str) -> None:
         logger.info("call %s: ending its dialog (%s)", call.token.call_id, reason)
-        self._spawn(self._rpc_end_dialog(call, reason))
+        self._send_end(call, reason)
         self._watch(call, RECONCILE_GRACE_SECONDS)
 
-    async def _rpc_end_dialog(self, call: _Call, reason: str) -> None:
-        try:
-            await self._rpc.call(
-                "dlg.end_dlg", call.h_entry, call.h_id, f"{BYE_HEADERS}{reason}\r\n"
-            )
-        except RpcError as err:
-            logger.warning("call %s: dlg.end_dlg failed: %s", call.token.call_id, err)
+    def _send_end(self, call: _Call, reason: str) -> None:
+        if not self._send(end_command(call.sip_call_id, call.h_entry, call.h_id, reason)):
+            logger.warning("call %s: kamailio gone, dialog not ended", call.token.call_id)
 
     # -- ends, lost or not ---------------------------------------------------------
 
@@ -571,7 +565,7 @@ class Adapter:
             logger.warning("call %s: cannot take it up: %s", token.call_id, err.reason)
             if err.reason == "CALL_ALREADY_ENDED":
                 # Released before (nothing more to do) or expired: then it is unpaid talk.
-                await self._rpc_end_dialog(call, err.reason)
+                self._send_end(call, err.reason)
             return
         call.dialer = handle
         call.start_micros = event.at_micros

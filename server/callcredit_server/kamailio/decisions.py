@@ -59,6 +59,7 @@ __all__ = [
     "check_invite",
     "derive_call_id",
     "dialog_timeout_seconds",
+    "end_command",
     "ends_call_now",
     "netstring",
     "parse_event",
@@ -402,6 +403,21 @@ def timeout_command(h_entry: int, h_id: int, timeout_seconds: int) -> bytes:
         raise ValueError("a dialog timeout is at least 1 s; end the dialog instead")
     return orjson.dumps(
         {"cmd": "timeout", "h_entry": h_entry, "h_id": h_id, "seconds": timeout_seconds}
+    )
+
+
+def end_command(sip_call_id: str, h_entry: int, h_id: int, reason: str) -> bytes:
+    """End a live dialog now, BYE both ways, each with `X-Callcredit-Reason: reason`.
+    Kamailio runs the dlg.end_dlg request inside under the Call-ID's lock (kamailio.cfg,
+    route CC_END_DIALOG), so that both BYEs go out (a JSON-RPC from here would not)."""
+    rpc = {
+        "jsonrpc": "2.0",
+        "method": "dlg.end_dlg",
+        "params": [h_entry, h_id, f"X-Callcredit-Reason: {reason}\r\n"],
+        "id": 1,
+    }
+    return orjson.dumps(
+        {"cmd": "end", "sip_call_id": sip_call_id, "rpc": orjson.dumps(rpc).decode()}
     )
 
 
