@@ -17,6 +17,7 @@ from callcredit_server.kamailio.decisions import (
     Failed,
     Held,
     NetstringDecoder,
+    Pending,
     Probe,
     Recheck,
     Release,
@@ -34,6 +35,7 @@ from callcredit_server.kamailio.decisions import (
     netstring,
     parse_event,
     parse_kamailio_time,
+    pending_command,
     reconcile,
     talk_seconds,
     timeout_command,
@@ -220,6 +222,8 @@ def test_events_parse() -> None:
     assert parse_event(b'{"event":"failed","sip_call_id":"c1"}') == Failed("c1")
     held = {"event": "held", "sip_call_id": "c1", "call": token.encode()}
     assert parse_event(orjson.dumps(held)) == Held("c1", token)
+    pending = {"event": "pending", "sip_call_id": "c1", "call": token.encode()}
+    assert parse_event(orjson.dumps(pending)) == Pending("c1", token)
     assert parse_event(b'{"event":"unheld","tindex":1,"tlabel":2}') == Unheld(1, 2)
 
 
@@ -269,6 +273,11 @@ def test_commands() -> None:
         "h_entry": 3,
         "h_id": 4,
         "seconds": 7,
+    }
+    assert orjson.loads(pending_command("c1", token)) == {
+        "cmd": "pending",
+        "sip_call_id": "c1",
+        "call": token.encode(),
     }
     end = orjson.loads(end_command('a"b@host', 3, 4, "ACCOUNT_SUSPENDED"))
     assert end["cmd"] == "end"

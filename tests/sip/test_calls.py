@@ -232,6 +232,35 @@ async def test_a_call_that_failed_while_the_adapter_was_down_is_released_free(
     assert account.balance == 1_000
 
 
+async def test_a_reserve_in_flight_when_the_adapter_dies_is_released_free(
+    lab: Lab, admin: AdminClient, authority: Authority
+) -> None:
+    await funded(admin, "midair", 1_000)
+
+    authority.pause()  # the Reserve goes out and waits there, unanswered
+    try:
+        dial = lab.dial("midair", calls=1, talk_seconds=5)
+        await asyncio.sleep(0.7)  # within the adapter's --reserve-timeout (1.5 s)
+        lab.kill_adapter()
+    finally:
+        authority.resume()
+    dial.wait(timeout_seconds=20)
+    [record] = dial.calls.values()
+    assert record.refused == 503  # Kamailio's own answer, after CC_WAIT_MS
+    lab.start_adapter()
+
+    account = await settled(admin, "midair")
+    assert account.active_calls == 0
+    # Made by the dead adapter's Reserve, or by the new one's: released, with nothing
+    # talked and nothing charged, not left to expire on its allowance.
+    [call] = (await calls_of(admin, "midair")).values()
+    assert call.call_id == call_id(next(iter(dial.calls)))
+    assert call.state == admin_pb2.CALL_STATE_RELEASED
+    assert call.charged == 0
+    assert account.balance == 1_000
+    await assert_ledger(admin, account)
+
+
 async def test_with_callcredit_down_invites_get_503_and_calls_end_at_their_grant(
     lab: Lab, admin: AdminClient, authority: Authority
 ) -> None:

@@ -37,6 +37,7 @@ from callcredit_server.kamailio.decisions import (
     Failed,
     Held,
     NetstringDecoder,
+    Pending,
     Probe,
     Recheck,
     Reserve,
@@ -52,6 +53,7 @@ from callcredit_server.kamailio.decisions import (
     netstring,
     parse_event,
     parse_kamailio_time,
+    pending_command,
     reconcile,
     talk_seconds,
     timeout_command,
@@ -282,6 +284,7 @@ class Adapter:
         token = CallToken(call_id, account_id, destination, self._requested_seconds)
         call = _Call(event.sip_call_id, token)
         self._track(call)
+        self._send(pending_command(event.sip_call_id, token))
         try:
             async with asyncio.timeout(self._reserve_timeout):
                 handle = await self._reserve(token)
@@ -473,10 +476,14 @@ class Adapter:
                 result.charged,
                 result.balance,
             )
+        await self._forget_kept(call.sip_call_id)
+
+    async def _forget_kept(self, sip_call_id: str) -> None:
+        """Delete what Kamailio keeps of a call."""
         for table in ("cccall", "ccend"):
             # Not there (never started), or Kamailio gone: the entry expires anyway.
             with contextlib.suppress(RpcError):
-                await self._rpc.call("htable.delete", table, call.sip_call_id)
+                await self._rpc.call("htable.delete", table, sip_call_id)
 
     def _track(self, call: _Call) -> None:
         self._calls[call.sip_call_id] = call
@@ -510,15 +517,39 @@ class Adapter:
                 if not isinstance(value, str):
                     continue
                 event = parse_event(value.encode())
-                if not isinstance(event, Start | Held) or event.sip_call_id in self._calls:
+                if not isinstance(event, Start | Held | Pending):
+                    continue
+                if event.sip_call_id in self._calls:
                     continue
                 adopted += 1
                 if isinstance(event, Start):
                     self._spawn(self._reattach(event))
-                else:
+                elif isinstance(event, Held):
                     self._spawn(self._reattach_ringing(event))
+                else:
+                    self._spawn(self._release_pending(event))
         if adopted:
             logger.info("kamailio: taking up %d calls started before", adopted)
+
+    async def _release_pending(self, event: Pending) -> None:
+        """Release, with 0, a call whose Reserve a dead adapter sent and never answered
+        (Kamailio answered its INVITE 503): the same Reserve again returns it if
+        callcredit made it (or makes it, if the Reserve never arrived), and nothing
+        stays held until its validity runs out."""
+        token = event.token
+        if token is None or event.sip_call_id in self._calls:
+            return
+        call = _Call(event.sip_call_id, token)
+        self._track(call)
+        try:
+            call.dialer = await self._reserve(token)
+        except CallcreditError as err:
+            self._untrack(call)
+            logger.info("call %s: nothing to release: %s", token.call_id, err.reason)
+            await self._forget_kept(event.sip_call_id)
+            return
+        logger.info("call %s: reserved by an adapter that died; released free", token.call_id)
+        self._finish(call, 0)
 
     async def _reattach_ringing(self, event: Held) -> None:
         """Take up a call let through but not answered when it was last seen: it may

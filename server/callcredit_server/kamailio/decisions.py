@@ -47,6 +47,7 @@ __all__ = [
     "Failed",
     "Held",
     "NetstringDecoder",
+    "Pending",
     "Probe",
     "Recheck",
     "Release",
@@ -64,6 +65,7 @@ __all__ = [
     "netstring",
     "parse_event",
     "parse_kamailio_time",
+    "pending_command",
     "reconcile",
     "talk_seconds",
     "timeout_command",
@@ -262,6 +264,16 @@ class Held:
 
 
 @dataclass(frozen=True, slots=True)
+class Pending:
+    """A Reserve the adapter sent for an INVITE it had not answered yet: what Kamailio
+    keeps of it (htable cccall) until the answer replaces it (held) or removes it (a
+    refusal). Left there, the adapter died in between. Read after a restart."""
+
+    sip_call_id: str
+    token: CallToken | None
+
+
+@dataclass(frozen=True, slots=True)
 class End:
     """A BYE (either side, or Kamailio's own on the timeout) ended the dialog at
     `at_micros`, the first end Kamailio saw (later signals repeat it)."""
@@ -285,7 +297,7 @@ class Unheld:
     tlabel: int
 
 
-Event: TypeAlias = Reserve | Start | Held | End | Failed | Unheld
+Event: TypeAlias = Reserve | Start | Held | Pending | End | Failed | Unheld
 
 
 def parse_kamailio_time(text: str) -> int | None:
@@ -352,9 +364,10 @@ def parse_event(data: bytes) -> Event | str:
         return End(sip_call_id, at_micros)
     if kind == "failed":
         return Failed(sip_call_id)
-    if kind == "held":
+    if kind in ("held", "pending"):
         token = message.get("call")
-        return Held(sip_call_id, CallToken.decode(token) if isinstance(token, str) else None)
+        decoded = CallToken.decode(token) if isinstance(token, str) else None
+        return Held(sip_call_id, decoded) if kind == "held" else Pending(sip_call_id, decoded)
     return f"unknown event {kind!r}"
 
 
@@ -395,6 +408,12 @@ def answer_command(
         command["timeout"] = timeout_seconds
         command["call"] = token.encode()
     return orjson.dumps(command)
+
+
+def pending_command(sip_call_id: str, token: CallToken) -> bytes:
+    """Have Kamailio keep the call's Reserve fields before the Reserve is sent, until
+    the INVITE is answered: a restarted adapter releases what a dead one reserved."""
+    return orjson.dumps({"cmd": "pending", "sip_call_id": sip_call_id, "call": token.encode()})
 
 
 def timeout_command(h_entry: int, h_id: int, timeout_seconds: int) -> bytes:
