@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
+from mypy_extensions import mypyc_attr
+
 from callcredit_server.core import image as image_format
 from callcredit_server.core.commands import (
     Adjust,
@@ -104,6 +106,9 @@ def _refuse(reason: Reason, message: str) -> Refused:
 _Handler = Callable[["StateMachine", Any], Outcome]
 
 
+# Compiled by mypyc, a class is closed to Python subclasses unless it says otherwise;
+# the simulation and the tests inject bugs by overriding a handler.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class StateMachine:
     """Accounts, tariffs and calls in memory, changed only through `apply`."""
 

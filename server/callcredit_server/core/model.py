@@ -14,6 +14,9 @@ from typing import Any, NamedTuple, TypeVar
 
 MAX_PREFIX_DIGITS = 16
 
+# Whether this module runs compiled by mypyc (scripts/build_compiled.py) or as Python.
+COMPILED = not __file__.endswith(".py")
+
 
 class AccountStatus(StrEnum):
     """What an account may do (AccountStatus in the contract)."""
@@ -272,10 +275,15 @@ def positional_constructor(cls: type[_T]) -> Callable[..., _T]:
     for a CallRecord's 16 fields; this one stores each through its slot descriptor, a
     third of that. The state machine builds records, grants and entries on every step.
     It builds the same value as cls(*values): no defaults, no __post_init__ (refused).
+    Compiled by mypyc, the class's own constructor is positional and native: it is used.
     """
     params = dataclasses.fields(cls)  # type: ignore[arg-type]
-    if not hasattr(cls, "__slots__") or hasattr(cls, "__post_init__"):
-        raise TypeError(f"{cls.__name__} must be slotted and have no __post_init__")
+    if hasattr(cls, "__post_init__"):
+        raise TypeError(f"{cls.__name__} must have no __post_init__")
+    if COMPILED:
+        return cls
+    if not hasattr(cls, "__slots__"):
+        raise TypeError(f"{cls.__name__} must be slotted")
     names = [f"v{i}" for i in range(len(params))]
     body = "".join(f"    set{i}(obj, v{i})\n" for i in range(len(params)))
     source = f"def new({', '.join(names)}):\n    obj = new_object(cls)\n{body}    return obj\n"
