@@ -35,7 +35,7 @@ $(COMPILED_STAMP): $(wildcard server/callcredit_server/core/*.py) | $(DEV_STAMP)
 
 compiled: $(COMPILED_STAMP)
 
-pure:
+pure: | $(DEV_STAMP)
 	$(BIN)/python scripts/build_compiled.py --clean
 	rm -f $(COMPILED_STAMP)
 
