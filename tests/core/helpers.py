@@ -126,7 +126,7 @@ def _rebuilt(value: Any) -> tuple[type[Any], tuple[Any, ...]]:
 # Compiled by mypyc, a frozen dataclass cannot be deep-copied field by field (its
 # __setstate__ assigns them): state_of copies the ones the state holds by constructor.
 if COMPILED:
-    for frozen in (Rate, Tariff, Grant, ReleaseResult):
+    for frozen in (Rate, Tariff):
         copyreg.pickle(frozen, _rebuilt)
 
 

@@ -17,7 +17,6 @@ import gc
 import heapq
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 from mypy_extensions import mypyc_attr
@@ -51,17 +50,17 @@ from callcredit_server.core.model import (
     new_release_result,
 )
 from callcredit_server.core.outcomes import (
+    AccountResult,
     GrantPush,
+    GrantResult,
     Outcome,
     Push,
     Reason,
     Refused,
+    ReleaseOutcome,
     TariffResult,
     Termination,
     TickResult,
-    new_account_result,
-    new_grant_result,
-    new_release_outcome,
 )
 from callcredit_server.core.rating import affordable, billed_seconds, cost
 from callcredit_server.core.validation import MAX_BALANCE, is_valid, violations
@@ -78,15 +77,14 @@ class InvariantViolation(Exception):
     """A bug: the state broke a rule that no input may break. The server must stop."""
 
 
-@dataclass(slots=True)
-class Step:
+class Step(NamedTuple):
     """What one command did: the answer, and what must be journaled and pushed."""
 
     outcome: Outcome
     changed: bool
-    entries: list[LedgerEntry] = field(default_factory=list)
-    calls: list[CallRecord] = field(default_factory=list)
-    pushes: list[Push] = field(default_factory=list)
+    entries: list[LedgerEntry]
+    calls: list[CallRecord]
+    pushes: list[Push]
 
 
 class _KeyRecord(NamedTuple):
@@ -222,7 +220,7 @@ class StateMachine:
         )
         self.accounts[c.account_id] = account
         self._touch(account)
-        return new_account_result(account.view())
+        return AccountResult(account.view())
 
     def _update_account(self, c: UpdateAccount) -> Outcome:
         account = self.accounts.get(c.account_id)
@@ -275,7 +273,7 @@ class StateMachine:
                 grew = resumed = True
         if grew:
             self._regrant(account, resumed=resumed)
-        return new_account_result(account.view())
+        return AccountResult(account.view())
 
     def _suspend_calls(self, account: Account) -> None:
         """Order every open call to hang up; their grants are final from now on."""
@@ -299,7 +297,7 @@ class StateMachine:
         remembered = self._keys.get((account_id, key))
         if remembered is not None:
             if remembered.fingerprint == fingerprint:
-                return new_account_result(remembered.answer)
+                return AccountResult(remembered.answer)
             return _refuse(
                 Reason.IDEMPOTENCY_KEY_CONFLICT,
                 f"idempotency key {key!r} was used with different fields",
@@ -325,7 +323,7 @@ class StateMachine:
         answer = account.view()
         self._keys[(account_id, key)] = _KeyRecord(fingerprint, answer)
         self._key_times.append((self.now_ms, account_id, key))
-        return new_account_result(answer)
+        return AccountResult(answer)
 
     def _put_tariff(self, c: PutTariff) -> Outcome:
         existing = self.tariffs.get(c.tariff.tariff_id)
@@ -357,7 +355,7 @@ class StateMachine:
                 )
             if call.state is not CallState.ACTIVE:
                 return _refuse(Reason.CALL_ALREADY_ENDED, f"call {c.call_id!r} has ended")
-            return new_grant_result(call.grant())
+            return GrantResult(call.grant())
         account = self.accounts.get(c.account_id)
         if account is None:
             return _refuse(Reason.ACCOUNT_NOT_FOUND, f"no account {c.account_id!r}")
@@ -424,7 +422,7 @@ class StateMachine:
             account.final_calls[call_seq] = call
         self._push_expiry(call)
         self._touched[call_id] = call
-        return new_grant_result(call.grant())
+        return GrantResult(call.grant())
 
     def _renew(self, c: Renew) -> Outcome:
         call = self.calls.get(c.call_id)
@@ -435,9 +433,9 @@ class StateMachine:
         if call.state is not CallState.ACTIVE:
             return _refuse(Reason.CALL_ALREADY_ENDED, f"call {c.call_id!r} has ended")
         if c.sequence == call.last_sequence and call.last_renew is not None:
-            return new_grant_result(call.last_renew)
+            return GrantResult(call.last_renew)
         if c.sequence <= call.last_sequence:
-            return new_grant_result(call.grant())
+            return GrantResult(call.grant())
         if c.used_seconds < call.used_seconds:
             message = f"must not be lower than the {call.used_seconds} already reported"
             return Refused(
@@ -460,7 +458,7 @@ class StateMachine:
         self._refresh_validity(call)
         grant = call.last_renew = call.grant()
         self._touched[call.call_id] = call
-        return new_grant_result(grant)
+        return GrantResult(grant)
 
     def _release(self, c: Release) -> Outcome:
         call = self.calls.get(c.call_id)
@@ -470,7 +468,7 @@ class StateMachine:
             self._expire_if_due(call)
         if call.release is not None:
             if call.release.used_seconds == c.used_seconds:
-                return new_release_outcome(call.release)
+                return ReleaseOutcome(call.release)
             return _refuse(
                 Reason.CALL_ALREADY_ENDED,
                 f"call {c.call_id!r} was released with {call.release.used_seconds} seconds",
@@ -498,7 +496,7 @@ class StateMachine:
         result = call.release = self._release_result(account, call)
         if account.final_calls:
             self._regrant(account)
-        return new_release_outcome(result)
+        return ReleaseOutcome(result)
 
     def _late_release(self, account: Account, call: Call, used_seconds: int) -> Outcome:
         """Re-rate an expired call to what it used; refund what it was overcharged."""
@@ -518,7 +516,7 @@ class StateMachine:
         self._touched[call.call_id] = call
         if refund:
             self._regrant(account)
-        return new_release_outcome(call.release)
+        return ReleaseOutcome(call.release)
 
     def _release_result(self, account: Account, call: Call) -> ReleaseResult:
         return new_release_result(
