@@ -70,7 +70,7 @@ def recover(journal: Journal, snapshot_dir: Path | None) -> Recovered:
                 break
             try:
                 seq, image = read_snapshot(found.path)
-                machine, snapshot_seq = StateMachine.from_image(image, consume=True), seq
+                machine, snapshot_seq = StateMachine.from_image(image), seq
                 break
             except (SnapshotError, InvariantViolation) as exc:
                 log.warning("skipping snapshot %s: %s", found.path, exc)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 import heapq
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 from mypy_extensions import mypyc_attr
@@ -832,13 +832,9 @@ class StateMachine:
         )
 
     @classmethod
-    def from_image(cls, image: dict[str, Any], *, consume: bool = False) -> StateMachine:
+    def from_image(cls, image: dict[str, Any]) -> StateMachine:
         """Rebuild a state machine from `image()`; raises InvariantViolation if it is
-        broken, or of a version this server cannot read.
-
-        With `consume`, each row is dropped from the image once read: a start from a
-        snapshot frees the decoded image while it builds the objects, instead of
-        holding both at its peak. The image is left empty of rows."""
+        broken, or of a version this server cannot read."""
         unsupported = image_format.unsupported_version(image)
         if unsupported:
             raise InvariantViolation(unsupported)
@@ -848,7 +844,7 @@ class StateMachine:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            return cls._build(image, _consumed if consume else iter)
+            return cls._build(image)
         except (TypeError, ValueError, KeyError) as exc:
             raise InvariantViolation(f"state image is malformed: {exc!r}") from exc
         finally:
@@ -856,9 +852,7 @@ class StateMachine:
                 gc.enable()
 
     @classmethod
-    def _build(
-        cls, image: dict[str, Any], rows: Callable[[list[Any]], Iterator[Any]]
-    ) -> StateMachine:
+    def _build(cls, image: dict[str, Any]) -> StateMachine:
         machine = cls()
         header = image_format.decode_header(image)
         machine.now_ms = header.now_ms
@@ -871,12 +865,11 @@ class StateMachine:
             machine.tariffs[tariff.tariff_id] = tariff
         accounts = machine.accounts
         names: dict[str, str] = {}
-        for row in rows(image["accounts"]):
+        for row in image["accounts"]:
             account = image_format.account_of(row, names)
             accounts[account.account_id] = account
         calls = sorted(
-            (image_format.call_of(row, shared_rates) for row in rows(image["calls"])),
-            key=_by_call_seq,
+            (image_format.call_of(row, shared_rates) for row in image["calls"]), key=_by_call_seq
         )
         for call in calls:
             machine.calls[call.call_id] = call
@@ -890,7 +883,7 @@ class StateMachine:
         heapq.heapify(machine._expiries)
         ended = [c for c in calls if c.ended_at_ms is not None]
         machine._ended.extend((c.ended_at_ms or 0, c.call_id) for c in sorted(ended, key=_by_end))
-        for row in rows(image["keys"]):
+        for row in image["keys"]:
             at_ms, account_id, key, fingerprint, answer = image_format.key_of(row)
             machine._keys[(account_id, key)] = _KeyRecord(fingerprint, answer)
             machine._key_times.append((at_ms, account_id, key))
@@ -916,13 +909,6 @@ def _handlers_of(cls: type[StateMachine]) -> dict[type[Any], _Handler]:
 
 
 StateMachine._handlers = _handlers_of(StateMachine)
-
-
-def _consumed(rows: list[Any]) -> Iterator[Any]:
-    """Each of `rows`, its place in the list cleared once it is read."""
-    for i, row in enumerate(rows):
-        rows[i] = None
-        yield row
 
 
 def _by_call_seq(call: Call) -> int:
