@@ -54,7 +54,7 @@ def build() -> int:
     except ImportError as exc:
         print(f"cannot compile ({exc}): the core stays pure Python", file=sys.stderr)
         return 1
-    if shutil.which(sysconfig.get_config_var("CC").split()[0] or "cc") is None:
+    if shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]) is None:
         print("no C compiler: the core stays pure Python", file=sys.stderr)
         return 1
     clean()
