@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.serve-stamp
 DEV_STAMP := $(VENV)/.dev-stamp
 
-.PHONY: serve test lint format protos bench
+.PHONY: serve test lint format protos bench compiled pure
 
 $(VENV)/pyvenv.cfg:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,19 @@ $(SERVE_STAMP): pyproject.toml client/pyproject.toml | $(VENV)/pyvenv.cfg
 $(DEV_STAMP): pyproject.toml client/pyproject.toml | $(VENV)/pyvenv.cfg
 	$(BIN)/python -m pip install -q -e ./client -e '.[dev]'
 	touch $(SERVE_STAMP) $@
+
+# The core compiled by mypyc, in place (scripts/build_compiled.py): rebuilt when a core
+# source changed since. `make pure` removes it; the server logs which core it runs.
+COMPILED_STAMP := server/callcredit_server/core/.compiled-stamp
+$(COMPILED_STAMP): $(wildcard server/callcredit_server/core/*.py) | $(DEV_STAMP)
+	$(BIN)/python scripts/build_compiled.py
+	touch $@
+
+compiled: $(COMPILED_STAMP)
+
+pure: | $(DEV_STAMP)
+	$(BIN)/python scripts/build_compiled.py --clean
+	rm -f $(COMPILED_STAMP)
 
 serve: $(SERVE_STAMP)
 	$(BIN)/callcredit-server

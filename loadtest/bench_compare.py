@@ -2,8 +2,10 @@
 build instead (issue 4).
 
 N concurrent calls (--calls, default 1,000) run a closed loop: reserve -> R renews
-(--renews, default 2) -> release with a used_seconds, then the slot places its next call.
-Each system runs it on one hot account and on --accounts (default 10,000) accounts:
+-> release with a used_seconds, then the slot places its next call. Two workloads by
+default (--renews 2,0): R = 2, and R = 0 (reserve -> release: every operation opens or
+ends a call). Each system runs each on one hot account and on --accounts (default
+10,000) accounts:
 
   callcredit     callcredit-server (own process, fresh SQLite journal, default durability):
                  single   one operation per ControlRequest, raw grpc.aio Control streams
@@ -18,6 +20,9 @@ Each system runs it on one hot account and on --accounts (default 10,000) accoun
                  answer, as the others), when redis-server is installed
   echo           a CreditControlService that answers every operation with a canned
                  Outcome (no state, no journal): the ceiling of Python gRPC here
+  callcredit-old with --old-server DIR: another version of the server (the package
+                 callcredit_server in DIR), each mode run right after this checkout's,
+                 with the same client: old and new side by side, interleaved
 
 Every run is checked: no balance below zero, nothing reserved or held once every call is
 released, and the money that left the balances equals what the releases charged.
@@ -28,12 +33,14 @@ servers: its CPU is reported next to theirs.
     python loadtest/bench_compare.py --seconds 10
     python loadtest/bench_compare.py --only callcredit,echo --calls 200 --seconds 5
     python loadtest/bench_compare.py --database-url postgresql+psycopg://postgres@127.0.0.1/bench
+    python loadtest/bench_compare.py --only callcredit --old-server /tmp/old/server
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import json
 import math
@@ -76,7 +83,8 @@ class Options:
     seconds: float = 10.0
     warmup: float = 2.0
     calls: int = 1_000
-    renews: int = 2
+    renews: tuple[int, ...] = (2, 0)
+    """Renews per call of each workload, run in this order (0: reserve -> release)."""
     accounts: int = 10_000
     only: tuple[str, ...] = SYSTEMS
     database_url: str = ""
@@ -104,6 +112,8 @@ class Options:
     unsafe: bool = False
     """The PostgreSQL and Redis designs without their balance condition: they overdraw,
     and the check must say so (tests only)."""
+    old_server: str = ""
+    """A directory holding another callcredit_server package: run as callcredit-old."""
 
 
 @dataclass
@@ -129,6 +139,8 @@ class Result:
     check_ok: bool
     problems: list[str]
     durability: str
+    renews: int = 2
+    """The workload: renews per call."""
     notes: str = ""
     key: str = ""
     """system/mode, for the ratios."""
@@ -143,14 +155,14 @@ class Report:
     skipped: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
-    def find(self, key: str, layout: str) -> Result | None:
+    def find(self, key: str, layout: str, renews: int) -> Result | None:
         for result in self.results:
-            if result.key == key and result.layout == layout:
+            if result.key == key and result.layout == layout and result.renews == renews:
                 return result
         return None
 
-    def ratios(self) -> list[tuple[str, str, float]]:
-        """(layout, label, ratio of ops/s) for the comparisons the issue asks for."""
+    def ratios(self) -> list[tuple[str, int, str, float]]:
+        """(layout, renews, label, ratio of ops/s) for the comparisons the issues ask for."""
         dialer = "callcredit batched (DialerClient)"
         raw = "callcredit batched (raw)"
         on_pg = "callcredit on a PostgreSQL journal"
@@ -166,13 +178,17 @@ class Report:
             ("callcredit/batched", "echo/batched", f"{raw} / echo batched (raw)"),
             ("callcredit-pg/dialer", "postgres/pool", f"{on_pg}, DialerClient / PostgreSQL"),
             ("callcredit-pg/single", "echo/single", f"{on_pg}, single / echo single"),
+            ("callcredit/single", "callcredit-old/single", "new server / old, single"),
+            ("callcredit/dialer", "callcredit-old/dialer", "new server / old, DialerClient"),
+            ("callcredit/batched", "callcredit-old/batched", "new server / old, raw batched"),
         ]
         out = []
-        for layout in self.options.layouts:
-            for top, bottom, label in pairs:
-                a, b = self.find(top, layout), self.find(bottom, layout)
-                if a is not None and b is not None and b.ops_per_second > 0:
-                    out.append((layout, label, a.ops_per_second / b.ops_per_second))
+        for renews in self.options.renews:
+            for layout in self.options.layouts:
+                for top, bottom, label in pairs:
+                    a, b = self.find(top, layout, renews), self.find(bottom, layout, renews)
+                    if a is not None and b is not None and b.ops_per_second > 0:
+                        out.append((layout, renews, label, a.ops_per_second / b.ops_per_second))
         return out
 
 
@@ -268,6 +284,7 @@ def _result(
         check_ok=not problems,
         problems=problems,
         durability=durability,
+        renews=workload.renews,
         notes=notes,
         key=f"{system}/{mode}",
     )
@@ -291,9 +308,15 @@ def _layout_name(layout: str, options: Options) -> str:
     return "hot (1 account)" if layout == "hot" else f"{options.accounts:,} accounts"
 
 
+def _workload_name(renews: int) -> str:
+    return f"reserve, {renews} renews, release" if renews else "reserve, release"
+
+
 def _workload(accounts: list[str], options: Options) -> Workload:
+    """The workload of this pass: `run` narrows options.renews to one value per pass."""
+    (renews,) = options.renews
     return Workload(
-        calls=options.calls, renews=options.renews, accounts=accounts, tag=uuid.uuid4().hex[:10]
+        calls=options.calls, renews=renews, accounts=accounts, tag=uuid.uuid4().hex[:10]
     )
 
 
@@ -339,28 +362,44 @@ def _grpc_modes(
 async def run_callcredit(
     report: Report, layout: str, options: Options, system: str, database_url: str
 ) -> None:
+    for variant in _grpc_modes(options):
+        await _run_callcredit_mode(report, layout, options, system, database_url, variant)
+        if options.old_server and system == "callcredit":
+            old = "callcredit-old"
+            await _run_callcredit_mode(report, layout, options, old, database_url, variant)
+
+
+async def _run_callcredit_mode(
+    report: Report,
+    layout: str,
+    options: Options,
+    system: str,
+    database_url: str,
+    variant: tuple[str, str, Callable[[str, Workload], Awaitable[None]]],
+) -> None:
+    mode, label, drive = variant
     accounts, balance = _accounts(layout, options)
-    for mode, label, drive in _grpc_modes(options):
-        with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
-            async with AsyncExitStack() as stack:
-                if database_url:
-                    url = await stack.enter_async_context(_journal_schema(database_url))
-                    durability = "PostgreSQL journal, ack after commit"
-                else:
-                    url = f"sqlite:///{tmp}/journal.db"
-                    durability = "SQLite journal (WAL, synchronous=FULL), ack after commit"
-                server = stack.enter_context(
-                    procs.callcredit_server(url, Path(tmp) / "snapshots", Path(tmp))
-                )
-                await grpc_drivers.setup_callcredit(server.target, accounts, balance)
-                workload = _workload(accounts, options)
-                window = await measure(
-                    workload, drive(server.target, workload), [server.pid], options
-                )
-                totals = await grpc_drivers.callcredit_totals(server.target, accounts, balance)
-                if server.process.poll() is not None:
-                    raise RuntimeError(f"callcredit-server exited: {server.log_text()[-500:]}")
-        _add(report, _result(system, layout, mode, label, workload, window, totals, durability))
+    with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
+        async with AsyncExitStack() as stack:
+            if database_url:
+                url = await stack.enter_async_context(_journal_schema(database_url))
+                durability = "PostgreSQL journal, ack after commit"
+            else:
+                url = f"sqlite:///{tmp}/journal.db"
+                durability = "SQLite journal (WAL, synchronous=FULL), ack after commit"
+            snapshots = Path(tmp) / "snapshots"
+            server = stack.enter_context(
+                procs.legacy_callcredit_server(url, snapshots, Path(tmp), options.old_server)
+                if system == "callcredit-old"
+                else procs.callcredit_server(url, snapshots, Path(tmp))
+            )
+            await grpc_drivers.setup_callcredit(server.target, accounts, balance)
+            workload = _workload(accounts, options)
+            window = await measure(workload, drive(server.target, workload), [server.pid], options)
+            totals = await grpc_drivers.callcredit_totals(server.target, accounts, balance)
+            if server.process.poll() is not None:
+                raise RuntimeError(f"callcredit-server exited: {server.log_text()[-500:]}")
+    _add(report, _result(system, layout, mode, label, workload, window, totals, durability))
 
 
 def _journal_schema(database_url: str) -> _SchemaContext:
@@ -510,16 +549,18 @@ async def run(options: Options) -> Report:
         machine=_machine(),
     )
     redis_up = await redis_design.ping(options.redis_url) if "redis" in options.only else False
-    for layout in options.layouts:
-        for system in options.only:
-            try:
-                await _run_system(report, layout, system, options, redis_up)
-            except Exception as exc:  # one broken system must not lose the others' results
-                if options.raise_errors:
-                    raise
-                message = f"{system} on {layout}: {exc!r}"
-                report.failures.append(message)
-                print(f"FAILED: {message}", file=sys.stderr, flush=True)
+    for renews in options.renews:
+        one_workload = dataclasses.replace(options, renews=(renews,))
+        for layout in options.layouts:
+            for system in options.only:
+                try:
+                    await _run_system(report, layout, system, one_workload, redis_up)
+                except Exception as exc:  # one broken system must not lose the others' results
+                    if options.raise_errors:
+                        raise
+                    message = f"{system} on {layout}, {_workload_name(renews)}: {exc!r}"
+                    report.failures.append(message)
+                    print(f"FAILED: {message}", file=sys.stderr, flush=True)
     return report
 
 
@@ -567,8 +608,8 @@ def _skip(report: Report, message: str) -> None:
 # -- output ---------------------------------------------------------------------------
 
 _COLUMNS = (
-    "system", "layout", "mode", "ops/s", "p50 ms", "p99 ms", "client CPU", "client µs/op",
-    "server CPU", "server µs/op", "machine CPU", "calls", "refused", "check",
+    "system", "layout", "workload", "mode", "ops/s", "p50 ms", "p99 ms", "client CPU",
+    "client µs/op", "server CPU", "server µs/op", "machine CPU", "calls", "refused", "check",
 )  # fmt: skip
 
 
@@ -578,6 +619,7 @@ def _cells(result: Result, options: Options) -> list[str]:
     return [
         result.system,
         _layout_name(result.layout, options),
+        _workload_name(result.renews),
         result.mode,
         f"{result.ops_per_second:,.0f}",
         f"{result.p50_ms:.2f}",
@@ -597,7 +639,7 @@ def _line(result: Result) -> str:
     check_text = "ok" if result.check_ok else "FAILED: " + "; ".join(result.problems)
     server = "-" if result.server_cpu_pct is None else f"{result.server_cpu_pct:.0f}%"
     return (
-        f"{result.system:<14} {result.layout:<5} {result.mode:<52} "
+        f"{result.system:<14} {result.layout:<5} R={result.renews} {result.mode:<52} "
         f"{result.ops_per_second:>9,.0f} ops/s  p50 {result.p50_ms:7.2f} ms  "
         f"p99 {result.p99_ms:7.2f} ms  cpu client {result.client_cpu_pct:3.0f}% "
         f"server {server:>4}  machine {result.machine_cpu_pct:3.0f}%  check {check_text}"
@@ -607,7 +649,7 @@ def _line(result: Result) -> str:
 def text_table(report: Report) -> str:
     rows = [list(_COLUMNS)] + [_cells(r, report.options) for r in report.results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    numeric = set(range(3, 13))
+    numeric = set(range(4, 14))
     lines = []
     for n, row in enumerate(rows):
         cells = [
@@ -626,7 +668,9 @@ def _settings_text(report: Report) -> list[str]:
     durabilities = sorted({f"{r.system}: {r.durability}" for r in report.results})
     return (
         [
-            f"- {o.calls:,} concurrent calls, each reserve -> {o.renews} renews -> release; "
+            f"- {o.calls:,} concurrent calls; workloads: "
+            + ", ".join(_workload_name(r) for r in o.renews)
+            + "; "
             f"{o.seconds:g} s measured per variant after {o.warmup:g} s of warm-up; layouts: "
             + ", ".join(_layout_name(layout, o) for layout in o.layouts),
             f"- balances: hot account {o.hot_balance:,}, others {o.balance:,} each"
@@ -658,15 +702,18 @@ def markdown(report: Report, command: str) -> str:
         *_settings_text(report),
         "",
         "| " + " | ".join(_COLUMNS) + " |",
-        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(_COLUMNS) - 1)) + "|---|",
+        "|" + "|".join("---" if i < 4 else "---:" for i in range(len(_COLUMNS) - 1)) + "|---|",
     ]
     for result in report.results:
         lines.append("| " + " | ".join(_cells(result, report.options)) + " |")
     ratios = report.ratios()
     if ratios:
-        lines += ["", "| layout | ratio (ops/s) | |", "|---|---|---:|"]
-        for layout, label, value in ratios:
-            lines.append(f"| {_layout_name(layout, report.options)} | {label} | {value:.2f}x |")
+        lines += ["", "| layout | workload | ratio (ops/s) | |", "|---|---|---|---:|"]
+        for layout, renews, label, value in ratios:
+            lines.append(
+                f"| {_layout_name(layout, report.options)} | {_workload_name(renews)} "
+                f"| {label} | {value:.2f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -679,8 +726,8 @@ def as_json(report: Report, command: str) -> str:
             "options": asdict(report.options),
             "results": [asdict(r) for r in report.results],
             "ratios": [
-                {"layout": layout, "label": label, "ratio": value}
-                for layout, label, value in report.ratios()
+                {"layout": layout, "renews": renews, "label": label, "ratio": value}
+                for layout, renews, label, value in report.ratios()
             ],
             "skipped": report.skipped,
             "failures": report.failures,
@@ -697,7 +744,9 @@ def _parse(argv: list[str] | None) -> tuple[Options, Path]:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured per variant")
     parser.add_argument("--warmup", type=float, default=2.0, help="before each measurement")
     parser.add_argument("--calls", type=int, default=1_000, help="concurrent calls")
-    parser.add_argument("--renews", type=int, default=2, help="renews per call")
+    parser.add_argument(
+        "--renews", default="2,0", help="renews per call of each workload, comma-separated"
+    )
     parser.add_argument(
         "--accounts", type=int, default=10_000, help="accounts of the spread layout"
     )
@@ -732,6 +781,11 @@ def _parse(argv: list[str] | None) -> tuple[Options, Path]:
     parser.add_argument("--dialers", type=int, default=1, help="DialerClients, library mode")
     parser.add_argument("--no-uvloop", action="store_true", help="the default asyncio loop")
     parser.add_argument(
+        "--old-server", default="", metavar="DIR",
+        help="also run the callcredit_server package in DIR (callcredit-old), e.g. from "
+        "`git worktree add /tmp/old 8852747`: DIR = /tmp/old/server",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, default=None,
         help="Markdown file (JSON beside it); default loadtest/results/bench_compare-<date>.md",
     )  # fmt: skip
@@ -743,13 +797,17 @@ def _parse(argv: list[str] | None) -> tuple[Options, Path]:
     layouts = tuple(s.strip() for s in args.layouts.split(",") if s.strip())
     if not layouts or any(layout not in ("hot", "many") for layout in layouts):
         parser.error("--layouts takes hot, many or hot,many")
-    if args.calls < 1 or args.renews < 0 or args.accounts < 1 or args.seconds <= 0:
+    try:
+        renews = tuple(int(r) for r in args.renews.split(","))
+    except ValueError:
+        parser.error("--renews takes comma-separated integers, e.g. 2,0")
+    if args.calls < 1 or min(renews) < 0 or args.accounts < 1 or args.seconds <= 0:
         parser.error("--calls and --accounts must be >= 1, --renews >= 0, --seconds > 0")
     options = Options(
         seconds=args.seconds,
         warmup=args.warmup,
         calls=args.calls,
-        renews=args.renews,
+        renews=renews,
         accounts=args.accounts,
         only=only,
         database_url=args.database_url,
@@ -766,6 +824,7 @@ def _parse(argv: list[str] | None) -> tuple[Options, Path]:
         use_uvloop=not args.no_uvloop,
         hot_balance=args.hot_balance,
         balance=args.balance,
+        old_server=args.old_server,
     )
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
     out = args.out or procs.REPO / "loadtest" / "results" / f"bench_compare-{stamp}.md"
@@ -787,8 +846,8 @@ def main(argv: list[str] | None = None) -> int:
     report = _run_loop(options)
     print()
     print(text_table(report))
-    for layout, label, value in report.ratios():
-        print(f"{_layout_name(layout, options)}: {label}: {value:.2f}x")
+    for layout, renews, label, value in report.ratios():
+        print(f"{_layout_name(layout, options)}, {_workload_name(renews)}: {label}: {value:.2f}x")
     for skipped in report.skipped:
         print(f"skipped: {skipped}")
     out.parent.mkdir(parents=True, exist_ok=True)

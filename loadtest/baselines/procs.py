@@ -12,26 +12,70 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from callcredit_server.launch import ServerProcess, serving
+from callcredit_server.launch import (
+    LOG_TAIL_CHARS,
+    POLL_INTERVAL_SECONDS,
+    SERVER_COMMAND,
+    START_TIMEOUT_SECONDS,
+    ServerDidNotStart,
+    ServerProcess,
+    serving,
+)
 
 REPO = Path(__file__).resolve().parent.parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _env() -> dict[str, str]:
-    # The caller's PYTHONPATH first: a run can put another version of the server in
-    # front of this checkout (docs/benchmarks.md compares against one).
-    return {"PYTHONPATH": os.pathsep.join(filter(None, (os.environ.get("PYTHONPATH"), str(REPO))))}
+def _env(first: str = "") -> dict[str, str]:
+    # The caller's PYTHONPATH first (after `first`): a run can put another version of
+    # the server in front of this checkout (docs/benchmarks.md compares against one).
+    path = (first, os.environ.get("PYTHONPATH"), str(REPO))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, path))}
 
 
 def callcredit_server(
-    database_url: str, snapshot_dir: Path, cwd: Path
+    database_url: str, snapshot_dir: Path, cwd: Path, server_path: str = ""
 ) -> AbstractContextManager[ServerProcess]:
     """`callcredit-server` on a free port, default durability, warnings only; its log is
-    cwd/server.log."""
+    cwd/server.log. `server_path`: a directory holding another `callcredit_server`
+    package, run instead of this checkout's (see `legacy_callcredit_server`)."""
     args = ["--listen", "127.0.0.1:0", "--database-url", database_url,
             "--snapshot-dir", str(snapshot_dir), "--log-level", "WARNING"]  # fmt: skip
-    return serving(args, cwd / "server.log", env=_env(), cwd=cwd)
+    return serving(args, cwd / "server.log", env=_env(server_path), cwd=cwd)
+
+
+@contextmanager
+def legacy_callcredit_server(
+    database_url: str, snapshot_dir: Path, cwd: Path, server_path: str
+) -> Iterator[ServerProcess]:
+    """A server from before the ready file (such as 8852747, the baseline of issue 12),
+    from the `callcredit_server` package in `server_path`: told its port, and serving
+    once its log says `listening on port`."""
+    port = free_port()
+    args = ["--listen", f"127.0.0.1:{port}", "--database-url", database_url,
+            "--snapshot-dir", str(snapshot_dir), "--log-level", "WARNING"]  # fmt: skip
+    command = [*SERVER_COMMAND, *args]
+    log = cwd / "server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **_env(server_path)},
+        )
+    server = ServerProcess(process, log, cwd / "unused.ready")
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while "listening on port" not in server.log_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise ServerDidNotStart(server.log_text()[-LOG_TAIL_CHARS:])
+            time.sleep(POLL_INTERVAL_SECONDS)
+        server.port = port
+        yield server
+    finally:
+        server.stop()
 
 
 @contextmanager

@@ -33,6 +33,7 @@ from callcredit.v1 import admin_pb2, credit_control_pb2
 from callcredit_server.auth import Authenticator, AuthInterceptor, Token, tokens_from_config
 from callcredit_server.changefeed import Changefeed
 from callcredit_server.convert import GrantPolicy
+from callcredit_server.core import COMPILED
 from callcredit_server.handlers import register
 from callcredit_server.journal import Journal
 from callcredit_server.metrics import Metrics, parse_listen
@@ -430,11 +431,13 @@ async def start(
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     tls = "off" if not settings.tls_enabled else "mutual" if settings.tls_client_ca else "on"
     log.info(
-        "callcredit serving on port %d, journal %s, TLS %s, auth %s",
+        "callcredit serving on port %d, journal %s, TLS %s, auth %s, core %s",
         port,
         _safe_url(settings.database_url),
         tls,
         f"on ({len(settings.tokens)} tokens)" if settings.tokens else "off",
+        "compiled (mypyc)" if COMPILED else "pure Python",
+        extra={"core_compiled": COMPILED},
     )
     return RunningServer(server, port, writer, journal, health, history, control, metrics)
 

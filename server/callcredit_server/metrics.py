@@ -43,6 +43,7 @@ from prometheus_client.registry import Collector
 from callcredit.v1 import credit_control_pb2
 from callcredit.v1.error_reason_pb2 import ErrorReason
 from callcredit_server.core import (
+    COMPILED,
     Adjust,
     Command,
     CreateAccount,
@@ -380,6 +381,11 @@ class Metrics(Collector):
         )
         yield GaugeMetricFamily(
             "callcredit_draining", "1 while the server drains before exiting.", int(self.draining)
+        )
+        yield GaugeMetricFamily(
+            "callcredit_core_compiled",
+            "1 when the state machine runs compiled by mypyc, 0 when it runs as pure Python.",
+            int(COMPILED),
         )
         sampled = self._sample()
         if sampled is None:

@@ -23,6 +23,7 @@ from callcredit_server.snapshot import (
     SnapshotError,
     discard_beyond,
     list_snapshots,
+    load_snapshot,
     read_snapshot,
 )
 
@@ -69,8 +70,7 @@ def recover(journal: Journal, snapshot_dir: Path | None) -> Recovered:
             if found.seq < pruned:
                 break
             try:
-                seq, image = read_snapshot(found.path)
-                machine, snapshot_seq = StateMachine.from_image(image), seq
+                snapshot_seq, machine = load_snapshot(found.path)
                 break
             except (SnapshotError, InvariantViolation) as exc:
                 log.warning("skipping snapshot %s: %s", found.path, exc)
@@ -122,7 +122,7 @@ def verify(journal: Journal, snapshot_dir: Path | None) -> Verification:
             return result
         start = min(usable)  # the oldest usable one: the others are checked against replay
         try:
-            machine = StateMachine.from_image(read_snapshot(snapshots[start])[1])
+            machine = load_snapshot(snapshots[start])[1]
         except (SnapshotError, InvariantViolation) as exc:
             result.problems.append(str(exc))
             return result

@@ -1,8 +1,14 @@
 """Snapshots: the whole state at one journal seq, so a start replays only what follows.
 
-A snapshot is a file `snapshot-<seq>.json.gz` in the snapshot directory: a header
-line (format, seq, creation time, sha256 of the state) and the state image
-(`StateMachine.image()`, versioned itself: core/image.py), gzip-compressed. It is
+A snapshot is a file `snapshot-<seq>.json.gz` in the snapshot directory, gzip-compressed
+JSON lines (format 2): a header line (format, seq, creation time); the state image
+(`StateMachine.image()`, versioned itself: core/image.py) without its rows; the rows as
+lines of `[section, [row, ...]]`, at most ROWS_PER_LINE each, accounts then calls then
+keys; and a last line with the sha256 of the lines between. A start reads it as a
+stream (`load_snapshot`): each line is built into objects as it is parsed, so the
+decoded image and the state never exist together (with 1M accounts, format 1's one
+JSON document took ~2.1 GiB at its peak, of which ~0.8 was the parser's own). Format 1
+(one header line, then the whole image as one document) is still read. A file is
 written to a temporary name, fsynced, and renamed, so a crash leaves either the whole
 file or none.
 
@@ -29,6 +35,7 @@ import json
 import os
 import re
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +44,11 @@ import orjson
 
 from callcredit_server.core import StateMachine
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+# The image's row lists, in the order StateMachine.from_image reads them.
+SECTIONS = ("accounts", "calls", "keys")
+ROWS_PER_LINE = 10_000  # bounds what a reader holds decoded beyond the state it builds
 KEEP_SNAPSHOTS = 2  # the newest ones; older files are deleted once a new one is done
 _NAME = re.compile(r"snapshot-(\d{20})\.json\.gz")
 _PR_SET_PDEATHSIG = 1
@@ -71,20 +82,18 @@ def list_snapshots(directory: Path) -> list[SnapshotFile]:
 
 def write_snapshot(directory: Path, seq: int, image: dict[str, Any], created_at_ms: int) -> Path:
     """Write the image durably as the snapshot at `seq`."""
-    state = orjson.dumps(image)
-    header = {
-        "format": SNAPSHOT_FORMAT,
-        "seq": seq,
-        "created_at_ms": created_at_ms,
-        "sha256": hashlib.sha256(state).hexdigest(),
-    }
+    header = {"format": SNAPSHOT_FORMAT, "seq": seq, "created_at_ms": created_at_ms}
     directory.mkdir(parents=True, exist_ok=True)
     final = snapshot_path(directory, seq)
     temporary = directory / f".{final.name}.{os.getpid()}.tmp"
+    digest = hashlib.sha256()
     with open(temporary, "wb") as raw:
         with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as packed:
             packed.write(json.dumps(header).encode() + b"\n")
-            packed.write(state)
+            for line in _lines(image):  # orjson writes no newline inside a value
+                digest.update(line)
+                packed.write(line + b"\n")
+            packed.write(orjson.dumps({"sha256": digest.hexdigest()}) + b"\n")
         raw.flush()
         os.fsync(raw.fileno())
     os.replace(temporary, final)
@@ -96,28 +105,125 @@ def write_snapshot(directory: Path, seq: int, image: dict[str, Any], created_at_
     return final
 
 
+def _lines(image: dict[str, Any]) -> Iterator[bytes]:
+    yield orjson.dumps({k: v for k, v in image.items() if k not in SECTIONS})
+    for section in SECTIONS:
+        rows = image[section]
+        for start in range(0, len(rows), ROWS_PER_LINE):
+            yield orjson.dumps([section, rows[start : start + ROWS_PER_LINE]])
+
+
 def read_snapshot(path: Path) -> tuple[int, dict[str, Any]]:
-    """(seq, state image) of a snapshot file; SnapshotError if it is damaged."""
+    """(seq, state image) of a snapshot file, the whole image decoded; SnapshotError if
+    it is damaged. A start builds the state with `load_snapshot` instead."""
+    with _open(path) as (seq, reader):
+        image = reader.head()
+        for section in SECTIONS:
+            image[section] = list(reader.rows(section))
+        reader.finish()
+    return seq, image
+
+
+def load_snapshot(path: Path) -> tuple[int, StateMachine]:
+    """(seq, the state) of a snapshot file, built as its lines are read; SnapshotError
+    if it is damaged, InvariantViolation if the state it holds is broken."""
+    with _open(path) as (seq, reader):
+        image = reader.head()
+        for section in SECTIONS:  # from_image reads each in turn, as the file holds them
+            image[section] = reader.rows(section)
+        machine = StateMachine.from_image(image)
+        reader.finish()
+    return seq, machine
+
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[tuple[int, _Reader]]:
     try:
         with gzip.open(path, "rb") as packed:
             header = json.loads(packed.readline())
-            state = packed.read()
+            if not isinstance(header, dict):
+                raise SnapshotError(f"snapshot {path}: no header")
+            if header.get("format") not in READABLE_FORMATS:
+                raise SnapshotError(
+                    f"snapshot {path}: unsupported snapshot file format "
+                    f"{header.get('format')!r} (this server reads "
+                    f"{', '.join(map(str, READABLE_FORMATS))})"
+                )
+            seq = header.get("seq")
+            if not isinstance(seq, int) or snapshot_path(path.parent, seq).name != path.name:
+                raise SnapshotError(f"snapshot {path}: its header names seq {seq!r}")
+            yield seq, _Reader(path, packed, header)
     except (OSError, EOFError, ValueError) as exc:
         raise SnapshotError(f"snapshot {path} cannot be read: {exc}") from exc
-    if not isinstance(header, dict):
-        raise SnapshotError(f"snapshot {path}: no header")
-    if header.get("format") != SNAPSHOT_FORMAT:
-        raise SnapshotError(
-            f"snapshot {path}: unsupported snapshot file format {header.get('format')!r} "
-            f"(this server reads {SNAPSHOT_FORMAT})"
-        )
-    if hashlib.sha256(state).hexdigest() != header.get("sha256"):
-        raise SnapshotError(f"snapshot {path}: the state does not match its checksum")
-    seq = header.get("seq")
-    if not isinstance(seq, int) or snapshot_path(path.parent, seq).name != path.name:
-        raise SnapshotError(f"snapshot {path}: its header names seq {seq!r}")
-    image: dict[str, Any] = orjson.loads(state)
-    return seq, image
+
+
+_END: list[Any] = ["", []]  # after the last line: no section is named ""
+
+
+class _Reader:
+    """A snapshot's image, line by line: its head, then the rows of each section in
+    order, hashed as they are read; `finish` checks the hash and that nothing is left.
+
+    Format 1 holds the whole image in one document: it is decoded at once, and served
+    through the same calls."""
+
+    def __init__(self, path: Path, packed: gzip.GzipFile, header: dict[str, Any]) -> None:
+        self._path = path
+        self._packed = packed
+        self._digest = hashlib.sha256()
+        self._pending: list[Any] | None = None
+        self._whole: dict[str, Any] | None = None
+        if header["format"] == 1:
+            state = packed.read()
+            if hashlib.sha256(state).hexdigest() != header.get("sha256"):
+                raise SnapshotError(f"snapshot {path}: the state does not match its checksum")
+            self._whole = orjson.loads(state)
+
+    def head(self) -> dict[str, Any]:
+        if self._whole is not None:
+            return {k: v for k, v in self._whole.items() if k not in SECTIONS}
+        head = self._line()
+        if not isinstance(head, dict):
+            raise SnapshotError(f"snapshot {self._path}: no image")
+        return head
+
+    def rows(self, section: str) -> Iterator[Any]:
+        if self._whole is not None:
+            yield from self._whole[section]
+            return
+        while True:
+            if self._pending is None:
+                self._pending = self._section_line()
+            if self._pending[0] != section:
+                return
+            rows = self._pending[1]
+            self._pending = None
+            yield from rows
+
+    def finish(self) -> None:
+        if self._whole is None and (self._pending or self._section_line()) is not _END:
+            raise SnapshotError(f"snapshot {self._path}: rows out of order")
+
+    def _section_line(self) -> list[Any]:
+        line = self._packed.readline()
+        if not line:
+            raise SnapshotError(f"snapshot {self._path}: truncated (no checksum line)")
+        value = orjson.loads(line)
+        if isinstance(value, dict):  # the last line
+            if value.get("sha256") != self._digest.hexdigest():
+                raise SnapshotError(f"snapshot {self._path}: the state does not match its checksum")
+            if self._packed.readline():
+                raise SnapshotError(f"snapshot {self._path}: lines after its checksum")
+            return _END
+        if not (isinstance(value, list) and len(value) == 2 and value[0] in SECTIONS):
+            raise SnapshotError(f"snapshot {self._path}: a line of rows is malformed")
+        self._digest.update(line.rstrip(b"\n"))
+        return value
+
+    def _line(self) -> Any:
+        line = self._packed.readline()
+        self._digest.update(line.rstrip(b"\n"))
+        return orjson.loads(line)
 
 
 def discard_beyond(directory: Path, last_seq: int) -> list[Path]:

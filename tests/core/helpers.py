@@ -10,9 +10,13 @@ each entry's `balance_after` follows from the one before, and every open call's
 from __future__ import annotations
 
 import copy
+import copyreg
+import dataclasses
 from collections.abc import Iterable
+from typing import Any
 
 from callcredit_server.core import (
+    COMPILED,
     AccountResult,
     AccountStatus,
     AccountView,
@@ -116,9 +120,22 @@ def renew(call_id: str, sequence: int, used_seconds: int, requested_seconds: int
     )
 
 
+def _rebuilt(value: Any) -> tuple[type[Any], tuple[Any, ...]]:
+    return type(value), tuple(getattr(value, f.name) for f in dataclasses.fields(value) if f.init)
+
+
+# Compiled by mypyc, a frozen dataclass cannot be deep-copied field by field (its
+# __setstate__ assigns them): state_of copies the ones the state holds by constructor.
+if COMPILED:
+    for frozen in (Rate, Tariff):
+        copyreg.pickle(frozen, _rebuilt)
+
+
 def state_of(machine: StateMachine) -> dict[str, object]:
     """A deep copy of everything the machine remembers, to compare before and after."""
-    kept = {k: v for k, v in vars(machine).items() if k not in _STEP_ATTRIBUTES}
+    # Compiled by mypyc, the machine's attributes are native fields that mypyc lists.
+    names = getattr(StateMachine, "__mypyc_attrs__", ()) or vars(machine)
+    kept = {k: getattr(machine, k) for k in names if k not in _STEP_ATTRIBUTES}
     return copy.deepcopy(kept)
 
 

@@ -3,7 +3,7 @@ per-step invariant check stops a broken step.
 
 - validation: `is_valid(c)` is `not violations(c)`;
 - rating: `affordable()` is (max_affordable_seconds, cost of it), `cost()` the formula;
-- `positional_constructor` builds the value the class's constructor builds;
+- the `new_*` functions build the value the class's constructor builds;
 - `Tariff.rate_for` is the longest matching prefix, whatever lengths the prefixes have;
 - the expiry heap: a renewal that shortens the validity still expires on time;
 - `_check_step`: a step that breaks `available >= 0` or moves money without (or
@@ -37,11 +37,9 @@ from callcredit_server.core.commands import Command, Release, Renew, Reserve
 from callcredit_server.core.model import (
     Account,
     Call,
-    new_call_record,
     new_grant,
     new_ledger_entry,
     new_release_result,
-    positional_constructor,
 )
 from callcredit_server.core.rating import MICROS_PER_MINUTE, affordable
 from callcredit_server.core.validation import is_valid, violations
@@ -144,27 +142,21 @@ def test_affordable_is_the_largest_duration_that_fits_and_its_cost() -> None:
 # ---------------------------------------------------------------- constructors
 
 
-def test_positional_constructors_build_what_the_classes_build() -> None:
+def test_new_functions_build_what_the_classes_build() -> None:
     r = rate("84", fee=3)
     assert new_grant("c", 60, True, 120, 7) == Grant("c", 60, True, 120, 7)
     assert new_release_result("c", 1, 2, 3, 4, 5) == ReleaseResult("c", 1, 2, 3, 4, 5)
     assert new_ledger_entry(9, "A", EntryKind.REFUND, 5, 10, "c", "r", "k", T0_MS) == LedgerEntry(
         9, "A", EntryKind.REFUND, 5, 10, "c", "r", "k", T0_MS
     )
-    values: tuple[Any, ...] = ("c", 3, "A", "84", CallState.ACTIVE, 60, 5, 60, 0, 0, r)
-    values += (T0_MS, None, False, T0_MS + 1, 2)
-    record = new_call_record(*values)
-    assert record == CallRecord(*values)
+    call = Call("c", 3, "A", "84", 0, r, 60, 120, T0_MS, T0_MS + 1, CallState.ACTIVE, 60, 5, 60)
+    record = call.record()
+    assert record == CallRecord(
+        "c", 3, "A", "84", CallState.ACTIVE, 60, 5, 60, 0, 0, r, T0_MS, None, False, T0_MS + 1, 0
+    )
     assert type(record) is CallRecord
     with pytest.raises(AttributeError):
-        record.held = 1  # type: ignore[misc]  # still frozen
-
-
-def test_positional_constructor_refuses_what_it_cannot_build() -> None:
-    with pytest.raises(TypeError):
-        positional_constructor(Tariff)  # has a __post_init__
-    with pytest.raises(TypeError):
-        positional_constructor(int)  # not a dataclass
+        record.held = 1  # type: ignore[misc]  # immutable
 
 
 # --------------------------------------------------------------------- tariffs

@@ -30,7 +30,7 @@ def _options(system: str, **changes: object) -> Options:
         seconds=1.0,
         warmup=0.2,
         calls=20,
-        renews=2,
+        renews=(2,),
         accounts=50,
         only=(system,),
         quiet=True,

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from callcredit.v1 import admin_pb2, credit_control_pb2
+from callcredit_server.core import COMPILED
 from callcredit_server.metrics import Histogram, Metrics, parse_listen
 from tests.ops.conftest import scrape
 from tests.service.conftest import Harness
@@ -94,6 +95,7 @@ async def test_scrape_counts_operations_commits_streams_and_pushes(
     assert seen[plain("callcredit_journal_uncommitted_records")] == 0
     assert seen[plain("callcredit_writer_failed")] == 0
     assert seen[plain("callcredit_draining")] == 0
+    assert seen[plain("callcredit_core_compiled")] == int(COMPILED)
     assert plain("process_cpu_seconds_total") in seen
     # The termination is logged with its call_id.
     (logged,) = [r for r in caplog.records if getattr(r, "call_id", None) == "c2"]

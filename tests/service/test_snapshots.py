@@ -4,20 +4,35 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+from collections.abc import Callable
+from hashlib import sha256
 from pathlib import Path
 
+import orjson
 import pytest
 
 from callcredit.v1 import admin_pb2
+from callcredit_server import snapshot
+from callcredit_server.core import (
+    CreateAccount,
+    InvariantViolation,
+    PutTariff,
+    Reserve,
+    StateMachine,
+    Tariff,
+    TopUp,
+)
 from callcredit_server.journal import Journal
 from callcredit_server.recovery import recover, verify
 from callcredit_server.snapshot import (
     SnapshotError,
     list_snapshots,
+    load_snapshot,
     read_snapshot,
     snapshot_path,
     write_snapshot,
 )
+from tests.core.helpers import rate
 from tests.service.conftest import FakeClock, Harness, open_harness
 from tests.service.streams import RawStream, release_op, renew_op, reserve_op
 
@@ -108,8 +123,68 @@ async def test_a_snapshot_beyond_the_journal_is_discarded_and_a_damaged_one_skip
 
 def test_a_snapshot_file_of_another_format_is_refused_by_name(tmp_path: Path) -> None:
     path = snapshot_path(tmp_path, 7)
-    path.write_bytes(gzip.compress(b'{"format": 2, "seq": 7}\n{}'))
+    path.write_bytes(gzip.compress(b'{"format": 3, "seq": 7}\n{}'))
     with pytest.raises(
-        SnapshotError, match=r"unsupported snapshot file format 2 \(this server reads 1\)"
+        SnapshotError, match=r"unsupported snapshot file format 3 \(this server reads 1, 2\)"
     ):
         read_snapshot(path)
+
+
+def _image(accounts: int) -> dict[str, object]:
+    """A state with `accounts` accounts, each topped up (a remembered key), one call open."""
+    machine = StateMachine()
+    machine.apply(PutTariff(Tariff("T", "VND", (rate(price=60_000_000),))), 1_000)
+    for n in range(accounts):
+        machine.apply(CreateAccount(f"a{n}", "VND", "T", 0, 0), 1_000)
+        machine.apply(TopUp(f"a{n}", 10**6, f"k{n}", ""), 1_000)
+    machine.apply(Reserve("c", "a0", "84901", 0, 60, 120), 1_000)
+    return machine.image()
+
+
+def test_a_snapshot_is_read_as_a_stream_of_bounded_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(snapshot, "ROWS_PER_LINE", 3)  # 7 accounts: lines of 3, 3, 1
+    image = _image(7)
+    path = write_snapshot(tmp_path, 9, image, 0)
+    lines = gzip.decompress(path.read_bytes()).splitlines()
+    assert len(lines) == 1 + 1 + 3 + 1 + 3 + 1  # header, head, accounts, calls, keys, sha256
+    assert read_snapshot(path) == (9, image)
+    seq, machine = load_snapshot(path)
+    assert (seq, machine.image()) == (9, image)
+
+
+def test_a_snapshot_of_format_1_is_still_read(tmp_path: Path) -> None:
+    image = _image(3)
+    state = orjson.dumps(image)
+    header = {"format": 1, "seq": 4, "created_at_ms": 0, "sha256": sha256(state).hexdigest()}
+    path = snapshot_path(tmp_path, 4)
+    path.write_bytes(gzip.compress(orjson.dumps(header) + b"\n" + state))
+    assert read_snapshot(path) == (4, image)
+    assert load_snapshot(path)[1].image() == image
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda lines: lines[:-1], "truncated"),
+        (lambda lines: [*lines[:2], lines[3], lines[2], *lines[4:]], "checksum"),
+        (lambda lines: [*lines, b"[]"], "after its checksum"),
+        (lambda lines: [*lines[:2], b'["accounts", [', *lines[3:]], "cannot be read"),
+    ],
+    ids=["no-checksum-line", "lines-swapped", "trailing-line", "garbled-line"],
+)
+def test_a_damaged_snapshot_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    damage: Callable[[list[bytes]], list[bytes]],
+    message: str,
+) -> None:
+    monkeypatch.setattr(snapshot, "ROWS_PER_LINE", 2)
+    path = write_snapshot(tmp_path, 5, _image(4), 0)
+    lines = gzip.decompress(path.read_bytes()).splitlines()
+    path.write_bytes(gzip.compress(b"\n".join(damage(lines)) + b"\n"))
+    with pytest.raises(SnapshotError, match=message):
+        read_snapshot(path)
+    with pytest.raises((SnapshotError, InvariantViolation)):
+        load_snapshot(path)

@@ -22,7 +22,6 @@ holds a call was given. It never calls the state machine's code.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -184,8 +183,7 @@ def before(model: Model, command: Command, now_ms: int) -> Before:
         and call.expires_at_ms is not None
         and call.expires_at_ms < now_ms
     ):
-        call = dataclasses.replace(
-            call,
+        call = call._replace(
             state=CallState.EXPIRED,
             charged=call.held,
             held=0,

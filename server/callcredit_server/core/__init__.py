@@ -20,6 +20,7 @@ from callcredit_server.core.commands import (
 )
 from callcredit_server.core.machine import InvariantViolation, StateMachine, Step
 from callcredit_server.core.model import (
+    COMPILED,
     AccountStatus,
     AccountView,
     CallRecord,
@@ -47,6 +48,7 @@ from callcredit_server.core.outcomes import (
 from callcredit_server.core.rating import billed_seconds, cost, max_affordable_seconds
 
 __all__ = [
+    "COMPILED",
     "AccountResult",
     "AccountStatus",
     "AccountView",

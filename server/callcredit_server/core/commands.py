@@ -9,6 +9,7 @@ of the restarted server.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from callcredit_server.core.model import AccountStatus, Tariff
 
@@ -54,8 +55,10 @@ class PutTariff:
     tariff: Tariff
 
 
-@dataclass(frozen=True, slots=True)
-class Reserve:
+# The dialer's three commands, one per operation, are NamedTuples: the cheapest
+# immutable value to build (a quarter of a frozen dataclass's __init__). No two of
+# them can be equal: they differ in length or in the type of their second field.
+class Reserve(NamedTuple):
     call_id: str
     account_id: str
     destination: str
@@ -64,8 +67,7 @@ class Reserve:
     validity_seconds: int
 
 
-@dataclass(frozen=True, slots=True)
-class Renew:
+class Renew(NamedTuple):
     call_id: str
     sequence: int
     used_seconds: int
@@ -74,8 +76,7 @@ class Renew:
     validity_seconds: int
 
 
-@dataclass(frozen=True, slots=True)
-class Release:
+class Release(NamedTuple):
     call_id: str
     used_seconds: int
 

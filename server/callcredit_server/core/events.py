@@ -19,9 +19,8 @@ BALANCE_RESTORED, which re-arms it. Only the end of a step counts, so a release
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from callcredit_server.core.model import (
     AccountStatus,
@@ -46,9 +45,11 @@ class EventKind(StrEnum):
     BALANCE_RESTORED = "BALANCE_RESTORED"
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One change of one account (Event in the contract, without its seq and index)."""
+class Event(NamedTuple):
+    """One change of one account (Event in the contract, without its seq and index).
+
+    A NamedTuple, like the other values a step builds (model.py), built by `new_event`.
+    """
 
     kind: EventKind
     account: AccountView  # just after the change (burn_micros: its burn rate then)
@@ -59,6 +60,18 @@ class Event:
     @property
     def account_id(self) -> str:
         return self.account.account_id
+
+
+def new_event(
+    kind: EventKind,
+    account: AccountView,
+    entry: LedgerEntry | None,
+    call: CallRecord | None,
+    previous_status: AccountStatus | None,
+) -> Event:
+    """Event(...) from every field in order, without the keyword-parsing __new__ (as
+    model.py's new_* functions): the state machine builds one per change."""
+    return tuple.__new__(Event, (kind, account, entry, call, previous_status))
 
 
 # ------------------------------------------------------------------ images

@@ -17,8 +17,9 @@ import gc
 import heapq
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
+
+from mypy_extensions import mypyc_attr
 
 from callcredit_server.core import image as image_format
 from callcredit_server.core.commands import (
@@ -33,7 +34,7 @@ from callcredit_server.core.commands import (
     TopUp,
     UpdateAccount,
 )
-from callcredit_server.core.events import Event, EventKind
+from callcredit_server.core.events import Event, EventKind, new_event
 from callcredit_server.core.model import (
     Account,
     AccountStatus,
@@ -48,20 +49,19 @@ from callcredit_server.core.model import (
     Tariff,
     new_ledger_entry,
     new_release_result,
-    positional_constructor,
 )
 from callcredit_server.core.outcomes import (
+    AccountResult,
     GrantPush,
+    GrantResult,
     Outcome,
     Push,
     Reason,
     Refused,
+    ReleaseOutcome,
     TariffResult,
     Termination,
     TickResult,
-    new_account_result,
-    new_grant_result,
-    new_release_outcome,
 )
 from callcredit_server.core.rating import affordable, billed_seconds, cost
 from callcredit_server.core.validation import MAX_BALANCE, is_valid, violations
@@ -78,21 +78,15 @@ class InvariantViolation(Exception):
     """A bug: the state broke a rule that no input may break. The server must stop."""
 
 
-@dataclass(slots=True)
-class Step:
+class Step(NamedTuple):
     """What one command did: the answer, and what must be journaled and pushed."""
 
     outcome: Outcome
     changed: bool
-    entries: list[LedgerEntry] = field(default_factory=list)
-    calls: list[CallRecord] = field(default_factory=list)
-    pushes: list[Push] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)  # in the order they happened
-
-
-new_event: Callable[
-    [EventKind, AccountView, LedgerEntry | None, CallRecord | None, AccountStatus | None], Event
-] = positional_constructor(Event)
+    entries: list[LedgerEntry]
+    calls: list[CallRecord]
+    pushes: list[Push]
+    events: list[Event]  # in the order they happened
 
 
 class _KeyRecord(NamedTuple):
@@ -112,6 +106,9 @@ def _refuse(reason: Reason, message: str) -> Refused:
 _Handler = Callable[["StateMachine", Any], Outcome]
 
 
+# Compiled by mypyc, a class is closed to Python subclasses unless it says otherwise;
+# the simulation and the tests inject bugs by overriding a handler.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class StateMachine:
     """Accounts, tariffs and calls in memory, changed only through `apply`."""
 
@@ -234,7 +231,7 @@ class StateMachine:
         self._touch(account)
         view = account.view()
         self._events.append(new_event(EventKind.ACCOUNT_CREATED, view, None, None, None))
-        return new_account_result(view)
+        return AccountResult(view)
 
     def _update_account(self, c: UpdateAccount) -> Outcome:
         account = self.accounts.get(c.account_id)
@@ -304,7 +301,7 @@ class StateMachine:
             )
         if grew:
             self._regrant(account, resumed=resumed)
-        return new_account_result(account.view())
+        return AccountResult(account.view())
 
     def _suspend_calls(self, account: Account) -> None:
         """Order every open call to hang up; their grants are final from now on."""
@@ -328,7 +325,7 @@ class StateMachine:
         remembered = self._keys.get((account_id, key))
         if remembered is not None:
             if remembered.fingerprint == fingerprint:
-                return new_account_result(remembered.answer)
+                return AccountResult(remembered.answer)
             return _refuse(
                 Reason.IDEMPOTENCY_KEY_CONFLICT,
                 f"idempotency key {key!r} was used with different fields",
@@ -354,7 +351,7 @@ class StateMachine:
         answer = account.view()
         self._keys[(account_id, key)] = _KeyRecord(fingerprint, answer)
         self._key_times.append((self.now_ms, account_id, key))
-        return new_account_result(answer)
+        return AccountResult(answer)
 
     def _put_tariff(self, c: PutTariff) -> Outcome:
         existing = self.tariffs.get(c.tariff.tariff_id)
@@ -386,7 +383,7 @@ class StateMachine:
                 )
             if call.state is not CallState.ACTIVE:
                 return _refuse(Reason.CALL_ALREADY_ENDED, f"call {c.call_id!r} has ended")
-            return new_grant_result(call.grant())
+            return GrantResult(call.grant())
         account = self.accounts.get(c.account_id)
         if account is None:
             return _refuse(Reason.ACCOUNT_NOT_FOUND, f"no account {c.account_id!r}")
@@ -455,7 +452,7 @@ class StateMachine:
         self._push_expiry(call)
         self._touched[call_id] = call
         self._call_event(EventKind.CALL_STARTED, account, call)
-        return new_grant_result(call.grant())
+        return GrantResult(call.grant())
 
     def _renew(self, c: Renew) -> Outcome:
         call = self.calls.get(c.call_id)
@@ -466,9 +463,9 @@ class StateMachine:
         if call.state is not CallState.ACTIVE:
             return _refuse(Reason.CALL_ALREADY_ENDED, f"call {c.call_id!r} has ended")
         if c.sequence == call.last_sequence and call.last_renew is not None:
-            return new_grant_result(call.last_renew)
+            return GrantResult(call.last_renew)
         if c.sequence <= call.last_sequence:
-            return new_grant_result(call.grant())
+            return GrantResult(call.grant())
         if c.used_seconds < call.used_seconds:
             message = f"must not be lower than the {call.used_seconds} already reported"
             return Refused(
@@ -491,7 +488,7 @@ class StateMachine:
         self._refresh_validity(call)
         grant = call.last_renew = call.grant()
         self._touched[call.call_id] = call
-        return new_grant_result(grant)
+        return GrantResult(grant)
 
     def _release(self, c: Release) -> Outcome:
         call = self.calls.get(c.call_id)
@@ -501,7 +498,7 @@ class StateMachine:
             self._expire_if_due(call)
         if call.release is not None:
             if call.release.used_seconds == c.used_seconds:
-                return new_release_outcome(call.release)
+                return ReleaseOutcome(call.release)
             return _refuse(
                 Reason.CALL_ALREADY_ENDED,
                 f"call {c.call_id!r} was released with {call.release.used_seconds} seconds",
@@ -530,7 +527,7 @@ class StateMachine:
         self._call_event(EventKind.CALL_ENDED, account, call)
         if account.final_calls:
             self._regrant(account)
-        return new_release_outcome(result)
+        return ReleaseOutcome(result)
 
     def _late_release(self, account: Account, call: Call, used_seconds: int) -> Outcome:
         """Re-rate an expired call to what it used; refund what it was overcharged."""
@@ -550,7 +547,7 @@ class StateMachine:
         self._touched[call.call_id] = call
         if refund:
             self._regrant(account)
-        return new_release_outcome(call.release)
+        return ReleaseOutcome(call.release)
 
     def _release_result(self, account: Account, call: Call) -> ReleaseResult:
         return new_release_result(

@@ -6,13 +6,14 @@ int milliseconds since the Unix epoch (`*_ms`), given by the caller.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple, TypeVar
 
 MAX_PREFIX_DIGITS = 16
+
+# Whether this module runs compiled by mypyc (scripts/build_compiled.py) or as Python.
+COMPILED = not __file__.endswith(".py")
 
 
 class AccountStatus(StrEnum):
@@ -81,8 +82,14 @@ class Tariff:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class Grant:
+# The values built on every step (grants, release results, ledger entries, call
+# records) are NamedTuples, built by the new_* functions below: a tuple is the
+# cheapest immutable object to build, in Python and compiled alike (a frozen
+# dataclass's __init__ sets each field through object.__setattr__, ~3 us for a
+# CallRecord; mypyc compiles the class but keeps that generated __init__).
+
+
+class Grant(NamedTuple):
     """How long a call may last (Grant in the contract)."""
 
     call_id: str
@@ -92,8 +99,7 @@ class Grant:
     held: int
 
 
-@dataclass(frozen=True, slots=True)
-class ReleaseResult:
+class ReleaseResult(NamedTuple):
     """The answer to a Release, kept so that a repeat gets the same answer."""
 
     call_id: str
@@ -125,8 +131,7 @@ class AccountView(NamedTuple):
     burn_micros: int = 0  # the open calls' price_per_minute_micros, summed
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerEntry:
+class LedgerEntry(NamedTuple):
     """One signed change of a balance. Entries of an account sum to its balance."""
 
     entry_id: int
@@ -140,8 +145,7 @@ class LedgerEntry:
     created_at_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class CallRecord:
+class CallRecord(NamedTuple):
     """A call as it stood at one instant: what is written to history and read back."""
 
     call_id: str
@@ -196,23 +200,26 @@ class Call:
 
     def record(self) -> CallRecord:
         """An immutable copy for history and reads."""
-        return new_call_record(
-            self.call_id,
-            self.call_seq,
-            self.account_id,
-            self.destination,
-            self.state,
-            self.allowed_seconds,
-            self.used_seconds,
-            self.held,
-            self.charged,
-            self.shortfall,
-            self.rate,
-            self.started_at_ms,
-            self.ended_at_ms,
-            self.final,
-            self.expires_at_ms if self.state is CallState.ACTIVE else None,
-            self.last_sequence,
+        return _new(
+            CallRecord,
+            (
+                self.call_id,
+                self.call_seq,
+                self.account_id,
+                self.destination,
+                self.state,
+                self.allowed_seconds,
+                self.used_seconds,
+                self.held,
+                self.charged,
+                self.shortfall,
+                self.rate,
+                self.started_at_ms,
+                self.ended_at_ms,
+                self.final,
+                self.expires_at_ms if self.state is CallState.ACTIVE else None,
+                self.last_sequence,
+            ),
         )
 
 
@@ -275,7 +282,6 @@ def seconds_until_empty(available: int, burn_micros: int) -> int | None:
     return max(available, 0) * 60_000_000 // burn_micros
 
 
-_T = TypeVar("_T")
 _NT = TypeVar("_NT", bound=tuple[Any, ...])
 
 
@@ -288,55 +294,40 @@ def _new(cls: type[_NT], values: tuple[Any, ...]) -> _NT:
     return tuple.__new__(cls, values)
 
 
-def positional_constructor(cls: type[_T]) -> Callable[..., _T]:
-    """A constructor of the frozen, slotted dataclass `cls` taking every field in order.
-
-    A frozen dataclass's __init__ assigns each field through object.__setattr__, ~3 us
-    for a CallRecord's 16 fields; this one stores each through its slot descriptor, a
-    third of that. The state machine builds records, grants and entries on every step.
-    It builds the same value as cls(*values): no defaults, no __post_init__ (refused).
-    """
-    params = dataclasses.fields(cls)  # type: ignore[arg-type]
-    if not hasattr(cls, "__slots__") or hasattr(cls, "__post_init__"):
-        raise TypeError(f"{cls.__name__} must be slotted and have no __post_init__")
-    names = [f"v{i}" for i in range(len(params))]
-    body = "".join(f"    set{i}(obj, v{i})\n" for i in range(len(params)))
-    source = f"def new({', '.join(names)}):\n    obj = new_object(cls)\n{body}    return obj\n"
-    scope: dict[str, Any] = {"new_object": object.__new__, "cls": cls}
-    for i, param in enumerate(params):
-        scope[f"set{i}"] = cls.__dict__[param.name].__set__
-    exec(source, scope)
-    new: Callable[..., _T] = scope["new"]
-    new.__qualname__ = new.__name__ = f"new_{cls.__name__}"
-    return new
+def new_grant(
+    call_id: str, allowed_seconds: int, final: bool, validity_seconds: int, held: int
+) -> Grant:
+    return _new(Grant, (call_id, allowed_seconds, final, validity_seconds, held))
 
 
-# Typed here, so that mypy checks every call as it would the class's own constructor.
-new_grant: Callable[[str, int, bool, int, int], Grant] = positional_constructor(Grant)
-new_release_result: Callable[[str, int, int, int, int, int], ReleaseResult] = (
-    positional_constructor(ReleaseResult)
-)
-new_ledger_entry: Callable[[int, str, EntryKind, int, int, str, str, str, int], LedgerEntry] = (
-    positional_constructor(LedgerEntry)
-)
-new_call_record: Callable[
-    [
-        str,  # call_id
-        int,  # call_seq
-        str,  # account_id
-        str,  # destination
-        CallState,  # state
-        int,  # allowed_seconds
-        int,  # used_seconds
-        int,  # held
-        int,  # charged
-        int,  # shortfall
-        Rate,  # rate
-        int,  # started_at_ms
-        int | None,  # ended_at_ms
-        bool,  # final
-        int | None,  # expires_at_ms
-        int,  # last_sequence
-    ],
-    CallRecord,
-] = positional_constructor(CallRecord)
+def new_release_result(
+    call_id: str, used_seconds: int, billed: int, charged: int, shortfall: int, balance: int
+) -> ReleaseResult:
+    return _new(ReleaseResult, (call_id, used_seconds, billed, charged, shortfall, balance))
+
+
+def new_ledger_entry(
+    entry_id: int,
+    account_id: str,
+    kind: EntryKind,
+    amount: int,
+    balance_after: int,
+    call_id: str,
+    reference: str,
+    idempotency_key: str,
+    created_at_ms: int,
+) -> LedgerEntry:
+    return _new(
+        LedgerEntry,
+        (
+            entry_id,
+            account_id,
+            kind,
+            amount,
+            balance_after,
+            call_id,
+            reference,
+            idempotency_key,
+            created_at_ms,
+        ),
+    )

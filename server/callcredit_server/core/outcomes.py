@@ -6,17 +6,11 @@ Pushes are what the server must tell dialers beyond the answer itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
-from callcredit_server.core.model import (
-    AccountView,
-    Grant,
-    ReleaseResult,
-    Tariff,
-    positional_constructor,
-)
+from callcredit_server.core.model import AccountView, Grant, ReleaseResult, Tariff
 
 
 class Reason(StrEnum):
@@ -59,8 +53,10 @@ class Refused:
     field_violations: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class AccountResult:
+# The answers of every step are NamedTuples (as the values they carry, model.py): a
+# tuple is the cheapest immutable object to build. No two of them can be equal: what
+# they hold differs in length.
+class AccountResult(NamedTuple):
     account: AccountView
 
 
@@ -69,13 +65,11 @@ class TariffResult:
     tariff: Tariff
 
 
-@dataclass(frozen=True, slots=True)
-class GrantResult:
+class GrantResult(NamedTuple):
     grant: Grant
 
 
-@dataclass(frozen=True, slots=True)
-class ReleaseOutcome:
+class ReleaseOutcome(NamedTuple):
     result: ReleaseResult
 
 
@@ -84,13 +78,6 @@ class TickResult:
     expired: int
     forgotten: int
 
-
-# What the state machine builds on every step, without frozen __init__'s __setattr__.
-new_account_result: Callable[[AccountView], AccountResult] = positional_constructor(AccountResult)
-new_grant_result: Callable[[Grant], GrantResult] = positional_constructor(GrantResult)
-new_release_outcome: Callable[[ReleaseResult], ReleaseOutcome] = positional_constructor(
-    ReleaseOutcome
-)
 
 Outcome = Refused | AccountResult | TariffResult | GrantResult | ReleaseOutcome | TickResult
 

@@ -1,0 +1,94 @@
+"""Compile the state machine (server/callcredit_server/core/) with mypyc, in place.
+
+    python scripts/build_compiled.py           # build: a .so beside each core module
+    python scripts/build_compiled.py --clean   # remove them: back to pure Python
+
+The source stays the same Python; mypyc compiles it as mypy --strict reads it. Python
+imports an extension module before the .py of the same name, so after a build the
+editable install (`make dev`) runs the compiled core, and after --clean the pure one.
+Nothing else changes: `pip install` never compiles, and a machine without a C compiler
+(or without mypy, a dev tool) runs the pure-Python core. The server logs which one it
+runs at start (`callcredit_server.core.build()`), and `make compiled` rebuilds only
+when a core source is newer than its build.
+
+Exit status 0 when built (or cleaned), 1 when it could not build: the pure-Python core
+is then what runs, and the message says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+SERVER = Path(__file__).resolve().parent.parent / "server"
+CORE = SERVER / "callcredit_server" / "core"
+# The runtime mypyc shares between the compiled modules, built beside the core
+# (callcredit_server/core__mypyc.*.so), not at the top of sys.path. Not inside
+# core/: importing it would first import core/__init__, which needs it.
+GROUP = "callcredit_server.core"
+
+
+def compiled_files() -> list[Path]:
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    shared = CORE.parent / f"core__mypyc{suffix}"
+    return sorted(p for p in CORE.iterdir() if p.name.endswith(suffix)) + (
+        [shared] if shared.exists() else []
+    )
+
+
+def clean() -> None:
+    for path in compiled_files():
+        path.unlink()
+        print(f"removed {path.relative_to(SERVER)}")
+
+
+def build() -> int:
+    try:
+        from mypyc.build import mypycify
+        from setuptools import setup  # type: ignore[import-untyped]
+    except ImportError as exc:
+        print(f"cannot compile ({exc}): the core stays pure Python", file=sys.stderr)
+        return 1
+    if shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]) is None:
+        print("no C compiler: the core stays pure Python", file=sys.stderr)
+        return 1
+    clean()
+    sources = sorted(str(p.relative_to(SERVER)) for p in CORE.glob("*.py"))
+    with tempfile.TemporaryDirectory(prefix="callcredit-mypyc-") as work:
+        here = Path.cwd()
+        os.chdir(SERVER)  # mypyc names modules by their path from here
+        try:
+            extensions = mypycify(sources, group_name=GROUP, target_dir=f"{work}/c")
+            setup(
+                name="callcredit-server-core",
+                ext_modules=extensions,
+                script_args=["-q", "build_ext", "--inplace", "--build-temp", f"{work}/o"],
+            )
+        except (SystemExit, Exception) as exc:  # a compiler error exits setup()
+            clean()
+            print(f"compiling failed ({exc}): the core stays pure Python", file=sys.stderr)
+            return 1
+        finally:
+            os.chdir(here)
+    for path in compiled_files():
+        print(f"built {path.relative_to(SERVER)}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clean", action="store_true", help="remove the compiled modules")
+    args = parser.parse_args()
+    if args.clean:
+        clean()
+        return 0
+    return build()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
