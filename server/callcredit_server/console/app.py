@@ -319,7 +319,10 @@ def create_app(
                 account_id, limit=CALLS_PAGE_SIZE, page_token=calls_page
             )
             entries = await state.client.list_entries(
-                account_id, after_entry_id=after_entry_id, limit=ENTRIES_PAGE_SIZE
+                account_id,
+                after_entry_id=after_entry_id,
+                limit=ENTRIES_PAGE_SIZE,
+                newest_first=True,
             )
         except CallcreditError as exc:
             return refused(request, exc, "/accounts")
@@ -331,6 +334,7 @@ def create_app(
             next_calls_page=calls.next_page_token,
             entries=entries,
             next_after=entries[-1].entry_id if len(entries) == ENTRIES_PAGE_SIZE else None,
+            request_after=after_entry_id,
             notice=_DONE_NOTICES.get(request.query_params.get("done", "")),
             top_up_key=forms.new_idempotency_key(),
             adjust_key=forms.new_idempotency_key(),
