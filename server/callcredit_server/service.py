@@ -782,7 +782,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         elif request.HasField("since"):
             if request.after:
                 await _abort(context, invalid("after", "must be empty with since"))
-            at_ms = request.since.ToMilliseconds()
+            since = request.since
+            if not (0 <= since.seconds <= _MAX_SINCE_SECONDS and 0 <= since.nanos < 10**9):
+                await _abort(context, invalid("since", "must be a time from 1970 to 9999"))
+            at_ms = since.ToMilliseconds()
             read = functools.partial(self._journal.last_seq_before, at_ms, feed.tail_seq)
             cursor = (await self._history_read(read, context), changefeed.END_OF_RECORD)
         elif request.after:
@@ -885,6 +888,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             if not more:
                 return
 
+
+_MAX_SINCE_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the end of Timestamp's range
 
 # WatchEventsResponse on the wire: field 1 (events) and field 2 (cursor), length-delimited.
 _EVENTS_TAG = b"\x0a"

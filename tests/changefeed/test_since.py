@@ -76,9 +76,12 @@ async def test_a_stored_only_replay_ends_at_the_end_as_it_was_and_filters_apply(
         {"since": at(0), "after": "1.0"},
         {"since": at(0), "from_end": True},
         {"stored_only": True, "from_end": True},
+        {"since": Timestamp(seconds=-1)},
+        {"since": Timestamp(seconds=10**15)},
+        {"since": Timestamp(seconds=1, nanos=-1)},
     ],
 )
-async def test_since_and_stored_only_conflict_with_other_starts(
+async def test_since_out_of_range_or_with_other_starts_is_refused(
     harness: Harness, fields: dict[str, object]
 ) -> None:
     await harness.funded_account("acme", 1)

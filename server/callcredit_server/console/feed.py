@@ -155,7 +155,8 @@ class Feed:
 
 class Replays:
     """Replays each account's recent past into ``history`` once, on demand, then bumps it
-    in ``changes``. A replay that fails is tried again when the account is next shown."""
+    in ``changes``. A replay the server refused or could not answer is tried again when
+    the account is next shown; one too long to read is not."""
 
     def __init__(self, admin: AdminClient, history: History, changes: Changes) -> None:
         self._admin = admin
@@ -174,14 +175,11 @@ class Replays:
         self._pending[account_id] = task
         task.add_done_callback(lambda _: self._pending.pop(account_id, None))
 
-    async def wait(self) -> None:
-        """Until every replay started so far has ended."""
-        await asyncio.gather(*self._pending.values(), return_exceptions=True)
-
     async def close(self) -> None:
-        for task in list(self._pending.values()):
+        tasks = list(self._pending.values())
+        for task in tasks:
             task.cancel()
-        await self.wait()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _replay(self, account_id: str, now_ms: int) -> None:
         async with self._running:
@@ -191,13 +189,14 @@ class Replays:
                 log.warning("replaying %s's events failed (%s)", account_id, error)
                 return
         if replayed is None:
+            # Given up for good (until the account is forgotten): the next try costs as much.
             log.warning(
                 "replaying %s's events needs more than %d responses; the chart shows what "
                 "this console saw",
                 account_id,
                 MAX_REPLAY_RESPONSES,
             )
-            return
+            replayed = []
         self._history.merge(account_id, replayed)
         await self._changes.publish({account_id})
 
