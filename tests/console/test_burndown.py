@@ -62,15 +62,14 @@ def test_a_replay_fills_in_the_past_and_no_event_counts_twice() -> None:
     # The replay of the journal reads from two hours back to its end: the top-up before
     # the window (the value it starts with), a charge inside it, and the first event
     # the live feed saw too.
-    history.merge(
-        "a",
-        [
-            ((7, 0), Point(NOW_MS - HISTORY_MS - 600_000, 1_000)),
-            ((30, 1), Point(NOW_MS - 1_800_000, 800)),
-            ((50, 0), Point(NOW_MS - 60_000, 700)),
-        ],
-    )
+    replayed = [
+        ((7, 0), Point(NOW_MS - HISTORY_MS - 600_000, 1_000)),
+        ((30, 1), Point(NOW_MS - 1_800_000, 800)),
+        ((50, 0), Point(NOW_MS - 60_000, 700)),
+    ]
+    assert history.merge("a", replayed)
     assert history.replayed("a") and not history.replayed("b")
+    assert not history.merge("a", replayed[1:])  # nothing new: no page needs redrawing
     assert history.points("a", NOW_MS) == [
         Point(NOW_MS - HISTORY_MS - 600_000, 1_000),
         Point(NOW_MS - 1_800_000, 800),

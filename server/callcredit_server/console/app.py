@@ -304,7 +304,6 @@ def create_app(
             "account": account,
             "open_calls": list(open_calls.calls),
             "chart": chart,
-            "replayed": state.history.replayed(account_id),
             "version": version,
         }
 

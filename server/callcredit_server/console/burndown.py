@@ -105,15 +105,18 @@ class History:
             at_ms = max(at_ms, newest.at_ms)
         points.append((key, Point(at_ms, available)))
 
-    def merge(self, account_id: str, replayed: list[tuple[EventKey, Point]]) -> None:
+    def merge(self, account_id: str, replayed: list[tuple[EventKey, Point]]) -> bool:
         """Add the account's ``replayed`` events (read back from the journal), each once
-        however many times the live feed saw it too, and note the account as replayed."""
+        however many times the live feed saw it too, and note the account as replayed.
+        Whether that changed its points (the live feed may have seen them all)."""
         points = self._account(account_id)
+        before = list(points)
         merged = dict(points)
         merged.update(replayed)
         points.clear()
         points.extend(sorted(merged.items())[-self._max_points :])
         self._replayed.add(account_id)
+        return list(points) != before
 
     def replayed(self, account_id: str) -> bool:
         """Whether ``merge`` filled in this account's past (and it was not forgotten since)."""

@@ -12,7 +12,8 @@ What happened before the console started comes from the journal too: the first t
 page shows an account, ``Replays`` reads that account's stored events since two hours
 ago (the hour the chart shows, and the hour before it for the value the chart starts
 with) in one bounded stream (``since``, ``stored_only``), merges them into the
-``History`` and bumps the account, so the open page redraws its chart.
+``History`` and, if that added anything, bumps the account, so the open page redraws
+its chart.
 """
 
 from __future__ import annotations
@@ -155,8 +156,8 @@ class Feed:
 
 class Replays:
     """Replays each account's recent past into ``history`` once, on demand, then bumps it
-    in ``changes``. A replay the server refused or could not answer is tried again when
-    the account is next shown; one too long to read is not."""
+    in ``changes`` if that added anything. A replay the server refused or could not
+    answer is tried again when the account is next shown; one too long to read is not."""
 
     def __init__(self, admin: AdminClient, history: History, changes: Changes) -> None:
         self._admin = admin
@@ -175,11 +176,14 @@ class Replays:
         self._pending[account_id] = task
         task.add_done_callback(lambda _: self._pending.pop(account_id, None))
 
+    async def idle(self) -> None:
+        """Until every replay started so far has ended."""
+        await asyncio.gather(*self._pending.values(), return_exceptions=True)
+
     async def close(self) -> None:
-        tasks = list(self._pending.values())
-        for task in tasks:
+        for task in self._pending.values():
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.idle()
 
     async def _replay(self, account_id: str, now_ms: int) -> None:
         async with self._running:
@@ -197,8 +201,8 @@ class Replays:
                 MAX_REPLAY_RESPONSES,
             )
             replayed = []
-        self._history.merge(account_id, replayed)
-        await self._changes.publish({account_id})
+        if self._history.merge(account_id, replayed):
+            await self._changes.publish({account_id})
 
     async def _read(self, account_id: str, since_ms: int) -> list[tuple[EventKey, Point]] | None:
         """The account's stored events since ``since_ms``, the newest kept; None when the
