@@ -840,19 +840,22 @@ class Journal:
 
     # ------------------------------------------------------------- history
 
-    def list_entries(self, account_id: str, after_entry_id: int, limit: int) -> list[LedgerEntry]:
-        """The account's entries with entry_id > after_entry_id, increasing, at most `limit`."""
+    def list_entries(
+        self, account_id: str, after_entry_id: int, limit: int, *, newest_first: bool = False
+    ) -> list[LedgerEntry]:
+        """The account's entries with entry_id > after_entry_id, increasing, at most `limit`;
+        `newest_first`: decreasing, with entry_id < after_entry_id unless that is 0."""
         _check_limit(limit)
         self._check_open()
-        query = (
-            select(*_ENTRY_COLUMNS)
-            .where(
-                entries_table.c.account_id == account_id,
-                entries_table.c.entry_id > after_entry_id,
-            )
-            .order_by(entries_table.c.entry_id)
-            .limit(limit)
-        )
+        entry_id = entries_table.c.entry_id
+        query = select(*_ENTRY_COLUMNS).where(entries_table.c.account_id == account_id)
+        if newest_first:
+            if after_entry_id:
+                query = query.where(entry_id < after_entry_id)
+            query = query.order_by(entry_id.desc())
+        else:
+            query = query.where(entry_id > after_entry_id).order_by(entry_id)
+        query = query.limit(limit)
         with _failing_as("listing entries"), self._engine.connect() as connection:
             return [_entry(row) for row in connection.execute(query)]
 
@@ -908,6 +911,23 @@ class Journal:
                 raise JournalError(f"events of journal seq {row.seq}: {exc}") from exc
         last = int(rows[-1].seq) if rows else None
         return events, last, len(rows) == EVENT_RECORDS_PER_READ
+
+    def last_seq_before(self, at_ms: int, through_seq: int) -> int:
+        """The last record with events before `at_ms`, up to seq `through_seq` (0 if none):
+        a replay after it starts at `at_ms`. Records are in time order (the writer's
+        clock never goes back), so the scan walks back from `through_seq` over the
+        records at or after `at_ms` only."""
+        self._check_open()
+        seq = events_table.c.seq
+        query = (
+            select(seq)
+            .where(seq <= through_seq, events_table.c.at_ms < at_ms)
+            .order_by(seq.desc())
+            .limit(1)
+        )
+        with _failing_as("reading events"), self._engine.connect() as connection:
+            found = connection.execute(query).scalar()
+        return 0 if found is None else int(found)
 
     def get_call(self, call_id: str) -> CallRecord | None:
         """The latest snapshot of the call, or None if it was never journaled."""

@@ -514,6 +514,21 @@ def test_list_entries_pages_one_account_in_increasing_order(journal: Journal) ->
     assert journal.list_entries("nobody", 0, 10) == []
 
 
+def test_list_entries_newest_first_pages_back_from_the_newest(journal: Journal) -> None:
+    entries = [entry(i, "acme" if i % 3 else "beta", at_ms=i) for i in range(1, 31)]
+    journal.append([record(1, entries=entries)])
+    newest_first = [e for e in entries if e.account_id == "acme"][::-1]
+    pages: list[list[LedgerEntry]] = []
+    after = 0
+    while page := journal.list_entries("acme", after, 8, newest_first=True):
+        pages.append(page)
+        after = page[-1].entry_id
+    assert [len(p) for p in pages] == [8, 8, 4]
+    assert [e for p in pages for e in p] == newest_first
+    assert journal.list_entries("acme", 10, 2, newest_first=True) == newest_first[-6:-4]  # 8, 7
+    assert journal.list_entries("acme", 1, 10, newest_first=True) == []
+
+
 def test_list_calls_newest_first_active_only_and_paged(journal: Journal) -> None:
     states = [CallState.ACTIVE, CallState.RELEASED, CallState.EXPIRED]
     acme = [call(f"a{i}", i, state=states[i % 3]) for i in range(1, 11)]  # call_seq 1..10
