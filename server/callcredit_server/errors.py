@@ -22,6 +22,9 @@ SLOW_CONSUMER = "SLOW_CONSUMER"
 MAX_FIELD_VIOLATIONS = 20
 MAX_STATUS_MESSAGE_CHARS = 1_000
 UNAUTHENTICATED = "UNAUTHENTICATED"  # no bearer token, or one the server does not know
+# A hot standby (or a deposed primary) answers every RPC this way; ErrorInfo.metadata
+# ["primary"] is the primary's advertised address when known.
+NOT_PRIMARY = "NOT_PRIMARY"
 
 _CODES: dict[str, grpc.StatusCode] = {
     Reason.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -43,6 +46,7 @@ _CODES: dict[str, grpc.StatusCode] = {
     UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     SLOW_CONSUMER: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    NOT_PRIMARY: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -53,7 +57,10 @@ def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -
 
 
 def status_for(
-    reason: str, message: str, field_violations: tuple[tuple[str, str], ...] = ()
+    reason: str,
+    message: str,
+    field_violations: tuple[tuple[str, str], ...] = (),
+    metadata: dict[str, str] | None = None,
 ) -> status_pb2.Status:
     """A google.rpc.Status carrying `reason` in an ErrorInfo of our domain."""
     code: grpc.StatusCode = _CODES[reason]
@@ -65,7 +72,8 @@ def status_for(
     if len(message) > MAX_STATUS_MESSAGE_CHARS:
         message = message[: MAX_STATUS_MESSAGE_CHARS - 3] + "..."
     status = status_pb2.Status(code=code.value[0], message=message)
-    status.details.append(_pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)))
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
+    status.details.append(_pack(info))
     if field_violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
@@ -95,3 +103,10 @@ def permission_denied(message: str) -> status_pb2.Status:
 
 def unauthenticated(message: str) -> status_pb2.Status:
     return status_for(UNAUTHENTICATED, message)
+
+
+def not_primary(primary: str) -> status_pb2.Status:
+    """This server is not the primary; `primary` is where it is ("" if unknown)."""
+    where = f"; the primary is at {primary}" if primary else "; no primary is known yet"
+    metadata = {"primary": primary} if primary else None
+    return status_for(NOT_PRIMARY, f"this server is not the primary{where}", (), metadata)

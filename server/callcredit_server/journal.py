@@ -58,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -886,6 +887,11 @@ class Journal:
                 expected += 1
             if len(rows) < REPLAY_PAGE_SIZE:
                 return
+
+    def tail(self, after_seq: int, limit: int) -> list[tuple[int, int, Command]]:
+        """At most `limit` records after `after_seq`, checked as replay checks them:
+        what a hot standby applies on each poll."""
+        return list(itertools.islice(self.replay(after_seq), limit))
 
     def last_seq(self) -> int:
         """The seq of the last record (or the last pruned one), 0 for an empty journal."""

@@ -42,6 +42,7 @@ MIN_RENEWALS_PER_LEASE = 2  # a lease outlives at least one failed renewal
 # floor of 100 ms for scheduling jitter between the clock read and the send.
 DRIFT_PER_MS = 0.01
 MIN_MARGIN_MS = 100
+EXPIRY_SLACK_MS = 10  # a standby looks again this long after the lease should expire
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,12 @@ class Lease:
         self.primary = row.advertise
         return Action.WAIT
 
+    def standby_wait_ms(self, row: LeaseRow | None) -> int:
+        """How long a standby waits before it looks at the lease again: the renew
+        interval, or less when the lease is about to expire."""
+        remaining_ms = 0 if row is None else max(row.remaining_ms, 0)
+        return min(self.settings.renew_ms, remaining_ms + EXPIRY_SLACK_MS)
+
     def next_epoch(self) -> int:
         """The epoch a takeover writes: one above the last seen (0 before the first)."""
         return self.epoch + 1
@@ -176,6 +183,10 @@ class Lease:
             return Action.WAIT
         self._renew_at_ms = now_ms  # the next poll retries
         return self.due(now_ms)
+
+    def resign(self) -> None:
+        """Stop being primary (a clean stop, or the writer failed): DEPOSED, for good."""
+        self._depose()
 
     def serving(self, now_ms: int) -> bool:
         """May this server answer at `now_ms`?"""

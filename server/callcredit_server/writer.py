@@ -162,7 +162,12 @@ class Writer:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
+    def start(self, after_seq: int | None = None) -> None:
+        """Start taking work; `after_seq`: the machine was brought to this journal seq
+        after the writer was made (a hot standby taking over, standby.py)."""
+        if after_seq is not None:
+            self._next_seq = after_seq + 1
+            self._durable_seq = after_seq
         self._tasks = [
             asyncio.create_task(self._apply_loop(), name="writer-apply"),
             asyncio.create_task(self._commit_loop(), name="writer-commit"),
@@ -171,7 +176,7 @@ class Writer:
 
     async def stop(self) -> None:
         """Finish what was queued, make it durable, then stop."""
-        if self._failure is None:
+        if self._failure is None and self._tasks:
             with contextlib.suppress(Unavailable):
                 await self.read(lambda _: None)  # a barrier behind everything queued
         self._fail(Unavailable("server stopping"), log_it=False)
@@ -184,6 +189,10 @@ class Writer:
 
     def on_failure(self, listener: Callable[[BaseException], None]) -> None:
         self._failure_listeners.append(listener)
+
+    def fail(self, exc: BaseException) -> None:
+        """Stop taking work now (a deposed primary): every waiter gets Unavailable."""
+        self._fail(exc)
 
     @property
     def failed(self) -> bool:
