@@ -1,0 +1,62 @@
+"""A primary killed with SIGKILL under load: a standby takes over and nothing
+acknowledged is lost or doubled (the crash campaign, tests/crash, against HaCluster).
+
+Clients are separate processes that retry every unanswered operation with the same ids
+across all the servers (tests/crash/client.py); afterwards the final state read from
+the new primary is checked against every client's log, a quiet kill must change
+nothing, and `callcredit-server verify` replays the whole journal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.crash.harness import CampaignConfig, CampaignReport, run_campaign
+from tests.crash.test_kill9 import _seed
+from tests.ha.cluster import HaCluster
+
+pytestmark = pytest.mark.timeout(240)
+
+MIN_ACKED_OPS = 100
+
+
+def campaign(
+    pg_url: str, workdir: Path, kills: int, lease_s: float
+) -> tuple[CampaignReport, HaCluster]:
+    config = CampaignConfig(
+        database_url=pg_url,
+        workdir=workdir,
+        kills=kills,
+        seed=_seed(),
+        kill_after_s=(0.3, 1.2),
+        downtime_s=(0.0, 0.0),  # the standby is already running
+        kill_in_recovery_probability=0.0,
+        prune_every_kills=0,  # each server prunes nothing: the standby tails the journal
+        tag="ha",
+    )
+    cluster = HaCluster(config, lease_s=lease_s, renew_s=lease_s / 4)
+    try:
+        report = run_campaign(config, server=cluster)
+    finally:
+        cluster.kill_all()
+    takeovers = sorted(cluster.takeover_seconds)
+    print(report.summary())
+    print(
+        f"  takeovers {len(takeovers)}: p50 {takeovers[len(takeovers) // 2]:.2f} s, "
+        f"max {takeovers[-1]:.2f} s (kill to a new primary serving; lease {lease_s} s)"
+    )
+    return report, cluster
+
+
+def test_sigkill_of_the_primary_under_load_loses_and_doubles_nothing(
+    pg_url: str, tmp_path: Path
+) -> None:
+    report, cluster = campaign(pg_url, tmp_path, kills=3, lease_s=2.0)
+    assert not report.violations, report.summary()
+    assert report.kills >= 3
+    assert report.count("ack") >= MIN_ACKED_OPS, report.summary()
+    assert report.client_stats["retried"] > 0, "no operation was in flight at any kill"
+    assert len(cluster.takeover_seconds) == report.kills
+    assert max(cluster.takeover_seconds) < 2.0 + 2.0
