@@ -10,6 +10,9 @@ import sqlalchemy
 
 from callcredit_server.journal import engine_url
 from tests.conftest import POSTGRES_ENV, postgres_url
+from tests.faults.conftest import postgres_schema, proxy
+
+__all__ = ["pg_url", "postgres_schema", "proxy"]  # the fault tests' PostgreSQL behind a proxy
 
 
 @pytest.fixture

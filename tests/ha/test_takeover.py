@@ -60,3 +60,12 @@ def test_sigkill_of_the_primary_under_load_loses_and_doubles_nothing(
     assert report.client_stats["retried"] > 0, "no operation was in flight at any kill"
     assert len(cluster.takeover_seconds) == report.kills
     assert max(cluster.takeover_seconds) < 2.0 + 2.0
+
+
+def test_twenty_takeovers_in_a_row_under_load_with_no_mismatch(pg_url: str, tmp_path: Path) -> None:
+    """The CI variant of scripts/ha_takeover_loop.py (--takeovers 200)."""
+    report, cluster = campaign(pg_url, tmp_path, kills=20, lease_s=1.0)
+    assert not report.violations, report.summary()
+    assert report.kills >= 20
+    assert len(cluster.takeover_seconds) == report.kills
+    assert report.count("ack") >= MIN_ACKED_OPS, report.summary()
