@@ -57,7 +57,7 @@ from locust import User, events, task
 from locust.env import Environment
 from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 
-from callcredit.errors import CallcreditError
+from callcredit.errors import CallcreditError, ErrorReason
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
 
 # After locust's monkey-patching (done by importing locust), before any channel.
@@ -66,7 +66,12 @@ grpc.experimental.gevent.init_gevent()
 logger = logging.getLogger("callcredit.loadtest")
 
 REFUSALS = frozenset(
-    {"INSUFFICIENT_FUNDS", "CONCURRENT_CALL_LIMIT", "ACCOUNT_SUSPENDED", "ACCOUNT_CLOSED"}
+    {
+        ErrorReason.INSUFFICIENT_FUNDS,
+        ErrorReason.CONCURRENT_CALL_LIMIT,
+        ErrorReason.ACCOUNT_SUSPENDED,
+        ErrorReason.ACCOUNT_CLOSED,
+    }
 )
 """Error reasons that are the server refusing on business grounds: counted, not failed."""
 
@@ -607,8 +612,9 @@ class Dialer(User):
                     _fire(environment, kind, "Control", started, size)
                     return outcome
                 if result == "error":
-                    reason = CallcreditError.from_status(outcome.error).reason
-                    if reason in REFUSALS:
+                    refusal = CallcreditError.from_status(outcome.error)
+                    reason = refusal.reason
+                    if refusal.error_reason in REFUSALS:
                         TALLY[f"{kind} refused:{reason}"] += 1
                         _fire(environment, kind, f"refused:{reason}", started, size)
                     else:
@@ -761,7 +767,7 @@ class TopUps:
                 response = self._admin.TopUp(request, timeout=options.op_timeout)
             except grpc.RpcError as exc:
                 error = CallcreditError.from_rpc_error(exc)
-                if error.reason in REFUSALS:
+                if error.error_reason in REFUSALS:
                     TALLY[f"topup refused:{error.reason}"] += 1
                     _fire(self._environment, "topup", f"refused:{error.reason}", started)
                 else:
@@ -803,7 +809,7 @@ def setup_accounts(target: str, options: Options, key: str) -> None:
                 )
                 created += 1
             except grpc.RpcError as exc:
-                if CallcreditError.from_rpc_error(exc).reason != "ACCOUNT_EXISTS":
+                if CallcreditError.from_rpc_error(exc).error_reason != ErrorReason.ACCOUNT_EXISTS:
                     raise
             if options.initial_balance > 0:
                 admin.TopUp(

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, TypeAlias
 import grpc
 
 from callcredit.admin import check_tls_options, open_channel, token_metadata
-from callcredit.errors import CallcreditError, StreamClosedError
+from callcredit.errors import CallcreditError, ErrorReason, StreamClosedError
 from callcredit.v1 import credit_control_pb2, credit_control_pb2_grpc
 
 __all__ = [
@@ -241,7 +241,7 @@ _PENDING = 1
 _DONE = 2
 """Answered, refused, or dropped: no longer counted against any bound."""
 
-_RENEWAL_ENDS_CALL = frozenset({"CALL_ALREADY_ENDED", "CALL_NOT_FOUND"})
+_RENEWAL_ENDS_CALL = frozenset({ErrorReason.CALL_ALREADY_ENDED, ErrorReason.CALL_NOT_FOUND})
 """Refusals of a renew() that mean the call is gone on the server: it must hang up."""
 
 
@@ -388,7 +388,7 @@ class DialerCall:
     async def must_hang_up(self) -> str:
         """Wait until the call must hang up and return why: FINAL_GRANT_REACHED (or
         ALLOWED_SECONDS_REACHED when renewals cannot get through), a pushed termination's
-        reason (ACCOUNT_SUSPENDED, ADMIN), or the reason a renewal was refused
+        reason (ACCOUNT_SUSPENDED), or the reason a renewal was refused
         (CALL_ALREADY_ENDED after an expiry). Resolves with CALL_RELEASED or CLIENT_CLOSED
         once the call or the client is gone, so nothing waits forever."""
         if self._hangup_reason is not None:
@@ -434,7 +434,7 @@ class DialerCall:
         try:
             return await future
         except CallcreditError as err:
-            if err.reason in _RENEWAL_ENDS_CALL:
+            if err.error_reason in _RENEWAL_ENDS_CALL:
                 self._order_hangup(err.reason)
             raise
 
@@ -1136,7 +1136,9 @@ class DialerClient:
                     continue
             else:
                 error = CallcreditError(
-                    "UNKNOWN", "outcome without a result", grpc.StatusCode.UNKNOWN
+                    grpc.StatusCode.UNKNOWN.name,
+                    "outcome without a result",
+                    grpc.StatusCode.UNKNOWN,
                 )
             del pending[request_id]
             self._finish(entry)

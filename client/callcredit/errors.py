@@ -6,9 +6,15 @@ The one place where gRPC errors become Python exceptions::
     └── StreamClosedError      the dialer's Control stream ended and is not coming back
 
 A refusal from the server carries a google.rpc.Status whose ErrorInfo detail names
-the reason (DESIGN.md, Errors): ``err.reason == "INSUFFICIENT_FUNDS"``. Transport
-failures without such a detail get the gRPC code's name as reason ("UNAVAILABLE",
-"DEADLINE_EXCEEDED", ...).
+the reason: the name of a value of the contract's ``ErrorReason``
+(proto/callcredit/v1/error_reason.proto), re-exported here. Compare the typed value::
+
+    if err.error_reason == ErrorReason.INSUFFICIENT_FUNDS: ...
+
+``err.reason`` keeps the name as sent. Transport failures without such a detail get the
+gRPC code's name as reason ("UNAVAILABLE", "DEADLINE_EXCEEDED", ...); their
+``error_reason`` is the value of that name, or ERROR_REASON_UNSPECIFIED when the
+contract has none (as for a reason added by a newer server).
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from __future__ import annotations
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from callcredit.v1.error_reason_pb2 import ErrorReason
+
+__all__ = ["DOMAIN", "CallcreditError", "ErrorReason", "StreamClosedError"]
 
 DOMAIN = "callcredit.v1"
 
@@ -35,6 +45,11 @@ class CallcreditError(Exception):
         self.message = message
         self.code = code
         self.field_violations = field_violations
+
+    @property
+    def error_reason(self) -> ErrorReason.ValueType:
+        """`reason` as the contract's enum; ERROR_REASON_UNSPECIFIED for a name it lacks."""
+        return _ERROR_REASONS.get(self.reason, ErrorReason.ERROR_REASON_UNSPECIFIED)
 
     @classmethod
     def from_status(cls, status: status_pb2.Status) -> CallcreditError:
@@ -70,3 +85,4 @@ class StreamClosedError(CallcreditError):
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+_ERROR_REASONS = {name: value for name, value in ErrorReason.items() if value}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import grpc
 
 from callcredit.dialer import DialerCall, DialerClient
-from callcredit.errors import CallcreditError
+from callcredit.errors import CallcreditError, ErrorReason
 from callcredit.v1 import admin_pb2, admin_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -33,11 +33,11 @@ RING_SECONDS_MAX = 2.0
 
 STOP_PLACING_REASONS = frozenset(
     {
-        "INSUFFICIENT_FUNDS",
-        "ACCOUNT_SUSPENDED",
-        "ACCOUNT_CLOSED",
-        "ACCOUNT_NOT_FOUND",
-        "NO_RATE_FOR_DESTINATION",
+        ErrorReason.INSUFFICIENT_FUNDS,
+        ErrorReason.ACCOUNT_SUSPENDED,
+        ErrorReason.ACCOUNT_CLOSED,
+        ErrorReason.ACCOUNT_NOT_FOUND,
+        ErrorReason.NO_RATE_FOR_DESTINATION,
     }
 )
 """Reserve refusals that every further call would get too, so the campaign stops placing."""
@@ -180,7 +180,7 @@ async def place_call(
         )
     except CallcreditError as err:
         tally.refused += 1
-        if err.reason in STOP_PLACING_REASONS:
+        if err.error_reason in STOP_PLACING_REASONS:
             stop_placing.set()
         return f"{call_id}  refused: {err.reason}"
     tally.placed += 1

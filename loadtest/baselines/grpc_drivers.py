@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import grpc
 
 from callcredit.dialer import DialerCall, DialerClient
-from callcredit.errors import CallcreditError
+from callcredit.errors import CallcreditError, ErrorReason
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
 from loadtest.baselines.workload import (
     CONNECT_FEE,
@@ -48,7 +48,7 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 SERVER_WINDOW_MESSAGES = 64  # callcredit reads at most 64 unanswered messages per stream
 ADMIN_CONCURRENCY = 64
 TARIFF_ID = "bench"
-REFUSALS = frozenset({"INSUFFICIENT_FUNDS"})
+REFUSALS = frozenset({ErrorReason.INSUFFICIENT_FUNDS})
 _CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -99,7 +99,7 @@ def _answer(workload: Workload, slot: Slot, outcome: credit_control_pb2.Outcome)
     if result == "release":
         return workload.answer(slot, True, 0, 0, outcome.release.charged)
     error = CallcreditError.from_status(outcome.error)
-    if error.reason not in REFUSALS:
+    if error.error_reason not in REFUSALS:
         workload.error(slot, str(error))
     return workload.answer(slot, False, 0, 0, 0)
 
@@ -236,7 +236,7 @@ async def drive_dialer(target: str, workload: Workload, *, dialers: int = 1) -> 
                     result = await call.release(slot.used)
                     more = workload.answer(slot, True, 0, 0, result.charged)
             except CallcreditError as error:
-                if error.reason not in REFUSALS:
+                if error.error_reason not in REFUSALS:
                     workload.error(slot, str(error))
                 more = workload.answer(slot, False, 0, 0, 0)
 

@@ -126,6 +126,7 @@ POSTGRES_CONNECT_TIMEOUT_S = 10  # libpq's connect_timeout
 POSTGRES_TCP_USER_TIMEOUT_MS = 15_000  # unacknowledged data this old fails the connection
 POSTGRES_LOCK_TIMEOUT_MS = 2_000  # a statement waiting this long for a lock fails
 POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_MS = 10_000  # the server ends such a session
+_SCHEMA_LOCK = 0x63616C6C  # PostgreSQL advisory lock key ("call") around table creation
 APPLICATION_NAME_PREFIX = "callcredit:"  # + the server's owner id: whose sessions to end
 _DELETE_CHUNK = 500  # ids per DELETE ... IN (...) in the portable upsert
 
@@ -661,9 +662,12 @@ class Journal:
         # Same pool and events; marks connections as the writer's (BEGIN IMMEDIATE).
         self._writer = self._engine.execution_options(**{_WRITE_OPTION: True})
         try:
-            with _failing_as("creating the journal tables"):
-                metadata.create_all(self._writer)
-            with _failing_as("checking the journal schema"), self._writer.begin() as connection:
+            with _failing_as("creating the journal tables"), self._writer.begin() as connection:
+                if connection.dialect.name == "postgresql":
+                    # Servers starting at once on an empty database (a primary and its
+                    # standbys) would race to create the same tables and types.
+                    connection.execute(text(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})"))
+                metadata.create_all(connection)
                 _check_schema(connection)
         except JournalError:
             self._engine.dispose()

@@ -41,6 +41,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from callcredit.v1 import credit_control_pb2
+from callcredit.v1.error_reason_pb2 import ErrorReason
 from callcredit_server.core import (
     Adjust,
     Command,
@@ -66,7 +67,7 @@ SAMPLE_TIMEOUT_S = 1.0
 previous sample (a loop busy for a second is itself worth seeing in the latency)."""
 
 OK = "ok"
-UNAVAILABLE = "UNAVAILABLE"
+UNAVAILABLE = ErrorReason.Name(ErrorReason.UNAVAILABLE)
 OTHER_ERROR = "ERROR"
 
 LATENCY_BUCKETS_S = (
@@ -89,7 +90,7 @@ KIND_OF_COMMAND: dict[type[Command], str] = {
 (reserve, renew, release, or "" for an operation with nothing set)."""
 
 # google.rpc.Status answers made by the servicer itself (framing checks, UNAVAILABLE).
-_STATUS_OUTCOME = {3: "INVALID_ARGUMENT", 14: UNAVAILABLE}
+_STATUS_OUTCOME = {3: ErrorReason.Name(ErrorReason.INVALID_ARGUMENT), 14: UNAVAILABLE}
 _Status = status_pb2.Status
 
 

@@ -19,6 +19,7 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
+from callcredit.v1.error_reason_pb2 import ErrorReason
 from callcredit_server import convert
 from callcredit_server.auth import current_tenant
 from callcredit_server.convert import GrantPolicy
@@ -33,7 +34,6 @@ from callcredit_server.core import (
     Outcome,
     Push,
     PutTariff,
-    Reason,
     Refused,
     ReleaseOutcome,
     StateMachine,
@@ -43,7 +43,6 @@ from callcredit_server.core import (
 )
 from callcredit_server.core.validation import ID_PATTERN, ID_RULE
 from callcredit_server.errors import (
-    SLOW_CONSUMER,
     invalid,
     permission_denied,
     refusal_status,
@@ -53,7 +52,8 @@ from callcredit_server.errors import (
 from callcredit_server.handlers import UndecodableRequest
 from callcredit_server.journal import Journal, JournalError
 from callcredit_server.metrics import Metrics
-from callcredit_server.writer import AccountFilter, Unavailable, Writer
+from callcredit_server.writer import Unavailable, Writer
+from callcredit_server.writer_core import AccountFilter
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
                 await _abort(
                     context,
                     status_for(
-                        SLOW_CONSUMER,
+                        ErrorReason.SLOW_CONSUMER,
                         "stream closed: it did not read its pushes fast enough; "
                         "reconnect and read the stream",
                     ),
@@ -496,7 +496,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         view = await _read(self._writer, lambda m: m.account(account_id), context)
         if view is None:
             await _abort(
-                context, status_for(Reason.ACCOUNT_NOT_FOUND, f"no account {account_id!r}")
+                context, status_for(ErrorReason.ACCOUNT_NOT_FOUND, f"no account {account_id!r}")
             )
         return view
 
@@ -576,7 +576,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         tariff = await _read(self._writer, lambda m: m.tariffs.get(request.tariff_id), context)
         if tariff is None:
             await _abort(
-                context, status_for(Reason.TARIFF_NOT_FOUND, f"no tariff {request.tariff_id!r}")
+                context,
+                status_for(ErrorReason.TARIFF_NOT_FOUND, f"no tariff {request.tariff_id!r}"),
             )
         return admin_pb2.GetTariffResponse(tariff=convert.tariff_pb(tariff))
 
@@ -591,7 +592,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 lambda: self._journal.get_call(request.call_id), context
             )
         if call is None:
-            await _abort(context, status_for(Reason.CALL_NOT_FOUND, f"no call {request.call_id!r}"))
+            await _abort(
+                context, status_for(ErrorReason.CALL_NOT_FOUND, f"no call {request.call_id!r}")
+            )
         return admin_pb2.GetCallResponse(call=convert.call_pb(call))
 
     async def ListCalls(

@@ -1,13 +1,14 @@
-"""The single writer: one asyncio task owns the state machine; one commits the journal.
+"""The single writer's I/O: one asyncio task applies rounds; one commits the journal.
 
-Servicers hand work to `Writer` through a bounded queue and await the answer.
-The apply task takes everything queued (up to a bound), applies it to the state
-machine in order at one instant, and appends the journal records of the
-commands that changed state. The commit task writes all records gathered so far
-in ONE transaction (group commit) on a dedicated thread while the apply task
-goes on with the next round. An answer, push or read is released only once the
-journal holds every record up to the point where it was produced: nothing
-leaves the server that a crash could take back.
+Every decision is in `WriterCore` (writer_core.py: the tenant guard, journal seqs and
+records, holding answers until durable, push routing); this shell only moves bytes
+and futures. Servicers hand work to `Writer` through a bounded queue and await the
+answer. The apply task takes everything queued (up to a bound) and has the core apply
+it in order at one instant. The commit task writes all records gathered so far in
+ONE transaction (group commit) on a dedicated thread while the apply task goes on
+with the next round, then tells the core what is durable and resolves the futures
+and pushes it hands back: nothing leaves the server that a crash could take back.
+A tick task lets time pass; after a commit, a forked child may write a snapshot.
 
 If the journal cannot be written, or the state machine reports a broken
 invariant, the writer fails: every waiting and later request gets
@@ -22,28 +23,16 @@ import contextlib
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from callcredit_server.core import (
-    CallState,
-    Command,
-    Outcome,
-    Push,
-    Refused,
-    Release,
-    Renew,
-    Reserve,
-    StateMachine,
-    Tick,
-)
-from callcredit_server.core.outcomes import AccessReason
-from callcredit_server.journal import Journal, JournalRecord
+from callcredit_server.core import Command, Outcome, Push, StateMachine, Tick
+from callcredit_server.journal import Journal
 from callcredit_server.snapshot import discard_older, fork_snapshot
+from callcredit_server.writer_core import AccountFilter, WriterCore
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +47,6 @@ MAX_UNCOMMITTED_RECORDS = 100_000  # the apply task waits for the journal beyond
 COMMIT_TIMEOUT_S = 5.0
 
 
-_CALL_COMMANDS = (Reserve, Renew, Release)  # the commands that name a call
-
-
 class Unavailable(Exception):
     """The writer cannot take work: the journal failed, or the server is stopping."""
 
@@ -71,10 +57,6 @@ class SnapshotPolicy:
 
     directory: Path
     every_records: int
-
-
-AccountFilter = Callable[[str], bool]
-"""May a submission act on this account id? (a dialer token's tenant, auth.py)"""
 
 
 class WriterObserver(Protocol):
@@ -113,17 +95,16 @@ class _Submission:
 
 
 @dataclass(slots=True)
-class _Waiting:
-    """Something to release once the journal is durable up to `seq`."""
+class _Reply:
+    """What the core holds until durable: a future's result, and the pushes to send."""
 
-    seq: int
-    future: asyncio.Future[Any] | None = None
-    result: Any = None
-    pushes: list[tuple[PushTarget, Push]] = field(default_factory=list)
+    future: asyncio.Future[Any]
+    result: Any
+    pushes: list[tuple[PushTarget, Push]]
 
 
 class Writer:
-    """Owns the state machine; serialises every change and read through one queue."""
+    """Runs the writer core: serialises every change and read through one queue."""
 
     def __init__(
         self,
@@ -136,19 +117,14 @@ class Writer:
         snapshots: SnapshotPolicy | None = None,
         snapshot_seq: int = 0,
     ) -> None:
-        self._machine = machine
+        self._core: WriterCore[PushTarget, _Reply] = WriterCore(machine, journal.last_seq())
         self._journal = journal
         self._clock_ms = clock_ms
         self._retention_ms = retention_ms
         self._tick_interval_s = tick_interval_s
         self._queue: asyncio.Queue[_Submission] = asyncio.Queue(MAX_QUEUED_SUBMISSIONS)
-        self._records: list[JournalRecord] = []
-        self._waiting: deque[_Waiting] = deque()
-        self._next_seq = journal.last_seq() + 1
-        self._durable_seq = self._next_seq - 1
         self._wake_committer = asyncio.Event()
         self._committed = asyncio.Event()
-        self._routes: dict[str, PushTarget] = {}
         self._failure: BaseException | None = None
         self._commit_timed_out = False
         self._failure_listeners: list[Callable[[BaseException], None]] = []
@@ -166,8 +142,7 @@ class Writer:
         """Start taking work; `after_seq`: the machine was brought to this journal seq
         after the writer was made (a hot standby taking over, standby.py)."""
         if after_seq is not None:
-            self._next_seq = after_seq + 1
-            self._durable_seq = after_seq
+            self._core = WriterCore(self._core.machine, after_seq)
         self._tasks = [
             asyncio.create_task(self._apply_loop(), name="writer-apply"),
             asyncio.create_task(self._commit_loop(), name="writer-commit"),
@@ -230,8 +205,7 @@ class Writer:
 
     def forget(self, target: PushTarget) -> None:
         """A stream closed: its calls stay open, but nothing is pushed to it any more."""
-        for call_id in [c for c, t in self._routes.items() if t is target]:
-            del self._routes[call_id]
+        self._core.forget(target)
 
     def _new_future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
@@ -250,7 +224,7 @@ class Writer:
                 batch = [await self._queue.get()]
                 while len(batch) < MAX_SUBMISSIONS_PER_ROUND and not self._queue.empty():
                     batch.append(self._queue.get_nowait())
-                while len(self._records) >= MAX_UNCOMMITTED_RECORDS:
+                while len(self._core.records) >= MAX_UNCOMMITTED_RECORDS:
                     self._committed.clear()
                     await self._committed.wait()
                 self._apply_round(batch)
@@ -261,88 +235,21 @@ class Writer:
             self._fail(exc)
 
     def _apply_round(self, batch: list[_Submission]) -> None:
-        now_ms = max(self._clock_ms(), self._machine.now_ms)
+        core = self._core
+        now_ms = core.round_time(self._clock_ms())
         for submission in batch:
-            if submission.future.done():  # the caller went away
+            future = submission.future
+            if future.done():  # the caller went away
                 continue
             if submission.read is not None:
-                seen = submission.read(self._machine)
-                self._hold(_Waiting(self._next_seq - 1, submission.future, seen))
-                continue
-            pushes: list[tuple[PushTarget, Push]] = []
-            outcomes = self._apply_commands(
-                submission.commands, now_ms, submission.target, pushes, submission.allows
-            )
-            self._hold(_Waiting(self._next_seq - 1, submission.future, outcomes, pushes))
-
-    def _out_of_scope(self, command: Command, allows: AccountFilter) -> Refused | None:
-        """The tenant guard: Renew and Release name only a call; its account must be allowed.
-
-        Checked before the state machine (nothing changes, no expiry runs, and the call
-        is not routed to the refused stream). Reserve names its account: the servicer
-        checks it. A call memory no longer holds is left to the machine (CALL_NOT_FOUND).
-        """
-        if isinstance(command, Renew | Release):
-            call = self._machine.calls.get(command.call_id)
-            if call is not None and not allows(call.account_id):
-                return Refused(
-                    AccessReason.PERMISSION_DENIED,
-                    f"call {command.call_id!r} is on an account outside this token's tenant",
+                reply = _Reply(future, submission.read(core.machine), [])
+            else:
+                outcomes, pushes = core.apply(
+                    submission.commands, now_ms, submission.target, submission.allows
                 )
-        return None
-
-    def _apply_commands(
-        self,
-        commands: Sequence[Command],
-        now_ms: int,
-        target: PushTarget | None,
-        pushes: list[tuple[PushTarget, Push]],
-        allows: AccountFilter | None,
-    ) -> list[Outcome]:
-        """Apply commands in order; journal the ones that changed state; route pushes.
-
-        The hot loop of the server: a batched Control message runs it once per
-        operation, so names are bound to locals once.
-        """
-        apply = self._machine.apply
-        calls = self._machine.calls
-        records = self._records
-        routes = self._routes
-        seq = self._next_seq
-        outcomes: list[Outcome] = []
-        try:
-            for command in commands:
-                if allows is not None:
-                    denied = self._out_of_scope(command, allows)
-                    if denied is not None:
-                        outcomes.append(denied)
-                        continue
-                step = apply(command, now_ms)
-                if step.changed:
-                    records.append(JournalRecord(seq, now_ms, command, step.entries, step.calls))
-                    seq += 1
-                if target is not None and isinstance(command, _CALL_COMMANDS):
-                    call_id = command.call_id
-                    call = calls.get(call_id)
-                    if call is not None and call.state is CallState.ACTIVE:
-                        routes[call_id] = target  # pushes follow the stream that last spoke
-                for push in step.pushes:
-                    routed = routes.get(push.call_id)
-                    if routed is not None:
-                        pushes.append((routed, push))
-                for record in step.calls:
-                    if record.state is not CallState.ACTIVE:
-                        routes.pop(record.call_id, None)
-                outcomes.append(step.outcome)
-        finally:
-            self._next_seq = seq  # even if a step broke an invariant (then we fail)
-        return outcomes
-
-    def _hold(self, waiting: _Waiting) -> None:
-        if waiting.seq <= self._durable_seq:
-            self._release(waiting)
-        else:
-            self._waiting.append(waiting)
+                reply = _Reply(future, outcomes, pushes)
+            if core.hold(reply):
+                _release(reply)
 
     # ----------------------------------------------------------- commit task
 
@@ -352,9 +259,8 @@ class Writer:
             while True:
                 await self._wake_committer.wait()
                 self._wake_committer.clear()
-                while self._records:
-                    records = self._records[:MAX_RECORDS_PER_COMMIT]
-                    del self._records[:MAX_RECORDS_PER_COMMIT]
+                while self._core.records:
+                    records = self._core.take_records(MAX_RECORDS_PER_COMMIT)
                     started = time.perf_counter()
                     commit = loop.run_in_executor(self._thread, self._journal.append, records)
                     try:
@@ -364,27 +270,16 @@ class Writer:
                         raise Unavailable(
                             f"a journal commit took over {COMMIT_TIMEOUT_S:.0f} s"
                         ) from exc
-                    self._durable_seq = records[-1].seq
                     if self.observer is not None:
                         self.observer.committed(len(records), time.perf_counter() - started)
+                    for reply in self._core.durable(records[-1].seq):
+                        _release(reply)
                     self._committed.set()
-                    self._release_durable()
                     self._maybe_snapshot()
-                self._release_durable()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the journal failed: fail-stop
             self._fail(exc)
-
-    def _release_durable(self) -> None:
-        while self._waiting and self._waiting[0].seq <= self._durable_seq:
-            self._release(self._waiting.popleft())
-
-    def _release(self, waiting: _Waiting) -> None:
-        if waiting.future is not None and not waiting.future.done():
-            waiting.future.set_result(waiting.result)
-        for target, push in waiting.pushes:
-            target.push(push)
 
     # -------------------------------------------------------------- snapshots
 
@@ -398,11 +293,11 @@ class Writer:
         policy = self._snapshots
         if policy is None or self._snapshot_child is not None:
             return
-        if self._durable_seq - self._snapshot_seq < policy.every_records:
+        if self._core.durable_seq - self._snapshot_seq < policy.every_records:
             return
-        seq = self._next_seq - 1
+        seq = self._core.next_seq - 1
         started = time.perf_counter()
-        pid = fork_snapshot(self._machine, seq, policy.directory, self._machine.now_ms)
+        pid = fork_snapshot(self._core.machine, seq, policy.directory, self._core.machine.now_ms)
         stall_s = time.perf_counter() - started
         self.snapshot_stall_s_max = max(self.snapshot_stall_s_max, stall_s)
         if self.observer is not None:
@@ -445,13 +340,13 @@ class Writer:
 
     def gauges(self) -> WriterGauges:
         """Levels for metrics; call on the event loop (O(1): a scrape never stalls it)."""
-        open_calls = self._machine.open_call_count
+        open_calls = self._core.machine.open_call_count
         return WriterGauges(
             queued_submissions=self._queue.qsize(),
-            uncommitted_records=len(self._records),
-            accounts=len(self._machine.accounts),
+            uncommitted_records=len(self._core.records),
+            accounts=len(self._core.machine.accounts),
             open_calls=open_calls,
-            open_calls_without_stream=max(open_calls - len(self._routes), 0),
+            open_calls_without_stream=max(open_calls - len(self._core.routes), 0),
             failed=self._failure is not None,
         )
 
@@ -464,13 +359,20 @@ class Writer:
         if log_it:
             log.critical("writer stopped taking work: %r", exc, exc_info=exc)
         error = Unavailable(f"journal unavailable: {exc}" if log_it else str(exc))
-        while self._waiting:
-            future = self._waiting.popleft().future
-            if future is not None and not future.done():
-                future.set_exception(error)
+        for reply in self._core.drop_held():
+            if not reply.future.done():
+                reply.future.set_exception(error)
         while not self._queue.empty():
             future = self._queue.get_nowait().future
             if not future.done():
                 future.set_exception(error)
         for listener in self._failure_listeners:
             listener(exc)
+
+
+def _release(reply: _Reply) -> None:
+    """The journal covers the reply: resolve its future, send its pushes."""
+    if not reply.future.done():
+        reply.future.set_result(reply.result)
+    for target, push in reply.pushes:
+        target.push(push)

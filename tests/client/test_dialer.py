@@ -495,10 +495,14 @@ async def test_server_restart_reattaches_open_calls_to_the_new_stream(fake: Fake
         assert await asyncio.wait_for(expired.must_hang_up(), 5) == "CALL_ALREADY_ENDED"
         fake.push(
             credit_control_pb2.ControlResponse(
-                terminations=[credit_control_pb2.CallTermination(call_id="c-alive", reason="ADMIN")]
+                terminations=[
+                    credit_control_pb2.CallTermination(
+                        call_id="c-alive", reason="ACCOUNT_SUSPENDED"
+                    )
+                ]
             )
         )
-        assert await asyncio.wait_for(alive.must_hang_up(), 5) == "ADMIN"
+        assert await asyncio.wait_for(alive.must_hang_up(), 5) == "ACCOUNT_SUSPENDED"
         result = await alive.release()
 
     renews = {

@@ -212,7 +212,7 @@ def check_stream(server: ServerThread, requests: list[C.ControlRequest]) -> None
     for pushed in result.grant_updates:
         check_grant(pushed, pushed.call_id, server.settings.validity_seconds)
     for termination in result.terminations:
-        assert termination.reason in ("ACCOUNT_SUSPENDED", "ADMIN"), termination
+        assert termination.reason == "ACCOUNT_SUSPENDED", termination
     after = server.digest()
     if all_refused:
         assert after == before, "refused operations changed the state"

@@ -199,7 +199,7 @@ async def test_streams_opened_and_abandoned_do_not_leak(harness: Harness) -> Non
         if n % 3 == 0:
             await call.read()  # some read their answer, some never do
         abandoned.append(call)
-    routes: dict[str, Any] | None = getattr(harness.running.writer, "_routes", None)
+    routes: dict[str, Any] | None = getattr(harness.running.writer._core, "routes", None)
     for n, call in enumerate(abandoned):
         if n % 2:
             call.cancel()  # client cancels

@@ -81,7 +81,7 @@ async def test_a_snapshot_beyond_the_journal_is_discarded_and_a_damaged_one_skip
     directory = _directory(h)
     journal: Journal = h.running.journal
     last = journal.last_seq()
-    image = h.running.writer._machine.image()
+    image = h.running.writer._core.machine.image()
     write_snapshot(directory, last + 5, image, 0)  # as if the journal lost its tail
     write_snapshot(directory, last, image, 0)
     damaged = snapshot_path(directory, last)

@@ -4,8 +4,8 @@ A failing seed says so in its first words ("seed 17 step 1234: ...") and replays
 exactly with `python scripts/simulate.py --seed 17`. More seeds:
 `python scripts/simulate.py --seeds 500 --start 1000`.
 
-The second half injects one bug at a time into a local copy of a piece of the
-server (a StateMachine subclass, the simulated journal, the simulated writer) and
+The second half injects one bug at a time into a piece of the server (a subclass of
+the StateMachine or of the WriterCore, or the simulated journal) and
 checks that the simulation fails on it — with the model's comparison on, and, where
 the bug is about money or durability, with only the auditor's own checks.
 """
@@ -33,6 +33,7 @@ from callcredit_server.core import (
     cost,
 )
 from callcredit_server.journal import JournalRecord
+from callcredit_server.writer_core import WriterCore
 
 from .vopr import SimJournal, Simulation, uses_real_journal
 
@@ -73,6 +74,7 @@ def test_the_workload_reaches_every_path() -> None:
             "terminations",
             "forgotten",
             "conflicts",
+            "hijacks",
         ):
             seen[name] += getattr(summary, name)
         refused.update(summary.refused)
@@ -101,11 +103,38 @@ def _caught(simulation: type[Simulation], *, steps: int = 1_500, seeds: int = 6)
     raise AssertionError(f"{simulation.__name__}: no seed caught the bug")
 
 
-class AcksBeforeDurable(Simulation):
-    """writer.py bug: an answer waits for the record before its own."""
+class HoldsForThePreviousRecord(WriterCore[Any, Any]):
+    """Writer core bug: an answer waits for the record before its own."""
 
-    def park_seq(self) -> int:
-        return self.next_seq - 2
+    def hold(self, answer: Any) -> bool:
+        self.next_seq -= 1
+        try:
+            return super().hold(answer)
+        finally:
+            self.next_seq += 1
+
+
+class AcksBeforeDurable(Simulation):
+    core_class = HoldsForThePreviousRecord
+
+
+class RoutesRefusedOperations(WriterCore[Any, Any]):
+    """Writer core bug (issue 9): a refused operation routes its call to its stream."""
+
+    def apply(
+        self, commands: Any, now_ms: int, target: Any = None, allows: Any = None
+    ) -> tuple[list[Outcome], list[Any]]:
+        outcomes, pushes = super().apply(commands, now_ms, target, allows)
+        for command, outcome in zip(commands, outcomes, strict=True):
+            call = self.machine.calls.get(getattr(command, "call_id", ""))
+            active = call is not None and call.state is CallState.ACTIVE
+            if active and target is not None and isinstance(outcome, Refused):
+                self.routes[command.call_id] = target
+        return outcomes, pushes
+
+
+class MisroutesPushes(Simulation):
+    core_class = RoutesRefusedOperations
 
 
 class ForgetsItsLastCommit(SimJournal):
@@ -273,6 +302,7 @@ class NeverRefunds(Simulation):
     ("simulation", "finding"),
     [
         pytest.param(AcksBeforeDurable, r"only \d+ are durable", id="ack-before-durable"),
+        pytest.param(MisroutesPushes, r"routed to d\d's stream", id="refusal-routes-pushes"),
         pytest.param(NonAtomicCommits, r"only \d+ are durable", id="group-commit-not-atomic"),
         pytest.param(
             LosesCommits, "after a (crash|clean restart): account", id="journal-loses-a-commit"

@@ -8,13 +8,15 @@ clock or another random source, so a seed replays exactly:
 
 What runs, and how it mirrors the real server:
 
-- The state machine (core/) is the real one. The single writer (writer.py) is
-  emulated step by step: a round applies everything queued at one instant
-  (`max(server clock, machine time)`); a command that changed state becomes a
-  `JournalRecord` with the next gap-free seq; each answer is parked with the seq
-  of the last record that existed when it was produced, and released — with its
-  pushes, routed to the stream that last carried the call — only once the journal
-  is durable up to that seq. Reads (GetAccount) wait the same way.
+- The state machine (core/) and the writer's core (writer_core.py) are the real
+  ones; only writer.py's I/O shell is simulated. A round applies everything queued
+  at one instant (`WriterCore.round_time`); the core turns each command that
+  changed state into a `JournalRecord` with the next gap-free seq, holds each
+  answer until the journal is durable up to the last record that existed when it
+  was produced, and routes pushes to the stream that last carried the call. Reads
+  (GetAccount) wait the same way. Every push must reach a stream of the dialer
+  that reserved the call, even when another dialer sends a Reserve with that call
+  id (a hijack: CALL_ID_CONFLICT, which must change nothing, routing included).
 - The journal is simulated: commits are group commits of a prefix of what was
   applied, each record round-tripped through codec.py. After a commit the writer
   may take a snapshot (`StateMachine.image()`, serialised with orjson as
@@ -92,6 +94,7 @@ from callcredit_server.core import (
 from callcredit_server.journal import MAX_READ_ROWS, Journal, JournalRecord
 from callcredit_server.recovery import recover, verify
 from callcredit_server.snapshot import discard_older, write_snapshot
+from callcredit_server.writer_core import WriterCore
 from tests.core.helpers import fingerprint_of
 
 from .auditor import (
@@ -136,6 +139,7 @@ P_PRUNE = 0.001  # per step: the operator prunes the journal through a snapshot
 KEEP_SNAPSHOTS = 2  # snapshot.py keeps the two newest
 P_RECONNECT = 0.004  # per client per step
 P_RETRY = 0.05  # per client per step: unanswered operations sent again
+P_HIJACK = 0.03  # per step: a dialer sends a Reserve with another dialer's open call id
 P_APPLY = 0.85  # per step: the writer applies what is queued
 P_COMMIT = 0.45  # per step: a group commit completes
 P_COMMIT_FAILS = 0.002  # per commit: it fails (durable or not), the writer stops
@@ -257,11 +261,13 @@ class _Answered:
     observed_seq: int  # the last journal record that existed when it was produced
 
 
+_Route = tuple[Client, int]  # a stream: the client, and which of its connections (epoch)
+
+
 @dataclass(slots=True)
 class _Parked:
-    """An answer (and its pushes) waiting for the journal to be durable up to `seq`."""
+    """An answer (and its pushes), held by the writer core until it is durable."""
 
-    seq: int
     client: Client | None
     epoch: int
     answers: list[_Answered]
@@ -311,6 +317,7 @@ class Summary:
     terminations: int = 0
     forgotten: int = 0
     conflicts: int = 0
+    hijacks: int = 0  # Reserves of another dialer's open call id
     refused: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -335,6 +342,7 @@ class Summary:
             f"{self.terminations} terminations",
             f"{self.forgotten} forgotten",
             f"{self.conflicts} key conflicts",
+            f"{self.hijacks} hijacks",
             f"{sum(self.refused.values())} refused",
         ]
         if self.real_journal:
@@ -351,6 +359,7 @@ class Simulation:
     """One seeded run. Subclasses inject bugs (tests/simulation/test_simulation.py)."""
 
     journal_class: type[SimJournal] = SimJournal
+    core_class: type[WriterCore[_Route, _Parked]] = WriterCore
     # Compare every answer, and the state, with the model's (off: only the auditor's own
     # checks of the ledger, the answers and durability; the model still prices calls).
     check_with_model = True
@@ -374,14 +383,12 @@ class Simulation:
         self.last_op_id = 0
         # The server.
         self.journal = self.journal_class()
-        self.machine = self.new_machine()
-        self.next_seq = 1
-        self.durable_seq = 0
-        self.pending: list[JournalRecord] = []  # applied, not yet committed
-        self.waiting: deque[_Parked] = deque()
+        self._stepped: Step | None = None  # the core's last step (WriterCore.on_step)
+        self.core = self._new_core(self.new_machine(), 0)
+        self.durable_seq = 0  # the last record the database holds
         self.inbox: deque[_Message] = deque()
-        self.routes: dict[str, tuple[Client, int]] = {}
         self.originals: dict[int, _Original] = {}
+        self.owners: dict[str, Client] = {}  # call id -> the dialer whose Reserve opened it
         # Snapshots (writer.py's policy, snapshot.py's format): seq -> the image, serialised.
         self.snapshot_every = self.rng.choice((0, 30, 100, 300))
         self.snapshots: dict[int, bytes] = {}
@@ -403,13 +410,21 @@ class Simulation:
     def new_machine(self) -> StateMachine:
         return StateMachine()
 
-    def park_seq(self) -> int:
-        """The seq an answer waits for: the last record that exists (writer.py)."""
-        return self.next_seq - 1
-
     def replay_at(self, at_ms: int) -> int:
         """The time a journal record is replayed at: the time it was applied."""
         return at_ms
+
+    def _new_core(self, machine: StateMachine, last_seq: int) -> WriterCore[_Route, _Parked]:
+        core = self.core_class(machine, last_seq)
+        core.on_step = self._on_step
+        return core
+
+    def _on_step(self, command: Command, step: Step) -> None:
+        self._stepped = step
+
+    @property
+    def machine(self) -> StateMachine:
+        return self.core.machine
 
     # ------------------------------------------------------------ running
 
@@ -554,6 +569,8 @@ class Simulation:
 
     def _clients_act(self) -> None:
         rng = self.rng
+        if rng.random() < P_HIJACK:
+            self._hijack()
         for client in self.clients:
             if rng.random() < P_RECONNECT:
                 client.reconnect(self.now_ms)
@@ -562,6 +579,20 @@ class Simulation:
             if rng.random() < (0.7 if isinstance(client, Dialer) else 0.12):
                 client.act(self.now_ms)
             client.flush()
+
+    def _hijack(self) -> None:
+        """A dialer reserves, on its own stream, a call id another dialer has open."""
+        rng = self.rng
+        calls = self.machine.calls
+        open_ids = [c for c in self.owners if c in calls and calls[c].state is CallState.ACTIVE]
+        if not open_ids:
+            return
+        call = calls[rng.choice(open_ids)]
+        owner = self.owners[call.call_id]
+        others = [c for c in self.clients if isinstance(c, Dialer) and c is not owner]
+        attacker = rng.choice(others)
+        attacker.send(ReserveRequest(call.call_id, call.account_id, "999", 60), self.now_ms)
+        self.summary.hijacks += 1
 
     def _deliver_to_server(self) -> None:
         while self.to_server and self.to_server[0][0] <= self.now_ms:
@@ -600,7 +631,7 @@ class Simulation:
         count = len(self.inbox)
         if not always and self.rng.random() < 0.3:
             count = self.rng.randint(1, count)
-        now_ms = max(self.server_clock_ms(), self.machine.now_ms)
+        now_ms = self.core.round_time(self.server_clock_ms())
         for _ in range(min(count, MAX_SUBMISSIONS_PER_ROUND)):
             self._apply_message(self.inbox.popleft(), now_ms)
 
@@ -609,7 +640,9 @@ class Simulation:
         pushes: list[tuple[Client, int, Push]] = []
         for op in message.ops:
             answers.append(self._apply_op(op, message, now_ms, pushes))
-        self._hold(_Parked(self.park_seq(), message.client, message.epoch, answers, pushes))
+        parked = _Parked(message.client, message.epoch, answers, pushes)
+        if self.core.hold(parked):
+            self._release(parked)
 
     def _apply_op(
         self,
@@ -625,39 +658,34 @@ class Simulation:
             want = self.model.view(request.account_id)
             if view != want:
                 raise AssertionError(f"GetAccount answered {view}, the model says {want}")
-            return _Answered(op, None, view, self.next_seq - 1)
+            return _Answered(op, None, view, self.core.next_seq - 1)
         command = self.settings.command(request)
         was = before(self.model, command, now_ms)
-        step = self.machine.apply(command, now_ms)
+        client = message.client
+        target = None if client is None else (client, message.epoch)
+        self._stepped = None
+        (outcome,), routed = self.core.apply([command], now_ms, target)
+        step = self._stepped
+        assert step is not None and step.outcome is outcome
         expected = self.model.apply(command, now_ms)
         self._compare(command, step, expected)
         check_answer(command, step.outcome, step.entries, was, self.model)
         self.live.add(step.entries)
         check_expiries(step.calls, self.live)
         if step.changed:
-            record = JournalRecord(
-                self.next_seq, now_ms, command, tuple(step.entries), tuple(step.calls)
-            )
-            self.pending.append(record)
-            self.originals[record.seq] = _Original(
-                step.outcome, tuple(step.pushes), expected.expired
-            )
-            self.next_seq += 1
-        # Routing, as writer.py does it: pushes go to the stream that last carried
-        # the call; an ended call has no route.
-        client = message.client
-        if client is not None and isinstance(command, Reserve | Renew | Release):
-            call = self.machine.calls.get(command.call_id)
-            if call is not None and call.state is CallState.ACTIVE:
-                self.routes[command.call_id] = (client, message.epoch)
-        for push in step.pushes:
-            route = self.routes.get(push.call_id)
-            if route is not None:
-                pushes.append((route[0], route[1], push))
-        for record_of_call in step.calls:
-            if record_of_call.state is not CallState.ACTIVE:
-                self.routes.pop(record_of_call.call_id, None)
-        return _Answered(op, command, step.outcome, self.next_seq - 1)
+            seq = self.core.next_seq - 1
+            self.originals[seq] = _Original(step.outcome, tuple(step.pushes), expected.expired)
+            opened = isinstance(command, Reserve) and isinstance(outcome, GrantResult)
+            if opened and client is not None:
+                self.owners[command.call_id] = client
+        for (to, epoch), push in routed:
+            owner = self.owners.get(push.call_id)
+            if to is not owner:
+                raise AssertionError(
+                    f"{push} routed to {to}'s stream; {owner} reserved call {push.call_id!r}"
+                )
+            pushes.append((to, epoch, push))
+        return _Answered(op, command, outcome, self.core.next_seq - 1)
 
     def _compare(self, command: Command, step: Step, expected: Expected) -> None:
         if not step.changed and (step.entries or step.calls or step.pushes):
@@ -682,26 +710,20 @@ class Simulation:
                 f"{command}: pushes {step.pushes}, the model says {expected.pushes}"
             )
 
-    def _hold(self, parked: _Parked) -> None:
-        if parked.seq <= self.durable_seq:
-            self._release(parked)
-        else:
-            self.waiting.append(parked)
-
     def _commit_maybe(self) -> None:
         if self.rng.random() < P_COMMIT:
             self._commit(everything=self.rng.random() < 0.5, may_fail=True)
 
     def _commit(self, *, everything: bool, may_fail: bool = False) -> None:
         """A group commit: a prefix of the records applied becomes durable at once."""
-        if not self.pending:
+        pending = len(self.core.records)
+        if not pending:
             return
-        count = len(self.pending) if everything else self.rng.randint(1, len(self.pending))
+        count = pending if everything else self.rng.randint(1, pending)
         if may_fail and self.rng.random() < P_COMMIT_FAILS:
             self._failed_commit(count)
             return
-        batch = self.pending[:count]
-        del self.pending[:count]
+        batch = self.core.take_records(count)
         self.journal.append(batch)
         if self.real is not None:
             self.real.append(batch)
@@ -710,8 +732,8 @@ class Simulation:
         self.summary.records += count
         for record in batch:
             self._became_durable(record)
-        while self.waiting and self.waiting[0].seq <= self.durable_seq:
-            self._release(self.waiting.popleft())
+        for parked in self.core.durable(self.durable_seq):
+            self._release(parked)
         self._maybe_snapshot()
 
     def _failed_commit(self, count: int) -> None:
@@ -720,8 +742,7 @@ class Simulation:
         way nothing waiting is answered, and the server is restarted."""
         self.summary.failed_commits += 1
         if self.rng.random() < 0.5:
-            batch = self.pending[:count]
-            del self.pending[:count]
+            batch = self.core.take_records(count)
             self.journal.append(batch)
             if self.real is not None:
                 self.real.append(batch)
@@ -736,7 +757,7 @@ class Simulation:
         at the last applied seq — which may hold records not durable yet."""
         if not self.snapshot_every or self.durable_seq - self.snapshot_seq < self.snapshot_every:
             return
-        seq = self.next_seq - 1
+        seq = self.core.next_seq - 1
         image = self.machine.image()
         self.snapshots[seq] = orjson.dumps(image)  # as snapshot.py writes it
         for old in sorted(self.snapshots, reverse=True)[KEEP_SNAPSHOTS:]:
@@ -836,16 +857,14 @@ class Simulation:
             self.summary.restarts += 1
         else:
             self.summary.crashes += 1
-        untouched = fingerprint_of(self.machine) if not self.pending else None
-        self.summary.lost += len(self.pending)
-        self.journal.crash(self.pending)
-        # Everything the process held is gone: uncommitted records, parked answers
-        # and pushes, queued work, routes. Messages in flight mostly die with their
-        # connections; some are copies on other routes and arrive later.
-        self.pending = []
-        self.waiting.clear()
+        pending = self.core.records
+        untouched = fingerprint_of(self.machine) if not pending else None
+        self.summary.lost += len(pending)
+        self.journal.crash(pending)
+        # Everything the process held is gone: the writer core (uncommitted records,
+        # held answers and pushes, routes) and queued work. Messages in flight mostly
+        # die with their connections; some are copies on other routes and arrive later.
         self.inbox.clear()
-        self.routes.clear()
         for seq in [seq for seq in self.originals if seq > self.durable_seq]:
             del self.originals[seq]
         self.to_server = [m for m in self.to_server if self.rng.random() < P_SURVIVES_CRASH]
@@ -855,9 +874,10 @@ class Simulation:
         self.durable_model = self.model.clone()
         self.live = self.durable.copy()
         # Recover, as app.recover() does.
-        self.machine = self._recover()
-        self.next_seq = self.journal.last_seq() + 1
-        self.durable_seq = self.next_seq - 1
+        machine = self._recover()
+        self.durable_seq = self.journal.last_seq()
+        self.core = self._new_core(machine, self.durable_seq)
+        self.owners = {c: owner for c, owner in self.owners.items() if c in self.machine.calls}
         where = "after a clean restart" if clean else "after a crash"
         if self.check_with_model:
             compare_state(self.machine, self.model, where)
@@ -904,8 +924,8 @@ class Simulation:
             record = self.journal.records[seq]
             if not (
                 step.outcome == original.outcome
-                and tuple(step.entries) == record.entries
-                and tuple(step.calls) == record.calls
+                and step.entries == list(record.entries)
+                and step.calls == list(record.calls)
                 and tuple(step.pushes) == original.pushes
             ):
                 raise AssertionError(

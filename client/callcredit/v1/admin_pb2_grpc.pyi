@@ -6,7 +6,8 @@ adjustments, and reads of balances, calls and the ledger.
 
 Money fields are int64 minor units of the account's currency; prices are
 micros (millionths) of the minor unit per minute. Errors are
-google.rpc.Status with an ErrorInfo detail (domain "callcredit.v1").
+google.rpc.Status with an ErrorInfo detail (domain "callcredit.v1", reason
+the name of an ErrorReason, error_reason.proto).
 """
 
 from callcredit.v1 import admin_pb2 as _admin_pb2

@@ -397,8 +397,9 @@ class Outcome(_message.Message):
     @_builtins.property
     def error(self) -> _status_pb2.Status:
         """Refusal: a google.rpc.Status with an ErrorInfo detail (domain
-        "callcredit.v1", reason as in DESIGN.md) and, for INVALID_ARGUMENT, a
-        BadRequest detail. A refused operation changed nothing.
+        "callcredit.v1", reason the name of an ErrorReason) and, for
+        INVALID_ARGUMENT, a BadRequest detail. A refused operation changed
+        nothing.
         """
 
     def __init__(
@@ -431,7 +432,9 @@ class CallTermination(_message.Message):
     call_id: _builtins.str
     """The call to hang up."""
     reason: _builtins.str
-    """Why: ACCOUNT_SUSPENDED, or ADMIN."""
+    """Why, as the name of an ErrorReason: ACCOUNT_SUSPENDED (the account was
+    suspended).
+    """
     def __init__(
         self,
         *,

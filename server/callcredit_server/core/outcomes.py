@@ -20,7 +20,8 @@ from callcredit_server.core.model import (
 
 
 class Reason(StrEnum):
-    """Why a request was refused: the ErrorInfo reason of the contract."""
+    """Why a request was refused: each is the contract's ErrorReason of the same name
+    (error_reason.proto; errors.py maps them, tests/test_error_reasons.py checks)."""
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     ACCOUNT_NOT_FOUND = "ACCOUNT_NOT_FOUND"
