@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -22,9 +23,11 @@ from tests.crash.harness import (
     REPO_ROOT,
     STARTUP_TIMEOUT_S,
     CampaignConfig,
+    CampaignReport,
     ServerFailed,
     Supervisor,
     _free_port,
+    run_campaign,
     write_target,
 )
 
@@ -185,3 +188,43 @@ class HaCluster(Supervisor):
                 process.kill()
                 process.wait()
             self.procs[slot] = None
+
+
+def run_ha_campaign(
+    database_url: str,
+    workdir: Path,
+    *,
+    kills: int,
+    lease_s: float,
+    seed: int,
+    clients: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[CampaignReport, HaCluster]:
+    """The crash campaign against a primary and a standby: each kill is a takeover."""
+    config = CampaignConfig(
+        database_url=database_url,
+        workdir=workdir,
+        kills=kills,
+        clients=clients,
+        seed=seed,
+        kill_after_s=(0.3, 1.2),
+        downtime_s=(0.0, 0.0),  # the standby is already running
+        kill_in_recovery_probability=0.0,
+        prune_every_kills=0,  # the standby tails the journal: nothing is pruned under it
+        tag="ha",
+    )
+    cluster = HaCluster(config, lease_s=lease_s, renew_s=lease_s / 4)
+    try:
+        report = run_campaign(config, progress, server=cluster)
+    finally:
+        cluster.kill_all()
+    return report, cluster
+
+
+def takeover_line(cluster: HaCluster, lease_s: float) -> str:
+    took = sorted(cluster.takeover_seconds) or [0.0]
+    return (
+        f"  takeovers {len(cluster.takeover_seconds)}: p50 {took[len(took) // 2]:.2f} s, "
+        f"max {took[-1]:.2f} s (SIGKILL of the primary to the standby serving; "
+        f"--lease-seconds {lease_s:g})"
+    )

@@ -13,47 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.crash.harness import CampaignConfig, CampaignReport, run_campaign
 from tests.crash.test_kill9 import _seed
-from tests.ha.cluster import HaCluster
+from tests.ha.cluster import run_ha_campaign, takeover_line
 
 pytestmark = pytest.mark.timeout(240)
 
 MIN_ACKED_OPS = 100
 
 
-def campaign(
-    pg_url: str, workdir: Path, kills: int, lease_s: float
-) -> tuple[CampaignReport, HaCluster]:
-    config = CampaignConfig(
-        database_url=pg_url,
-        workdir=workdir,
-        kills=kills,
-        seed=_seed(),
-        kill_after_s=(0.3, 1.2),
-        downtime_s=(0.0, 0.0),  # the standby is already running
-        kill_in_recovery_probability=0.0,
-        prune_every_kills=0,  # each server prunes nothing: the standby tails the journal
-        tag="ha",
-    )
-    cluster = HaCluster(config, lease_s=lease_s, renew_s=lease_s / 4)
-    try:
-        report = run_campaign(config, server=cluster)
-    finally:
-        cluster.kill_all()
-    takeovers = sorted(cluster.takeover_seconds)
-    print(report.summary())
-    print(
-        f"  takeovers {len(takeovers)}: p50 {takeovers[len(takeovers) // 2]:.2f} s, "
-        f"max {takeovers[-1]:.2f} s (kill to a new primary serving; lease {lease_s} s)"
-    )
-    return report, cluster
-
-
 def test_sigkill_of_the_primary_under_load_loses_and_doubles_nothing(
     pg_url: str, tmp_path: Path
 ) -> None:
-    report, cluster = campaign(pg_url, tmp_path, kills=3, lease_s=2.0)
+    report, cluster = run_ha_campaign(pg_url, tmp_path, kills=3, lease_s=2.0, seed=_seed())
+    print(report.summary())
+    print(takeover_line(cluster, 2.0))
     assert not report.violations, report.summary()
     assert report.kills >= 3
     assert report.count("ack") >= MIN_ACKED_OPS, report.summary()
@@ -64,7 +37,9 @@ def test_sigkill_of_the_primary_under_load_loses_and_doubles_nothing(
 
 def test_twenty_takeovers_in_a_row_under_load_with_no_mismatch(pg_url: str, tmp_path: Path) -> None:
     """The CI variant of scripts/ha_takeover_loop.py (--takeovers 200)."""
-    report, cluster = campaign(pg_url, tmp_path, kills=20, lease_s=1.0)
+    report, cluster = run_ha_campaign(pg_url, tmp_path, kills=20, lease_s=1.0, seed=_seed())
+    print(report.summary())
+    print(takeover_line(cluster, 1.0))
     assert not report.violations, report.summary()
     assert report.kills >= 20
     assert len(cluster.takeover_seconds) == report.kills
