@@ -135,8 +135,19 @@ class HotStandby:
 
     async def _until_primary(self) -> None:
         next_look_ms = 0
+        behind: tuple[float, int] | None = None  # (since, from seq) while reading full pages
         while True:
-            await self._tail()
+            if await self._tail() == MAX_TAIL_RECORDS:
+                behind = behind or (time.monotonic(), self.applied_seq - MAX_TAIL_RECORDS)
+            elif behind is not None:
+                since, from_seq = behind
+                log.info(
+                    "standby caught up: %d records applied in %.2f s, at seq %d",
+                    self.applied_seq - from_seq,
+                    time.monotonic() - since,
+                    self.applied_seq,
+                )
+                behind = None
             now_ms = self._clock_ms()
             if now_ms >= next_look_ms:
                 row = await self._lease_call(self._journal.lease)
