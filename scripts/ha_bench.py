@@ -15,30 +15,52 @@
 2. **Catch-up**: a primary and a standby under the same load; the standby is stopped
    (SIGSTOP) for --stop-seconds while the load goes on, then continued; its log says
    when it has applied the backlog (`standby caught up: N records applied in T s`).
+3. **The takeover's state-sized step** (--takeover-calls N): a new primary's first
+   command, `Takeover`, restarts the validity of every open call and rewrites each one's
+   history row; with N open calls (one per account) journalled in a fresh schema, the
+   apply and the group commit of that one record are timed. The rest of a takeover
+   (the lease's expiry, ending sessions, taking the lease, reading the last records)
+   does not grow with the state.
 
     python scripts/ha_bench.py --database-url postgresql+psycopg://postgres@127.0.0.1/cc
     python scripts/ha_bench.py --database-url ... --seconds 10 --stop-seconds 60
+    python scripts/ha_bench.py --database-url ... --seconds 0 --stop-seconds 0 \\
+        --takeover-calls 100000
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import re
 import signal
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `loadtest`, `tests`
 
+from callcredit_server.core import (
+    Command,
+    CreateAccount,
+    PutTariff,
+    Rate,
+    Reserve,
+    StateMachine,
+    Takeover,
+    Tariff,
+    TopUp,
+)
+from callcredit_server.journal import Journal, JournalRecord
 from loadtest import bench_compare
 from loadtest.baselines import grpc_drivers, procs
-from loadtest.baselines.workload import Workload, check
+from loadtest.baselines.workload import DESTINATION, Workload, check
 from tests.ha.cluster import SERVING, health
 
 BALANCE = bench_compare.ACCOUNT_BALANCE
@@ -174,16 +196,58 @@ async def catch_up(options: argparse.Namespace, workdir: Path) -> str:
     )
 
 
+def _scale_commands(calls: int) -> Iterator[Command]:
+    yield PutTariff(Tariff("t", "VND", (Rate("", 60_000_000, 1, 1, 0),)))
+    for n in range(calls):
+        yield CreateAccount(f"a{n}", "VND", "t", 0, 0)
+        yield TopUp(f"a{n}", 1_000_000, "seed", "")
+        yield Reserve(f"c{n}", f"a{n}", DESTINATION, 60, 60, 120)
+
+
+async def takeover_record(options: argparse.Namespace) -> str:
+    """Time the apply and the commit of Takeover with --takeover-calls open calls."""
+    async with bench_compare._journal_schema(options.database_url) as url:
+        journal = Journal(url)
+        machine = StateMachine()
+        now_ms = time.time_ns() // 1_000_000
+        seq = 0
+        commands = _scale_commands(options.takeover_calls)
+        built = time.perf_counter()
+        while batch := list(itertools.islice(commands, 20_000)):
+            records = []
+            for command in batch:
+                step = machine.apply(command, now_ms)
+                seq += 1
+                records.append(JournalRecord(seq, now_ms, command, step.entries, step.calls))
+            await asyncio.to_thread(journal.append, records)
+        built_s = time.perf_counter() - built
+        started = time.perf_counter()
+        step = machine.apply(Takeover(epoch=2), now_ms + 5_000)
+        applied_s = time.perf_counter() - started
+        record = JournalRecord(seq + 1, now_ms + 5_000, Takeover(epoch=2), step.entries, step.calls)
+        started = time.perf_counter()
+        await asyncio.to_thread(journal.append, [record])
+        committed_s = time.perf_counter() - started
+        journal.close()
+    return (
+        f"Takeover with {options.takeover_calls:,} open calls ({seq:,} records built in "
+        f"{built_s:.0f} s): apply {applied_s * 1000:.0f} ms, commit of its "
+        f"{len(step.calls):,} call rows {committed_s * 1000:.0f} ms"
+    )
+
+
 async def run(options: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="ha-bench-"))
     print(f"{'variant':<12} {'ops/s':>8} {'p50 ms':>7} {'p99 ms':>7}  check", flush=True)
-    for variant in VARIANTS * options.rounds:
+    for variant in VARIANTS * options.rounds if options.seconds else ():
         r = await run_variant(variant, options, workdir / str(uuid.uuid4().hex[:6]))
         check_text = "ok" if not r.problems else "; ".join(r.problems[:3])
         print(f"{r.variant:<12} {r.ops_per_s:>8,.0f} {r.p50_ms:>7.1f} {r.p99_ms:>7.1f}  "
               f"{check_text}", flush=True)  # fmt: skip
     if options.stop_seconds > 0:
         print(await catch_up(options, workdir), flush=True)
+    if options.takeover_calls:
+        print(await takeover_record(options), flush=True)
 
 
 def main() -> None:
@@ -200,6 +264,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=1, help="repeat the three variants")
     parser.add_argument("--stop-seconds", type=float, default=60.0, help="0: no catch-up run")
+    parser.add_argument("--takeover-calls", type=int, default=0, help="e.g. 100000; 0: skip")
     asyncio.run(run(parser.parse_args()))
 
 

@@ -129,6 +129,10 @@ POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_MS = 10_000  # the server ends such a sessi
 _SCHEMA_LOCK = 0x63616C6C  # PostgreSQL advisory lock key ("call") around table creation
 APPLICATION_NAME_PREFIX = "callcredit:"  # + the server's owner id: whose sessions to end
 _DELETE_CHUNK = 500  # ids per DELETE ... IN (...) in the portable upsert
+# PostgreSQL: an upsert of this many rows or more goes through COPY into a temporary
+# table (several times faster than executemany): a new primary's Takeover rewrites
+# the history row of every open call, 100,000 of them at scale, in one commit.
+POSTGRES_COPY_MIN_ROWS = 2_000
 
 # Dialects whose INSERT ... ON CONFLICT DO UPDATE is used; others delete + insert.
 _NATIVE_UPSERT = frozenset({"sqlite", "postgresql"})
@@ -556,6 +560,11 @@ def _insert(connection: Connection, table: Table, rows: _Rows, upsert_key: str =
     databases go through SQLAlchemy Core; there, inside the batch's transaction,
     delete + insert is the upsert.
     """
+    if connection.dialect.name == "postgresql" and upsert_key and len(rows) >= (
+        POSTGRES_COPY_MIN_ROWS
+    ):
+        _copy_upsert(connection, table, rows, upsert_key)
+        return
     if connection.dialect.name in _NATIVE_UPSERT:
         cursor = connection.connection.cursor()
         try:
@@ -570,6 +579,30 @@ def _insert(connection: Connection, table: Table, rows: _Rows, upsert_key: str =
         for start in range(0, len(ids), _DELETE_CHUNK):
             connection.execute(delete(table).where(key.in_(ids[start : start + _DELETE_CHUNK])))
     connection.execute(insert(table), [dict(zip(names, row, strict=True)) for row in rows])
+
+
+def _copy_upsert(connection: Connection, table: Table, rows: _Rows, upsert_key: str) -> None:
+    """PostgreSQL: COPY `rows` into a temporary twin of `table` (emptied at commit), then
+    one INSERT ... SELECT ... ON CONFLICT DO UPDATE: the same rows as executemany."""
+    quote = connection.dialect.identifier_preparer.quote
+    names = ", ".join(quote(c.name) for c in table.c)
+    staging = quote(f"_staging_{table.name}")
+    upsert = _insert_sql(connection, table, upsert_key)
+    conflict = upsert[upsert.index(" ON CONFLICT") :]
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} "
+            f"(LIKE {quote(table.name)}) ON COMMIT DELETE ROWS"
+        )
+        with cursor.copy(f"COPY {staging} ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        cursor.execute(
+            f"INSERT INTO {quote(table.name)} ({names}) SELECT {names} FROM {staging}{conflict}"
+        )
+    finally:
+        cursor.close()
 
 
 def _meta(connection: Connection) -> dict[str, str]:

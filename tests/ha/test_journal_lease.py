@@ -10,8 +10,20 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from callcredit_server.core import Tick
+from callcredit_server.core import (
+    Command,
+    CreateAccount,
+    PutTariff,
+    Rate,
+    Reserve,
+    StateMachine,
+    Takeover,
+    Tariff,
+    Tick,
+    TopUp,
+)
 from callcredit_server.journal import (
+    POSTGRES_COPY_MIN_ROWS,
     POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_MS,
     POSTGRES_LOCK_TIMEOUT_MS,
     Fenced,
@@ -151,3 +163,32 @@ def test_the_journals_sessions_bound_their_waits(journals: tuple[Journal, Journa
     assert lock == f"{POSTGRES_LOCK_TIMEOUT_MS // 1000}s"
     assert idle == f"{POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_MS // 1000}s"
     assert name == "callcredit:a"
+
+
+def test_a_takeover_of_many_open_calls_rewrites_their_rows_through_copy(pg_url: str) -> None:
+    """Above POSTGRES_COPY_MIN_ROWS the call rows go through COPY: the same rows result."""
+    calls = POSTGRES_COPY_MIN_ROWS + 10
+    machine = StateMachine()
+    commands: list[Command] = [PutTariff(Tariff("t", "VND", (Rate("", 60_000_000, 1, 1, 0),)))]
+    for n in range(calls):
+        commands += [
+            CreateAccount(f"a{n}", "VND", "t", 0, 0),
+            TopUp(f"a{n}", 1_000, "seed", ""),
+            Reserve(f"c{n}", f"a{n}", "84901234567", 60, 60, 120),
+        ]
+    records = []
+    for seq, command in enumerate(commands, 1):
+        step = machine.apply(command, 1_000)
+        records.append(JournalRecord(seq, 1_000, command, step.entries, step.calls))
+    step = machine.apply(Takeover(epoch=2), 9_000)
+    records.append(JournalRecord(len(records) + 1, 9_000, Takeover(epoch=2), (), step.calls))
+    with Journal(pg_url) as journal:
+        journal.append(records[:-1])
+        journal.append(records[-1:])
+        for n in (0, calls // 2, calls - 1):
+            stored = journal.get_call(f"c{n}")
+            assert stored == machine.calls[f"c{n}"].record()
+            assert stored is not None and stored.expires_at_ms == 9_000 + 120_000
+        with journal.engine.connect() as conn:
+            rows = conn.execute(text("SELECT count(*), min(seq) FROM calls")).one()
+    assert tuple(rows) == (calls, len(records))
