@@ -137,7 +137,12 @@ class HotStandby:
         next_look_ms = 0
         behind: tuple[float, int] | None = None  # (since, from seq) while reading full pages
         while True:
-            if await self._tail() == MAX_TAIL_RECORDS:
+            try:
+                applied = await self._tail()
+            except JournalError as exc:  # the database is away: a standby just waits
+                log.warning("standby: cannot read the journal: %s", exc)
+                applied = 0
+            if applied == MAX_TAIL_RECORDS:
                 behind = behind or (time.monotonic(), self.applied_seq - MAX_TAIL_RECORDS)
             elif behind is not None:
                 since, from_seq = behind
