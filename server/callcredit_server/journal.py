@@ -560,8 +560,10 @@ def _insert(connection: Connection, table: Table, rows: _Rows, upsert_key: str =
     databases go through SQLAlchemy Core; there, inside the batch's transaction,
     delete + insert is the upsert.
     """
-    if connection.dialect.name == "postgresql" and upsert_key and len(rows) >= (
-        POSTGRES_COPY_MIN_ROWS
+    if (
+        connection.dialect.name == "postgresql"
+        and upsert_key
+        and len(rows) >= (POSTGRES_COPY_MIN_ROWS)
     ):
         _copy_upsert(connection, table, rows, upsert_key)
         return

@@ -108,15 +108,20 @@ class HotStandby:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease")
         self._writer_failure: BaseException | None = None
         self.deposed = asyncio.Event()
-        self.took_over_at_s = 0.0  # time.monotonic() when this server began to serve
         writer.on_failure(self._on_writer_failure)
 
     async def run(self) -> None:
         """Standby until the lease is ours, then primary until it is lost."""
         try:
             await self._until_primary()
-            await self._take_over()
-            await self._hold()
+            # Renewals start with the lease, not after the takeover's work: catching up
+            # and the first commit must not eat the lease they run under.
+            tasks = [asyncio.ensure_future(self._hold()), asyncio.ensure_future(self._take_over())]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a broken takeover or state: never serve from it
@@ -222,15 +227,16 @@ class HotStandby:
         # The writer's first command (queued before its tasks first run): open calls'
         # validity restarts now, before any tick could expire them.
         result = await self._writer.execute([Takeover(epoch=epoch)])
+        if not self.lease.serving(self._clock_ms()):
+            raise Deposed(f"the lease of epoch {epoch} ran out during the takeover")
         self._gate.primary = self._advertise
         self._gate.open = True
         await self._set_serving(True)
-        self.took_over_at_s = time.monotonic()
         log.warning(
             "primary at epoch %d from seq %d in %.3f s: %s",
             epoch,
             self.applied_seq,
-            self.took_over_at_s - started,
+            time.monotonic() - started,
             result[0],
             extra={"epoch": epoch, "seq": self.applied_seq},
         )
