@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MAX_TAIL_RECORDS", "TAIL_POLL_S", "Deposed", "HotStandby", "PrimaryGate", "new_owner"]
 
-TAIL_POLL_S = 0.1  # a standby reads new journal records this often
+TAIL_POLL_S = 0.1  # a standby reads new journal records this often (at once while behind)
 MAX_TAIL_RECORDS = 10_000  # records read and applied per poll: the event loop stays responsive
 PRIMARY_POLL_S = 0.05  # the primary looks at its lease's clock this often
 GIVE_UP_TIMEOUT_S = 1.0  # a deposed primary tries this long to free the lease for a standby
@@ -170,7 +170,8 @@ class HotStandby:
                     if action is Action.TAKE and await self._try_take(row):
                         return
                     next_look_ms = now_ms + self.lease.standby_wait_ms(row)
-            await asyncio.sleep(TAIL_POLL_S)
+            # Behind (a full read): read on at once; else wait for new records.
+            await asyncio.sleep(0 if applied == MAX_TAIL_RECORDS else TAIL_POLL_S)
 
     async def _try_take(self, row: LeaseRow | None) -> bool:
         if row is not None and row.owner:
