@@ -111,7 +111,7 @@ class Result:
     system: str
     layout: str
     mode: str
-    ops_per_s: float
+    ops_per_second: float
     p50_ms: float
     p99_ms: float
     ops: int
@@ -171,8 +171,8 @@ class Report:
         for layout in self.options.layouts:
             for top, bottom, label in pairs:
                 a, b = self.find(top, layout), self.find(bottom, layout)
-                if a is not None and b is not None and b.ops_per_s > 0:
-                    out.append((layout, label, a.ops_per_s / b.ops_per_s))
+                if a is not None and b is not None and b.ops_per_second > 0:
+                    out.append((layout, label, a.ops_per_second / b.ops_per_second))
         return out
 
 
@@ -252,7 +252,7 @@ def _result(
         system=system,
         layout=layout,
         mode=label,
-        ops_per_s=window.ops / window.seconds,
+        ops_per_second=window.ops / window.seconds,
         p50_ms=workload.histogram.quantile_ms(0.50),
         p99_ms=workload.histogram.quantile_ms(0.99),
         ops=window.ops,
@@ -359,7 +359,7 @@ async def run_callcredit(
                 )
                 totals = await grpc_drivers.callcredit_totals(server.target, accounts, balance)
                 if server.process.poll() is not None:
-                    raise RuntimeError(f"callcredit-server exited: {list(server.tail)[-5:]}")
+                    raise RuntimeError(f"callcredit-server exited: {server.log_text()[-500:]}")
         _add(report, _result(system, layout, mode, label, workload, window, totals, durability))
 
 
@@ -579,7 +579,7 @@ def _cells(result: Result, options: Options) -> list[str]:
         result.system,
         _layout_name(result.layout, options),
         result.mode,
-        f"{result.ops_per_s:,.0f}",
+        f"{result.ops_per_second:,.0f}",
         f"{result.p50_ms:.2f}",
         f"{result.p99_ms:.2f}",
         f"{result.client_cpu_pct:.0f}%",
@@ -598,7 +598,7 @@ def _line(result: Result) -> str:
     server = "-" if result.server_cpu_pct is None else f"{result.server_cpu_pct:.0f}%"
     return (
         f"{result.system:<14} {result.layout:<5} {result.mode:<52} "
-        f"{result.ops_per_s:>9,.0f} ops/s  p50 {result.p50_ms:7.2f} ms  "
+        f"{result.ops_per_second:>9,.0f} ops/s  p50 {result.p50_ms:7.2f} ms  "
         f"p99 {result.p99_ms:7.2f} ms  cpu client {result.client_cpu_pct:3.0f}% "
         f"server {server:>4}  machine {result.machine_cpu_pct:3.0f}%  check {check_text}"
     )

@@ -34,8 +34,9 @@ from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from callcredit_server.auth import hash_token, new_token
+from callcredit_server.launch import serving
 from loadtest.baselines.procs import process_cpu_seconds
-from tests.service.processes import configured_server_process, server_process
+from tests.service.processes import server_process
 
 WINDOW_MESSAGES = 8  # messages in flight per stream
 
@@ -74,8 +75,8 @@ def _secure_server(folder: Path, url: str) -> Iterator[tuple[str, Security, int]
     )
     args = ["--config", str(config), "--listen", "127.0.0.1:0", "--database-url", url,
             "--log-level", "WARNING"]  # fmt: skip
-    with configured_server_process(folder / "server.log", args) as (process, port):
-        yield f"localhost:{port}", security, process.pid
+    with serving(args, folder / "server.log") as server:
+        yield f"localhost:{server.port}", security, server.pid
 
 
 def _channel(target: str, security: Security | None) -> grpc.aio.Channel:
@@ -91,14 +92,14 @@ class Result:
     operations: int
     messages: int
     seconds: float
-    server_cpu_s: float | None = None  # the server process's user + system CPU time
+    server_cpu_seconds: float | None = None  # the server process's user + system CPU time
 
     def line(self) -> str:
         cpu = ""
-        if self.server_cpu_s is not None:
+        if self.server_cpu_seconds is not None:
             cpu = (
-                f"  server CPU {self.server_cpu_s / self.operations * 1e6:,.1f} us/op, "
-                f"{self.server_cpu_s / self.messages * 1e6:,.0f} us/msg"
+                f"  server CPU {self.server_cpu_seconds / self.operations * 1e6:,.1f} us/op, "
+                f"{self.server_cpu_seconds / self.messages * 1e6:,.0f} us/msg"
             )
         return (
             f"{self.name:<38} {self.operations / self.seconds:>10,.0f} ops/s "

@@ -149,7 +149,7 @@ def _mixes(args: argparse.Namespace) -> dict[str, Callable[[], float]]:
 
 def _run_one(args: argparse.Namespace) -> None:
     """Child mode: one run of one mix, its ops/s as JSON on stdout."""
-    print(json.dumps({"ops_per_s": _mixes(args)[args.one]()}))
+    print(json.dumps({"ops_per_second": _mixes(args)[args.one]()}))
 
 
 def _child(args: argparse.Namespace, mix: str, path: str | None) -> float:
@@ -158,7 +158,7 @@ def _child(args: argparse.Namespace, mix: str, path: str | None) -> float:
         env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
     argv = [sys.executable, __file__, "--one", mix, *_shared_argv(args)]
     done = subprocess.run(argv, env=env, check=True, capture_output=True, text=True)
-    ops: float = json.loads(done.stdout.splitlines()[-1])["ops_per_s"]
+    ops: float = json.loads(done.stdout.splitlines()[-1])["ops_per_second"]
     return ops
 
 

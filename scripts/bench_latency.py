@@ -61,10 +61,10 @@ async def _setup(channel: grpc.aio.Channel) -> None:
 class _Run:
     """One rate: operations due at `rate` per second, sent every tick, timed to the answer."""
 
-    def __init__(self, rate: int, seconds: float, tick_s: float) -> None:
+    def __init__(self, rate: int, seconds: float, tick_seconds: float) -> None:
         self.rate = rate
         self.seconds = seconds
-        self.tick_s = tick_s
+        self.tick_seconds = tick_seconds
         self.latency = Histogram()
         self.due: dict[str, float] = {}  # request_id -> when it fell due
         self.next_step: deque[tuple[str, int]] = deque()  # (call_id, step) due next
@@ -124,7 +124,7 @@ class _Run:
                     self.next_step.append((call_id, step + 1))
             if operations:
                 await call.write(credit_control_pb2.ControlRequest(operations=operations))
-            await asyncio.sleep(self.tick_s)
+            await asyncio.sleep(self.tick_seconds)
         # Release what is still open, untimed, so the run leaves nothing behind.
         closing = []
         for call_id, step in self.next_step:

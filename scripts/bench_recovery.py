@@ -157,14 +157,14 @@ def main() -> None:
     pid = fork_snapshot(machine, seq, snapshots, machine.now_ms)
     stall_ms = (time.perf_counter() - started) * 1000
     _, status = os.waitpid(pid, 0)
-    written_s = time.perf_counter() - started
+    written_seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit("snapshot child failed")
     publish_snapshot(snapshots, seq, pid)  # the journal holds seq: the writer would too
     (newest,) = list_snapshots(snapshots)[:1]
     print(
         f"snapshot at seq {seq:,}: writer paused {stall_ms:.1f} ms (the fork), child wrote "
-        f"{newest.path.stat().st_size / 2**20:.0f} MiB in {written_s:.1f} s; "
+        f"{newest.path.stat().st_size / 2**20:.0f} MiB in {written_seconds:.1f} s; "
         f"this process's peak RSS {_peak_rss_mib():.0f} MiB",
         flush=True,
     )

@@ -44,7 +44,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -52,13 +51,13 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from callcredit.errors import CallcreditError
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
+from callcredit_server import launch
 from callcredit_server.core import Command, CreateAccount, PutTariff, Rate, StateMachine, Tariff
 from callcredit_server.core import TopUp as TopUpCommand
 from callcredit_server.journal import Journal, JournalRecord
@@ -78,11 +77,7 @@ from loadtest.baselines.workload import (
     Histogram,
     cost,
 )
-
-if TYPE_CHECKING:
-    _ControlCall: TypeAlias = grpc.aio.StreamStreamCall[
-        credit_control_pb2.ControlRequest, credit_control_pb2.ControlResponse
-    ]
+from loadtest.lanes import Lane
 
 REPO = Path(__file__).resolve().parent.parent
 TARIFF_ID = "scale"
@@ -90,9 +85,10 @@ TOP_UP = 10**12  # per account: no call is ever cut short by funds
 BATCH_RECORDS = 20_000  # journal records per transaction while building
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 WINDOW_MESSAGES = 32  # per stream; the server reads at most 64 unanswered messages ahead
-SCHEDULER_TICK_S = 0.002
-RENEW_MARGIN_S = 5  # a call renews G - 5 s after its last grant
-START_TIMEOUT_S = 3_600.0
+SCHEDULER_TICK_SECONDS = 0.002
+RENEW_MARGIN_SECONDS = 5  # a call renews G - 5 s after its last grant
+START_TIMEOUT_SECONDS = 3_600.0
+STOP_TIMEOUT_SECONDS = 120.0  # SIGTERM: the drain, then the last flush
 ADMIN_CONCURRENCY = 32
 ERRORS_KEPT = 5
 RESERVE, RENEW, RELEASE = 0, 1, 2
@@ -145,14 +141,14 @@ def build(url: str, accounts: int, snapshot_root: Path) -> None:
             journal.append(batch)
             batch = []
     journal.append(batch)
-    built_s = time.perf_counter() - started
+    built_seconds = time.perf_counter() - started
     directory = snapshot_root / journal.journal_id
     journal.close()
     write_snapshot(directory, seq, machine.image(), machine.now_ms)
     print(json.dumps({
         "records": seq,
-        "build_s": round(built_s, 1),
-        "snapshot_s": round(time.perf_counter() - started - built_s, 1),
+        "build_seconds": round(built_seconds, 1),
+        "snapshot_seconds": round(time.perf_counter() - started - built_seconds, 1),
     }))  # fmt: skip
 
 
@@ -187,7 +183,7 @@ class Server:
     port: int
     metrics_port: int
     log: Path
-    start_s: float
+    start_seconds: float
 
     @property
     def target(self) -> str:
@@ -213,58 +209,23 @@ def serving(url: str, snapshot_root: Path, grant_seconds: int, log: Path) -> Ite
     """`callcredit-server` on the journal, default settings but --grant-seconds; INFO logs
     to a file (start-up and snapshot lines). Stopped with SIGTERM (drain, then exit)."""
     metrics_port = free_port()
-    argv = [sys.executable, "-m", "callcredit_server.cli", "--listen", "127.0.0.1:0",
-            "--database-url", url, "--snapshot-dir", str(snapshot_root),
+    args = ["--listen", "127.0.0.1:0", "--database-url", url, "--snapshot-dir", str(snapshot_root),
             "--grant-seconds", str(grant_seconds),
             "--metrics-listen", f"127.0.0.1:{metrics_port}", "--log-level", "INFO"]  # fmt: skip
     started = time.perf_counter()
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},
-        )
-    try:
-        port = 0
-        while not port:
-            found = re.search(r"listening on port (\d+)", log.read_text(errors="replace"))
-            if found:
-                port = int(found.group(1))
-            elif process.poll() is not None or time.perf_counter() - started > START_TIMEOUT_S:
-                tail = log.read_text(errors="replace").splitlines()[-10:]
-                raise RuntimeError(f"the server did not start: {' | '.join(tail)}")
-            else:
-                time.sleep(0.05)
-        yield Server(process, port, metrics_port, log, time.perf_counter() - started)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        process.wait()
+    with launch.serving(
+        args,
+        log,
+        env={"PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        start_timeout_seconds=START_TIMEOUT_SECONDS,
+        stop_timeout_seconds=STOP_TIMEOUT_SECONDS,
+    ) as server:
+        took = time.perf_counter() - started
+        yield Server(server.process, server.port, metrics_port, log, took)
 
 
 # ------------------------------------------------------------------ the dialer side
-
-
-class _Lane:
-    """One Control stream: calls ready to send, and the messages it has in flight."""
-
-    def __init__(self, call: _ControlCall) -> None:
-        self.call = call
-        self.ready: collections.deque[int] = collections.deque()
-        self.wake = asyncio.Event()
-        self.window_open = asyncio.Event()
-        self.in_flight = 0
-        self.unanswered: dict[int, int] = {}  # message number -> operations unanswered
-        self.next_message = 0
-        self.messages = 0
-        self.operations = 0
 
 
 @dataclass
@@ -305,15 +266,20 @@ class Dialer:
         self.counts = Counts()
         self.renew_latency = Histogram()
         self.phase_latency = Histogram()
-        self.lanes: list[_Lane] = []
+        self.lanes: list[Lane[int]] = []
         self._tasks: list[asyncio.Task[None]] = []
 
     @contextlib.asynccontextmanager
     async def connected(self, target: str) -> AsyncIterator[Dialer]:
         async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as chan:
             stub = credit_control_pb2_grpc.CreditControlServiceStub(chan)
-            self.lanes = [_Lane(stub.Control(wait_for_ready=True)) for _ in range(self.streams)]
-            self._tasks = [asyncio.create_task(self._send(lane)) for lane in self.lanes]
+            self.lanes = [
+                Lane(
+                    stub.Control(wait_for_ready=True), window=WINDOW_MESSAGES, max_batch=self.batch
+                )
+                for _ in range(self.streams)
+            ]
+            self._tasks = [asyncio.create_task(lane.send(self._operation)) for lane in self.lanes]
             self._tasks += [asyncio.create_task(self._receive(lane)) for lane in self.lanes]
             try:
                 yield self
@@ -324,7 +290,9 @@ class Dialer:
 
     # -- operations
 
-    def _operation(self, i: int) -> credit_control_pb2.Operation:
+    def _operation(self, i: int, message: int) -> credit_control_pb2.Operation:
+        """Call i's next operation, sent in `message`."""
+        self.message_of[i] = message
         kind = self.kind[i]
         if kind == RESERVE:
             return credit_control_pb2.Operation(
@@ -368,9 +336,7 @@ class Dialer:
         self.due[i] = due
         self.outstanding += 1
         self.idle.clear()
-        lane = self.lanes[i % self.streams]
-        lane.ready.append(i)
-        lane.wake.set()
+        self.lanes[i % self.streams].push(i)
 
     def _answered(self, i: int, outcome: credit_control_pb2.Outcome, now: float) -> None:
         kind = self.kind[i]
@@ -407,33 +373,7 @@ class Dialer:
         elif self.outstanding == 0:
             self.idle.set()
 
-    async def _send(self, lane: _Lane) -> None:
-        ready = lane.ready
-        while True:
-            if not ready:
-                lane.wake.clear()
-                await lane.wake.wait()
-                continue
-            if lane.in_flight >= WINDOW_MESSAGES:
-                lane.window_open.clear()
-                await lane.window_open.wait()
-                continue
-            count = min(len(ready), self.batch)
-            number = lane.next_message
-            lane.next_message = number + 1
-            operations = []
-            for _ in range(count):
-                i = ready.popleft()
-                self.message_of[i] = number
-                operations.append(self._operation(i))
-            lane.unanswered[number] = count
-            lane.in_flight += 1
-            lane.messages += 1
-            lane.operations += count
-            await lane.call.write(credit_control_pb2.ControlRequest(operations=operations))
-
-    async def _receive(self, lane: _Lane) -> None:
-        unanswered = lane.unanswered
+    async def _receive(self, lane: Lane[int]) -> None:
         while True:
             response = await lane.call.read()
             if response is grpc.aio.EOF:
@@ -442,14 +382,7 @@ class Dialer:
             now = time.perf_counter()
             for outcome in response.outcomes:
                 i = int(outcome.request_id)
-                number = self.message_of[i]
-                left = unanswered[number] - 1
-                if left:
-                    unanswered[number] = left
-                else:
-                    del unanswered[number]
-                    lane.in_flight -= 1
-                    lane.window_open.set()
+                lane.answered(self.message_of[i])
                 self._answered(i, outcome, now)
 
     async def wait_idle(self) -> None:
@@ -488,7 +421,7 @@ class Dialer:
             while j < target:
                 self.submit(j % self.calls, RENEW, started + j / rate)
                 j += 1
-            await asyncio.sleep(SCHEDULER_TICK_S)
+            await asyncio.sleep(SCHEDULER_TICK_SECONDS)
         await self.wait_idle()
         return total, time.perf_counter() - started
 
@@ -591,18 +524,18 @@ class Result:
     accounts: int
     calls: int
     records: int = 0
-    build_s: float = 0.0
-    start_s: float = 0.0
+    build_seconds: float = 0.0
+    start_seconds: float = 0.0
     recovery: str = ""
     rss_start: float = 0.0
     rss_open: float = 0.0
     rss_steady_max: float = 0.0
     rss_end: float = 0.0
     hwm: float = 0.0
-    open_s: float = 0.0
-    renew_every_s: float = 0.0
+    open_seconds: float = 0.0
+    renew_every_seconds: float = 0.0
     renewals: int = 0
-    renewals_per_s: float = 0.0
+    renewals_per_second: float = 0.0
     p50: float = 0.0
     p99: float = 0.0
     p999: float = 0.0
@@ -614,7 +547,7 @@ class Result:
     machine_cpu: float = 0.0
     snapshots_steady: int = 0
     snapshot_lines: list[str] = field(default_factory=list)
-    release_s: float = 0.0
+    release_seconds: float = 0.0
     scrape_ms: float = 0.0
     problems: list[str] = field(default_factory=list)
     verified: str = "not run"
@@ -630,23 +563,23 @@ async def run_state(
     tag = f"{result.name}{time.time_ns() // 1_000_000 % 10**10}"
     with serving(url, snapshot_root, args.grant_seconds, log) as server:
         pid = server.process.pid
-        result.start_s = server.start_s
+        result.start_seconds = server.start_seconds
         found = re.search(r"recovered from .*", server.log_text())
         result.recovery = found.group(0) if found else ""
         result.rss_start, result.hwm = memory_mib(pid)
         say(
-            f"[{result.name}] started in {result.start_s:.1f} s, RSS {result.rss_start:.0f} MiB "
-            f"(HWM {result.hwm:.0f}): {result.recovery}"
+            f"[{result.name}] started in {result.start_seconds:.1f} s, "
+            f"RSS {result.rss_start:.0f} MiB (HWM {result.hwm:.0f}): {result.recovery}"
         )
         dialer = Dialer(result.calls, result.accounts, tag, args.streams, args.batch)
         sample = sample_accounts(dialer, result.accounts, args.check_accounts)
         before = await read_accounts(server.target, sample)
         async with dialer.connected(server.target):
-            result.open_s = await dialer.all_once(RESERVE)
+            result.open_seconds = await dialer.all_once(RESERVE)
             result.rss_open = memory_mib(pid)[0]
             say(
                 f"[{result.name}] opened {dialer.counts.ok[RESERVE]:,} calls in "
-                f"{result.open_s:.1f} s, RSS {result.rss_open:.0f} MiB"
+                f"{result.open_seconds:.1f} s, RSS {result.rss_open:.0f} MiB"
             )
 
             # the steady phase, with the server's memory sampled every second
@@ -668,8 +601,8 @@ async def run_state(
             result.renewals = renewals
             messages = sum(lane.messages for lane in dialer.lanes) - sent0
             result.ops_per_message = renewals / max(messages, 1)
-            result.renewals_per_s = renewals / took
-            result.renew_every_s = result.calls / rate
+            result.renewals_per_second = renewals / took
+            result.renew_every_seconds = result.calls / rate
             histogram = dialer.renew_latency
             result.p50 = histogram.quantile_ms(0.5)
             result.p99 = histogram.quantile_ms(0.99)
@@ -690,7 +623,7 @@ async def run_state(
                 f"{result.server_cpu:.0%}, RSS max {result.rss_steady_max:.0f} MiB"
             )
 
-            result.release_s = await dialer.all_once(RELEASE)
+            result.release_seconds = await dialer.all_once(RELEASE)
         counts = dialer.counts
         for kind in (RESERVE, RENEW, RELEASE):
             if counts.errors[kind]:
@@ -731,16 +664,22 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
         _row(["---", *("---:" for _ in results)]),
     ]
     rows: list[tuple[str, list[str]]] = [
-        ("journal built (records, s)", [f"{r.records:,} in {r.build_s:.0f} s" for r in results]),
-        ("server start (to listening)", [f"{r.start_s:.1f} s" for r in results]),
+        (
+            "journal built (records, s)",
+            [f"{r.records:,} in {r.build_seconds:.0f} s" for r in results],
+        ),
+        ("server start (to listening)", [f"{r.start_seconds:.1f} s" for r in results]),
         ("RSS after start", [f"{r.rss_start:,.0f} MiB" for r in results]),
         (
             "open all calls",
-            [f"{r.open_s:.1f} s ({r.calls / max(r.open_s, 1e-9):,.0f}/s)" for r in results],
+            [
+                f"{r.open_seconds:.1f} s ({r.calls / max(r.open_seconds, 1e-9):,.0f}/s)"
+                for r in results
+            ],
         ),
         ("RSS with the calls open", [f"{r.rss_open:,.0f} MiB" for r in results]),
-        ("each call renews every", [f"{r.renew_every_s:.2f} s" for r in results]),
-        ("renewals (per s)", [f"{r.renewals:,} ({r.renewals_per_s:,.0f}/s)" for r in results]),
+        ("each call renews every", [f"{r.renew_every_seconds:.2f} s" for r in results]),
+        ("renewals (per s)", [f"{r.renewals:,} ({r.renewals_per_second:,.0f}/s)" for r in results]),
         ("operations per message (steady)", [f"{r.ops_per_message:.1f}" for r in results]),
         ("renew p50", [f"{r.p50:.2f} ms" for r in results]),
         ("renew p99", [f"{r.p99:.2f} ms" for r in results]),
@@ -758,7 +697,7 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
             "RSS at the end / peak (VmHWM)",
             [f"{r.rss_end:,.0f} / {r.hwm:,.0f} MiB" for r in results],
         ),
-        ("release all calls", [f"{r.release_s:.1f} s" for r in results]),
+        ("release all calls", [f"{r.release_seconds:.1f} s" for r in results]),
         ("one /metrics scrape", [f"{r.scrape_ms:.0f} ms" for r in results]),
         ("checks", ["ok" if not r.problems else "; ".join(r.problems) for r in results]),
         ("callcredit-server verify", [r.verified for r in results]),
@@ -777,7 +716,7 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> list[Result]:
-    rate = args.calls / (args.grant_seconds - RENEW_MARGIN_S)
+    rate = args.calls / (args.grant_seconds - RENEW_MARGIN_SECONDS)
     states = [("small", args.small_accounts, args.small_calls), ("big", args.accounts, args.calls)]
     if args.only:
         states = [s for s in states if s[0] == args.only]
@@ -789,16 +728,16 @@ async def run(args: argparse.Namespace, workdir: Path) -> list[Result]:
         snapshots = directory / "snapshots"
         result = Result(name, accounts, calls)
         if args.reuse and (directory / "journal.db").exists():
-            result.build_s = 0.0
+            result.build_seconds = 0.0
         else:
             for stale in directory.glob("journal.db*"):
                 stale.unlink()
             built = build_in_child(url, accounts, snapshots)
-            result.build_s = built["build_s"] + built["snapshot_s"]
+            result.build_seconds = built["build_seconds"] + built["snapshot_seconds"]
             if not args.quiet:
                 print(
                     f"[{name}] built {int(built['records']):,} records in "
-                    f"{built['build_s']:.0f} s, snapshot {built['snapshot_s']:.0f} s"
+                    f"{built['build_seconds']:.0f} s, snapshot {built['snapshot_seconds']:.0f} s"
                 )
         prepared.append((result, url, snapshots))
     results = []
@@ -850,8 +789,8 @@ def main() -> None:
     if args.build:
         build(args.build, args.build_accounts, Path(args.build_snapshots))
         return
-    if args.grant_seconds <= RENEW_MARGIN_S:
-        parser.error(f"--grant-seconds must exceed {RENEW_MARGIN_S}")
+    if args.grant_seconds <= RENEW_MARGIN_SECONDS:
+        parser.error(f"--grant-seconds must exceed {RENEW_MARGIN_SECONDS}")
     results = asyncio.run(run(args, Path(args.workdir).resolve()))
     print(table(results, args))
     if any(r.problems for r in results):

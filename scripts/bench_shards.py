@@ -48,8 +48,9 @@ import grpc
 from callcredit.v1 import credit_control_pb2, credit_control_pb2_grpc
 from loadtest import bench_compare
 from loadtest.baselines import grpc_drivers, procs
-from loadtest.baselines.grpc_drivers import _answer, _Lane
-from loadtest.baselines.workload import RESERVE, AccountTotals, Workload, check
+from loadtest.baselines.grpc_drivers import _answer, slot_operation
+from loadtest.baselines.workload import RESERVE, AccountTotals, Slot, Workload, check
+from loadtest.lanes import Lane, run_lanes
 
 LOGICAL_SHARDS = 64
 """Fixed for the life of a deployment: an account's logical shard never changes; only
@@ -111,25 +112,29 @@ async def drive_sharded(
     request_ids = [str(index) for index in range(workload.calls)]
     slots = workload.slots
     async with AsyncExitStack() as stack:
-        lanes: list[list[_Lane]] = []
+        lanes: list[list[Lane[Slot]]] = []
         for target in targets:
             chan = await stack.enter_async_context(grpc_drivers.channel(target))
             stub = credit_control_pb2_grpc.CreditControlServiceStub(chan)
             lanes.append(
-                [_Lane(stub.Control(wait_for_ready=True)) for _ in range(streams_per_server)]
+                [
+                    Lane[Slot](
+                        stub.Control(wait_for_ready=True), window=window, max_batch=max_batch
+                    )
+                    for _ in range(streams_per_server)
+                ]
             )
         every_lane = [lane for per_server in lanes for lane in per_server]
 
-        def lane_of(slot_index: int) -> _Lane:
+        def lane_of(slot_index: int) -> Lane[Slot]:
             slot = slots[slot_index]
             server = router.route(slot.call_id, slot.kind, slot.account)
             return lanes[server][slot_index % streams_per_server]
 
-        async def send(lane: _Lane) -> None:
-            await lane.send(workload, window, max_batch, request_ids)
+        async def send(lane: Lane[Slot]) -> None:
+            await lane.send(slot_operation(request_ids), workload.drained)
 
-        async def receive(lane: _Lane) -> None:
-            unanswered = lane.unanswered
+        async def receive(lane: Lane[Slot]) -> None:
             while True:
                 response = await lane.call.read()
                 if response is grpc.aio.EOF:
@@ -138,13 +143,7 @@ async def drive_sharded(
                 woken: set[int] = set()
                 for outcome in response.outcomes:
                     slot = slots[int(outcome.request_id)]
-                    left = unanswered[slot.msg] - 1
-                    if left:
-                        unanswered[slot.msg] = left
-                    else:
-                        del unanswered[slot.msg]
-                        lane.in_flight -= 1
-                        lane.window_open.set()
+                    lane.answered(slot.msg)
                     ended = slot.call_id
                     if _answer(workload, slot, outcome):
                         if slot.call_id != ended:  # the call ended, the slot placed another
@@ -160,7 +159,7 @@ async def drive_sharded(
 
         for slot in workload.start():
             lane_of(slot.index).ready.append(slot)
-        await grpc_drivers.run_lanes(every_lane, workload, send, receive)
+        await run_lanes(every_lane, workload.drained, send, receive)
 
 
 # -- measuring ------------------------------------------------------------------------
@@ -170,7 +169,7 @@ async def drive_sharded(
 class Result:
     shards: int
     round: int
-    ops_per_s: float
+    ops_per_second: float
     p50_ms: float
     p99_ms: float
     ops: int
@@ -264,7 +263,7 @@ async def run_variant(
         )
         for s in servers:
             if s.process.poll() is not None:
-                raise RuntimeError(f"callcredit-server exited: {list(s.tail)[-5:]}")
+                raise RuntimeError(f"callcredit-server exited: {s.log_text()[-500:]}")
     elapsed = t1 - t0
     ops = workload.measured_ops
     server_cpu = [(b - a) / elapsed for a, b in zip(server0, server1, strict=True)]
@@ -275,7 +274,7 @@ async def run_variant(
     return Result(
         shards=shards,
         round=round_number,
-        ops_per_s=ops / elapsed,
+        ops_per_second=ops / elapsed,
         p50_ms=workload.histogram.quantile_ms(0.50),
         p99_ms=workload.histogram.quantile_ms(0.99),
         ops=ops,
@@ -312,7 +311,7 @@ def _line(r: Result) -> str:
     servers = " + ".join(f"{c:.0f}%" for c in r.server_cpu_pct)
     check_text = "ok" if r.check_ok else "FAILED: " + "; ".join(r.problems)
     return (
-        f"{r.shards} shard(s) round {r.round}: {r.ops_per_s:>9,.0f} ops/s  "
+        f"{r.shards} shard(s) round {r.round}: {r.ops_per_second:>9,.0f} ops/s  "
         f"p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  client {r.client_cpu_pct:3.0f}%  "
         f"server(s) {servers}  {r.server_us_per_op:.0f} µs/op  "
         f"machine {r.machine_cpu_pct:3.0f}%  check {check_text}"

@@ -82,7 +82,7 @@ def main() -> int:
         clients=args.clients,
         call_workers=args.call_workers,
         seed=seed,
-        kill_after_s=(args.min_kill_after, args.max_kill_after),
+        kill_after_seconds=(args.min_kill_after, args.max_kill_after),
         validity_seconds=args.validity_seconds,
         tag=f"r{uuid.uuid4().hex[:8]}",
     )

@@ -40,12 +40,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import AsyncExitStack, ExitStack
+from contextlib import AbstractContextManager, AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `loadtest`, `tests`
 
+from callcredit_server import launch
 from callcredit_server.core import (
     Command,
     CreateAccount,
@@ -59,7 +60,7 @@ from callcredit_server.core import (
 )
 from callcredit_server.journal import Journal, JournalRecord
 from loadtest import bench_compare
-from loadtest.baselines import grpc_drivers, procs
+from loadtest.baselines import grpc_drivers
 from loadtest.baselines.workload import DESTINATION, Workload, check
 from tests.ha.cluster import SERVING, health
 
@@ -77,11 +78,12 @@ class Result:
     problems: list[str]
 
 
-def server_argv(url: str, folder: Path, ha: bool) -> list[str]:
-    argv = [sys.executable, "-m", "callcredit_server.cli", "--listen", "127.0.0.1:0",
-            "--database-url", url, "--snapshot-dir", str(folder / "snapshots"),
-            "--log-level", "INFO"]  # fmt: skip
-    return [*argv, "--ha"] if ha else argv
+def server(url: str, folder: Path, ha: bool) -> AbstractContextManager[launch.ServerProcess]:
+    """A server on a free port, its log in `folder`; with `ha`, it may be a standby."""
+    args = ["--listen", "127.0.0.1:0", "--database-url", url,
+            "--snapshot-dir", str(folder / "snapshots"), "--log-level", "INFO"]  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    return launch.serving([*args, "--ha"] if ha else args, folder / "server.log", cwd=folder)
 
 
 async def wait_serving(target: str, timeout_s: float = 30.0) -> None:
@@ -105,16 +107,10 @@ async def run_variant(variant: str, options: argparse.Namespace, workdir: Path) 
         url = await stack.enter_async_context(bench_compare._journal_schema(options.database_url))
         sync = stack.enter_context(ExitStack())
         folder = workdir / variant
-        folder.mkdir(parents=True)
-        ha = variant != "plain"
-        primary = sync.enter_context(
-            procs.listening_process(server_argv(url, folder, ha), cwd=folder)
-        )
+        primary = sync.enter_context(server(url, folder, ha=variant != "plain"))
         await wait_serving(primary.target)
         if variant == "ha+standby":
-            (folder / "standby").mkdir()
-            standby_argv = server_argv(url, folder / "standby", ha=True)
-            sync.enter_context(procs.listening_process(standby_argv, cwd=folder))
+            sync.enter_context(server(url, folder / "standby", ha=True))
         await grpc_drivers.setup_callcredit(primary.target, accounts, BALANCE)
         workload = Workload(
             calls=options.calls, renews=options.renews, accounts=accounts, tag=uuid.uuid4().hex[:8]
@@ -153,14 +149,9 @@ async def catch_up(options: argparse.Namespace, workdir: Path) -> str:
         url = await stack.enter_async_context(bench_compare._journal_schema(options.database_url))
         sync = stack.enter_context(ExitStack())
         folder = workdir / "catch-up"
-        (folder / "standby").mkdir(parents=True)
-        primary = sync.enter_context(
-            procs.listening_process(server_argv(url, folder, ha=True), cwd=folder)
-        )
+        primary = sync.enter_context(server(url, folder, ha=True))
         await wait_serving(primary.target)
-        standby = sync.enter_context(
-            procs.listening_process(server_argv(url, folder / "standby", ha=True), cwd=folder)
-        )
+        standby = sync.enter_context(server(url, folder / "standby", ha=True))
         await grpc_drivers.setup_callcredit(primary.target, accounts, BALANCE)
         workload = Workload(
             calls=options.calls, renews=options.renews, accounts=accounts, tag=uuid.uuid4().hex[:8]
@@ -181,13 +172,14 @@ async def catch_up(options: argparse.Namespace, workdir: Path) -> str:
         standby.process.send_signal(signal.SIGCONT)
         ops_while_stopped = workload.measured_ops
         deadline = time.monotonic() + 600
-        while not any(CAUGHT_UP.search(line) for line in standby.tail):
+        while not CAUGHT_UP.search(standby.log_text()):
             if time.monotonic() > deadline:
                 raise RuntimeError("the standby did not catch up in 10 minutes")
             await asyncio.sleep(0.1)
         workload.stop()
         await asyncio.wait_for(task, 120)
-    found = next(m for line in standby.tail if (m := CAUGHT_UP.search(line)))
+        found = CAUGHT_UP.search(standby.log_text())
+    assert found is not None
     records, seconds = int(found.group(1)), float(found.group(2))
     return (
         f"standby stopped {options.stop_seconds:g} s under load ({ops_while_stopped:,} "

@@ -48,7 +48,7 @@ def main() -> int:
             url,
             workdir,
             kills=args.takeovers,
-            lease_s=args.lease_seconds,
+            lease_seconds=args.lease_seconds,
             seed=seed,
             clients=args.clients,
             progress=lambda line: print(line, flush=True),

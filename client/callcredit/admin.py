@@ -26,15 +26,17 @@ system's roots), and ``cert_file=``/``key_file=`` when it requires client certif
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
+from grpc_status import rpc_status
 
+from callcredit.connect import diagnose, unreachable_error
 from callcredit.errors import CallcreditError
 from callcredit.v1 import admin_pb2, admin_pb2_grpc
 
@@ -51,6 +53,13 @@ __all__ = [
 # milliseconds when healthy. Ten seconds leaves room for a slow disk or a busy server
 # while still failing a script within a human's patience when the server is gone.
 DEFAULT_TIMEOUT_SECONDS = 10.0
+
+_NO_ANSWER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Refusals of the connection itself (no token, the wrong one): the message says which
+# server refused, since the same token may work elsewhere.
+_TARGET_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,15 +135,6 @@ def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-@contextmanager
-def _translated_errors() -> Iterator[None]:
-    """Turn a failed RPC into a CallcreditError: the one translation boundary."""
-    try:
-        yield
-    except grpc.RpcError as exc:
-        raise CallcreditError.from_rpc_error(exc) from exc
-
-
 class AdminClient:
     """An async client for AdminService.
 
@@ -142,7 +142,9 @@ class AdminClient:
     TLS as ``tls``/``ca_file``/``cert_file``/``key_file`` say, and closes it) or from an
     existing ``grpc.aio.Channel`` (custom options; the caller keeps ownership and closes
     it). ``token`` goes with every RPC either way. Each RPC gets a deadline of
-    ``timeout_seconds``: an admin call that cannot be answered should fail, not hang.
+    ``timeout_seconds``, connecting included: an admin call that cannot be answered
+    should fail, not hang. One that cannot reach the server fails at once (a refused
+    connection) or at the deadline, with an error naming the target and the cause.
     """
 
     def __init__(
@@ -158,6 +160,10 @@ class AdminClient:
     ) -> None:
         check_tls_options(target, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
         self._owns_channel = isinstance(target, str)
+        self._target = target
+        self._target_text = target if isinstance(target, str) else "the server"
+        self._tls = bool(tls or ca_file or cert_file or key_file)
+        self._ca_file, self._cert_file, self._key_file = ca_file, cert_file, key_file
         self._channel: grpc.aio.Channel = (
             open_channel(target, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
             if isinstance(target, str)
@@ -169,6 +175,40 @@ class AdminClient:
         # ``response`` variables below turn back into the proto types.
         self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
         self._timeout_seconds = timeout_seconds
+
+    async def _call(self, rpc: Callable[..., Awaitable[_R]], request: Message) -> _R:
+        """Send one RPC; a failure becomes a CallcreditError: the one translation boundary.
+
+        A failure with no answer from the server (UNAVAILABLE or DEADLINE_EXCEEDED without
+        its status, on a channel that is not connected) is diagnosed (callcredit.connect)
+        so the error names the target and why it cannot be reached.
+        """
+        try:
+            response: _R = await rpc(
+                request, timeout=self._timeout_seconds, metadata=self._metadata
+            )
+            return response
+        except grpc.RpcError as exc:
+            error = CallcreditError.from_rpc_error(exc)
+            if (
+                error.code in _NO_ANSWER_CODES
+                and isinstance(self._target, str)
+                and rpc_status.from_call(exc) is None  # type: ignore[arg-type]
+                and self._channel.get_state() is not grpc.ChannelConnectivity.READY
+            ):
+                probe = await diagnose(
+                    self._target,
+                    tls=self._tls,
+                    ca_file=self._ca_file,
+                    cert_file=self._cert_file,
+                    key_file=self._key_file,
+                )
+                raise unreachable_error(self._target, probe, tls=self._tls) from exc
+            if error.code in _TARGET_CODES:
+                raise CallcreditError(
+                    error.reason, f"{self._target_text} said: {error.message}", error.code
+                ) from exc
+            raise error from exc
 
     async def __aenter__(self) -> AdminClient:
         return self
@@ -207,19 +247,15 @@ class AdminClient:
             credit_limit=credit_limit,
             max_concurrent_calls=max_concurrent_calls,
         )
-        with _translated_errors():
-            response: admin_pb2.CreateAccountResponse = await self._stub.CreateAccount(
-                request, timeout=self._timeout_seconds, metadata=self._metadata
-            )
+        response: admin_pb2.CreateAccountResponse = await self._call(
+            self._stub.CreateAccount, request
+        )
         return response.account
 
     async def get_account(self, account_id: str) -> admin_pb2.Account:
         """Read an account's balance, holds and limits."""
         request = admin_pb2.GetAccountRequest(account_id=account_id)
-        with _translated_errors():
-            response: admin_pb2.GetAccountResponse = await self._stub.GetAccount(
-                request, timeout=self._timeout_seconds, metadata=self._metadata
-            )
+        response: admin_pb2.GetAccountResponse = await self._call(self._stub.GetAccount, request)
         return response.account
 
     async def update_account(
@@ -245,10 +281,9 @@ class AdminClient:
             request.credit_limit = credit_limit
         if max_concurrent_calls is not None:
             request.max_concurrent_calls = max_concurrent_calls
-        with _translated_errors():
-            response: admin_pb2.UpdateAccountResponse = await self._stub.UpdateAccount(
-                request, timeout=self._timeout_seconds, metadata=self._metadata
-            )
+        response: admin_pb2.UpdateAccountResponse = await self._call(
+            self._stub.UpdateAccount, request
+        )
         return response.account
 
     async def top_up(
@@ -270,10 +305,7 @@ class AdminClient:
             idempotency_key=idempotency_key,
             reference=reference,
         )
-        with _translated_errors():
-            response: admin_pb2.TopUpResponse = await self._stub.TopUp(
-                request, timeout=self._timeout_seconds, metadata=self._metadata
-            )
+        response: admin_pb2.TopUpResponse = await self._call(self._stub.TopUp, request)
         return response.account
 
     async def adjust(
@@ -295,10 +327,7 @@ class AdminClient:
             idempotency_key=idempotency_key,
             reason=reason,
         )
-        with _translated_errors():
-            response: admin_pb2.AdjustResponse = await self._stub.Adjust(
-                request, timeout=self._timeout_seconds, metadata=self._metadata
-            )
+        response: admin_pb2.AdjustResponse = await self._call(self._stub.Adjust, request)
         return response.account
 
     async def put_tariff(
@@ -314,28 +343,19 @@ class AdminClient:
             rates=[rate.to_proto() if isinstance(rate, RateSpec) else rate for rate in rates],
         )
         request = admin_pb2.PutTariffRequest(tariff=tariff)
-        with _translated_errors():
-            response: admin_pb2.PutTariffResponse = await self._stub.PutTariff(
-                request, timeout=self._timeout_seconds, metadata=self._metadata
-            )
+        response: admin_pb2.PutTariffResponse = await self._call(self._stub.PutTariff, request)
         return response.tariff
 
     async def get_tariff(self, tariff_id: str) -> admin_pb2.Tariff:
         """Read a tariff."""
         request = admin_pb2.GetTariffRequest(tariff_id=tariff_id)
-        with _translated_errors():
-            response: admin_pb2.GetTariffResponse = await self._stub.GetTariff(
-                request, timeout=self._timeout_seconds, metadata=self._metadata
-            )
+        response: admin_pb2.GetTariffResponse = await self._call(self._stub.GetTariff, request)
         return response.tariff
 
     async def get_call(self, call_id: str) -> admin_pb2.Call:
         """Read one call, active or ended."""
         request = admin_pb2.GetCallRequest(call_id=call_id)
-        with _translated_errors():
-            response: admin_pb2.GetCallResponse = await self._stub.GetCall(
-                request, timeout=self._timeout_seconds, metadata=self._metadata
-            )
+        response: admin_pb2.GetCallResponse = await self._call(self._stub.GetCall, request)
         return response.call
 
     async def list_calls(
@@ -357,10 +377,37 @@ class AdminClient:
             limit=limit,
             page_token=page_token,
         )
-        with _translated_errors():
-            response: admin_pb2.ListCallsResponse = await self._stub.ListCalls(
-                request, timeout=self._timeout_seconds, metadata=self._metadata
-            )
+        response: admin_pb2.ListCallsResponse = await self._call(self._stub.ListCalls, request)
+        return response
+
+    async def list_accounts(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        account_id_prefix: str = "",
+        status: admin_pb2.AccountStatus.ValueType = admin_pb2.ACCOUNT_STATUS_UNSPECIFIED,
+    ) -> admin_pb2.ListAccountsResponse:
+        """One page of accounts in id order (``next_page_token`` empty on the last page),
+        only those whose id starts with ``account_id_prefix`` and, unless UNSPECIFIED, of
+        ``status``. ``page_size`` 0 lets the server choose."""
+        request = admin_pb2.ListAccountsRequest(
+            page_size=page_size,
+            page_token=page_token,
+            account_id_prefix=account_id_prefix,
+            status=status,
+        )
+        response: admin_pb2.ListAccountsResponse = await self._call(
+            self._stub.ListAccounts, request
+        )
+        return response
+
+    async def list_tariffs(
+        self, *, page_size: int = 0, page_token: str = ""
+    ) -> admin_pb2.ListTariffsResponse:
+        """One page of tariffs in id order, without their rates (get_tariff has them)."""
+        request = admin_pb2.ListTariffsRequest(page_size=page_size, page_token=page_token)
+        response: admin_pb2.ListTariffsResponse = await self._call(self._stub.ListTariffs, request)
         return response
 
     async def list_entries(
@@ -380,8 +427,5 @@ class AdminClient:
             after_entry_id=after_entry_id,
             limit=limit,
         )
-        with _translated_errors():
-            response: admin_pb2.ListEntriesResponse = await self._stub.ListEntries(
-                request, timeout=self._timeout_seconds, metadata=self._metadata
-            )
+        response: admin_pb2.ListEntriesResponse = await self._call(self._stub.ListEntries, request)
         return list(response.entries)

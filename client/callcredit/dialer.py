@@ -1,6 +1,6 @@
 """The async dialer library: one Control stream per dialer process, carrying every call.
 
-Why it is shaped this way (DESIGN.md, "Shape" and "Contract"):
+Why it is shaped this way (docs/design.md, "Shape" and "Contract"):
 
 - In Python gRPC costs about as much per *message* as the server's decision costs per
   *operation*, so operations due at the same moment travel together: a sender task takes
@@ -60,6 +60,13 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, TypeAlias
 import grpc
 
 from callcredit.admin import check_tls_options, open_channel, token_metadata
+from callcredit.connect import (
+    DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    Probe,
+    Reach,
+    diagnose,
+    unreachable_error,
+)
 from callcredit.errors import CallcreditError, ErrorReason, StreamClosedError
 from callcredit.v1 import credit_control_pb2, credit_control_pb2_grpc
 
@@ -83,6 +90,7 @@ __all__ = [
     "DialerCall",
     "DialerClient",
     "Grant",
+    "GrantCallback",
     "HangupCallback",
     "ReleaseResult",
     "SystemClock",
@@ -92,7 +100,7 @@ logger = logging.getLogger(__name__)
 
 MAX_OPS_PER_MESSAGE = 100
 """Default for `max_ops_per_message`: most operations in one ControlRequest. 100 already
-amortises the per-message cost (DESIGN.md measures 100 per message at ~29x the throughput
+amortises the per-message cost (docs/design.md measures 100 per message at ~29x the throughput
 of 1) and keeps each message small enough for the server to pipeline several."""
 
 MAX_MESSAGES_IN_FLIGHT = 8
@@ -101,7 +109,7 @@ stream and not yet fully answered. More are queued until answers come back. The 
 reads at most 64 unanswered messages per stream."""
 
 SERVER_MAX_OPS_PER_MESSAGE = 10_000
-"""The server refuses a ControlRequest with more operations (DESIGN.md, limits)."""
+"""The server refuses a ControlRequest with more operations (docs/design.md, Limits on input)."""
 
 MAX_PENDING_OPERATIONS = 10_000
 """Most operations awaiting an answer at once; one more waits for a free slot. It bounds
@@ -178,6 +186,10 @@ if TYPE_CHECKING:
 HangupCallback: TypeAlias = "Callable[[DialerCall, str], object]"
 """Called as callback(call, reason) once, when callcredit orders a call to hang up."""
 
+GrantCallback: TypeAlias = "Callable[[DialerCall, Grant], object]"
+"""Called as callback(call, grant) whenever a renewal's answer or a push gives a live call
+a new grant (a switch that enforces allowed_seconds itself moves its deadline then)."""
+
 
 class Clock(Protocol):
     """Where call timing comes from: monotonic seconds and a way to wait for them."""
@@ -203,7 +215,7 @@ class SystemClock:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """How long a call may last (DESIGN.md, Calls): the server's Grant, minus the call_id."""
+    """How long a call may last (docs/design.md, Calls): the server's Grant, minus the call_id."""
 
     allowed_seconds: int
     """Total talk time the call may reach, counted from answer."""
@@ -243,6 +255,12 @@ _DONE = 2
 
 _RENEWAL_ENDS_CALL = frozenset({ErrorReason.CALL_ALREADY_ENDED, ErrorReason.CALL_NOT_FOUND})
 """Refusals of a renew() that mean the call is gone on the server: it must hang up."""
+
+_STREAM_REFUSED_CODES = frozenset(
+    {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+)
+"""A stream the server refuses whole for these (a missing or wrong token) gets the same
+answer on every retry: the operations waiting for it fail with the server's words."""
 
 
 class _Pending:
@@ -335,6 +353,7 @@ class DialerCall:
         destination: str,
         requested_seconds: int,
         on_hangup: HangupCallback | None,
+        on_grant: GrantCallback | None = None,
     ) -> None:
         self.call_id = call_id
         self.account_id = account_id
@@ -342,6 +361,7 @@ class DialerCall:
         self.requested_seconds = requested_seconds
         self._client = client
         self._on_hangup = on_hangup
+        self._on_grant = on_grant
         self._grant: Grant | None = None
         self._granted_at = 0.0
         self._grant_base_used_seconds = 0
@@ -376,12 +396,13 @@ class DialerCall:
         """Why the call must hang up, or None while it may go on."""
         return self._hangup_reason
 
-    def answered(self) -> None:
-        """Start the talk clock now. Until then the call is ringing: it reports
+    def answered(self, ago_seconds: float = 0.0) -> None:
+        """Start the talk clock, as of `ago_seconds` ago (a call found already talking,
+        e.g. by a restarted process). Until then the call is ringing: it reports
         used_seconds = 0 and renews only to stay valid. A second call changes nothing."""
         if self._answered_at is None:
             now = self._client._monotonic()
-            self._answered_at = now
+            self._answered_at = now - ago_seconds
             if self._live:
                 self._tick(now)
 
@@ -517,6 +538,9 @@ class DialerCall:
         self._grant_base_used_seconds = base_used_seconds
         if self._live:
             self._tick(self._client._monotonic())
+            if self._on_grant is not None:
+                # Scheduled, like the hang-up callback: it must not break the reader.
+                asyncio.get_running_loop().call_soon(self._on_grant, self, grant)
 
     def _renewal_refused(self, error: CallcreditError) -> None:
         """A refused automatic renewal ends the call's renewing and orders the hang-up."""
@@ -635,6 +659,13 @@ class DialerClient:
     Operations are written in messages of at most `max_ops_per_message`, with at most
     `max_messages_in_flight` messages unanswered; at most `max_pending_operations`
     operations await answers at once (one more waits for a free slot).
+
+    Fail fast, and say why: when no connection comes up within `connect_timeout_seconds`
+    (the server is down, the address is wrong, TLS on one side only), or the server
+    refuses the stream (UNAUTHENTICATED), every operation waiting fails with a
+    CallcreditError naming the target and the cause, and so does every new operation
+    until a connection works again; the client keeps trying meanwhile. A release that
+    fails this way leaves its call to expire on the server (charged its allowance).
     """
 
     def __init__(
@@ -652,6 +683,7 @@ class DialerClient:
         key_file: str | None = None,
         heartbeat_interval_seconds: float = HEARTBEAT_INTERVAL_SECONDS,
         heartbeat_timeout_seconds: float = HEARTBEAT_TIMEOUT_SECONDS,
+        connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
     ) -> None:
         if max_pending_operations < 1:
             raise ValueError("max_pending_operations must be at least 1")
@@ -661,6 +693,12 @@ class DialerClient:
             raise ValueError("max_messages_in_flight must be at least 1")
         if heartbeat_interval_seconds <= 0 or heartbeat_timeout_seconds <= 0:
             raise ValueError("heartbeat interval and timeout must be positive")
+        if connect_timeout_seconds <= 0:
+            raise ValueError("connect_timeout_seconds must be positive")
+        self._connect_timeout = connect_timeout_seconds
+        # Set while the server cannot be reached (or refuses the stream): the error that
+        # new operations fail with at once. Cleared by a connection that works.
+        self._unreachable: CallcreditError | None = None
         self._heartbeat_interval = heartbeat_interval_seconds
         self._heartbeat_timeout = heartbeat_timeout_seconds
         self._received_at = 0.0  # loop time of the stream's last message (or its start)
@@ -729,6 +767,9 @@ class DialerClient:
             self._target, tls=self._tls, options=_CHANNEL_OPTIONS, **self._tls_files
         )
 
+    def _target_text(self) -> str:
+        return self._target if isinstance(self._target, str) else "the server"
+
     async def _reopen_channel(self) -> None:
         """Replace a channel we own whose connection went silent: a new stream on the
         old channel would ride the same dead connection."""
@@ -755,17 +796,23 @@ class DialerClient:
         requested_seconds: int = 0,
         *,
         on_hangup: HangupCallback | None = None,
+        on_grant: GrantCallback | None = None,
     ) -> DialerCall:
         """Open a call and return its handle, which renews itself from now on.
 
         Raises CallcreditError when refused (reason INSUFFICIENT_FUNDS, ACCOUNT_SUSPENDED,
-        CONCURRENT_CALL_LIMIT, ...). Waits through reconnects; bound it with
-        asyncio.timeout if you must. Cancelled after the Reserve went out, the call is
-        released in the background; reserve it again under a new call_id.
+        CONCURRENT_CALL_LIMIT, ...), and UNAVAILABLE with the cause when the server
+        cannot be reached within connect_timeout_seconds (reconnects shorter than that
+        are waited through). Cancelled after the Reserve went out, the call is released
+        in the background; reserve it again under a new call_id.
+        `on_hangup(call, reason)` is called when callcredit orders the hang-up;
+        `on_grant(call, grant)` whenever a renewal or a push brings the call a new grant.
         """
         if call_id in self._calls:
             raise ValueError(f"call {call_id!r} is already open on this dialer")
-        call = DialerCall(self, call_id, account_id, destination, requested_seconds, on_hangup)
+        call = DialerCall(
+            self, call_id, account_id, destination, requested_seconds, on_hangup, on_grant
+        )
         future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         entry = _Pending(_RESERVE, call, 0, 0, requested_seconds, self._monotonic(), future)
         self._calls[call_id] = call
@@ -833,6 +880,8 @@ class DialerClient:
             raise RuntimeError("use `async with DialerClient(...) as dialer:`")
         if self._closed is not None:
             raise self._closed_error()
+        if self._unreachable is not None and entry.future is not None:
+            raise self._unreachable
         if self._free_slots:
             self._free_slots -= 1
         else:
@@ -965,6 +1014,7 @@ class DialerClient:
         """Keep a stream up: serve one until it ends, back off with jitter, start again."""
         try:
             while True:
+                await self._until_connected()
                 await self._serve_stream()
                 ceiling = self._backoff_seconds
                 self._backoff_seconds = min(ceiling * 2, RECONNECT_BACKOFF_MAX_SECONDS)
@@ -979,9 +1029,58 @@ class DialerClient:
             logger.exception("callcredit dialer stream failed")
             self._shut_down(STREAM_FAILED, f"dialer stream failed: {exc!r}", order_hangup=True)
 
+    async def _until_connected(self) -> None:
+        """Wait for the channel to connect. Each time `connect_timeout_seconds` pass
+        without it, find out why, log it, and fail every operation that waits."""
+        while True:
+            channel = self._channel
+            assert channel is not None
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    await channel.channel_ready()
+                self._unreachable = None
+                return
+            except TimeoutError:
+                pass
+            if isinstance(self._target, str):
+                target, tls = self._target, self._tls or any(self._tls_files.values())
+                files = self._tls_files
+                probe = await diagnose(
+                    target,
+                    tls=tls,
+                    ca_file=files["ca_file"],
+                    cert_file=files["cert_file"],
+                    key_file=files["key_file"],
+                )
+            else:
+                target, tls, probe = (
+                    "the server (a channel of yours)",
+                    False,
+                    Probe(Reach.NOT_PROBED),
+                )
+            error = unreachable_error(target, probe, tls=tls)
+            if self._unreachable is None or self._unreachable.message != error.message:
+                logger.warning("%s; operations fail until it is back, still trying", error.message)
+            self._unreachable = error
+            self._fail_waiting(error)
+
+    def _fail_waiting(self, error: CallcreditError) -> None:
+        """Fail every operation a caller awaits; automatic renewals stay for the next
+        stream (their calls hang up at allowed_seconds if none gets through)."""
+        for request_id, entry in list(self._pending.items()):
+            future = entry.future
+            if future is None:
+                continue
+            del self._pending[request_id]
+            self._finish(entry)
+            if not future.done():
+                future.set_exception(error)
+
     async def _serve_stream(self) -> None:
         assert self._stub is not None
-        stream = self._stub.Control(wait_for_ready=True, metadata=self._metadata)
+        # Not wait_for_ready: the channel is connected now, and a stream on a channel that
+        # lost its connection since should fail at once, back to _until_connected.
+        stream = self._stub.Control(metadata=self._metadata)
         # Everything unanswered goes out again: every operation is idempotent.
         self._unsent = deque(self._pending.values())
         self._in_flight = {}
@@ -1084,7 +1183,16 @@ class DialerClient:
                     return
                 self._backoff_seconds = RECONNECT_BACKOFF_INITIAL_SECONDS
         except grpc.RpcError as err:
-            logger.warning("callcredit stream failed: %s", err)
+            error = CallcreditError.from_rpc_error(err)
+            if error.code in _STREAM_REFUSED_CODES:
+                error = CallcreditError(
+                    error.reason,
+                    f"{self._target_text()} refused the stream: {error.message}",
+                    error.code,
+                )
+                self._unreachable = error
+                self._fail_waiting(error)
+            logger.warning("callcredit stream failed: %s", error)
 
     def _finish(self, entry: _Pending) -> None:
         """An answered entry leaves _pending (done by the caller): free what it held."""

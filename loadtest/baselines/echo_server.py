@@ -17,12 +17,14 @@ import asyncio
 import signal
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from callcredit.v1 import credit_control_pb2, credit_control_pb2_grpc
 from callcredit_server.app import MAX_MESSAGE_BYTES, run_loop
+from callcredit_server.launch import write_ready_file
 from loadtest.baselines.workload import REQUESTED_SECONDS, billed_seconds, cost
 
 VALIDITY_SECONDS = 120
@@ -85,7 +87,7 @@ class EchoServicer(credit_control_pb2_grpc.CreditControlServiceServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the echo server serves Control only")
 
 
-async def _serve(listen: str) -> None:
+async def _serve(listen: str, ready_file: str) -> None:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -97,6 +99,8 @@ async def _serve(listen: str) -> None:
     port = server.add_insecure_port(listen)
     await server.start()
     print(f"echo-server listening on port {port}", file=sys.stderr, flush=True)
+    if ready_file:
+        write_ready_file(Path(ready_file), port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -108,7 +112,9 @@ async def _serve(listen: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--listen", default="127.0.0.1:0")
-    run_loop("auto", _serve(parser.parse_args().listen))
+    parser.add_argument("--ready-file", default="", help="as callcredit-server's")
+    args = parser.parse_args()
+    run_loop("auto", _serve(args.listen, args.ready_file))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,8 @@ callcredit account set-up and end-of-run read-back.
 from __future__ import annotations
 
 import asyncio
-import collections
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
@@ -38,11 +36,7 @@ from loadtest.baselines.workload import (
     Slot,
     Workload,
 )
-
-if TYPE_CHECKING:
-    _ControlCall: TypeAlias = grpc.aio.StreamStreamCall[
-        credit_control_pb2.ControlRequest, credit_control_pb2.ControlResponse
-    ]
+from loadtest.lanes import Lane, run_lanes
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 SERVER_WINDOW_MESSAGES = 64  # callcredit reads at most 64 unanswered messages per stream
@@ -104,49 +98,6 @@ def _answer(workload: Workload, slot: Slot, outcome: credit_control_pb2.Outcome)
     return workload.answer(slot, False, 0, 0, 0)
 
 
-class _Lane:
-    """One Control stream: slots ready to send, and the messages it has in flight."""
-
-    def __init__(self, call: _ControlCall) -> None:
-        self.call = call
-        self.ready: collections.deque[Slot] = collections.deque()
-        self.wake = asyncio.Event()
-        self.window_open = asyncio.Event()
-        self.in_flight = 0
-        self.unanswered: dict[int, int] = {}  # message number -> operations unanswered
-        self.next_message = 0
-
-    async def send(
-        self, workload: Workload, window: int, max_batch: int, request_ids: Sequence[str]
-    ) -> None:
-        """Write the ready slots as messages of at most `max_batch` operations, keeping at
-        most `window` messages unanswered, until the workload drains."""
-        ready = self.ready
-        while True:
-            if not ready:
-                if workload.drained.is_set():
-                    break
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            if self.in_flight >= window:
-                self.window_open.clear()
-                await self.window_open.wait()
-                continue
-            count = min(len(ready), max_batch)
-            number = self.next_message
-            self.next_message = number + 1
-            operations = []
-            for _ in range(count):
-                slot = ready.popleft()
-                slot.msg = number
-                operations.append(_operation(slot, request_ids[slot.index]))
-            self.unanswered[number] = count
-            self.in_flight += 1
-            await self.call.write(credit_control_pb2.ControlRequest(operations=operations))
-        await self.call.done_writing()
-
-
 async def drive_control(
     target: str, workload: Workload, *, streams: int, max_batch: int, window: int
 ) -> None:
@@ -155,14 +106,16 @@ async def drive_control(
     slots = workload.slots
     async with channel(target) as chan:
         stub = credit_control_pb2_grpc.CreditControlServiceStub(chan)
-        lanes = [_Lane(stub.Control(wait_for_ready=True)) for _ in range(streams)]
+        lanes = [
+            Lane[Slot](stub.Control(wait_for_ready=True), window=window, max_batch=max_batch)
+            for _ in range(streams)
+        ]
 
-        async def send(lane: _Lane) -> None:
-            await lane.send(workload, window, max_batch, request_ids)
+        async def send(lane: Lane[Slot]) -> None:
+            await lane.send(slot_operation(request_ids), workload.drained)
 
-        async def receive(lane: _Lane) -> None:
+        async def receive(lane: Lane[Slot]) -> None:
             ready = lane.ready
-            unanswered = lane.unanswered
             while True:
                 response = await lane.call.read()
                 if response is grpc.aio.EOF:
@@ -170,13 +123,7 @@ async def drive_control(
                 assert isinstance(response, credit_control_pb2.ControlResponse)
                 for outcome in response.outcomes:
                     slot = slots[int(outcome.request_id)]
-                    left = unanswered[slot.msg] - 1
-                    if left:
-                        unanswered[slot.msg] = left
-                    else:
-                        del unanswered[slot.msg]
-                        lane.in_flight -= 1
-                        lane.window_open.set()
+                    lane.answered(slot.msg)
                     if _answer(workload, slot, outcome):
                         ready.append(slot)
                 if ready:
@@ -184,30 +131,19 @@ async def drive_control(
 
         for slot in workload.start():
             lanes[slot.index % streams].ready.append(slot)
-        await run_lanes(lanes, workload, send, receive)
+        await run_lanes(lanes, workload.drained, send, receive)
 
 
-async def run_lanes(
-    lanes: Sequence[_Lane],
-    workload: Workload,
-    send: Callable[[_Lane], Coroutine[Any, Any, None]],
-    receive: Callable[[_Lane], Coroutine[Any, Any, None]],
-) -> None:
-    """Run every lane's sender and receiver until the workload drains; a stream that
-    ends before that is an error, raised with its cause."""
-    tasks = [asyncio.create_task(send(lane)) for lane in lanes]
-    tasks += [asyncio.create_task(receive(lane)) for lane in lanes]
-    drained = asyncio.create_task(workload.drained.wait())
-    await asyncio.wait([drained, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    if not drained.done():  # a stream ended early: say why
-        drained.cancel()
-        for task in tasks:
-            if task.done():
-                task.result()
-        raise RuntimeError("a Control stream ended before the workload drained")
-    for lane in lanes:
-        lane.wake.set()
-    await asyncio.gather(*tasks)
+def slot_operation(
+    request_ids: Sequence[str],
+) -> Callable[[Slot, int], credit_control_pb2.Operation]:
+    """What a lane sends for a slot: its next operation, the message noted on the slot."""
+
+    def operation(slot: Slot, message: int) -> credit_control_pb2.Operation:
+        slot.msg = message
+        return _operation(slot, request_ids[slot.index])
+
+    return operation
 
 
 async def drive_dialer(target: str, workload: Workload, *, dialers: int = 1) -> None:

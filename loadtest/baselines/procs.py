@@ -2,111 +2,52 @@
 
 from __future__ import annotations
 
-import collections
 import os
-import re
 import socket
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+from callcredit_server.launch import ServerProcess, serving
+
 REPO = Path(__file__).resolve().parent.parent.parent
-STDERR_LINES_KEPT = 50
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-class ServerProcess:
-    """A child process serving on a port it prints as `listening on port N`.
-
-    Its stderr is read to the end by a thread (keeping the last lines for errors), so a
-    chatty server can never block on a full pipe while the benchmark runs."""
-
-    def __init__(self, process: subprocess.Popen[str], port: int) -> None:
-        self.process = process
-        self.port = port
-        self.target = f"127.0.0.1:{port}"
-        self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def drain(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.tail.append(line.rstrip())
-
-
-@contextmanager
-def listening_process(
-    argv: Sequence[str], *, cwd: Path, pattern: str = r"listening on port (\d+)"
-) -> Iterator[ServerProcess]:
-    """Start argv, wait for it to print its port on stderr, yield it; kill it after."""
-    process = subprocess.Popen(
-        list(argv),
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        # The caller's PYTHONPATH first: a run can put another version of the server
-        # in front of this checkout (docs/benchmarks.md compares against one).
-        env={
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, (os.environ.get("PYTHONPATH"), str(REPO)))),
-        },
-    )
-    try:
-        assert process.stderr is not None
-        early: list[str] = []
-        port = 0
-        for line in process.stderr:
-            early.append(line.rstrip())
-            found = re.search(pattern, line)
-            if found:
-                port = int(found.group(1))
-                break
-        if not port:
-            raise RuntimeError(
-                f"{argv[0]} did not start (exit {process.wait()}): " + " | ".join(early[-10:])
-            )
-        server = ServerProcess(process, port)
-        server.tail.extend(early)
-        threading.Thread(target=server.drain, daemon=True).start()
-        yield server
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        process.wait()
+def _env() -> dict[str, str]:
+    # The caller's PYTHONPATH first: a run can put another version of the server in
+    # front of this checkout (docs/benchmarks.md compares against one).
+    return {"PYTHONPATH": os.pathsep.join(filter(None, (os.environ.get("PYTHONPATH"), str(REPO))))}
 
 
 def callcredit_server(
     database_url: str, snapshot_dir: Path, cwd: Path
 ) -> AbstractContextManager[ServerProcess]:
-    """`callcredit-server` on a free port, default durability, warnings only."""
-    return listening_process(
-        [sys.executable, "-m", "callcredit_server.cli", "--listen", "127.0.0.1:0",
-         "--database-url", database_url, "--snapshot-dir", str(snapshot_dir),
-         "--log-level", "WARNING"],
-        cwd=cwd,
-    )  # fmt: skip
+    """`callcredit-server` on a free port, default durability, warnings only; its log is
+    cwd/server.log."""
+    args = ["--listen", "127.0.0.1:0", "--database-url", database_url,
+            "--snapshot-dir", str(snapshot_dir), "--log-level", "WARNING"]  # fmt: skip
+    return serving(args, cwd / "server.log", env=_env(), cwd=cwd)
 
 
-def echo_server(cwd: Path) -> AbstractContextManager[ServerProcess]:
+@contextmanager
+def echo_server(cwd: Path) -> Iterator[ServerProcess]:
     """The echo server (loadtest/baselines/echo_server.py) on a free port."""
-    return listening_process(
-        [sys.executable, "-m", "loadtest.baselines.echo_server", "--listen", "127.0.0.1:0"],
-        cwd=cwd,
-    )
+    with (
+        tempfile.TemporaryDirectory(prefix="echo-server-") as folder,
+        serving(
+            ["--listen", "127.0.0.1:0"],
+            Path(folder) / "echo.log",
+            env=_env(),
+            cwd=cwd,
+            command=(sys.executable, "-m", "loadtest.baselines.echo_server"),
+        ) as server,
+    ):
+        yield server
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ A driver (one per system) only moves operations between the wire and this module
 
 Money is int minor units everywhere. The tariff is one rate (19.66 đ/s, 6/6 s
 increments); the baselines hold and charge with `cost()`, the same rule as callcredit
-(DESIGN.md, Money), so every system moves exactly the same money.
+(docs/design.md, Money), so every system moves exactly the same money.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ MAX_ERRORS_KEPT = 20
 
 
 def billed_seconds(seconds: int) -> int:
-    """DESIGN.md: first + ceil(max(0, s - first) / next) * next, 0 for 0."""
+    """docs/design.md: first + ceil(max(0, s - first) / next) * next, 0 for 0."""
     if seconds == 0:
         return 0
     rest = max(0, seconds - FIRST_INCREMENT_SECONDS)
@@ -52,7 +52,7 @@ def billed_seconds(seconds: int) -> int:
 
 
 def cost(seconds: int) -> int:
-    """DESIGN.md: connect_fee + ceil(billed * price_per_minute_micros / 60,000,000)."""
+    """docs/design.md: connect_fee + ceil(billed * price_per_minute_micros / 60,000,000)."""
     if seconds == 0:
         return 0
     return CONNECT_FEE + -(-billed_seconds(seconds) * PRICE_PER_MINUTE_MICROS // 60_000_000)

@@ -14,9 +14,10 @@ import asyncio
 import importlib.util
 import ipaddress
 import logging
+import os
 import time
 import tomllib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -52,10 +53,10 @@ HISTORY_READ_THREADS = 2
 DEFAULT_DATABASE_URL = "sqlite:///./data/callcredit.db"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-DRAIN_POLL_S = 0.2  # how often a drain checks whether any call is still open
+DRAIN_POLL_SECONDS = 0.2  # how often a drain checks whether any call is still open
 # A drain with no Control stream connected for this long ends: no dialer is left to
 # serve. Longer than the dialer library's longest reconnect backoff (5 s).
-DRAIN_IDLE_S = 6.0
+DRAIN_IDLE_SECONDS = 6.0
 MAX_DRAIN_SECONDS = 3_600
 
 
@@ -70,7 +71,7 @@ class Settings:
     validity_seconds: int = 120
     retention_seconds: int = 86_400
     tick_interval_ms: int = 250
-    snapshot_dir: str = ""  # "" = beside a SQLite journal, else ./data/snapshots
+    snapshot_dir: str = ""  # "" = beside a SQLite journal, else the state directory
     snapshot_every_records: int = 100_000  # 0 = never
     event_loop: str = "auto"  # uvloop where installed, else asyncio
     log_level: str = "INFO"
@@ -99,8 +100,11 @@ class Settings:
             round(self.lease_seconds * 1000), round(self.lease_renew_seconds * 1000)
         )
 
-    def snapshot_root(self) -> Path:
-        """Where snapshots go: the flag, else beside a SQLite file, else ./data.
+    def snapshot_root(self, environ: Mapping[str, str] = os.environ) -> Path:
+        """Where snapshots go: the flag, else beside a SQLite file, else the state
+        directory, whatever the working directory: systemd's ``$STATE_DIRECTORY`` (a unit
+        with ``StateDirectory=``), else ``$XDG_STATE_HOME/callcredit``, else
+        ``~/.local/state/callcredit``; then ``snapshots/`` in it.
 
         Each journal keeps its snapshots in a subfolder named by its journal_id,
         so journals sharing a root can never read each other's snapshots.
@@ -110,7 +114,15 @@ class Settings:
         url = make_url(self.database_url)
         if url.get_backend_name() == "sqlite" and url.database:
             return Path(url.database).parent / "snapshots"
-        return Path("data") / "snapshots"
+        # systemd may list several directories, separated by colons: the first is ours.
+        state = environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if not state:
+            xdg = Path(environ.get("XDG_STATE_HOME", ""))
+            home = environ.get("HOME", "") or str(Path.home())
+            # A relative XDG_STATE_HOME is invalid (XDG spec) and would depend on the cwd.
+            base = xdg if xdg.is_absolute() else Path(home) / ".local" / "state"
+            state = str(base / "callcredit")
+        return Path(state) / "snapshots"
 
     def problems(self) -> list[str]:
         """What makes these settings unusable, in words for the operator."""
@@ -295,10 +307,10 @@ class RunningServer:
     standby: HotStandby | None = None  # --ha
     standby_task: asyncio.Task[None] | None = None
 
-    async def drain(self, grace_s: float) -> None:
+    async def drain(self, grace_seconds: float) -> None:
         """Health NOT_SERVING, refuse new reserves (UNAVAILABLE), and keep answering
-        everything else until grace_s has passed, or no call is open, or no Control
-        stream has been connected for DRAIN_IDLE_S. Then call stop()."""
+        everything else until grace_seconds has passed, or no call is open, or no Control
+        stream has been connected for DRAIN_IDLE_SECONDS. Then call stop()."""
         if self.standby is not None and self.standby.lease.role is not Role.PRIMARY:
             return  # a standby's (or deposed primary's) open calls are not its own
         await self.health.enter_graceful_shutdown()
@@ -307,13 +319,13 @@ class RunningServer:
         if self.metrics is not None:
             self.metrics.draining = True
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
+        deadline = loop.time() + grace_seconds
         open_calls = self.writer.gauges().open_calls
         log.info(
             "draining: new reserves refused; up to %.0f s for %d open calls",
-            grace_s,
+            grace_seconds,
             open_calls,
-            extra={"drain_seconds": grace_s, "open_calls": open_calls},
+            extra={"drain_seconds": grace_seconds, "open_calls": open_calls},
         )
         idle_since = loop.time()
         while not self.writer.failed and loop.time() < deadline:
@@ -322,17 +334,17 @@ class RunningServer:
                 break
             if self.control is not None and self.control.open_streams:
                 idle_since = loop.time()
-            elif loop.time() - idle_since >= DRAIN_IDLE_S:
+            elif loop.time() - idle_since >= DRAIN_IDLE_SECONDS:
                 break
-            await asyncio.sleep(min(DRAIN_POLL_S, max(deadline - loop.time(), 0)))
+            await asyncio.sleep(min(DRAIN_POLL_SECONDS, max(deadline - loop.time(), 0)))
         log.info("drain over: %d calls still open", open_calls, extra={"open_calls": open_calls})
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def stop(self, grace_seconds: float = 5.0) -> None:
         if self.standby_task is not None:
             self.standby_task.cancel()  # no takeover, no renewal: this server is going
             await asyncio.gather(self.standby_task, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
-        stopping = asyncio.ensure_future(self.server.stop(grace_s))  # no new RPCs from now
+        stopping = asyncio.ensure_future(self.server.stop(grace_seconds))  # no new RPCs from now
         if self.control is not None:
             self.control.end_streams()  # each ends once its answers in flight are sent
         await stopping
@@ -395,7 +407,7 @@ async def start(
         journal,
         clock_ms=clock_ms,
         retention_ms=settings.retention_seconds * 1000,
-        tick_interval_s=settings.tick_interval_ms / 1000,
+        tick_interval_seconds=settings.tick_interval_ms / 1000,
         snapshots=snapshots,
         snapshot_seq=recovered.snapshot_seq,
     )

@@ -51,6 +51,7 @@ from callcredit_server.app import (
 from callcredit_server.auth import MIN_TOKEN_LENGTH, hash_token, new_token
 from callcredit_server.core import InvariantViolation
 from callcredit_server.journal import Journal, JournalError
+from callcredit_server.launch import write_ready_file
 from callcredit_server.recovery import verify
 from callcredit_server.snapshot import SnapshotError, list_snapshots, read_snapshot
 
@@ -68,7 +69,8 @@ SNAPSHOT_DIR = typer.Option(
     "",
     envvar="CALLCREDIT_SNAPSHOT_DIR",
     help="Folder of snapshots (each journal uses a subfolder named by its id); "
-    "default: 'snapshots' beside a SQLite journal, else ./data/snapshots.",
+    "default: 'snapshots' beside a SQLite journal, else $STATE_DIRECTORY/snapshots "
+    "(systemd), $XDG_STATE_HOME/callcredit/snapshots or ~/.local/state/callcredit/snapshots.",
 )
 
 
@@ -184,6 +186,11 @@ def serve(
         help="--ha: HOST:PORT clients should use for this server (standbys send clients "
         "there); default: --listen's.",
     ),
+    ready_file: str = typer.Option(
+        "",
+        envvar="CALLCREDIT_READY_FILE",
+        help='Once serving, write {"port": N, "pid": P} here (atomically); removed on exit.',
+    ),
 ) -> None:
     """Serve CreditControlService and AdminService until SIGTERM/SIGINT."""
     if context.invoked_subcommand is not None:
@@ -209,12 +216,14 @@ def serve(
         return
     logs.configure(settings.log_level, log_format)
     try:
-        code = run_loop(settings.event_loop, _serve(settings, log_format))
+        code = run_loop(settings.event_loop, _serve(settings, log_format, ready_file))
     except (RuntimeError, OSError, JournalError, InvariantViolation) as exc:
         # Cannot bind, cannot read a TLS file or the journal, or the journal replays to
         # a broken state: nothing was served; say why in one line.
         typer.echo(f"error: callcredit-server could not start: {exc}", err=True)
         raise typer.Exit(1) from exc
+    if ready_file:
+        Path(ready_file).unlink(missing_ok=True)  # it serves no more
     if code:
         raise typer.Exit(code)
 
@@ -231,7 +240,7 @@ _SETTING_NAMES = frozenset(Settings.__dataclass_fields__) - {"tokens"}
 EXIT_DEPOSED = 3  # --ha: this server lost the lease; restarted, it comes back as a standby
 
 
-async def _serve(settings: Settings, log_format: str = "text") -> int:
+async def _serve(settings: Settings, log_format: str, ready_file: str) -> int:
     running = await start(settings)
     # The recovered state (millions of objects at scale) lives as long as the process:
     # moved out of the collector's generations, it is not rescanned by every full
@@ -245,6 +254,8 @@ async def _serve(settings: Settings, log_format: str = "text") -> int:
     gc.set_threshold(*GC_THRESHOLDS)
     message = f"callcredit-server listening on port {running.port}"
     logs.announce(log_format, message, port=running.port)
+    if ready_file:
+        write_ready_file(Path(ready_file), running.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

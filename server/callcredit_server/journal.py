@@ -38,7 +38,7 @@ Limits (TigerStyle: a bound on everything):
   grow with the journal and no connection is held while the caller works;
 - `MAX_READ_ROWS` rows per history read (`limit` must be 1..MAX_READ_ROWS);
 - the pool: `POOL_SIZE` + `POOL_MAX_OVERFLOW` connections, a checkout waits at most
-  `POOL_TIMEOUT_S`; SQLite waits at most `SQLITE_BUSY_TIMEOUT_MS` for a lock;
+  `POOL_TIMEOUT_SECONDS`; SQLite waits at most `SQLITE_BUSY_TIMEOUT_MS` for a lock;
   PostgreSQL at most `POSTGRES_LOCK_TIMEOUT_MS`, and ends a session left idle in a
   transaction after `POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_MS` (a paused process
   must not hold the journal's locks for ever).
@@ -120,14 +120,15 @@ REPLAY_PAGE_SIZE = 1_000  # rows per replay query: flat memory, short connection
 MAX_READ_ROWS = 10_000  # rows per history read (the API pages at 1,000, asks limit + 1)
 POOL_SIZE = 5  # connections kept: the writer plus a few history readers
 POOL_MAX_OVERFLOW = 10  # more under a burst of reads, closed when returned
-POOL_TIMEOUT_S = 30.0  # a checkout waits this long, then fails (JournalError)
+POOL_TIMEOUT_SECONDS = 30.0  # a checkout waits this long, then fails (JournalError)
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # a locked SQLite file is retried this long
-POSTGRES_CONNECT_TIMEOUT_S = 10  # libpq's connect_timeout
+POSTGRES_CONNECT_TIMEOUT_SECONDS = 10  # libpq's connect_timeout
 POSTGRES_TCP_USER_TIMEOUT_MS = 15_000  # unacknowledged data this old fails the connection
 POSTGRES_LOCK_TIMEOUT_MS = 2_000  # a statement waiting this long for a lock fails
 POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_MS = 10_000  # the server ends such a session
 _SCHEMA_LOCK = 0x63616C6C  # PostgreSQL advisory lock key ("call") around table creation
 APPLICATION_NAME_PREFIX = "callcredit:"  # + the server's owner id: whose sessions to end
+POSTGRES_TERMINATE_WAIT_MS = 1_000  # end_sessions waits this long for each to be gone
 _DELETE_CHUNK = 500  # ids per DELETE ... IN (...) in the portable upsert
 # PostgreSQL: an upsert of this many rows or more goes through COPY into a temporary
 # table (several times faster than executemany): a new primary's Takeover rewrites
@@ -332,7 +333,7 @@ def _open_engine(url: URL, owner: str) -> Engine:
     pool: dict[str, Any] = {
         "pool_size": POOL_SIZE,
         "max_overflow": POOL_MAX_OVERFLOW,
-        "pool_timeout": POOL_TIMEOUT_S,
+        "pool_timeout": POOL_TIMEOUT_SECONDS,
     }
     backend = url.get_backend_name()
     if backend == "sqlite":
@@ -354,7 +355,7 @@ def _open_engine(url: URL, owner: str) -> Engine:
         # A network that drops packets must not hang a commit forever: libpq gives
         # up connecting, and the kernel gives up on unacknowledged data, in bounded time.
         connect_args = {
-            "connect_timeout": POSTGRES_CONNECT_TIMEOUT_S,
+            "connect_timeout": POSTGRES_CONNECT_TIMEOUT_SECONDS,
             "tcp_user_timeout": POSTGRES_TCP_USER_TIMEOUT_MS,
             "keepalives": 1,
             "keepalives_idle": 10,
@@ -860,16 +861,17 @@ class Journal:
             )
 
     def end_sessions(self, owner: str) -> int:
-        """End every PostgreSQL session of server `owner` (its locks go with them);
-        how many there were. A takeover runs this before taking the lease."""
+        """End every PostgreSQL session of server `owner` and wait (up to
+        POSTGRES_TERMINATE_WAIT_MS each) until it is gone with its locks; how many there
+        were. A takeover runs this before taking the lease. (PostgreSQL 14 or later.)"""
         self._check_open()
         with _failing_as("ending the old primary's sessions"), self._engine.begin() as connection:
             ended = connection.execute(
                 text(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "SELECT count(pg_terminate_backend(pid, :wait)) FROM pg_stat_activity "
                     "WHERE application_name = :name AND pid <> pg_backend_pid()"
                 ),
-                {"name": APPLICATION_NAME_PREFIX + owner},
+                {"name": APPLICATION_NAME_PREFIX + owner, "wait": POSTGRES_TERMINATE_WAIT_MS},
             ).scalar_one()
         return int(ended)
 

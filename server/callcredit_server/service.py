@@ -7,7 +7,11 @@ Control stream they are error Outcomes and the stream stays open.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import heapq
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -59,7 +63,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MAX_OPERATIONS_PER_MESSAGE = 10_000  # DESIGN.md's cap on one ControlRequest
+MAX_OPERATIONS_PER_MESSAGE = 10_000  # docs/design.md's cap on one ControlRequest
 # A stream's requests whose answers are not yet sent: the server stops reading the
 # stream beyond either bound, so a client that never reads its answers holds at
 # most this much (gRPC's flow control then stops its writes).
@@ -73,6 +77,11 @@ MAX_ITEMS_PER_RESPONSE = 10_000  # answers and pushes merged into one ControlRes
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1_000
 MAX_PAGE_TOKEN = 2**63 - 1  # a call_seq: BIGINT in the journal
+# Opaque cursors of ListAccounts and ListTariffs: a version and the last id a page held,
+# base64url-encoded. Clients must not build them; the format may change with a version.
+_CURSOR_VERSION = "1:"
+_MAX_CURSOR_CHARS = 256
+_ID_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9._:@-]{0,128}")
 DRAINING_MESSAGE = "server draining before a restart: reserve on another server or retry later"
 
 
@@ -455,6 +464,28 @@ def _page_size(limit: int) -> int | None:
     return limit if 1 <= limit <= MAX_PAGE_SIZE else None
 
 
+def _cursor(last_id: str) -> str:
+    """The opaque page token that goes on after ``last_id``."""
+    return base64.urlsafe_b64encode((_CURSOR_VERSION + last_id).encode()).decode()
+
+
+def _after_cursor(token: str) -> str | None:
+    """The id a page token goes on after ("" for no token); None for a token this server
+    did not give."""
+    if not token:
+        return ""
+    if len(token) > _MAX_CURSOR_CHARS:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(token.encode("ascii")).decode("ascii")
+    except (UnicodeError, binascii.Error, ValueError):
+        return None
+    last_id = text.removeprefix(_CURSOR_VERSION)
+    if last_id == text or not ID_PATTERN.fullmatch(last_id):
+        return None
+    return last_id
+
+
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """Operators: accounts, tariffs, money, and reads of calls and the ledger."""
 
@@ -629,6 +660,79 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.ListCallsResponse(
             calls=[convert.call_pb(c) for c in calls[:limit]], next_page_token=token
         )
+
+    async def ListAccounts(
+        self, request: admin_pb2.ListAccountsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.ListAccountsResponse:
+        """One page of accounts in id order, from memory. A page is one pass over every
+        account on the writer's turn (O(n log page_size)), so pages stay small and cheap
+        next to a command; a token is the last id seen, so pages never repeat an account
+        and accounts created meanwhile appear in order."""
+        size = _page_size(request.page_size)
+        if size is None:
+            await _abort(context, invalid("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
+        after = _after_cursor(request.page_token)
+        if after is None:
+            await _abort(context, invalid("page_token", "is not a token this server gave"))
+        prefix = request.account_id_prefix
+        if not _ID_PREFIX_PATTERN.fullmatch(prefix):
+            await _abort(
+                context,
+                invalid("account_id_prefix", "must be 0-128 characters of [A-Za-z0-9._:@-]"),
+            )
+        status = None
+        if request.status != admin_pb2.ACCOUNT_STATUS_UNSPECIFIED:
+            status = convert.STATUS_FROM_PB.get(request.status)
+            if status is None:
+                await _abort(
+                    context, invalid("status", "must be UNSPECIFIED, ACTIVE, SUSPENDED or CLOSED")
+                )
+        allows = _allows()
+
+        def page(machine: StateMachine) -> list[AccountView]:
+            chosen = heapq.nsmallest(
+                size + 1,
+                (
+                    account_id
+                    for account_id, account in machine.accounts.items()
+                    if account_id > after
+                    and account_id.startswith(prefix)
+                    and (status is None or account.status is status)
+                    and (allows is None or allows(account_id))
+                ),
+            )
+            return [machine.accounts[account_id].view() for account_id in chosen]
+
+        views = await _read(self._writer, page, context)
+        token = _cursor(views[size - 1].account_id) if len(views) > size else ""
+        return admin_pb2.ListAccountsResponse(
+            accounts=[convert.account_pb(v) for v in views[:size]], next_page_token=token
+        )
+
+    async def ListTariffs(
+        self, request: admin_pb2.ListTariffsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.ListTariffsResponse:
+        """One page of tariffs in id order, without their rates (as ListAccounts)."""
+        size = _page_size(request.page_size)
+        if size is None:
+            await _abort(context, invalid("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
+        after = _after_cursor(request.page_token)
+        if after is None:
+            await _abort(context, invalid("page_token", "is not a token this server gave"))
+
+        def page(machine: StateMachine) -> list[admin_pb2.TariffSummary]:
+            chosen = heapq.nsmallest(size + 1, (t for t in machine.tariffs if t > after))
+            tariffs = machine.tariffs
+            return [
+                admin_pb2.TariffSummary(
+                    tariff_id=t, currency=tariffs[t].currency, rate_count=len(tariffs[t].rates)
+                )
+                for t in chosen
+            ]
+
+        summaries = await _read(self._writer, page, context)
+        token = _cursor(summaries[size - 1].tariff_id) if len(summaries) > size else ""
+        return admin_pb2.ListTariffsResponse(tariffs=summaries[:size], next_page_token=token)
 
     async def ListEntries(
         self, request: admin_pb2.ListEntriesRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -2,8 +2,9 @@
 
 A snapshot is a file `snapshot-<seq>.json.gz` in the snapshot directory: a header
 line (format, seq, creation time, sha256 of the state) and the state image
-(`StateMachine.image()`), gzip-compressed. It is written to a temporary name,
-fsynced, and renamed, so a crash leaves either the whole file or none.
+(`StateMachine.image()`, versioned itself: core/image.py), gzip-compressed. It is
+written to a temporary name, fsynced, and renamed, so a crash leaves either the whole
+file or none.
 
 The writer takes a snapshot without stalling: it forks. The child holds a
 copy-on-write view of the state at that instant, serialises it and exits; the
@@ -117,8 +118,13 @@ def read_snapshot(path: Path) -> tuple[int, dict[str, Any]]:
             state = packed.read()
     except (OSError, EOFError, ValueError) as exc:
         raise SnapshotError(f"snapshot {path} cannot be read: {exc}") from exc
-    if not isinstance(header, dict) or header.get("format") != SNAPSHOT_FORMAT:
-        raise SnapshotError(f"snapshot {path}: unknown format")
+    if not isinstance(header, dict):
+        raise SnapshotError(f"snapshot {path}: no header")
+    if header.get("format") != SNAPSHOT_FORMAT:
+        raise SnapshotError(
+            f"snapshot {path}: unsupported snapshot file format {header.get('format')!r} "
+            f"(this server reads {SNAPSHOT_FORMAT})"
+        )
     if hashlib.sha256(state).hexdigest() != header.get("sha256"):
         raise SnapshotError(f"snapshot {path}: the state does not match its checksum")
     seq = header.get("seq")

@@ -1,7 +1,7 @@
 """Hot standby on PostgreSQL: the I/O shell around lease.py's decisions.
 
 One `HotStandby` per `--ha` server. It starts as a standby: it tails the journal
-(new records after the last applied seq, every `TAIL_POLL_S`, at most
+(new records after the last applied seq, every `TAIL_POLL_SECONDS`, at most
 `MAX_TAIL_RECORDS` per read) into the server's state machine, and looks at the
 lease row. When the lease has expired (the database's clock) it ends the old
 primary's PostgreSQL sessions (a paused primary's locks go with them), takes the
@@ -41,12 +41,19 @@ from callcredit_server.writer import Writer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_TAIL_RECORDS", "TAIL_POLL_S", "Deposed", "HotStandby", "PrimaryGate", "new_owner"]
+__all__ = [
+    "MAX_TAIL_RECORDS",
+    "TAIL_POLL_SECONDS",
+    "Deposed",
+    "HotStandby",
+    "PrimaryGate",
+    "new_owner",
+]
 
-TAIL_POLL_S = 0.1  # a standby reads new journal records this often (at once while behind)
+TAIL_POLL_SECONDS = 0.1  # a standby reads new journal records this often (at once while behind)
 MAX_TAIL_RECORDS = 10_000  # records read and applied per poll: the event loop stays responsive
-PRIMARY_POLL_S = 0.05  # the primary looks at its lease's clock this often
-GIVE_UP_TIMEOUT_S = 1.0  # a deposed primary tries this long to free the lease for a standby
+PRIMARY_POLL_SECONDS = 0.05  # the primary looks at its lease's clock this often
+GIVE_UP_TIMEOUT_SECONDS = 1.0  # a deposed primary tries this long to free the lease for a standby
 
 
 class Deposed(Exception):
@@ -171,7 +178,7 @@ class HotStandby:
                         return
                     next_look_ms = now_ms + self.lease.standby_wait_ms(row)
             # Behind (a full read): read on at once; else wait for new records.
-            await asyncio.sleep(0 if applied == MAX_TAIL_RECORDS else TAIL_POLL_S)
+            await asyncio.sleep(0 if applied == MAX_TAIL_RECORDS else TAIL_POLL_SECONDS)
 
     async def _try_take(self, row: LeaseRow | None) -> bool:
         if row is not None and row.owner:
@@ -265,7 +272,7 @@ class HotStandby:
                     continue
                 if renewal.result() is Action.STEP_DOWN:
                     raise Deposed(f"the lease of epoch {lease.epoch} was taken by another server")
-            await asyncio.sleep(PRIMARY_POLL_S)
+            await asyncio.sleep(PRIMARY_POLL_SECONDS)
 
     async def _renew(self, sent_at_ms: int) -> Action:
         lease = self.lease
@@ -298,7 +305,7 @@ class HotStandby:
         with contextlib.suppress(TimeoutError):
             outcome = await asyncio.wait_for(
                 self._lease_call(self._journal.give_up_lease, lease.owner, lease.epoch),
-                GIVE_UP_TIMEOUT_S,
+                GIVE_UP_TIMEOUT_SECONDS,
             )
             if isinstance(outcome, BaseException):
                 log.warning("could not give the lease up: %s", outcome)

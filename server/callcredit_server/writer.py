@@ -44,7 +44,7 @@ MAX_RECORDS_PER_COMMIT = 20_000  # journal records in one transaction
 MAX_UNCOMMITTED_RECORDS = 100_000  # the apply task waits for the journal beyond this
 # A commit that has not returned in this long is a failed journal (a stalled
 # network, a hung disk): fail-stop rather than hold every answer indefinitely.
-COMMIT_TIMEOUT_S = 5.0
+COMMIT_TIMEOUT_SECONDS = 5.0
 
 
 class Unavailable(Exception):
@@ -113,7 +113,7 @@ class Writer:
         *,
         clock_ms: Callable[[], int],
         retention_ms: int,
-        tick_interval_s: float = 0.25,
+        tick_interval_seconds: float = 0.25,
         snapshots: SnapshotPolicy | None = None,
         snapshot_seq: int = 0,
     ) -> None:
@@ -121,7 +121,7 @@ class Writer:
         self._journal = journal
         self._clock_ms = clock_ms
         self._retention_ms = retention_ms
-        self._tick_interval_s = tick_interval_s
+        self._tick_interval_seconds = tick_interval_seconds
         self._queue: asyncio.Queue[_Submission] = asyncio.Queue(MAX_QUEUED_SUBMISSIONS)
         self._wake_committer = asyncio.Event()
         self._committed = asyncio.Event()
@@ -133,7 +133,7 @@ class Writer:
         self._snapshots = snapshots
         self._snapshot_seq = snapshot_seq  # the newest snapshot taken (or recovered from)
         self._snapshot_child: asyncio.Task[None] | None = None
-        self.snapshot_stall_s_max = 0.0  # the longest pause a snapshot caused the writer
+        self.snapshot_stall_seconds_max = 0.0  # the longest pause a snapshot caused the writer
         self.observer: WriterObserver | None = None  # metrics, set by app.py
 
     # ------------------------------------------------------------ lifecycle
@@ -264,11 +264,11 @@ class Writer:
                     started = time.perf_counter()
                     commit = loop.run_in_executor(self._thread, self._journal.append, records)
                     try:
-                        await asyncio.wait_for(commit, COMMIT_TIMEOUT_S)
+                        await asyncio.wait_for(commit, COMMIT_TIMEOUT_SECONDS)
                     except TimeoutError as exc:
                         self._commit_timed_out = True
                         raise Unavailable(
-                            f"a journal commit took over {COMMIT_TIMEOUT_S:.0f} s"
+                            f"a journal commit took over {COMMIT_TIMEOUT_SECONDS:.0f} s"
                         ) from exc
                     if self.observer is not None:
                         self.observer.committed(len(records), time.perf_counter() - started)
@@ -298,12 +298,15 @@ class Writer:
         seq = self._core.next_seq - 1
         started = time.perf_counter()
         pid = fork_snapshot(self._core.machine, seq, policy.directory, self._core.machine.now_ms)
-        stall_s = time.perf_counter() - started
-        self.snapshot_stall_s_max = max(self.snapshot_stall_s_max, stall_s)
+        stall_seconds = time.perf_counter() - started
+        self.snapshot_stall_seconds_max = max(self.snapshot_stall_seconds_max, stall_seconds)
         if self.observer is not None:
-            self.observer.snapshot_paused(stall_s)
+            self.observer.snapshot_paused(stall_seconds)
         log.info(
-            "snapshot at seq %d: child %d started, writer paused %.1f ms", seq, pid, stall_s * 1e3
+            "snapshot at seq %d: child %d started, writer paused %.1f ms",
+            seq,
+            pid,
+            stall_seconds * 1e3,
         )
         self._snapshot_seq = seq
         self._snapshot_child = asyncio.create_task(self._reap(pid, seq, policy.directory))
@@ -344,7 +347,7 @@ class Writer:
         """Let time pass: expire silent calls, forget what left the window."""
         tick = Tick(retention_ms=self._retention_ms)
         while True:
-            await asyncio.sleep(self._tick_interval_s)
+            await asyncio.sleep(self._tick_interval_seconds)
             with contextlib.suppress(Unavailable):  # one tick at a time, its answer awaited
                 await self.execute([tick])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from typer.testing import CliRunner, Result
 from callcredit.admin import AdminClient, RateSpec
 from callcredit.cli import EXIT_NO_ANSWER, EXIT_REFUSED, app
 from callcredit.errors import DOMAIN, CallcreditError
+from callcredit.money import format_price
 from callcredit.v1 import admin_pb2, admin_pb2_grpc
 
 _M = TypeVar("_M", bound=Message)
@@ -116,6 +118,8 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         self.deadlines_seconds: list[float | None] = []
         self.refusal: status_pb2.Status | None = None
         self.delay_seconds = 0.0
+        self.empty = False  # lists answer no items
+        self.calls = [CALL]
 
     def sent(self, kind: type[_M]) -> list[_M]:
         """The requests of one type, in the order they arrived."""
@@ -172,13 +176,31 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
     def ListCalls(
         self, request: admin_pb2.ListCallsRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListCallsResponse:
-        page = admin_pb2.ListCallsResponse(calls=[CALL], next_page_token="page-2")
+        if self.empty:
+            return self._answer(request, context, admin_pb2.ListCallsResponse())
+        page = admin_pb2.ListCallsResponse(calls=self.calls, next_page_token="page-2")
         return self._answer(request, context, page)
 
     def ListEntries(
         self, request: admin_pb2.ListEntriesRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListEntriesResponse:
-        return self._answer(request, context, admin_pb2.ListEntriesResponse(entries=ENTRIES))
+        entries = [] if self.empty else ENTRIES
+        return self._answer(request, context, admin_pb2.ListEntriesResponse(entries=entries))
+
+    def ListAccounts(
+        self, request: admin_pb2.ListAccountsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListAccountsResponse:
+        if self.empty:
+            return self._answer(request, context, admin_pb2.ListAccountsResponse())
+        page = admin_pb2.ListAccountsResponse(accounts=[ACCOUNT], next_page_token="MTphY21l")
+        return self._answer(request, context, page)
+
+    def ListTariffs(
+        self, request: admin_pb2.ListTariffsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListTariffsResponse:
+        summary = admin_pb2.TariffSummary(tariff_id="vn-std", currency="VND", rate_count=2)
+        tariffs = [] if self.empty else [summary]
+        return self._answer(request, context, admin_pb2.ListTariffsResponse(tariffs=tariffs))
 
 
 @pytest.fixture
@@ -271,7 +293,7 @@ def test_tariff_put_sends_each_rate(fake: FakeAdmin, rate: str, expected: admin_
     assert result.exit_code == 0, result.output
     [request] = fake.sent(admin_pb2.PutTariffRequest)
     assert request.tariff == admin_pb2.Tariff(tariff_id="vn-std", currency="VND", rates=[expected])
-    assert str(expected.price_per_minute_micros) in result.stdout
+    assert format_price(expected.price_per_minute_micros, "VND") in result.stdout
 
 
 def test_tariff_put_sends_rates_in_order_and_shows_them(fake: FakeAdmin) -> None:
@@ -290,7 +312,7 @@ def test_tariff_put_sends_rates_in_order_and_shows_them(fake: FakeAdmin) -> None
 
     assert result.exit_code == 0, result.output
     assert [r.tariff for r in fake.sent(admin_pb2.PutTariffRequest)] == [TARIFF]
-    for shown in ("Tariff vn-std (VND)", "(default)", "60/60", "8490", "6/1", "500 VND"):
+    for shown in ("Tariff vn-std (VND)", "(default)", "60/60", "8490", "6/1", "₫500"):
         assert shown in result.stdout
 
 
@@ -310,7 +332,11 @@ def test_tariff_put_from_the_file_tariff_show_prints(fake: FakeAdmin, tmp_path: 
         pytest.param(["--currency", "VND"], "--rate", id="no-rates"),
         pytest.param(["--rate", ":1"], "--currency", id="no-currency"),
         pytest.param(["--currency", "VND", "--rate", "84"], "--rate", id="no-price"),
-        pytest.param(["--currency", "VND", "--rate", "84:1.5"], "integer", id="float-price"),
+        pytest.param(["--currency", "VND", "--rate", "84:1.5"], "not a price", id="float-price"),
+        pytest.param(["--currency", "VND", "--rate", "84:0.1/h"], "not a price", id="per-hour"),
+        pytest.param(
+            ["--currency", "VND", "--rate", "84:1/s:1/1:0.5"], "no minor unit", id="fee-fraction"
+        ),
         pytest.param(["--currency", "VND", "--rate", "84:1:60"], "FIRST/NEXT", id="no-slash"),
         pytest.param(["--currency", "VND", "--rate", "84:1:6/1:2:3"], "--rate", id="extra-part"),
     ],
@@ -351,8 +377,8 @@ def test_tariff_show(fake: FakeAdmin) -> None:
 
     assert result.exit_code == 0, result.output
     assert fake.sent(admin_pb2.GetTariffRequest) == [admin_pb2.GetTariffRequest(tariff_id="vn-std")]
-    assert "1500000" in result.stdout
-    assert "1180000" in result.stdout
+    assert "₫0.025/s (₫1.5/min)" in result.stdout
+    assert "₫0.019667/s (₫1.18/min)" in result.stdout
 
 
 def test_tariff_show_json_keeps_int64_numbers(fake: FakeAdmin) -> None:
@@ -413,7 +439,7 @@ def test_account_show_table_has_money_with_currency_and_bare_enums(fake: FakeAdm
     assert fake.sent(admin_pb2.GetAccountRequest) == [
         admin_pb2.GetAccountRequest(account_id="acme")
     ]
-    for shown in ("Account acme", "SUSPENDED", "1500000 VND", "200000 VND", "1300000 VND"):
+    for shown in ("Account acme", "SUSPENDED", "₫1,500,000", "₫200,000", "₫1,300,000"):
         assert shown in result.stdout
     assert "ACCOUNT_STATUS" not in result.stdout
 
@@ -517,7 +543,7 @@ def test_topup_with_a_key_sends_it_and_says_nothing_else(fake: FakeAdmin) -> Non
         )
     ]
     assert result.stderr == ""
-    assert "1500000 VND" in result.stdout
+    assert "₫1,500,000" in result.stdout
 
 
 def test_topup_without_a_key_prints_the_generated_one(fake: FakeAdmin) -> None:
@@ -526,7 +552,7 @@ def test_topup_without_a_key_prints_the_generated_one(fake: FakeAdmin) -> None:
     assert result.exit_code == 0, result.output
     [request] = fake.sent(admin_pb2.TopUpRequest)
     assert request.idempotency_key
-    assert f"--idempotency-key {request.idempotency_key}" in result.stderr
+    assert result.stderr == f"note: top-up idempotency key {request.idempotency_key} (generated)\n"
     # The note goes to stderr, so --json output stays parseable.
     assert json.loads(result.stdout)["account_id"] == "acme"
 
@@ -558,6 +584,42 @@ def test_adjust_takes_a_negative_amount(fake: FakeAdmin, args: list[str]) -> Non
     assert request.idempotency_key == "adj-1"
 
 
+def test_a_decimal_amount_is_major_units_of_the_accounts_currency(fake: FakeAdmin) -> None:
+    result = run_cli(fake.target, "topup", "acme", "20,000.0", "--idempotency-key", "k")
+
+    assert result.exit_code == 0, result.output
+    assert fake.sent(admin_pb2.GetAccountRequest) == [
+        admin_pb2.GetAccountRequest(account_id="acme")
+    ]
+    assert [r.amount for r in fake.sent(admin_pb2.TopUpRequest)] == [20_000]
+
+
+def test_a_credit_limit_takes_the_same_amounts(fake: FakeAdmin) -> None:
+    result = run_cli(fake.target, "account", "update", "acme", "--credit-limit", "1,000.0")
+
+    assert result.exit_code == 0, result.output
+    [request] = fake.sent(admin_pb2.UpdateAccountRequest)
+    assert request == admin_pb2.UpdateAccountRequest(account_id="acme", credit_limit=1_000)
+
+
+def test_a_fraction_of_a_currency_without_minor_units_is_refused(fake: FakeAdmin) -> None:
+    result = run_cli(fake.target, "adjust", "acme", "-0.5", "--idempotency-key", "k")
+
+    assert result.exit_code == EXIT_USAGE
+    assert "'-0.5': VND has no minor unit" in result.stderr
+    assert fake.sent(admin_pb2.AdjustRequest) == []
+
+
+def test_a_rate_in_major_units_per_second(fake: FakeAdmin) -> None:
+    rate = "84:19.66/s:6/6"
+    result = run_cli(fake.target, "tariff", "put", "vn-std", "--currency", "VND", "--rate", rate)
+
+    assert result.exit_code == 0, result.output
+    [request] = fake.sent(admin_pb2.PutTariffRequest)
+    assert request.tariff.rates[0].price_per_minute_micros == 1_179_600_000
+    assert "₫19.66/s (₫1,179.6/min)" in result.stdout
+
+
 def test_adjust_sends_the_reason(fake: FakeAdmin) -> None:
     result = run_cli(
         fake.target, "adjust", "acme", "750", "--idempotency-key", "adj-2", "--reason", "goodwill"
@@ -574,7 +636,8 @@ def test_adjust_sends_the_reason(fake: FakeAdmin) -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        pytest.param(["topup", "acme", "1.5"], id="topup-fraction"),
+        pytest.param(["topup", "acme", "1.5x"], id="topup-not-a-number"),
+        pytest.param(["topup", "acme", "-100"], id="topup-negative"),
         pytest.param(["adjust", "acme", "-5x"], id="adjust-not-a-number"),
         pytest.param(["adjust", "acme", "5", "--reasn", "typo"], id="adjust-unknown-option"),
     ],
@@ -598,7 +661,7 @@ def test_calls_list_sends_the_filters_and_shows_the_next_page(fake: FakeAdmin) -
     assert fake.sent(admin_pb2.ListCallsRequest) == [
         admin_pb2.ListCallsRequest(account_id="acme", active_only=True, limit=20, page_token="p1")
     ]
-    for shown in ("call-1", "84901234567", "EXPIRED", "1975", "held (VND)", "2025-01-01 12:00:00"):
+    for shown in ("call-1", "84901234567", "EXPIRED", "₫1,975", "held", "2025-01-01 12:00:00"):
         assert shown in result.stdout
     assert "next page: --page-token page-2" in result.stdout
 
@@ -623,8 +686,8 @@ def test_call_show(fake: FakeAdmin) -> None:
     for shown in (
         "Call call-1",
         "EXPIRED",
-        "1975 VND",
-        "prefix 8490",
+        "₫1,975",
+        "prefix 8490: ₫0.019667/s (₫1.18/min)",
         "6/1",
         "2025-01-01 12:02:10",
     ):
@@ -645,7 +708,7 @@ def test_entries_list_sends_the_cursor(fake: FakeAdmin) -> None:
     assert fake.sent(admin_pb2.ListEntriesRequest) == [
         admin_pb2.ListEntriesRequest(account_id="acme", after_entry_id=6, limit=2)
     ]
-    for shown in ("TOP_UP", "EXPIRY_CHARGE", "-2400", "1997600", "inv-2025-001", "amount (VND)"):
+    for shown in ("TOP_UP", "EXPIRY_CHARGE", "-₫2,400", "₫1,997,600", "inv-2025-001", "amount"):
         assert shown in result.stdout
 
 
@@ -725,11 +788,76 @@ def test_invalid_argument_lists_the_field_violations(fake: FakeAdmin) -> None:
     result = run_cli(fake.target, "account", "create", "bad id", "--currency", "x", "--tariff", "t")
 
     assert result.exit_code == EXIT_REFUSED
-    assert result.stderr.splitlines() == [
-        "error: INVALID_ARGUMENT: 2 fields are invalid",
-        "  account_id: 1-128 characters of [A-Za-z0-9._:@-]",
-        "  currency: ISO 4217 code",
-    ]
+    assert result.stderr == (
+        "error: INVALID_ARGUMENT: 2 fields are invalid (account_id: 1-128 characters of "
+        "[A-Za-z0-9._:@-]; currency: ISO 4217 code)\n"
+    )
+
+
+def test_invalid_argument_says_its_detail_once(fake: FakeAdmin) -> None:
+    fake.refusal = refusal(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+        "amount: must be positive",
+        [("amount", "must be positive")],
+    )
+
+    result = run_cli(fake.target, "topup", "acme", "0", "--idempotency-key", "k")
+
+    assert result.exit_code == EXIT_REFUSED
+    assert result.stderr == "error: INVALID_ARGUMENT: amount: must be positive\n"
+
+
+def test_a_refused_money_movement_has_no_retry_hint(fake: FakeAdmin) -> None:
+    fake.refusal = refusal(grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_CLOSED", "closed")
+
+    result = run_cli(fake.target, "topup", "acme", "5")
+
+    assert result.exit_code == EXIT_REFUSED
+    note, line = result.stderr.splitlines()
+    assert note.startswith("note: top-up idempotency key ")
+    assert line == "error: ACCOUNT_CLOSED: closed"
+
+
+def test_an_unanswered_money_movement_says_how_to_retry(fake: FakeAdmin) -> None:
+    fake.delay_seconds = 1.0
+
+    result = run_cli(fake.target, "--timeout", "0.2", "adjust", "acme", "-5")
+
+    assert result.exit_code == EXIT_NO_ANSWER
+    [request] = fake.sent(admin_pb2.AdjustRequest)
+    key = request.idempotency_key
+    assert result.stderr.splitlines()[-1].endswith(
+        f"; it may or may not have been applied: retry with --idempotency-key {key}"
+    )
+
+
+def test_json_errors_are_json_on_stdout(fake: FakeAdmin) -> None:
+    fake.refusal = refusal(
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", "x: bad", [("x", "bad")]
+    )
+
+    result = run_cli(fake.target, "--json", "account", "show", "acme")
+
+    assert result.exit_code == EXIT_REFUSED
+    assert result.stderr == ""
+    assert json.loads(result.stdout) == {
+        "error": {
+            "reason": "INVALID_ARGUMENT",
+            "code": "INVALID_ARGUMENT",
+            "message": "x: bad",
+            "target": fake.target,
+            "field_violations": [{"field": "x", "description": "bad"}],
+        }
+    }
+
+
+def test_json_errors_of_an_unreachable_server(closed_target: str) -> None:
+    result = run_cli(closed_target, "--json", "topup", "acme", "5", "--idempotency-key", "k")
+
+    assert result.exit_code == EXIT_NO_ANSWER
+    error = json.loads(result.stdout)["error"]
+    assert (error["reason"], error["idempotency_key"]) == ("UNAVAILABLE", "k")
 
 
 def test_a_draining_server_is_exit_3(fake: FakeAdmin) -> None:
@@ -745,9 +873,10 @@ def test_an_unreachable_server_is_exit_3(closed_target: str) -> None:
     result = run_cli(closed_target, "account", "show", "acme")
 
     assert result.exit_code == EXIT_NO_ANSWER
-    [line] = result.stderr.splitlines()
-    assert line.startswith("error: UNAVAILABLE: ")
-    assert line.endswith(f"(target {closed_target})")
+    assert result.stderr == (
+        f"error: UNAVAILABLE: cannot reach {closed_target}: connection refused "
+        "(is the server running, on this port?)\n"
+    )
 
 
 def test_no_answer_within_the_timeout_is_exit_3(fake: FakeAdmin) -> None:
@@ -788,6 +917,33 @@ def test_process_exits_3_without_a_traceback_when_unreachable(closed_target: str
     assert done.returncode == EXIT_NO_ANSWER
     [line] = done.stderr.splitlines()
     assert line.startswith("error: UNAVAILABLE: ")
+
+
+def test_process_usage_errors_are_json_too_with_json(fake: FakeAdmin) -> None:
+    done = run_process(fake.target, "--json", "topup", "acme", "12x")
+
+    assert done.returncode == EXIT_USAGE
+    assert json.loads(done.stdout) == {
+        "error": {
+            "reason": "USAGE",
+            "message": "Invalid value for 'AMOUNT': '12x' is not an amount "
+            "(e.g. 20000, 20,000 or 12.50)",
+        }
+    }
+    assert fake.requests == []
+
+
+def test_process_with_json_exits_with_the_commands_code(fake: FakeAdmin) -> None:
+    fake.refusal = refusal(grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND", "no account")
+
+    refused = run_process(fake.target, "--json", "account", "show", "x")
+    fake.refusal = None
+    shown = run_process(fake.target, "--json", "account", "show", "acme")
+
+    assert refused.returncode == EXIT_REFUSED
+    assert json.loads(refused.stdout)["error"]["reason"] == "ACCOUNT_NOT_FOUND"
+    assert shown.returncode == 0
+    assert json.loads(shown.stdout)["account_id"] == "acme"
 
 
 # --- the library -----------------------------------------------------------------------
@@ -832,3 +988,125 @@ async def test_client_leaves_a_borrowed_channel_open(fake: FakeAdmin) -> None:
         admin_pb2.GetAccountRequest(account_id="acme")
     ]
     assert fake.sent(admin_pb2.GetCallRequest) == [admin_pb2.GetCallRequest(call_id="call-1")]
+
+
+# --- lists, and a terminal 80 columns wide ---------------------------------------------
+
+
+def run_narrow(target: str, *args: str, columns: int = 80) -> Result:
+    """The CLI rendering at a fixed width, as in a terminal that wide (or piped)."""
+    env = {**CLI_ENV, "COLUMNS": str(columns)}
+    return CliRunner().invoke(app, ["--target", target, *args], env=env)
+
+
+def test_account_list_sends_the_filters_and_shows_the_next_page(fake: FakeAdmin) -> None:
+    result = run_cli(
+        fake.target, "account", "list", "--prefix", "ac", "--status", "suspended", "--limit", "5"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert fake.sent(admin_pb2.ListAccountsRequest) == [
+        admin_pb2.ListAccountsRequest(
+            page_size=5, account_id_prefix="ac", status=admin_pb2.ACCOUNT_STATUS_SUSPENDED
+        )
+    ]
+    for shown in ("acme", "SUSPENDED", "₫1,500,000", "₫1,300,000"):
+        assert shown in result.stdout
+    assert result.stdout.endswith("next page: --page-token MTphY21l\n")
+
+
+def test_tariff_list(fake: FakeAdmin) -> None:
+    result = run_cli(fake.target, "tariff", "list")
+
+    assert result.exit_code == 0, result.output
+    assert "vn-std" in result.stdout
+    assert run_json(fake.target, "tariff", "list")["tariffs"] == [
+        {"tariff_id": "vn-std", "currency": "VND", "rate_count": 2}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "sentence"),
+    [
+        (["account", "list"], "No accounts.\n"),
+        (
+            ["account", "list", "--prefix", "zz", "--status", "closed"],
+            "No accounts (id zz*, closed).\n",
+        ),
+        (["tariff", "list"], "No tariffs.\n"),
+        (["calls", "list", "acme"], "No calls.\n"),
+        (["calls", "list", "acme", "--active"], "No active calls.\n"),
+        (["entries", "list", "acme"], "No ledger entries.\n"),
+        (["entries", "list", "acme", "--after", "9"], "No ledger entries after entry 9.\n"),
+    ],
+)
+def test_empty_results_say_so(fake: FakeAdmin, args: list[str], sentence: str) -> None:
+    fake.empty = True
+
+    result = run_cli(fake.target, *args)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == sentence
+
+
+LONG_CALL = admin_pb2.Call(
+    call_id="example-1a2b3c4d-12-with-a-much-longer-suffix-than-usual",
+    account_id="acme",
+    destination="84901234567",
+    state=admin_pb2.CALL_STATE_RELEASED,
+    allowed_seconds=120,
+    used_seconds=75,
+    charged=1_975_000,
+    rate=RATE_MOBILE,
+    started_at=STARTED_AT,
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["calls", "list", "acme"],
+        ["entries", "list", "acme"],
+        ["account", "list"],
+        ["account", "show", "acme"],
+        ["tariff", "show", "vn-std"],
+        ["call", "show", "call-1"],
+    ],
+)
+@pytest.mark.parametrize("columns", [80, 60])
+def test_tables_fit_the_terminal_without_cutting_a_value(
+    fake: FakeAdmin, args: list[str], columns: int
+) -> None:
+    fake.calls = [CALL, LONG_CALL]
+
+    result = run_narrow(fake.target, *args, columns=columns)
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= columns, result.stdout
+    assert "…" not in result.stdout
+
+
+def test_a_narrow_table_hides_columns_by_rank_and_says_which(fake: FakeAdmin) -> None:
+    fake.calls = [CALL, LONG_CALL]
+
+    wide = run_narrow(fake.target, "calls", "list", "acme", columns=200)
+    narrow = run_narrow(fake.target, "calls", "list", "acme", columns=80)
+
+    assert "not shown" not in wide.stdout
+    assert "84901234567" in wide.stdout
+    assert "not shown at 80 columns: held, destination, allowed s" in narrow.stdout
+    # Every value is whole, the long id folded onto more lines of its column.
+    first_cells = [re.split(r"\s{2,}", line.strip())[0] for line in narrow.stdout.splitlines()]
+    start = next(i for i, cell in enumerate(first_cells) if cell.startswith("example-"))
+    assert "".join(first_cells[start : start + 3]) == LONG_CALL.call_id
+    for value in ("RELEASED", "₫1,975,000", "EXPIRED", "2025-01-01 12:00:00"):
+        assert value in narrow.stdout
+
+
+def test_rate_help_keeps_every_field_at_80_columns() -> None:
+    result = CliRunner().invoke(app, ["tariff", "put", "--help"], env={**CLI_ENV, "COLUMNS": "80"})
+
+    assert result.exit_code == 0
+    assert "CONNECT_FEE" in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80

@@ -766,3 +766,33 @@ async def test_talk_time_reported_ahead_of_the_clock_is_never_reported_lower(
 
     assert [op.renew.used_seconds for op in fake.operations("renew")] == [100, 100]
     assert result.used_seconds == 100
+
+
+async def test_on_grant_hears_renewals_and_pushes_and_answered_ago_counts_talk_before(
+    fake: FakeServer,
+) -> None:
+    clock = FakeClock()
+    grants: list[tuple[str, int]] = []
+
+    def on_grant(call: DialerCall, grant: Grant) -> None:
+        grants.append((call.call_id, grant.allowed_seconds))
+
+    async with DialerClient(fake.target, clock=clock) as dialer:
+        call = await dialer.reserve("c-1", ACCOUNT, DESTINATION, on_grant=on_grant)  # 10 s
+        call.answered(ago_seconds=4)  # found talking for 4 s already
+        assert call.used_seconds == 4
+        clock.advance(1)  # 5 s used: 10 allowed - 5 s margin
+        await eventually(lambda: grants == [("c-1", 15)])
+        fake.push(
+            credit_control_pb2.ControlResponse(
+                grant_updates=[
+                    credit_control_pb2.Grant(
+                        call_id="c-1", allowed_seconds=40, final=False, validity_seconds=60
+                    )
+                ]
+            )
+        )
+        await eventually(lambda: grants == [("c-1", 15), ("c-1", 40)])
+        await call.release()
+
+    assert fake.operations("renew")[0].renew.used_seconds == 5

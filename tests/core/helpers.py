@@ -4,7 +4,7 @@
 the server settings) and checks after every step what must hold whatever the input:
 `StateMachine.audit()` is empty, balances equal the sum of every entry handed out,
 each entry's `balance_after` follows from the one before, and every open call's
-`final` flag says exactly what DESIGN.md says it says.
+`final` flag says exactly what docs/design.md says it says.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def test_is_valid_agrees_with_violations_on_generated_commands() -> None:
 
 
 def _reference_cost(r: Rate, seconds: int) -> int:
-    """DESIGN.md, Money, written out without any shortcut."""
+    """docs/design.md, Money, written out without any shortcut."""
     if seconds == 0:
         return 0
     first, step = r.first_increment_seconds, r.next_increment_seconds

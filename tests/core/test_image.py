@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 
 import pytest
 
 from callcredit_server.core import InvariantViolation, Rate, StateMachine
+from callcredit_server.core import image as image_format
 from tests.core.helpers import rate
 from tests.core.test_properties import OP_CODES, command_of, decode, two_accounts
 
@@ -53,6 +55,24 @@ def test_a_broken_image_is_refused() -> None:
     image["accounts"][0][7] += 1  # reserved no longer matches the holds of open calls
     with pytest.raises(InvariantViolation, match="reserved"):
         StateMachine.from_image(image)
-    image["format"] = 99
-    with pytest.raises(InvariantViolation, match="format"):
+    image["accounts"][0] = image["accounts"][0][:-1]  # a field short
+    with pytest.raises(InvariantViolation, match="malformed"):
         StateMachine.from_image(image)
+
+
+@pytest.mark.parametrize(
+    ("reader", "row", "first_local"),
+    [
+        (image_format.rate_of, image_format.RateRow, 4),  # after row, shared, key, rate
+        (image_format.account_of, image_format.AccountRow, 2),
+        (image_format.call_of, image_format.CallRow, 2),
+        (image_format.view_of, image_format.ViewRow, 1),
+        (image_format.key_of, image_format.KeyRow, 1),
+    ],
+)
+def test_the_readers_unpack_each_row_into_its_fields_in_order(
+    reader: Callable[..., object], row: type[tuple[object, ...]], first_local: int
+) -> None:
+    fields: tuple[str, ...] = row._fields  # type: ignore[attr-defined]
+    names = reader.__code__.co_varnames[first_local : first_local + len(fields)]
+    assert names == fields

@@ -1,4 +1,4 @@
-"""The state machine against DESIGN.md: accounts, calls, expiry, re-grant, idempotency.
+"""The state machine against docs/design.md: accounts, calls, expiry, re-grant, idempotency.
 
 Unless a test says otherwise the tariff "T" charges 1 đ/s billed per second with no
 connect fee, so cost(s) == s and every amount below can be checked by eye. The

@@ -73,7 +73,7 @@ def test_cost_never_decreases_with_seconds(r: Rate, seconds: int) -> None:
 
 @given(any_rate, st.integers(0, 86_400))
 def test_cost_matches_exact_arithmetic(r: Rate, seconds: int) -> None:
-    """The integer formula equals DESIGN.md's, computed with exact fractions."""
+    """The integer formula equals docs/design.md's, computed with exact fractions."""
     if seconds == 0:
         assert cost(r, seconds) == 0
         return
@@ -276,7 +276,7 @@ def command_of(op: Op, machine: StateMachine) -> Command | int:
 
 def drive(w: Sim, run: list[Op]) -> None:
     """Apply a run with Sim.check() after every step (audit empty, balances == sum of
-    the entries of every step, available >= 0, final flags as DESIGN.md defines them),
+    the entries of every step, available >= 0, final flags as docs/design.md defines them),
     and check each answer against what the state was just before it."""
     for op in run:
         command = command_of(op, w.machine)

@@ -1,4 +1,4 @@
-"""Rating (DESIGN.md, Money and Tariffs): billed seconds, cost, affordability, prefixes."""
+"""Rating (docs/design.md, Money and Tariffs): billed seconds, cost, affordability, prefixes."""
 
 from __future__ import annotations
 

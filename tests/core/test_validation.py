@@ -1,4 +1,4 @@
-"""Limits on input (DESIGN.md, Contract): each bound just inside and just outside.
+"""Limits on input (docs/design.md, Contract): each bound just inside and just outside.
 
 A value just inside is accepted and the command succeeds; a value just outside is
 refused with INVALID_ARGUMENT naming the field, before any other check, changing
@@ -178,7 +178,7 @@ LIMITS = [
     pytest.param(Release("c", 0), (), id="release-used-0"),
     pytest.param(Release("c", 86_401), ("used_seconds",), id="release-used-over"),
     pytest.param(Release("c", -1), ("used_seconds",), id="release-used-negative"),
-    # limits of the code beyond DESIGN.md's list
+    # limits of the code beyond docs/design.md's list
     pytest.param(renew("c", 0, 0), ("sequence",), id="renew-sequence-0"),
     pytest.param(renew("c", 2**63 - 1, 0), (), id="renew-sequence-int64-max"),
     pytest.param(renew("c", 2**63, 0), ("sequence",), id="renew-sequence-over-int64"),
@@ -258,7 +258,7 @@ def test_input_limits(world: Sim, command: Command, fields: tuple[str, ...]) -> 
 
 
 def test_balance_ceiling_refuses_top_up_as_invalid_argument() -> None:
-    """The code keeps balances under 10^18 (int64 headroom): a limit beyond DESIGN.md."""
+    """The code keeps balances under 10^18 (int64 headroom): a limit beyond docs/design.md."""
     w = Sim(check_every_step=False)
     w.put_tariff()
     w.open_account()

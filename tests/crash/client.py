@@ -52,8 +52,8 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 500),
 ]
 FAILURES_BEFORE_NEW_CHANNEL = 3  # on one target, and only if the channel is older than:
-CHANNEL_MIN_AGE_S = 2.0
-OLD_CHANNEL_GRACE_S = 2.0  # then an abandoned channel is closed (its calls have failed)
+CHANNEL_MIN_AGE_SECONDS = 2.0
+OLD_CHANNEL_GRACE_SECONDS = 2.0  # then an abandoned channel is closed (its calls have failed)
 
 
 class Lost(Exception):
@@ -255,7 +255,7 @@ class Connection:
                 break
             await asyncio.sleep(0.05)
         if self.channel is not None:  # closed a little later: closing cancels calls on it
-            closing = asyncio.create_task(_close_later(self.channel, OLD_CHANNEL_GRACE_S))
+            closing = asyncio.create_task(_close_later(self.channel, OLD_CHANNEL_GRACE_SECONDS))
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
         self.target = target
@@ -293,7 +293,7 @@ class Connection:
             targets = read_target(self._workdir) or ""
             stuck = (
                 self._failures >= FAILURES_BEFORE_NEW_CHANNEL
-                and time.monotonic() - self._opened_at > CHANNEL_MIN_AGE_S
+                and time.monotonic() - self._opened_at > CHANNEL_MIN_AGE_SECONDS
             )
             if "," in targets:  # several servers: the next one may be the primary
                 self._turn += 1
@@ -312,8 +312,8 @@ class Connection:
         await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-async def _close_later(channel: grpc.aio.Channel, delay_s: float) -> None:
-    await asyncio.sleep(delay_s)
+async def _close_later(channel: grpc.aio.Channel, delay_seconds: float) -> None:
+    await asyncio.sleep(delay_seconds)
     await channel.close()
 
 
@@ -386,7 +386,7 @@ class Client:
             operations = [op.operation(self._request_id(op))]
             if batch_duplicate:
                 operations.append(op.operation(self._request_id(op)))
-            outcomes = await stream.ask(operations, self.cfg.op_timeout_s)
+            outcomes = await stream.ask(operations, self.cfg.op_timeout_seconds)
             results = [self._outcome(op, outcome) for outcome in outcomes]
             if batch_duplicate and all(r is not None for r in results):
                 self.stats["duplicates"] += 1
@@ -432,7 +432,7 @@ class Client:
         return None
 
     async def _unary(self, op: Op, channel: grpc.aio.Channel) -> dict[str, Any]:
-        r, timeout = op.req, self.cfg.op_timeout_s
+        r, timeout = op.req, self.cfg.op_timeout_seconds
         dialer = credit_control_pb2_grpc.CreditControlServiceStub(channel)
         admin = admin_pb2_grpc.AdminServiceStub(channel)
         if op.kind == "reserve":
@@ -516,7 +516,7 @@ class Client:
                 continue
             if rng.random() < cfg.silent_probability:  # silent past validity: it expires,
                 with contextlib.suppress(TimeoutError):  # the release comes late (a refund)
-                    await asyncio.wait_for(self.stopping.wait(), cfg.silent_s)
+                    await asyncio.wait_for(self.stopping.wait(), cfg.silent_seconds)
             used += rng.randint(0, 8)  # sometimes past the allowance: a shortfall
             release = Op("release", {"call": call_id, "used": used})
             await self._maybe_duplicate(release, await self.perform(release))
@@ -562,7 +562,7 @@ class Client:
             channel = await self.conn.get_channel()
             admin = admin_pb2_grpc.AdminServiceStub(channel)
             got = await admin.GetAccount(
-                admin_pb2.GetAccountRequest(account_id=account), timeout=self.cfg.op_timeout_s
+                admin_pb2.GetAccountRequest(account_id=account), timeout=self.cfg.op_timeout_seconds
             )
         except grpc.aio.AioRpcError:
             return
@@ -589,7 +589,7 @@ class Client:
             if stop.exists():
                 break
             await asyncio.sleep(0.1)
-        self.deadline = time.monotonic() + self.cfg.stop_grace_s
+        self.deadline = time.monotonic() + self.cfg.stop_grace_seconds
         self.stopping.set()
 
     async def run(self) -> None:

@@ -55,14 +55,15 @@ from typing import IO, Any
 import grpc
 
 from callcredit.v1 import admin_pb2, admin_pb2_grpc
+from callcredit_server import launch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TARGET_FILE = "target"
 STOP_FILE = "stop"
 EVENTS_SUFFIX = ".events"
 DOMAIN = "callcredit.v1"
-STARTUP_TIMEOUT_S = 60.0
-ADMIN_TIMEOUT_S = 20.0
+STARTUP_TIMEOUT_SECONDS = 60.0
+ADMIN_TIMEOUT_SECONDS = 20.0
 PAGE = 1_000
 MICROS_PER_MINUTE = 60_000_000
 
@@ -112,13 +113,13 @@ class CampaignConfig:
     clients: int = 3  # client processes
     call_workers: int = 3  # concurrent calls per client process
     seed: int = 0
-    kill_after_s: tuple[float, float] = (0.3, 1.5)  # how long the server serves before a kill
-    downtime_s: tuple[float, float] = (0.0, 0.3)  # between a kill and the next start
+    kill_after_seconds: tuple[float, float] = (0.3, 1.5)  # how long the server serves before a kill
+    downtime_seconds: tuple[float, float] = (0.0, 0.3)  # between a kill and the next start
     kill_in_recovery_probability: float = 0.15  # also kill a start before it serves
     same_port_probability: float = 0.5  # restart on the old port (else a new one)
-    warmup_s: float = 1.0  # load before the first kill
+    warmup_seconds: float = 1.0  # load before the first kill
     validity_seconds: int = 6  # short: calls silent across a restart expire, late releases
-    client_stop_grace_s: float = 30.0  # a stopping client retries this long, then gives up
+    client_stop_grace_seconds: float = 30.0  # a stopping client retries this long, then gives up
     quiet_kill_check: bool = True  # kill once more without load; state must not change
     snapshot_every_records: int = 100  # often: kills land while a snapshot is written
     prune_every_kills: int = 3  # `callcredit-server prune --yes` under load (0: never)
@@ -142,12 +143,12 @@ class ClientConfig:
     replay_probability: float = 0.3  # an answered release/top-up is sent again after reconnect
     abandon_probability: float = 0.05  # after a lost answer, give the op up (never retried)
     leave_open_probability: float = 0.05  # a call is never released
-    silent_probability: float = 0.04  # a call goes silent for silent_s before its release
-    silent_s: float = 8.0  # longer than the server's validity: it expires first
+    silent_probability: float = 0.04  # a call goes silent for silent_seconds before its release
+    silent_seconds: float = 8.0  # longer than the server's validity: it expires first
     adjust_probability: float = 0.15  # money ops that are adjustments instead of top-ups
     read_probability: float = 0.2  # a GetAccount after a money op
-    op_timeout_s: float = 10.0
-    stop_grace_s: float = 30.0
+    op_timeout_seconds: float = 10.0
+    stop_grace_seconds: float = 30.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -291,19 +292,16 @@ class Supervisor:
         self.recovery_kills = 0
         self.recovery_kills_after_replay = 0  # replay was over already
         self.start_seconds: list[float] = []
-        self._log: Path | None = None
+        self._server: launch.ServerProcess | None = None
 
-    def _spawn(self, port: int) -> Path:
+    def _spawn(self, port: int) -> launch.ServerProcess:
         self.starts += 1
         log_path = self.workdir / f"server-{self.starts:03d}.log"
-        with log_path.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "callcredit_server.cli", "--listen", f"127.0.0.1:{port}",
-                 *self.journal_args, *self.serve_args],
-                stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=self.env,
-            )  # fmt: skip
-        self._log = log_path
-        return log_path
+        args = ["--listen", f"127.0.0.1:{port}", *self.journal_args, *self.serve_args]
+        server = launch.spawn(args, log_path, env=self.env, cwd=REPO_ROOT)
+        self.process = server.process
+        self._server = server
+        return server
 
     def start(self, *, same_port: bool, tries: int = 5) -> float:
         """Start and wait until it serves; the seconds that took.
@@ -312,25 +310,23 @@ class Supervisor:
         """
         began = time.monotonic()
         port = self.port if same_port and self.port else _free_port(avoid=self.port)
-        log_path = self._spawn(port)
+        server = self._spawn(port)
         while True:
-            text = log_path.read_text(encoding="utf-8", errors="replace")
-            found = re.search(r"listening on port (\d+)", text)
-            if found:
-                self.port = int(found.group(1))
+            if server.poll_ready():
+                self.port = server.port
                 self.target = f"127.0.0.1:{self.port}"
                 write_target(self.workdir, self.target)
                 took = time.monotonic() - began
                 self.start_seconds.append(took)
                 return took
-            assert self.process is not None
-            code = self.process.poll()
+            code = server.process.poll()
             if code is not None:
+                text = server.log_text()
                 if tries > 1 and "could not start" in text and "bind" in text.lower():
                     # the port was taken meanwhile
                     return self.start(same_port=False, tries=tries - 1)
                 raise ServerFailed(f"server start #{self.starts} exited {code}:\n{text[-3000:]}")
-            if time.monotonic() - began > STARTUP_TIMEOUT_S:
+            if time.monotonic() - began > STARTUP_TIMEOUT_SECONDS:
                 raise ServerFailed(f"server start #{self.starts} not serving after 60 s")
             time.sleep(0.02)
 
@@ -338,10 +334,10 @@ class Supervisor:
         """Start on the same port and SIGKILL it before it serves: while it opens the
         journal and replays it (the end of the usual time to serve), or while it imports."""
         usual = sorted(self.start_seconds)[len(self.start_seconds) // 2]
-        log_path = self._spawn(self.port or 0)
+        server = self._spawn(self.port or 0)
         time.sleep(rng.uniform(0.6, 1.0) * usual)
         self.recovery_kills += 1
-        text = log_path.read_text(encoding="utf-8", errors="replace")
+        text = server.log_text()
         if "recovered" in text:  # replay was over: it was binding or serving
             self.recovery_kills_after_replay += 1
         self.kill()
@@ -349,9 +345,9 @@ class Supervisor:
     def kill(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is not None and self._log is not None:
-            text = self._log.read_text(encoding="utf-8", errors="replace")
-            if "callcredit-server listening" in text or "could not start" in text:
+        if self.process.poll() is not None and self._server is not None:
+            text = self._server.log_text()
+            if self._server.poll_ready() or "could not start" in text:
                 raise ServerFailed(
                     f"server #{self.starts} died before it was killed "
                     f"(exit {self.process.returncode}):\n{text[-3000:]}"
@@ -362,8 +358,8 @@ class Supervisor:
         self.process = None
 
     def check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None and self._log:
-            text = self._log.read_text(encoding="utf-8", errors="replace")
+        if self.process is not None and self.process.poll() is not None and self._server:
+            text = self._server.log_text()
             raise ServerFailed(
                 f"server #{self.starts} exited on its own ({self.process.returncode}):\n"
                 f"{text[-3000:]}"
@@ -390,13 +386,13 @@ class Supervisor:
         return done.returncode, (done.stdout + done.stderr).strip()
 
     def log_tail(self, chars: int = 3000) -> str:
-        if self._log is None:
+        if self._server is None:
             return ""
-        return self._log.read_text(encoding="utf-8", errors="replace")[-chars:]
+        return self._server.log_text()[-chars:]
 
-    def wait_for_log(self, pattern: str, timeout_s: float = 30.0) -> re.Match[str]:
+    def wait_for_log(self, pattern: str, timeout_seconds: float = 30.0) -> re.Match[str]:
         """The first match of `pattern` in the current server's log, once it is there."""
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout_seconds
         while True:
             found = re.search(pattern, self.log_tail(chars=1 << 30))
             if found:
@@ -434,7 +430,7 @@ def setup_accounts(target: str, tag: str, log: EventLog) -> None:
                 tariff=admin_pb2.Tariff(tariff_id=f"{tag}.{TARIFF_ID}", currency=CURRENCY,
                                         rates=RATES)
             ),
-            timeout=ADMIN_TIMEOUT_S,
+            timeout=ADMIN_TIMEOUT_SECONDS,
         )  # fmt: skip
         for spec, account_id in zip(ACCOUNT_SPECS, account_ids(tag), strict=True):
             admin.CreateAccount(
@@ -443,7 +439,7 @@ def setup_accounts(target: str, tag: str, log: EventLog) -> None:
                     credit_limit=spec.credit_limit,
                     max_concurrent_calls=spec.max_concurrent_calls,
                 ),
-                timeout=ADMIN_TIMEOUT_S,
+                timeout=ADMIN_TIMEOUT_SECONDS,
             )  # fmt: skip
             req = {"account": account_id, "key": f"{tag}.seed", "amount": spec.seed_amount,
                    "reference": "seed"}  # fmt: skip
@@ -452,7 +448,7 @@ def setup_accounts(target: str, tag: str, log: EventLog) -> None:
                     account_id=account_id, amount=spec.seed_amount,
                     idempotency_key=f"{tag}.seed", reference="seed",
                 ),
-                timeout=ADMIN_TIMEOUT_S,
+                timeout=ADMIN_TIMEOUT_SECONDS,
             )  # fmt: skip
             log.write("ack", op="topup", req=req, ans=account_answer(answer.account),
                       attempts=1, via=["unary"])  # fmt: skip
@@ -502,7 +498,7 @@ def _list_calls(
             admin_pb2.ListCallsRequest(
                 account_id=account_id, active_only=active_only, limit=PAGE, page_token=token
             ),
-            timeout=ADMIN_TIMEOUT_S,
+            timeout=ADMIN_TIMEOUT_SECONDS,
         )
         calls.extend(page.calls)
         token = page.next_page_token
@@ -518,7 +514,7 @@ def _list_entries(
     while True:
         page = admin.ListEntries(
             admin_pb2.ListEntriesRequest(account_id=account_id, after_entry_id=after, limit=PAGE),
-            timeout=ADMIN_TIMEOUT_S,
+            timeout=ADMIN_TIMEOUT_SECONDS,
         )
         entries.extend(page.entries)
         if len(page.entries) < PAGE:
@@ -531,7 +527,7 @@ def read_snapshot(target: str, accounts: Sequence[str], *, get_calls: bool) -> S
         snapshot = Snapshot({}, {}, {}, {})
         for account_id in accounts:
             snapshot.accounts[account_id] = admin.GetAccount(
-                admin_pb2.GetAccountRequest(account_id=account_id), timeout=ADMIN_TIMEOUT_S
+                admin_pb2.GetAccountRequest(account_id=account_id), timeout=ADMIN_TIMEOUT_SECONDS
             ).account
             snapshot.entries[account_id] = _list_entries(admin, account_id)
             for call in _list_calls(admin, account_id, active_only=False):
@@ -542,7 +538,7 @@ def read_snapshot(target: str, accounts: Sequence[str], *, get_calls: bool) -> S
         if get_calls:
             for call_id in snapshot.calls:
                 snapshot.got[call_id] = admin.GetCall(
-                    admin_pb2.GetCallRequest(call_id=call_id), timeout=ADMIN_TIMEOUT_S
+                    admin_pb2.GetCallRequest(call_id=call_id), timeout=ADMIN_TIMEOUT_SECONDS
                 ).call
         return snapshot
 
@@ -1212,7 +1208,7 @@ class CampaignReport:
     recovery_kills_after_replay: int = 0
     starts: int = 0
     start_seconds: list[float] = field(default_factory=list)
-    elapsed_s: float = 0.0
+    elapsed_seconds: float = 0.0
     outcomes: Counter[str] = field(default_factory=Counter)  # "ack reserve": n, ...
     client_stats: Counter[str] = field(default_factory=Counter)
     checks: Counter[str] = field(default_factory=Counter)
@@ -1256,7 +1252,7 @@ class CampaignReport:
         starts = sorted(self.start_seconds) or [0.0]
         lines = [
             f"crash campaign on {_safe(c.database_url)} (seed {c.seed}, workdir {c.workdir})",
-            f"  {self.elapsed_s:.1f} s; {self.kills} SIGKILLs ({self.recovery_kills} of a "
+            f"  {self.elapsed_seconds:.1f} s; {self.kills} SIGKILLs ({self.recovery_kills} of a "
             f"starting server, {self.recovery_kills_after_replay} of them after its replay); "
             f"{self.starts} starts, serving after {starts[len(starts) // 2]:.2f} s median, "
             f"{starts[-1]:.2f} s max",
@@ -1332,8 +1328,8 @@ def _spawn_client(config: CampaignConfig, client_id: int, seed: int) -> subproce
         accounts=tuple(account_ids(config.tag)),
         top_up_weights=tuple(spec.top_up_weight for spec in ACCOUNT_SPECS),
         call_workers=config.call_workers,
-        silent_s=config.validity_seconds + 1.5,
-        stop_grace_s=config.client_stop_grace_s,
+        silent_seconds=config.validity_seconds + 1.5,
+        stop_grace_seconds=config.client_stop_grace_seconds,
     )
     with (config.workdir / f"client-{client_id}.out").open("wb") as out:
         return subprocess.Popen(
@@ -1376,13 +1372,13 @@ def run_campaign(
         finally:
             harness_log.close()
         clients = [_spawn_client(config, n, rng.randrange(1 << 30)) for n in range(config.clients)]
-        time.sleep(config.warmup_s)
+        time.sleep(config.warmup_seconds)
         for k in range(config.kills):
-            time.sleep(rng.uniform(*config.kill_after_s))
+            time.sleep(rng.uniform(*config.kill_after_seconds))
             server.check_alive()
             _check_clients(config, clients)
             server.kill()
-            time.sleep(rng.uniform(*config.downtime_s))
+            time.sleep(rng.uniform(*config.downtime_seconds))
             if rng.random() < config.kill_in_recovery_probability:
                 server.start_and_kill_in_recovery(rng)
             took = server.start(same_port=rng.random() < config.same_port_probability)
@@ -1392,9 +1388,9 @@ def run_campaign(
                 report.prunes.append(out.splitlines()[-1] if out else "")
                 if code != 0:
                     report.violations.append(f"prune under load exited {code}: {out[-2000:]}")
-        time.sleep(rng.uniform(*config.kill_after_s))  # let the clients catch up
+        time.sleep(rng.uniform(*config.kill_after_seconds))  # let the clients catch up
         (config.workdir / STOP_FILE).touch()
-        deadline = time.monotonic() + config.client_stop_grace_s + 30
+        deadline = time.monotonic() + config.client_stop_grace_seconds + 30
         for n, process in enumerate(clients):
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -1446,5 +1442,5 @@ def run_campaign(
         report.recovery_kills_after_replay = server.recovery_kills_after_replay
         report.starts, report.start_seconds = server.starts, server.start_seconds
         scan_server_logs(config.workdir, report)
-        report.elapsed_s = time.monotonic() - began
+        report.elapsed_seconds = time.monotonic() - began
     return report

@@ -29,7 +29,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 READ_CHUNK = 65_536
-CONTROL_TIMEOUT_S = 10.0  # a call into the proxy's loop
+CONTROL_TIMEOUT_SECONDS = 10.0  # a call into the proxy's loop
 # Untyped requests a client may send before its startup message: SSLRequest, GSSENCRequest.
 _PRE_STARTUP_CODES = frozenset({80_877_103, 80_877_104})
 
@@ -117,11 +117,11 @@ class TcpProxy:
         async def run() -> T:
             return action()
 
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(CONTROL_TIMEOUT_S)
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(CONTROL_TIMEOUT_SECONDS)
 
     def listen(self) -> None:
         """Listen: on a free port the first time, on the same port after a cut."""
-        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(CONTROL_TIMEOUT_S)
+        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(CONTROL_TIMEOUT_SECONDS)
 
     def cut(self) -> None:
         """The database is gone: the port refuses connections, open ones are reset."""
@@ -145,9 +145,9 @@ class TcpProxy:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(CONTROL_TIMEOUT_S)
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(CONTROL_TIMEOUT_SECONDS)
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(CONTROL_TIMEOUT_S)
+        self._thread.join(CONTROL_TIMEOUT_SECONDS)
         self._loop.close()
 
     # ---------------------------------------------------- the proxy's loop

@@ -33,8 +33,8 @@ from tests.faults.servers import Endpoint
 from tests.service.conftest import UNIT_PER_SECOND
 from tests.service.streams import RawStream, release_op, renew_op, reserve_op
 
-RPC_TIMEOUT_S = 10.0
-NOT_SERVING_WITHIN_S = 2.0
+RPC_TIMEOUT_SECONDS = 10.0
+NOT_SERVING_WITHIN_SECONDS = 2.0
 ACCOUNTS = ("acc-a", "acc-b")
 FAULT_TOPUP = admin_pb2.TopUpRequest(
     account_id="acc-b", amount=30, idempotency_key="k-fault", reference="during-fault"
@@ -67,7 +67,7 @@ async def expect_unavailable(call: Awaitable[object]) -> None:
 
 async def health(endpoint: Endpoint) -> int:
     response = await endpoint.health.Check(
-        health_pb2.HealthCheckRequest(service=""), timeout=RPC_TIMEOUT_S
+        health_pb2.HealthCheckRequest(service=""), timeout=RPC_TIMEOUT_SECONDS
     )
     status: int = response.status
     return status
@@ -76,7 +76,7 @@ async def health(endpoint: Endpoint) -> int:
 async def expect_not_serving(endpoint: Endpoint) -> None:
     """grpc.health.v1 Check("") turns NOT_SERVING (it is set by a task, so soon, not at once)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + NOT_SERVING_WITHIN_S
+    deadline = loop.time() + NOT_SERVING_WITHIN_SECONDS
     status = await health(endpoint)
     while status != NOT_SERVING and loop.time() < deadline:
         await asyncio.sleep(0.02)
@@ -88,15 +88,15 @@ async def acknowledged_work(endpoint: Endpoint) -> RawStream:
     """The work before the fault, every piece acknowledged. The stream stays open."""
     admin = endpoint.admin
     tariff = admin_pb2.Tariff(tariff_id="t", currency="VND", rates=[UNIT_PER_SECOND])
-    await admin.PutTariff(admin_pb2.PutTariffRequest(tariff=tariff), timeout=RPC_TIMEOUT_S)
+    await admin.PutTariff(admin_pb2.PutTariffRequest(tariff=tariff), timeout=RPC_TIMEOUT_SECONDS)
     for account_id, seed in (("acc-a", 1_000), ("acc-b", 50)):
         await admin.CreateAccount(
             admin_pb2.CreateAccountRequest(account_id=account_id, currency="VND", tariff_id="t"),
-            timeout=RPC_TIMEOUT_S,
+            timeout=RPC_TIMEOUT_SECONDS,
         )
         await admin.TopUp(
             admin_pb2.TopUpRequest(account_id=account_id, amount=seed, idempotency_key="seed"),
-            timeout=RPC_TIMEOUT_S,
+            timeout=RPC_TIMEOUT_SECONDS,
         )
     stream = RawStream(endpoint.dialer)
     (c1,) = await stream.ask(reserve_op("a1", "c1", "acc-a"))
@@ -110,7 +110,7 @@ async def acknowledged_work(endpoint: Endpoint) -> RawStream:
     assert (c3.reserve.grant.allowed_seconds, c3.reserve.grant.final) == (50, True), c3
     topped = await admin.TopUp(
         admin_pb2.TopUpRequest(account_id="acc-a", amount=100, idempotency_key="k-before"),
-        timeout=RPC_TIMEOUT_S,
+        timeout=RPC_TIMEOUT_SECONDS,
     )
     assert (topped.account.balance, topped.account.reserved) == (1_095, 70), topped
     assert not stream.grant_updates and not stream.terminations
@@ -123,22 +123,22 @@ async def snapshot(endpoint: Endpoint) -> dict[str, object]:
     seen: dict[str, object] = {}
     for account_id in ACCOUNTS:
         account = await admin.GetAccount(
-            admin_pb2.GetAccountRequest(account_id=account_id), timeout=RPC_TIMEOUT_S
+            admin_pb2.GetAccountRequest(account_id=account_id), timeout=RPC_TIMEOUT_SECONDS
         )
         seen[account_id] = account.account
         entries = await admin.ListEntries(
             admin_pb2.ListEntriesRequest(account_id=account_id, limit=1_000),
-            timeout=RPC_TIMEOUT_S,
+            timeout=RPC_TIMEOUT_SECONDS,
         )
         seen[f"{account_id}/entries"] = list(entries.entries)
         calls = await admin.ListCalls(
             admin_pb2.ListCallsRequest(account_id=account_id, limit=1_000),
-            timeout=RPC_TIMEOUT_S,
+            timeout=RPC_TIMEOUT_SECONDS,
         )
         seen[f"{account_id}/calls"] = list(calls.calls)
         for call in calls.calls:
             got = await admin.GetCall(
-                admin_pb2.GetCallRequest(call_id=call.call_id), timeout=RPC_TIMEOUT_S
+                admin_pb2.GetCallRequest(call_id=call.call_id), timeout=RPC_TIMEOUT_SECONDS
             )
             seen[call.call_id] = got.call
     return seen
@@ -160,24 +160,28 @@ async def expect_refused_everywhere(
     assert_unavailable_outcome(renew)
     dialer, admin = endpoint.dialer, endpoint.admin
     for call in (
-        admin.TopUp(FAULT_TOPUP, timeout=RPC_TIMEOUT_S),
+        admin.TopUp(FAULT_TOPUP, timeout=RPC_TIMEOUT_SECONDS),
         dialer.Reserve(
             credit_control_pb2.ReserveRequest(
                 call_id="c5", account_id="acc-a", destination="84901234567"
             ),
-            timeout=RPC_TIMEOUT_S,
+            timeout=RPC_TIMEOUT_SECONDS,
         ),
         dialer.Renew(
             credit_control_pb2.RenewRequest(call_id="c1", sequence=2, used_seconds=15),
-            timeout=RPC_TIMEOUT_S,
+            timeout=RPC_TIMEOUT_SECONDS,
         ),
         dialer.Release(
             credit_control_pb2.ReleaseRequest(call_id="c1", used_seconds=20),
-            timeout=RPC_TIMEOUT_S,
+            timeout=RPC_TIMEOUT_SECONDS,
         ),
-        admin.GetAccount(admin_pb2.GetAccountRequest(account_id="acc-a"), timeout=RPC_TIMEOUT_S),
-        admin.ListEntries(admin_pb2.ListEntriesRequest(account_id="acc-a"), timeout=RPC_TIMEOUT_S),
-        admin.GetCall(admin_pb2.GetCallRequest(call_id="c1"), timeout=RPC_TIMEOUT_S),
+        admin.GetAccount(
+            admin_pb2.GetAccountRequest(account_id="acc-a"), timeout=RPC_TIMEOUT_SECONDS
+        ),
+        admin.ListEntries(
+            admin_pb2.ListEntriesRequest(account_id="acc-a"), timeout=RPC_TIMEOUT_SECONDS
+        ),
+        admin.GetCall(admin_pb2.GetCallRequest(call_id="c1"), timeout=RPC_TIMEOUT_SECONDS),
     ):
         await expect_unavailable(call)
     await expect_not_serving(endpoint)
@@ -185,7 +189,7 @@ async def expect_refused_everywhere(
 
 async def expect_fail_stop(endpoint: Endpoint, stream: RawStream) -> None:
     """The first change after the fault fails to commit; from then on, nothing is served."""
-    await expect_unavailable(endpoint.admin.TopUp(FAULT_TOPUP, timeout=RPC_TIMEOUT_S))
+    await expect_unavailable(endpoint.admin.TopUp(FAULT_TOPUP, timeout=RPC_TIMEOUT_SECONDS))
     await expect_refused_everywhere(endpoint, stream)
     # Nothing that was not journaled left the server: k-fault's re-grant of c3 was not pushed.
     assert not stream.grant_updates and not stream.terminations, stream.grant_updates
@@ -230,12 +234,12 @@ async def expect_resumed_exactly(
         else:
             assert (grant.allowed_seconds, grant.final) == (50, True), renewed
 
-        first = await endpoint.admin.TopUp(FAULT_TOPUP, timeout=RPC_TIMEOUT_S)
-        again = await endpoint.admin.TopUp(FAULT_TOPUP, timeout=RPC_TIMEOUT_S)
+        first = await endpoint.admin.TopUp(FAULT_TOPUP, timeout=RPC_TIMEOUT_SECONDS)
+        again = await endpoint.admin.TopUp(FAULT_TOPUP, timeout=RPC_TIMEOUT_SECONDS)
         assert first == again
         assert first.account.balance == b_before.balance + 30
         entries = await endpoint.admin.ListEntries(
-            admin_pb2.ListEntriesRequest(account_id="acc-b"), timeout=RPC_TIMEOUT_S
+            admin_pb2.ListEntriesRequest(account_id="acc-b"), timeout=RPC_TIMEOUT_SECONDS
         )
         entries_before = before["acc-b/entries"]
         assert isinstance(entries_before, list)
@@ -254,13 +258,13 @@ async def expect_resumed_exactly(
         assert c1_again.release == c1.release
         with pytest.raises(grpc.aio.AioRpcError) as missing:  # refused, so it never happened
             await endpoint.admin.GetCall(
-                admin_pb2.GetCallRequest(call_id="c5"), timeout=RPC_TIMEOUT_S
+                admin_pb2.GetCallRequest(call_id="c5"), timeout=RPC_TIMEOUT_SECONDS
             )
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
         a_before = before["acc-a"]
         assert isinstance(a_before, admin_pb2.Account)
         account_a = await endpoint.admin.GetAccount(
-            admin_pb2.GetAccountRequest(account_id="acc-a"), timeout=RPC_TIMEOUT_S
+            admin_pb2.GetAccountRequest(account_id="acc-a"), timeout=RPC_TIMEOUT_SECONDS
         )
         assert account_a.account.balance == a_before.balance - 20  # c1 charged once
         assert account_a.account.reserved == 60  # c4's hold; c1's is gone

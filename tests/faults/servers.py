@@ -2,19 +2,16 @@
 
 Both give an `Endpoint` (a channel and the stubs). The process variant proves more: a
 journal fault leaves the process up, answering UNAVAILABLE, until SIGTERM stops it.
-Its stderr is drained by a thread (so it can never block on a full pipe) and kept for
-failure messages. Nothing here blocks the event loop: the PostgreSQL proxy runs on it.
+Its output goes to a log file, kept for failure messages. Nothing here blocks the event
+loop: the PostgreSQL proxy runs on it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import re
+import itertools
 import signal
 import subprocess
-import sys
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,11 +22,13 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from callcredit.v1 import admin_pb2_grpc, credit_control_pb2_grpc
+from callcredit_server import launch
 from callcredit_server.app import RunningServer, Settings, start
 from tests.service.conftest import FakeClock
 
-STARTUP_TIMEOUT_S = 60.0
-SIGTERM_EXIT_TIMEOUT_S = 15.0
+STARTUP_TIMEOUT_SECONDS = 60.0
+SIGTERM_EXIT_TIMEOUT_SECONDS = 15.0
+_STARTS = itertools.count(1)  # numbers the log files of one test run
 
 
 @dataclass
@@ -67,75 +66,55 @@ async def in_process_server(
         yield running, endpoint
     finally:
         await endpoint.channel.close()
-        await running.stop(grace_s=0.5)
+        await running.stop(grace_seconds=0.5)
 
 
 class ServerProcess:
-    """`python -m callcredit_server.cli` on a free port."""
+    """`callcredit-server` on a free port (callcredit_server.launch), its log beside the
+    snapshot folder; waited for in threads, never on the event loop."""
 
     def __init__(self, database_url: str, snapshot_dir: Path) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "callcredit_server.cli", "--listen", "127.0.0.1:0",
-             "--database-url", database_url, "--snapshot-dir", str(snapshot_dir),
-             "--log-level", "WARNING"],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        self.target = ""
-        self._lines: list[str] = []
-        self._ready = threading.Event()
-        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
-        self._drain.start()
-
-    def _read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self._lines.append(line)
-            found = re.search(r"listening on port (\d+)", line)
-            if found and not self.target:
-                self.target = f"127.0.0.1:{found.group(1)}"
-                self._ready.set()
-        self._ready.set()  # end of stderr: the process is gone
+        args = ["--listen", "127.0.0.1:0", "--database-url", database_url,
+                "--snapshot-dir", str(snapshot_dir), "--log-level", "WARNING"]  # fmt: skip
+        log = snapshot_dir.parent / f"server-{next(_STARTS)}.log"
+        self.server = launch.spawn(args, log)
+        self.process = self.server.process
 
     @property
     def log(self) -> str:
-        return "".join(self._lines)
+        return self.server.log_text()
+
+    @property
+    def target(self) -> str:
+        return self.server.target if self.server.poll_ready() else ""
 
     @property
     def running(self) -> bool:
         return self.process.poll() is None
 
     async def wait_listening(self) -> str:
-        await asyncio.to_thread(self._ready.wait, STARTUP_TIMEOUT_S)
-        if not self.target:
-            raise AssertionError(f"server did not start (exit {self.process.poll()}):\n{self.log}")
-        return self.target
+        await asyncio.to_thread(self.server.wait_ready, STARTUP_TIMEOUT_SECONDS)
+        return self.server.target
 
     async def wait_exit(self) -> int:
         """The exit code of a process that must stop by itself (e.g. refusing to start)."""
         try:
-            return await asyncio.to_thread(self.process.wait, STARTUP_TIMEOUT_S)
+            return await asyncio.to_thread(self.process.wait, STARTUP_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired as exc:
             raise AssertionError(f"server did not exit by itself:\n{self.log}") from exc
-        finally:
-            await asyncio.to_thread(self._drain.join, 10)
 
     async def terminate(self) -> int:
         """SIGTERM; the exit code, once the process has stopped (it must, promptly)."""
         self.process.send_signal(signal.SIGTERM)
         try:
-            return await asyncio.to_thread(self.process.wait, SIGTERM_EXIT_TIMEOUT_S)
+            return await asyncio.to_thread(self.process.wait, SIGTERM_EXIT_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired as exc:
             raise AssertionError(
-                f"server still running {SIGTERM_EXIT_TIMEOUT_S}s after SIGTERM:\n{self.log}"
+                f"server still running {SIGTERM_EXIT_TIMEOUT_SECONDS}s after SIGTERM:\n{self.log}"
             ) from exc
 
     async def kill(self) -> None:
-        if self.running:
-            self.process.kill()
-        await asyncio.to_thread(self.process.wait)
-        await asyncio.to_thread(self._drain.join, 10)
+        await asyncio.to_thread(self.server.stop, kill=True)
 
 
 @asynccontextmanager

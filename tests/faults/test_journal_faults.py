@@ -33,7 +33,7 @@ from tests.faults.filesystems import ext4_image, small_tmpfs
 from tests.faults.proxy import TcpProxy
 from tests.faults.scenario import (
     FAULT_TOPUP,
-    RPC_TIMEOUT_S,
+    RPC_TIMEOUT_SECONDS,
     acknowledged_work,
     expect_fail_stop,
     expect_not_serving,
@@ -51,7 +51,7 @@ TMPFS_BYTES = 2 * 1024 * 1024  # room for the journal of the story, nothing more
 EXT4_IMAGE_BYTES = 16 * 1024 * 1024
 # A database that stops answering must not hold the server (and every dialer) waiting:
 # within this the server should give up on the commit and fail-stop.
-STALLED_COMMIT_DEADLINE_S = 10.0
+STALLED_COMMIT_DEADLINE_SECONDS = 10.0
 
 
 def _sqlite_error_names(exc: BaseException) -> set[str]:
@@ -83,7 +83,7 @@ async def test_postgresql_unreachable_process_refuses_until_sigterm_then_resumes
         proxy.listen()
         await endpoint.admin.TopUp(
             admin_pb2.TopUpRequest(account_id="acc-a", amount=7, idempotency_key="k-blip"),
-            timeout=RPC_TIMEOUT_S,
+            timeout=RPC_TIMEOUT_SECONDS,
         )
         assert await health(endpoint) == SERVING
         before = await snapshot(endpoint)
@@ -134,7 +134,7 @@ async def test_postgresql_stalled_commit_fails_stop_within_a_bound(
         proxy.stall()
         try:
             await expect_unavailable(
-                endpoint.admin.TopUp(FAULT_TOPUP, timeout=STALLED_COMMIT_DEADLINE_S)
+                endpoint.admin.TopUp(FAULT_TOPUP, timeout=STALLED_COMMIT_DEADLINE_SECONDS)
             )
             await expect_not_serving(endpoint)
         finally:
@@ -154,12 +154,12 @@ async def test_postgresql_unreachable_history_read_is_unavailable(
         proxy.cut()  # nothing is committed after this, so the writer has not failed
         await expect_unavailable(
             endpoint.admin.ListEntries(
-                admin_pb2.ListEntriesRequest(account_id="acc-a"), timeout=RPC_TIMEOUT_S
+                admin_pb2.ListEntriesRequest(account_id="acc-a"), timeout=RPC_TIMEOUT_SECONDS
             )
         )
         await expect_unavailable(
             endpoint.admin.ListCalls(
-                admin_pb2.ListCallsRequest(account_id="acc-a"), timeout=RPC_TIMEOUT_S
+                admin_pb2.ListCallsRequest(account_id="acc-a"), timeout=RPC_TIMEOUT_SECONDS
             )
         )
 

@@ -1,4 +1,4 @@
-"""What every answer must be: a success that obeys DESIGN.md, or a documented refusal."""
+"""What every answer must be: a success that obeys docs/design.md, or a documented refusal."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ A = admin_pb2
 C = credit_control_pb2
 DOMAIN = "callcredit.v1"
 
-# DESIGN.md, Errors: every reason and the one code it travels with.
+# docs/design.md, Errors: every reason and the one code it travels with.
 DOCUMENTED: dict[str, grpc.StatusCode] = {
     "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
     "ACCOUNT_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
@@ -31,8 +31,8 @@ DOCUMENTED: dict[str, grpc.StatusCode] = {
     "CALL_ALREADY_ENDED": grpc.StatusCode.FAILED_PRECONDITION,
     "CURRENCY_MISMATCH": grpc.StatusCode.FAILED_PRECONDITION,
     "CONCURRENT_CALL_LIMIT": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    # Not in DESIGN.md's table, though its rule is ("Close: only from an account
-    # with no open calls"): the server's reason for it. Reported as a doc gap.
+    # Beyond the brief's table, though its rule is ("Close: only from an account with no
+    # open calls"): the server's reason for it (docs/design.md, Decisions beyond the brief).
     "ACCOUNT_HAS_OPEN_CALLS": grpc.StatusCode.FAILED_PRECONDITION,
     # Ends a Control stream whose reader fell too far behind its pushes
     # (docs/hostile-input.md); never the answer to one operation.
@@ -105,7 +105,7 @@ def check_release(release: C.ReleaseResponse, request: C.ReleaseRequest) -> None
 def check_success(
     rpc: str, request: Any, response: Message, settings: Any, known_calls: frozenset[str]
 ) -> None:
-    """The parts of DESIGN.md one answer can be checked against; known_calls: ids before it."""
+    """The parts of docs/design.md one answer can be checked against; known_calls: ids before it."""
     validity = settings.validity_seconds
     match rpc:
         case "Reserve":

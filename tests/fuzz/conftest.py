@@ -59,4 +59,4 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         yield h
     finally:
         await h.channel.close()
-        await h.running.stop(grace_s=0.5)
+        await h.running.stop(grace_seconds=0.5)

@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 A = admin_pb2
 C = credit_control_pb2
-RPC_TIMEOUT_S = 20.0  # an answer slower than this is a hang
+RPC_TIMEOUT_SECONDS = 20.0  # an answer slower than this is a hang
 CLIENT_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -72,7 +72,7 @@ class ServerThread:
     def stop(self) -> None:
         self.channel.close()
         try:
-            self.run(self.running.stop(grace_s=0.5))
+            self.run(self.running.stop(grace_seconds=0.5))
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
@@ -129,7 +129,7 @@ class ServerThread:
             next_increment_seconds=6,
             connect_fee=500,
         )
-        t = RPC_TIMEOUT_S
+        t = RPC_TIMEOUT_SECONDS
         for tariff_id, currency, rates in (
             ("t-vnd", "VND", [UNIT_PER_SECOND, pricey]),
             ("t-usd", "USD", [UNIT_PER_SECOND]),
@@ -190,7 +190,9 @@ class ServerThread:
     def _wait_for_state(self, call_id: str, state: int, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            call = self.admin.GetCall(A.GetCallRequest(call_id=call_id), timeout=RPC_TIMEOUT_S)
+            call = self.admin.GetCall(
+                A.GetCallRequest(call_id=call_id), timeout=RPC_TIMEOUT_SECONDS
+            )
             if call.call.state == state:
                 return
             time.sleep(0.02)

@@ -13,7 +13,7 @@ import pytest
 
 from callcredit.v1 import admin_pb2, credit_control_pb2
 from tests.fuzz.checks import check_refusal, code_of, rpc_error_status
-from tests.fuzz.server import RPC_TIMEOUT_S, ServerThread
+from tests.fuzz.server import RPC_TIMEOUT_SECONDS, ServerThread
 
 A = admin_pb2
 C = credit_control_pb2
@@ -22,7 +22,7 @@ C = credit_control_pb2
 def _refusal_reason(server: ServerThread, rpc: str, request: object) -> str:
     stub = server.dialer if rpc in ("Reserve", "Renew", "Release") else server.admin
     with pytest.raises(grpc.RpcError) as refused:
-        getattr(stub, rpc)(request, timeout=RPC_TIMEOUT_S)
+        getattr(stub, rpc)(request, timeout=RPC_TIMEOUT_SECONDS)
     return check_refusal(rpc_error_status(refused.value), rpc)
 
 
@@ -45,7 +45,7 @@ def test_finding_2_oversized_batch_refusal_carries_error_details(server: ServerT
         for n in range(10_001)
     ]
     responses = server.dialer.Control(
-        iter([C.ControlRequest(operations=operations)]), timeout=RPC_TIMEOUT_S
+        iter([C.ControlRequest(operations=operations)]), timeout=RPC_TIMEOUT_SECONDS
     )
     with pytest.raises(grpc.RpcError) as ended:
         for _ in responses:
@@ -74,11 +74,13 @@ def test_finding_3_answer_over_the_send_limit(server: ServerThread) -> None:
     outcomes: list[C.Outcome] = []
     code = grpc.StatusCode.OK
     try:
-        for response in server.dialer.Control(iter([request]), timeout=RPC_TIMEOUT_S):
+        for response in server.dialer.Control(iter([request]), timeout=RPC_TIMEOUT_SECONDS):
             outcomes.extend(response.outcomes)
     except grpc.RpcError as error:
         code = code_of(rpc_error_status(error))
-    call = server.admin.GetCall(A.GetCallRequest(call_id="f3-call"), timeout=RPC_TIMEOUT_S).call
+    call = server.admin.GetCall(
+        A.GetCallRequest(call_id="f3-call"), timeout=RPC_TIMEOUT_SECONDS
+    ).call
     executed = call.state == A.CALL_STATE_ACTIVE
     assert code == grpc.StatusCode.OK, (
         f"stream ended {code.name} after {len(outcomes)} outcomes; reserve executed: {executed}"
@@ -114,7 +116,7 @@ def test_finding_6_unparseable_request(server: ServerThread, method: str, body: 
     before = server.digest()
     raw: Any = server.channel.unary_unary(method)
     with pytest.raises(grpc.RpcError) as refused:
-        raw(body, timeout=RPC_TIMEOUT_S)
+        raw(body, timeout=RPC_TIMEOUT_SECONDS)
     status = rpc_error_status(refused.value)
     assert code_of(status) == grpc.StatusCode.INVALID_ARGUMENT, (
         f"{code_of(status).name}: {status.message}"

@@ -1,7 +1,7 @@
 """Hostile input on every RPC, over real gRPC to a running server.
 
-Every answer is either a success that obeys DESIGN.md or a documented refusal
-(ErrorInfo of domain callcredit.v1 with the reason/code pair of DESIGN.md's
+Every answer is either a success that obeys docs/design.md or a documented refusal
+(ErrorInfo of domain callcredit.v1 with the reason/code pair of docs/design.md's
 table; INVALID_ARGUMENT with BadRequest) — never UNKNOWN, INTERNAL or a hang.
 A refused request changes nothing (the whole state image and the journal tail
 are compared), every success keeps the invariants (StateMachine.audit), and the
@@ -35,12 +35,12 @@ from tests.fuzz.checks import (
     rpc_error_status,
 )
 from tests.fuzz.conftest import FUZZ, FUZZ_SCENARIOS
-from tests.fuzz.server import RPC_TIMEOUT_S, Digest, ServerThread
+from tests.fuzz.server import RPC_TIMEOUT_SECONDS, Digest, ServerThread
 from tests.fuzz.strategies import BatchRecipe, RenewStep, batch_recipes, messages, renew_steps
 
 A = admin_pb2
 C = credit_control_pb2
-MAX_OPERATIONS = 10_000  # DESIGN.md: at most 10,000 operations per ControlRequest
+MAX_OPERATIONS = 10_000  # docs/design.md: at most 10,000 operations per ControlRequest
 INT64_MAX = 2**63 - 1
 
 UNARY: dict[str, type[Any]] = {
@@ -89,7 +89,7 @@ def _check_unary(server: ServerThread, rpc: str, request: Any) -> None:
     stub = server.dialer if rpc in DIALER else server.admin
     note(f"{rpc}({str(request)[:2000]!r}) size {request.ByteSize()}")
     try:
-        response = getattr(stub, rpc)(request, timeout=RPC_TIMEOUT_S)
+        response = getattr(stub, rpc)(request, timeout=RPC_TIMEOUT_SECONDS)
     except grpc.RpcError as error:
         status = rpc_error_status(error)
         code = code_of(status)
@@ -136,7 +136,7 @@ class StreamResult:
 def run_stream(server: ServerThread, requests: list[C.ControlRequest]) -> StreamResult:
     """Send the requests on one stream, half-close, read everything until the end."""
     result = StreamResult()
-    responses = server.dialer.Control(iter(requests), timeout=RPC_TIMEOUT_S * 3)
+    responses = server.dialer.Control(iter(requests), timeout=RPC_TIMEOUT_SECONDS * 3)
     try:
         for response in responses:
             result.outcomes.extend(response.outcomes)
@@ -258,7 +258,7 @@ class SyncStream:
     def __init__(self, server: ServerThread) -> None:
         self._requests: queue.Queue[C.ControlRequest | None] = queue.Queue()
         self._responses = server.dialer.Control(
-            iter(self._requests.get, None), timeout=RPC_TIMEOUT_S * 10
+            iter(self._requests.get, None), timeout=RPC_TIMEOUT_SECONDS * 10
         )
 
     def ask(self, operation: C.Operation) -> C.Outcome:
@@ -281,7 +281,7 @@ def _renew(server: ServerThread, stream: SyncStream | None, request: C.RenewRequ
         outcome = stream.ask(C.Operation(request_id=f"s{request.sequence}", renew=request))
         return outcome.error if outcome.HasField("error") else outcome.renew
     try:
-        return server.dialer.Renew(request, timeout=RPC_TIMEOUT_S)
+        return server.dialer.Renew(request, timeout=RPC_TIMEOUT_SECONDS)
     except grpc.RpcError as error:
         return rpc_error_status(error)
 
@@ -291,7 +291,7 @@ def _release(server: ServerThread, stream: SyncStream | None, request: C.Release
         outcome = stream.ask(C.Operation(request_id="rel", release=request))
         return outcome.error if outcome.HasField("error") else outcome.release
     try:
-        return server.dialer.Release(request, timeout=RPC_TIMEOUT_S)
+        return server.dialer.Release(request, timeout=RPC_TIMEOUT_SECONDS)
     except grpc.RpcError as error:
         return rpc_error_status(error)
 
@@ -310,16 +310,16 @@ def _in_range(value: int, low: int, high: int) -> bool:
 def test_renewals_out_of_order_then_a_release_beyond_the_grant(
     server: ServerThread, account: str, steps: list[RenewStep], overrun: int, over_stream: bool
 ) -> None:
-    """DESIGN.md, Calls and Idempotency, step by step against a running server."""
+    """docs/design.md, Calls and Idempotency, step by step against a running server."""
     call_id = f"rs-{next(_tags)}"
     # acc is rich; acc2 gets little each time, so grants are cut and overruns fall short.
     amount = 100_000 if account == "acc" else 2_000
     top_up = A.TopUpRequest(account_id=account, amount=amount, idempotency_key=f"top-{call_id}")
-    server.admin.TopUp(top_up, timeout=RPC_TIMEOUT_S)
+    server.admin.TopUp(top_up, timeout=RPC_TIMEOUT_SECONDS)
     try:
         first = server.dialer.Reserve(
             C.ReserveRequest(call_id=call_id, account_id=account, destination="84901"),
-            timeout=RPC_TIMEOUT_S,
+            timeout=RPC_TIMEOUT_SECONDS,
         ).grant
     except grpc.RpcError as error:  # acc2 may have run dry over earlier examples
         assert check_refusal(rpc_error_status(error)) == "INSUFFICIENT_FUNDS"
@@ -363,7 +363,7 @@ def test_renewals_out_of_order_then_a_release_beyond_the_grant(
         allowed, reported, last_seq = grant.allowed_seconds, step.used_seconds, step.sequence
         answers[last_seq] = grant
     used = reported + overrun
-    call = server.admin.GetCall(A.GetCallRequest(call_id=call_id), timeout=RPC_TIMEOUT_S).call
+    call = server.admin.GetCall(A.GetCallRequest(call_id=call_id), timeout=RPC_TIMEOUT_SECONDS).call
     funds = server.admin.GetAccount(A.GetAccountRequest(account_id=account)).account
     before = server.digest()
     answer = _release(server, stream, C.ReleaseRequest(call_id=call_id, used_seconds=used))
@@ -405,7 +405,7 @@ def test_concurrent_reserves_never_exceed_max_concurrent_calls(
             tariff_id="t-vnd",
             max_concurrent_calls=cap,
         ),
-        timeout=RPC_TIMEOUT_S,
+        timeout=RPC_TIMEOUT_SECONDS,
     )
     server.admin.TopUp(A.TopUpRequest(account_id=account, amount=10**9, idempotency_key="k"))
 
@@ -435,7 +435,7 @@ def test_concurrent_reserves_never_exceed_max_concurrent_calls(
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(RPC_TIMEOUT_S * 3)
+        thread.join(RPC_TIMEOUT_SECONDS * 3)
     outcomes = [o for r in results for o in r.outcomes]
     assert all(r.code == grpc.StatusCode.OK for r in results)
     assert len(outcomes) == streams * per_stream
@@ -451,7 +451,7 @@ def test_concurrent_reserves_never_exceed_max_concurrent_calls(
     with pytest.raises(grpc.RpcError) as over:
         server.dialer.Reserve(
             C.ReserveRequest(call_id=f"{account}-late", account_id=account, destination="84901"),
-            timeout=RPC_TIMEOUT_S,
+            timeout=RPC_TIMEOUT_SECONDS,
         )
     assert check_refusal(rpc_error_status(over.value)) == "CONCURRENT_CALL_LIMIT"
     assert server.digest() == before

@@ -24,7 +24,7 @@ from tests.service.streams import RawStream, release_op, reserve_op
 
 A = admin_pb2
 C = credit_control_pb2
-LIVELY_S = 3.0  # "other streams keep getting answers within a few seconds"
+LIVELY_SECONDS = 3.0  # "other streams keep getting answers within a few seconds"
 
 
 async def _digest(h: Harness) -> Any:
@@ -44,10 +44,10 @@ async def _serving(h: Harness) -> bool:
 
 
 async def _answers_quickly(h: Harness, tag: str) -> None:
-    """A fresh stream and a unary read both answer within LIVELY_S."""
-    async with asyncio.timeout(LIVELY_S):
+    """A fresh stream and a unary read both answer within LIVELY_SECONDS."""
+    async with asyncio.timeout(LIVELY_SECONDS):
         stream = RawStream(h.dialer)
-        (outcome,) = await stream.ask(release_op(f"probe-{tag}", "nope", 0), timeout=LIVELY_S)
+        (outcome,) = await stream.ask(release_op(f"probe-{tag}", "nope", 0), timeout=LIVELY_SECONDS)
         assert check_refusal(outcome.error) == "CALL_NOT_FOUND"
         await stream.close()
         await h.account("acc")
@@ -136,8 +136,8 @@ async def test_a_stalled_reader_does_not_hold_up_the_writer_or_other_streams(
     other = RawStream(harness.dialer)
     for n in range(20):
         started = time.monotonic()
-        await other.ask(reserve_op(f"o{n}", f"oc{n}", "acc", seconds=5), timeout=LIVELY_S)
-        assert time.monotonic() - started < LIVELY_S
+        await other.ask(reserve_op(f"o{n}", f"oc{n}", "acc", seconds=5), timeout=LIVELY_SECONDS)
+        assert time.monotonic() - started < LIVELY_SECONDS
     await other.close()
     stalled.cancel()
     assert await _serving(harness)

@@ -9,9 +9,6 @@ UNAVAILABLE are lost answers to them: tests/crash/client.py).
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +16,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from callcredit_server import launch
 from tests.crash.harness import (
     REPO_ROOT,
-    STARTUP_TIMEOUT_S,
+    STARTUP_TIMEOUT_SECONDS,
     CampaignConfig,
     CampaignReport,
     ServerFailed,
@@ -31,8 +29,8 @@ from tests.crash.harness import (
     write_target,
 )
 
-HEALTH_TIMEOUT_S = 0.5
-TAKEOVER_TIMEOUT_S = 60.0
+HEALTH_TIMEOUT_SECONDS = 0.5
+TAKEOVER_TIMEOUT_SECONDS = 60.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -41,7 +39,7 @@ def health(target: str) -> int | None:
     with grpc.insecure_channel(target) as channel:
         try:
             answer = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_TIMEOUT_S
+                health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_TIMEOUT_SECONDS
             )
         except grpc.RpcError:
             return None
@@ -58,8 +56,8 @@ class HaCluster(Supervisor):
         config: CampaignConfig,
         *,
         servers: int = 2,
-        lease_s: float = 2.0,
-        renew_s: float = 0.5,
+        lease_seconds: float = 2.0,
+        renew_seconds: float = 0.5,
         database_urls: list[str] | None = None,
     ) -> None:
         super().__init__(config)
@@ -70,10 +68,9 @@ class HaCluster(Supervisor):
                 ports.append(port)
         self.ports = ports
         self.urls = database_urls or [config.database_url] * servers
-        self.procs: list[subprocess.Popen[bytes] | None] = [None] * servers
-        self.logs: list[Path | None] = [None] * servers
-        self.ha_args = ["--ha", "--lease-seconds", str(lease_s), "--lease-renew-seconds",
-                        str(renew_s)]  # fmt: skip
+        self.servers: list[launch.ServerProcess | None] = [None] * servers
+        self.ha_args = ["--ha", "--lease-seconds", str(lease_seconds), "--lease-renew-seconds",
+                        str(renew_seconds)]  # fmt: skip
         self.primary: int | None = None
         self.killed_at: float | None = None
         self.takeover_seconds: list[float] = []  # from a kill to a new primary serving
@@ -85,109 +82,105 @@ class HaCluster(Supervisor):
     def targets(self) -> str:
         return ",".join(self.target_of(slot) for slot in range(len(self.ports)))
 
-    def spawn(self, slot: int) -> subprocess.Popen[bytes]:
-        self.starts += 1
-        log_path = self.workdir / f"server-{self.starts:03d}.log"
-        target = self.target_of(slot)
-        with log_path.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "callcredit_server.cli", "--listen", target,
-                 "--advertise", target, "--database-url", self.urls[slot],
-                 "--snapshot-dir", str(self.workdir / f"snapshots-{slot}"),
-                 *self.serve_args, *self.ha_args],
-                stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=self.env,
-            )  # fmt: skip
-        self.procs[slot], self.logs[slot] = process, log_path
-        return process
+    def process_of(self, slot: int) -> launch.ServerProcess | None:
+        """The live server of `slot`, if any."""
+        server = self.servers[slot]
+        return server if server is not None and server.process.poll() is None else None
 
-    def wait_for_primary(self, timeout_s: float = TAKEOVER_TIMEOUT_S) -> int:
+    def spawn(self, slot: int) -> launch.ServerProcess:
+        """Start slot's server (the launcher's ready file says it listens, as a standby)."""
+        self.starts += 1
+        target = self.target_of(slot)
+        args = ["--listen", target, "--advertise", target, "--database-url", self.urls[slot],
+                "--snapshot-dir", str(self.workdir / f"snapshots-{slot}"),
+                *self.serve_args, *self.ha_args]  # fmt: skip
+        server = launch.spawn(
+            args, self.workdir / f"server-{self.starts:03d}.log", env=self.env, cwd=REPO_ROOT
+        )
+        self.servers[slot] = server
+        return server
+
+    def wait_for_primary(self, timeout_seconds: float = TAKEOVER_TIMEOUT_SECONDS) -> int:
         """The slot whose server reports SERVING, once one does."""
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout_seconds
         while time.monotonic() < deadline:
-            for slot, process in enumerate(self.procs):
-                alive = process is not None and process.poll() is None
-                if alive and health(self.target_of(slot)) == SERVING:
+            for slot in range(len(self.servers)):
+                if self.process_of(slot) and health(self.target_of(slot)) == SERVING:
                     return slot
             time.sleep(0.02)
-        raise ServerFailed(f"no primary after {timeout_s:.0f} s:\n{self.log_tail()}")
+        raise ServerFailed(f"no primary after {timeout_seconds:.0f} s:\n{self.log_tail()}")
 
     def start(self, *, same_port: bool = True, tries: int = 5) -> float:
         """Start every dead slot (as a standby); return once a primary serves."""
         del same_port, tries  # each slot keeps its port
         began = time.monotonic()
-        for slot, process in enumerate(self.procs):
-            if process is None or process.poll() is not None:
+        for slot in range(len(self.servers)):
+            if self.process_of(slot) is None:
                 self.spawn(slot)
         slot = self.wait_for_primary()
         if self.killed_at is not None:
             self.takeover_seconds.append(time.monotonic() - self.killed_at)
             self.killed_at = None
         self.primary = slot
-        self.process, self._log = self.procs[slot], self.logs[slot]
+        self._server = self.servers[slot]
+        self.process = self._server.process if self._server is not None else None
         self.port, self.target = self.ports[slot], self.target_of(slot)
         write_target(self.workdir, self.targets)
-        self._wait_listening(STARTUP_TIMEOUT_S)
+        for other in self.servers:  # every standby listens too
+            if other is not None:
+                try:
+                    other.wait_ready(STARTUP_TIMEOUT_SECONDS)
+                except launch.ServerDidNotStart as exc:
+                    raise ServerFailed(f"a standby did not start: {exc}") from exc
         took = time.monotonic() - began
         self.start_seconds.append(took)
         return took
 
-    def _wait_listening(self, timeout_s: float) -> None:
-        """Every live slot has bound its port (a standby answers health NOT_SERVING)."""
-        deadline = time.monotonic() + timeout_s
-        for slot, process in enumerate(self.procs):
-            while process is not None and health(self.target_of(slot)) is None:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise ServerFailed(f"slot {slot} did not start:\n{self.slot_log(slot)}")
-                time.sleep(0.05)
-
     def slot_log(self, slot: int) -> str:
-        log_path = self.logs[slot]
-        return "" if log_path is None else log_path.read_text(errors="replace")[-3000:]
+        server = self.servers[slot]
+        return "" if server is None else server.log_text()[-3000:]
+
+    def log_of(self, slot: int) -> str:
+        server = self.servers[slot]
+        return "" if server is None else server.log_text()
 
     def kill(self) -> None:
         """SIGKILL the primary."""
         if self.primary is None:
             return
-        process = self.procs[self.primary]
-        if process is not None:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
+        server = self.servers[self.primary]
+        if server is not None:
+            server.stop(kill=True)
         self.killed_at = time.monotonic()
         self.kills += 1
-        self.procs[self.primary] = None
+        self.servers[self.primary] = None
         self.primary, self.process = None, None
 
     def check_alive(self) -> None:
-        for slot, process in enumerate(self.procs):
-            if process is not None and process.poll() is not None:
+        for slot, server in enumerate(self.servers):
+            if server is not None and server.process.poll() is not None:
                 raise ServerFailed(
-                    f"slot {slot} exited on its own ({process.returncode}):\n{self.slot_log(slot)}"
+                    f"slot {slot} exited on its own ({server.process.returncode}):\n"
+                    f"{self.slot_log(slot)}"
                 )
 
     def stop(self) -> None:
         """SIGTERM every server (standbys first), SIGKILL any that hangs."""
-        order = [s for s in range(len(self.procs)) if s != self.primary] + (
+        order = [s for s in range(len(self.servers)) if s != self.primary] + (
             [self.primary] if self.primary is not None else []
         )
         for slot in order:
-            process = self.procs[slot]
-            if process is None:
-                continue
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            self.procs[slot] = None
+            server = self.servers[slot]
+            if server is not None:
+                server.stop(timeout_seconds=30)
+            self.servers[slot] = None
         self.primary, self.process = None, None
 
     def kill_all(self) -> None:
-        for slot, process in enumerate(self.procs):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait()
-            self.procs[slot] = None
+        for slot, server in enumerate(self.servers):
+            if server is not None:
+                server.stop(kill=True)
+            self.servers[slot] = None
 
 
 def run_ha_campaign(
@@ -195,7 +188,7 @@ def run_ha_campaign(
     workdir: Path,
     *,
     kills: int,
-    lease_s: float,
+    lease_seconds: float,
     seed: int,
     clients: int = 3,
     progress: Callable[[str], None] | None = None,
@@ -207,13 +200,13 @@ def run_ha_campaign(
         kills=kills,
         clients=clients,
         seed=seed,
-        kill_after_s=(0.3, 1.2),
-        downtime_s=(0.0, 0.0),  # the standby is already running
+        kill_after_seconds=(0.3, 1.2),
+        downtime_seconds=(0.0, 0.0),  # the standby is already running
         kill_in_recovery_probability=0.0,
         prune_every_kills=0,  # the standby tails the journal: nothing is pruned under it
         tag="ha",
     )
-    cluster = HaCluster(config, lease_s=lease_s, renew_s=lease_s / 4)
+    cluster = HaCluster(config, lease_seconds=lease_seconds, renew_seconds=lease_seconds / 4)
     try:
         report = run_campaign(config, progress, server=cluster)
     finally:
@@ -221,10 +214,10 @@ def run_ha_campaign(
     return report, cluster
 
 
-def takeover_line(cluster: HaCluster, lease_s: float) -> str:
+def takeover_line(cluster: HaCluster, lease_seconds: float) -> str:
     took = sorted(cluster.takeover_seconds) or [0.0]
     return (
         f"  takeovers {len(cluster.takeover_seconds)}: p50 {took[len(took) // 2]:.2f} s, "
         f"max {took[-1]:.2f} s (SIGKILL of the primary to the standby serving; "
-        f"--lease-seconds {lease_s:g})"
+        f"--lease-seconds {lease_seconds:g})"
     )

@@ -30,8 +30,8 @@ from tests.ha.cluster import SERVING, HaCluster, health
 
 pytestmark = pytest.mark.timeout(120)
 
-LEASE_S = 2.0
-RPC_TIMEOUT_S = 1.0
+LEASE_SECONDS = 2.0
+RPC_TIMEOUT_SECONDS = 1.0
 SEED_BALANCE = 600  # the first account of the crash campaign's specs
 
 
@@ -70,7 +70,7 @@ class TopUps(threading.Thread):
                     target = self.targets[turn % len(self.targets)]
                     try:
                         admin_pb2_grpc.AdminServiceStub(channels[target]).TopUp(
-                            request, timeout=RPC_TIMEOUT_S
+                            request, timeout=RPC_TIMEOUT_SECONDS
                         )
                     except grpc.RpcError:
                         turn += 1  # lost or NOT_PRIMARY: the same key to the next server
@@ -113,13 +113,14 @@ def test_a_zombie_primary_acknowledges_nothing_and_its_calls_survive(
     pg_url: str, tmp_path: Path
 ) -> None:
     config = CampaignConfig(database_url=pg_url, workdir=tmp_path, validity_seconds=3, tag="z")
-    cluster = HaCluster(config, lease_s=LEASE_S, renew_s=LEASE_S / 4)
+    cluster = HaCluster(config, lease_seconds=LEASE_SECONDS, renew_seconds=LEASE_SECONDS / 4)
     try:
         cluster.start()
         old = cluster.primary
         assert old is not None
-        zombie = cluster.procs[old]
-        assert zombie is not None
+        zombie_server = cluster.servers[old]
+        assert zombie_server is not None
+        zombie = zombie_server.process
         setup_accounts(cluster.target_of(old), "z", EventLog(tmp_path / "seed.events"))
         account = account_ids("z")[0]
         with grpc.insecure_channel(cluster.target_of(old)) as channel:
@@ -138,8 +139,8 @@ def test_a_zombie_primary_acknowledges_nothing_and_its_calls_survive(
         zombie.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         new = 1 - old
-        took = wait_serving(cluster, new, timeout_s=LEASE_S + 10)
-        assert took < LEASE_S + 2.0
+        took = wait_serving(cluster, new, timeout_s=LEASE_SECONDS + 10)
+        assert took < LEASE_SECONDS + 2.0
 
         # Past the call's validity (3 s from its reserve) but not from the takeover:
         # the new primary restarted it, so the dialer that could not reach anyone renews.
@@ -188,14 +189,14 @@ def test_a_zombie_primary_acknowledges_nothing_and_its_calls_survive(
         assert view.balance == SEED_BALANCE + sum(acked.values())
         assert view.active_calls == 1
         assert len(acked) > 10
-        zombie_log = (cluster.logs[old] or Path()).read_text()
+        zombie_log = cluster.log_of(old)
         assert "deposed" in zombie_log
-        new_log = (cluster.logs[new] or Path()).read_text()
+        new_log = cluster.log_of(new)
         assert "sessions of the old primary" in new_log  # its locks could not hold us up
     finally:
-        for process in cluster.procs:
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGCONT)
+        for server in cluster.servers:
+            if server is not None and server.process.poll() is None:
+                server.process.send_signal(signal.SIGCONT)
         cluster.kill_all()
 
 
@@ -206,8 +207,8 @@ def test_a_primary_cut_from_postgresql_steps_down_and_the_standby_takes_over(
     config = CampaignConfig(database_url=direct, workdir=tmp_path, tag="p")
     cluster = HaCluster(
         config,
-        lease_s=LEASE_S,
-        renew_s=LEASE_S / 4,
+        lease_seconds=LEASE_SECONDS,
+        renew_seconds=LEASE_SECONDS / 4,
         database_urls=[postgres_schema.via(proxy.port), direct],
     )
     try:
@@ -217,13 +218,13 @@ def test_a_primary_cut_from_postgresql_steps_down_and_the_standby_takes_over(
         setup_accounts(cluster.target_of(0), "p", EventLog(tmp_path / "seed.events"))
         account = account_ids("p")[0]
         proxy.stall()  # a partition: connections stay open, nothing gets through
-        took = wait_serving(cluster, 1, timeout_s=LEASE_S + 10)
-        assert took < LEASE_S + 2.0
-        old = cluster.procs[0]
+        took = wait_serving(cluster, 1, timeout_s=LEASE_SECONDS + 10)
+        assert took < LEASE_SECONDS + 2.0
+        old = cluster.servers[0]
         assert old is not None
-        assert old.wait(timeout=60) == 3, cluster.slot_log(0)  # stepped down
+        assert old.process.wait(timeout=60) == 3, cluster.slot_log(0)  # stepped down
         assert balance(cluster.target_of(1), account).balance == SEED_BALANCE
-        log = (cluster.logs[0] or Path()).read_text()
+        log = cluster.log_of(0)
         assert "deposed" in log
     finally:
         cluster.kill_all()
@@ -233,13 +234,15 @@ def test_servers_started_at_once_on_an_empty_journal_elect_exactly_one(
     pg_url: str, tmp_path: Path
 ) -> None:
     config = CampaignConfig(database_url=pg_url, workdir=tmp_path, tag="e")
-    cluster = HaCluster(config, servers=3, lease_s=LEASE_S, renew_s=LEASE_S / 4)
+    cluster = HaCluster(
+        config, servers=3, lease_seconds=LEASE_SECONDS, renew_seconds=LEASE_SECONDS / 4
+    )
     try:
         for slot in range(3):
             cluster.spawn(slot)
         primary = cluster.wait_for_primary()
         cluster.start()
-        time.sleep(LEASE_S)  # renewals go on: still exactly one
+        time.sleep(LEASE_SECONDS)  # renewals go on: still exactly one
         statuses = [health(cluster.target_of(slot)) for slot in range(3)]
         assert statuses.count(SERVING) == 1 and statuses[primary] == SERVING, statuses
         for slot in set(range(3)) - {primary}:

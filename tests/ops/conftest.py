@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from callcredit_server.app import Settings
 from tests.service.conftest import FakeClock, Harness, open_harness
 
-SCRAPE_TIMEOUT_S = 5.0
+SCRAPE_TIMEOUT_SECONDS = 5.0
 
 
 @pytest.fixture
@@ -30,11 +30,11 @@ async def harness(database_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
         yield h
     finally:
         await h.channel.close()
-        await h.running.stop(grace_s=0.5)
+        await h.running.stop(grace_seconds=0.5)
 
 
 def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as response:
+    with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_SECONDS) as response:
         body: bytes = response.read()
     return body.decode()
 

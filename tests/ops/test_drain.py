@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import signal
 import socket
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 import pytest
@@ -26,12 +23,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from callcredit.dialer import DialerClient
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
+from callcredit_server.launch import ServerProcess, serving
 from tests.ops.conftest import scrape
 from tests.service.conftest import UNIT_PER_SECOND, Harness
 from tests.service.streams import RawStream, release_op, renew_op, reserve_op
 
 DRAIN_SECONDS = 6
-START_TIMEOUT_S = 30.0
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -88,7 +85,7 @@ async def test_drain_refuses_new_reserves_answers_the_rest_and_ends_when_calls_e
 
     await stream.ask(release_op("x2", "c2", 1))
     await asyncio.wait_for(draining, 2)  # no call open: the drain ends before its grace
-    await harness.running.stop(grace_s=5)
+    await harness.running.stop(grace_seconds=5)
     assert await stream.ended() == grpc.StatusCode.OK  # closed by the server, not cut
 
 
@@ -102,52 +99,29 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _server(
-    database_url: str, port: int, metrics_port: int
-) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
-    """`callcredit-server` with JSON logs; yields the process and its stderr lines so far
-    (a thread keeps reading them, so the pipe never fills)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "callcredit_server.cli", "--listen", f"127.0.0.1:{port}",
-         "--database-url", database_url, "--log-format", "json", "--log-level", "INFO",
-         "--drain-seconds", str(DRAIN_SECONDS), "--grant-seconds", "30",
-         "--validity-seconds", "30", "--metrics-listen", f"127.0.0.1:{metrics_port}"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    lines: list[str] = []
-    started = threading.Event()
-
-    def read() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line.rstrip("\n"))
-            if re.search(r"listening on port \d+", line):
-                started.set()
-        started.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        assert started.wait(START_TIMEOUT_S) and process.poll() is None, "\n".join(lines)
-        yield process, lines
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        reader.join(5)
+def _server(database_url: str, port: int, metrics_port: int, log: Path) -> Iterator[ServerProcess]:
+    """`callcredit-server` with JSON logs to `log`; killed on exit if it still runs."""
+    args = ["--listen", f"127.0.0.1:{port}", "--database-url", database_url,
+            "--log-format", "json", "--log-level", "INFO", "--drain-seconds", str(DRAIN_SECONDS),
+            "--grant-seconds", "30", "--validity-seconds", "30",
+            "--metrics-listen", f"127.0.0.1:{metrics_port}"]  # fmt: skip
+    with serving(args, log, kill=True) as server:
+        yield server
 
 
-async def _exit_code(process: subprocess.Popen[str], timeout: float) -> int:
+async def _exit_code(process: subprocess.Popen[bytes], timeout: float) -> int:
     return await asyncio.wait_for(asyncio.to_thread(process.wait), timeout)
 
 
-async def test_sigterm_drains_and_a_restart_continues_the_calls(database_url: str) -> None:
+async def test_sigterm_drains_and_a_restart_continues_the_calls(
+    database_url: str, tmp_path: Path
+) -> None:
     port, metrics_port = _free_port(), _free_port()
     target = f"127.0.0.1:{port}"
-    renewed = ("callcredit_operations_total", (("kind", "renew"), ("outcome", "ok")))
-    with _server(database_url, port, metrics_port) as (first, first_log):
+    renewed = ("callcredit_operations_total", (("kind", "renew"), ("outcome", "OK")))
+    first_log = tmp_path / "first.log"
+    with _server(database_url, port, metrics_port, first_log) as first_server:
+        first = first_server.process
         channel = grpc.aio.insecure_channel(target)
         admin = admin_pb2_grpc.AdminServiceStub(channel)
         raw = RawStream(credit_control_pb2_grpc.CreditControlServiceStub(channel))
@@ -196,7 +170,8 @@ async def test_sigterm_drains_and_a_restart_continues_the_calls(database_url: st
             assert await raw.ended() in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)
             await channel.close()
 
-            with _server(database_url, port, metrics_port) as (second, _):
+            with _server(database_url, port, metrics_port, tmp_path / "second.log") as restarted:
+                second = restarted.process
                 late_call = await asyncio.wait_for(late, 30)
                 late_call.answered()
                 # The open calls re-attached to the restarted server and go on.
@@ -221,6 +196,7 @@ async def test_sigterm_drains_and_a_restart_continues_the_calls(database_url: st
                 await channel.close()
                 second.send_signal(signal.SIGTERM)  # nothing open: exits at once
                 assert await _exit_code(second, 15) == 0
+                assert not restarted.ready_file.exists()  # a clean exit takes it away
 
     charges: dict[str, int] = {}
     for entry in entries:
@@ -234,7 +210,7 @@ async def test_sigterm_drains_and_a_restart_continues_the_calls(database_url: st
     assert account.balance == 10_000 - sum(expected.values())
     assert account.reserved == 0
     # Every log line of the first server is one JSON object; the drain is in them.
-    logged = [json.loads(line) for line in first_log]
+    logged = [json.loads(line) for line in first_log.read_text().splitlines()]
     messages = [line["message"] for line in logged]
     assert any(m.startswith("draining: new reserves refused") for m in messages)
     assert any(m.startswith("stopped: journal flushed") for m in messages)
@@ -244,7 +220,7 @@ async def test_sigterm_drains_and_a_restart_continues_the_calls(database_url: st
 async def test_drain_ends_when_no_dialer_stream_is_connected(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("callcredit_server.app.DRAIN_IDLE_S", 0.5)
+    monkeypatch.setattr("callcredit_server.app.DRAIN_IDLE_SECONDS", 0.5)
     await harness.funded_account("acc", 1_000)
     stream = RawStream(harness.dialer)
     await stream.ask(reserve_op("r1", "c1", "acc"))

@@ -12,8 +12,8 @@ from tests.ops.blackhole import BlackholeProxy
 from tests.ops.conftest import scrape
 from tests.service.conftest import Harness
 
-INTERVAL_S = 0.3
-TIMEOUT_S = 0.5
+INTERVAL_SECONDS = 0.3
+TIMEOUT_SECONDS = 0.5
 
 
 @pytest.fixture
@@ -36,13 +36,13 @@ async def test_a_black_holed_stream_is_detected_and_calls_continue_on_a_new_one(
     await harness.funded_account("acc", 1_000)
     async with DialerClient(
         f"127.0.0.1:{proxy.port}",
-        heartbeat_interval_seconds=INTERVAL_S,
-        heartbeat_timeout_seconds=TIMEOUT_S,
+        heartbeat_interval_seconds=INTERVAL_SECONDS,
+        heartbeat_timeout_seconds=TIMEOUT_SECONDS,
     ) as dialer:
         call = await dialer.reserve("c-1", "acc", "84901234567")
         call.answered()
         # A quiet but healthy stream: the server answers every probe, nothing reconnects.
-        await asyncio.sleep(4 * (INTERVAL_S + TIMEOUT_S))
+        await asyncio.sleep(4 * (INTERVAL_SECONDS + TIMEOUT_SECONDS))
         assert streams_opened(await scrape(metrics.port)) == 1
         assert proxy.accepted == 1
 
@@ -54,10 +54,10 @@ async def test_a_black_holed_stream_is_detected_and_calls_continue_on_a_new_one(
                 await asyncio.sleep(0.01)
         detected_after = loop.time() - silenced_at
         # Found within interval + timeout (+ one interval for the last answer's age).
-        assert detected_after < 2 * INTERVAL_S + TIMEOUT_S + 1.0
+        assert detected_after < 2 * INTERVAL_SECONDS + TIMEOUT_SECONDS + 1.0
         # The call is re-attached to the new stream by a Renew (the first: its grant
         # would not need one for 55 s), then goes on and is released.
-        renewed = ("callcredit_operations_total", (("kind", "renew"), ("outcome", "ok")))
+        renewed = ("callcredit_operations_total", (("kind", "renew"), ("outcome", "OK")))
         async with asyncio.timeout(10):
             while (await scrape(metrics.port)).get(renewed, 0) < 1:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)

@@ -50,17 +50,31 @@ async def test_scrape_counts_operations_commits_streams_and_pushes(
 
     seen = await scrape(metrics.port)
 
-    assert seen[ops("reserve", "ok")] == 2
+    assert seen[ops("reserve", "OK")] == 2
     assert seen[ops("reserve", "INSUFFICIENT_FUNDS")] == 1
     assert seen[ops("reserve", "INVALID_ARGUMENT")] == 1
-    assert seen[ops("renew", "ok")] == 1
-    assert seen[ops("release", "ok")] == 1
+    assert seen[ops("renew", "OK")] == 1
+    assert seen[ops("release", "OK")] == 1
     for kind in ("put_tariff", "create_account", "topup", "update_account"):
-        assert seen[ops(kind, "ok")] == 1
+        assert seen[ops(kind, "OK")] == 1
     answered = sum(v for (name, _), v in seen.items() if name == "callcredit_operations_total")
     assert answered == 10
-    assert seen[plain("callcredit_operation_duration_seconds_count")] == answered
-    assert seen[plain("callcredit_operation_duration_seconds_bucket", le="+Inf")] == answered
+    durations = {
+        labels: v
+        for (name, labels), v in seen.items()
+        if name == "callcredit_operation_duration_seconds_count"
+    }
+    assert sum(durations.values()) == answered
+    assert durations[(("kind", "reserve"),)] == 4
+    assert (
+        seen[plain("callcredit_operation_duration_seconds_bucket", kind="reserve", le="+Inf")] == 4
+    )
+    outcomes = {
+        dict(labels)["outcome"]
+        for (name, labels) in seen
+        if name.startswith("callcredit_operations")
+    }
+    assert all(o.isupper() for o in outcomes), outcomes  # one kind of label: reason-like names
     # Every journal record went through a counted commit.
     records = harness.running.journal.last_seq()
     assert seen[plain("callcredit_journal_commit_records_sum")] == records
@@ -72,6 +86,10 @@ async def test_scrape_counts_operations_commits_streams_and_pushes(
     assert seen[plain("callcredit_open_calls")] == 1  # c2, terminated but not released
     assert seen[plain("callcredit_open_calls_without_stream")] == 0
     assert seen[plain("callcredit_accounts")] == 1
+    # Money per currency, never per account: 100 - 10 charged, c2 re-granted 60 s held.
+    assert seen[plain("callcredit_balance_minor_units", currency="VND")] == 90
+    assert seen[plain("callcredit_reserved_minor_units", currency="VND")] == 60
+    assert seen[plain("callcredit_open_calls_by_currency", currency="VND")] == 1
     assert seen[plain("callcredit_writer_queued_submissions")] == 0
     assert seen[plain("callcredit_journal_uncommitted_records")] == 0
     assert seen[plain("callcredit_writer_failed")] == 0
@@ -101,8 +119,8 @@ async def test_unary_reserve_counts_and_overrun_logs_the_call(
             credit_control_pb2.ReleaseRequest(call_id="u1", used_seconds=500)
         )
     seen = await scrape(metrics.port)
-    assert seen[ops("reserve", "ok")] == 1
-    assert seen[ops("release", "ok")] == 1
+    assert seen[ops("reserve", "OK")] == 1
+    assert seen[ops("release", "OK")] == 1
     assert seen[plain("callcredit_open_calls")] == 0
     (overrun,) = [r for r in caplog.records if getattr(r, "call_id", None) == "u1"]
     assert overrun.__dict__["shortfall"] == 400

@@ -135,7 +135,7 @@ async def secured_server(
     try:
         yield running
     finally:
-        await running.stop(grace_s=0.5)
+        await running.stop(grace_seconds=0.5)
 
 
 @dataclass
@@ -184,9 +184,10 @@ class Secured:
         )
 
 
-@pytest.fixture
-async def secured(tmp_path: Path) -> AsyncIterator[Secured]:
-    async with secured_server(tmp_path) as running:
+@asynccontextmanager
+async def secured_stubs(tmp_path: Path, config_text: str = TOKENS_TOML) -> AsyncIterator[Secured]:
+    """`secured_server(tmp_path, config_text)` with a plaintext channel and both stubs."""
+    async with secured_server(tmp_path, config_text) as running:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
         try:
             yield Secured(
@@ -197,3 +198,9 @@ async def secured(tmp_path: Path) -> AsyncIterator[Secured]:
             )
         finally:
             await channel.close()
+
+
+@pytest.fixture
+async def secured(tmp_path: Path) -> AsyncIterator[Secured]:
+    async with secured_stubs(tmp_path) as stubs:
+        yield stubs

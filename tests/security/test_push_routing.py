@@ -18,9 +18,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
+from callcredit.v1 import admin_pb2, credit_control_pb2
 from callcredit_server.auth import hash_token
-from tests.security.conftest import ADMIN_TOKEN, Secured, bearer, reason_of, secured_server
+from tests.security.conftest import ADMIN_TOKEN, Secured, bearer, reason_of, secured_stubs
 from tests.security.test_auth import Stream, error_reason, exchange, reserve_op
 
 A_TOKEN = "tenant-a-dialer-token-0123456789"
@@ -57,17 +57,8 @@ Pushes = tuple[list[str], list[str]]  # (call ids of grant_updates, of terminati
 @pytest.fixture(params=[TWO_TENANTS_TOML, ""], ids=["tokens", "no-tokens"])
 async def tenants(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Secured]:
     """The server with the two tenants' tokens, and one without any (tokens are ignored)."""
-    async with secured_server(tmp_path, request.param) as running:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-        try:
-            yield Secured(
-                running,
-                channel,
-                admin_pb2_grpc.AdminServiceStub(channel),
-                credit_control_pb2_grpc.CreditControlServiceStub(channel),
-            )
-        finally:
-            await channel.close()
+    async with secured_stubs(tmp_path, request.param) as stubs:
+        yield stubs
 
 
 async def pushes_until_answered(stream: Stream, marker: credit_control_pb2.Operation) -> Pushes:

@@ -14,6 +14,7 @@ from callcredit.cli import app as admin_cli
 from callcredit.dialer import DialerClient
 from callcredit.errors import CallcreditError
 from callcredit_server.auth import hash_token
+from callcredit_server.launch import serving
 from tests.security.conftest import (
     ACME_TOKEN,
     ADMIN_TOKEN,
@@ -23,7 +24,6 @@ from tests.security.conftest import (
     secured_server,
     write_config,
 )
-from tests.service.processes import configured_server_process
 
 SHORT = 3.0  # seconds: a refused handshake fails fast; do not wait for the default
 
@@ -132,7 +132,8 @@ def test_admin_cli_and_server_process_over_mutual_tls_log_no_secret(
     log = tmp_path / "server.log"
     args = ["--config", str(config), "--listen", "127.0.0.1:0", "--log-level", "DEBUG",
             "--database-url", f"sqlite:///{tmp_path / 'journal.db'}"]  # fmt: skip
-    with configured_server_process(log, args) as (_, port):
+    with serving(args, log) as server:
+        port = server.port
         tls = ["--ca-file", str(pki.ca)]
         mine = ["--cert-file", str(pki.client_cert), "--key-file", str(pki.client_key)]
         ok = _cli(port, *tls, *mine, "tariff", "put", "t", "--currency", "VND",

@@ -105,4 +105,4 @@ async def harness(database_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
         yield h
     finally:
         await h.channel.close()
-        await h.running.stop(grace_s=0.5)
+        await h.running.stop(grace_seconds=0.5)

@@ -1,4 +1,4 @@
-"""Bad input on every RPC gets DESIGN.md's reason and changes nothing."""
+"""Bad input on every RPC gets docs/design.md's reason and changes nothing."""
 
 from __future__ import annotations
 

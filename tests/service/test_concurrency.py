@@ -26,7 +26,7 @@ RATE_19_66 = admin_pb2.Rate(  # 19.66 dong per second, 6/6 increments, connect f
 
 
 def _cost(rate: admin_pb2.Rate, seconds: int) -> int:
-    """An independent reading of DESIGN.md's formula, to check the server against."""
+    """An independent reading of docs/design.md's formula, to check the server against."""
     if seconds == 0:
         return 0
     first, step = rate.first_increment_seconds, rate.next_increment_seconds

@@ -42,7 +42,7 @@ async def test_a_failed_commit_answers_unavailable_and_a_restart_resumes_exactly
     assert checked.status == health_pb2.HealthCheckResponse.NOT_SERVING
     await stream.close()
     await harness.channel.close()
-    await harness.running.stop(grace_s=0.5)
+    await harness.running.stop(grace_seconds=0.5)
 
     # The operator fixes the disk and restarts: exactly the acknowledged state is back.
     restarted = await open_harness(harness.settings, FakeClock(harness.clock.now_ms))
@@ -57,4 +57,4 @@ async def test_a_failed_commit_answers_unavailable_and_a_restart_resumes_exactly
         await again.close()
     finally:
         await restarted.channel.close()
-        await restarted.running.stop(grace_s=0.5)
+        await restarted.running.stop(grace_seconds=0.5)

@@ -6,10 +6,18 @@ import dataclasses
 import gzip
 from pathlib import Path
 
+import pytest
+
 from callcredit.v1 import admin_pb2
 from callcredit_server.journal import Journal
 from callcredit_server.recovery import recover, verify
-from callcredit_server.snapshot import list_snapshots, snapshot_path, write_snapshot
+from callcredit_server.snapshot import (
+    SnapshotError,
+    list_snapshots,
+    read_snapshot,
+    snapshot_path,
+    write_snapshot,
+)
 from tests.service.conftest import FakeClock, Harness, open_harness
 from tests.service.streams import RawStream, release_op, renew_op, reserve_op
 
@@ -33,7 +41,7 @@ async def _state(h: Harness) -> tuple[object, ...]:
 
 async def _restart(h: Harness, **changes: object) -> Harness:
     await h.channel.close()
-    await h.running.stop(grace_s=0.5)
+    await h.running.stop(grace_seconds=0.5)
     settings = dataclasses.replace(h.settings, **changes)  # type: ignore[arg-type]
     return await open_harness(settings, FakeClock(h.clock.now_ms))
 
@@ -49,7 +57,7 @@ async def test_a_start_replays_only_what_follows_the_newest_snapshot(harness: Ha
     await h.running.writer.wait_for_snapshot()
     taken = list_snapshots(_directory(h))
     assert taken and taken[0].seq >= 25
-    assert h.running.writer.snapshot_stall_s_max > 0
+    assert h.running.writer.snapshot_stall_seconds_max > 0
     before = await _state(h)
     h = await _restart(h, snapshot_every_records=0)
     try:
@@ -69,7 +77,7 @@ async def test_a_start_replays_only_what_follows_the_newest_snapshot(harness: Ha
         assert renewed.renew.grant.allowed_seconds == 80
     finally:
         await h.channel.close()
-        await h.running.stop(grace_s=0.5)
+        await h.running.stop(grace_seconds=0.5)
 
 
 async def test_a_snapshot_beyond_the_journal_is_discarded_and_a_damaged_one_skipped(
@@ -95,4 +103,13 @@ async def test_a_snapshot_beyond_the_journal_is_discarded_and_a_damaged_one_skip
         assert (recovered.snapshot_seq, recovered.replayed) == (0, last)  # damaged: skipped
     finally:
         await h.channel.close()
-        await h.running.stop(grace_s=0.5)
+        await h.running.stop(grace_seconds=0.5)
+
+
+def test_a_snapshot_file_of_another_format_is_refused_by_name(tmp_path: Path) -> None:
+    path = snapshot_path(tmp_path, 7)
+    path.write_bytes(gzip.compress(b'{"format": 2, "seq": 7}\n{}'))
+    with pytest.raises(
+        SnapshotError, match=r"unsupported snapshot file format 2 \(this server reads 1\)"
+    ):
+        read_snapshot(path)

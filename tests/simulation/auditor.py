@@ -1,6 +1,6 @@
 """The auditor: what must hold of every acknowledged answer, of the ledger, and after recovery.
 
-It judges the server from the outside, with DESIGN.md's rules, from three things:
+It judges the server from the outside, with docs/design.md's rules, from three things:
 the ledger entries the state machine handed out (and which of them are durable),
 the answers the server acknowledged, and the model (model.py) for the prices and
 holds a call was given. It never calls the state machine's code.
@@ -61,7 +61,7 @@ _CALL_PATTERNS = (
 
 
 # The shortest retention window any simulated run uses (vopr picks 12-40 minutes).
-# After its window the server forgets an idempotency key (DESIGN.md): a request with
+# After its window the server forgets an idempotency key (docs/design.md): a request with
 # that key arriving later is new to it. Server and model agree on that; the checks
 # below treat a key as "the same request" only within this shortest window.
 MIN_RETENTION_MS = 12 * 60_000
@@ -138,7 +138,7 @@ class Ledger:
         return -sum(e.amount for e in self.by_call.get(call_id, ()))
 
     def check_conserved(self, balances: dict[str, int], where: str) -> None:
-        """DESIGN.md: top-ups + adjustments - charges + refunds = sum of balances."""
+        """docs/design.md: top-ups + adjustments - charges + refunds = sum of balances."""
         t = self.totals
         charges = -(t[EntryKind.CALL_CHARGE] + t[EntryKind.EXPIRY_CHARGE])
         money = t[EntryKind.TOP_UP] + t[EntryKind.ADJUSTMENT] - charges + t[EntryKind.REFUND]
@@ -200,7 +200,7 @@ def before(model: Model, command: Command, now_ms: int) -> Before:
 
 
 def check_expiries(calls: list[CallRecord], ledger: Ledger) -> None:
-    """DESIGN.md, Expiry: a call that went silent is charged cost(allowed_seconds), once.
+    """docs/design.md, Expiry: a call that went silent is charged cost(allowed_seconds), once.
 
     `calls` are the calls a step touched, `ledger` includes the step's entries.
     """
@@ -223,7 +223,7 @@ def check_expiries(calls: list[CallRecord], ledger: Ledger) -> None:
 def check_answer(
     command: Command, outcome: Outcome, entries: list[LedgerEntry], was: Before, model: Model
 ) -> None:
-    """DESIGN.md's rules for one answer, given what the account and call were before.
+    """docs/design.md's rules for one answer, given what the account and call were before.
 
     (Calls past their validity expire before the command itself: they do not change
     `available`, because an expiry charges exactly the hold it frees.)

@@ -1,8 +1,8 @@
-"""A reference model of DESIGN.md: what every answer, ledger entry and push must be.
+"""A reference model of docs/design.md: what every answer, ledger entry and push must be.
 
 The simulator's auditor feeds the model every command the server applied, at the
 same instant and in the same order, and compares what the model predicts with
-what the state machine answered. The model is written from DESIGN.md's text, not
+what the state machine answered. The model is written from docs/design.md's text, not
 from core/machine.py, and is shaped differently on purpose, so that a shared
 mistake is unlikely:
 
@@ -12,11 +12,11 @@ mistake is unlikely:
 - it prices calls and finds the affordable duration in closed form (the cost is
   a step function of the increment blocks) instead of by binary search;
 - it re-grants every final call of an account, oldest first, without stopping
-  early when nothing is left (DESIGN.md says "its calls holding a final grant are
+  early when nothing is left (docs/design.md says "its calls holding a final grant are
   re-granted"; an implementation may stop early only if that changes nothing).
 
-Where DESIGN.md leaves a detail open the model follows the server's documented
-choice and says so in a comment marked "Open in DESIGN.md".
+Where docs/design.md leaves a detail open the model follows the server's documented
+choice and says so in a comment marked "Decided beyond the brief".
 
 It shares only the contract's value types with the server (Grant, ReleaseResult,
 AccountView, LedgerEntry, ...), so that answers can be compared with `==`.
@@ -79,7 +79,7 @@ _PREFIX = re.compile(r"[0-9]{0,16}")
 
 
 class ModelError(AssertionError):
-    """The model was driven in a way DESIGN.md does not allow (a simulator bug)."""
+    """The model was driven in a way docs/design.md does not allow (a simulator bug)."""
 
 
 # ------------------------------------------------------------------ rating
@@ -90,7 +90,7 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def billed(rate: Rate, seconds: int) -> int:
-    """DESIGN.md: 0 if s == 0, else first + ceil(max(0, s - first) / next) * next."""
+    """docs/design.md: 0 if s == 0, else first + ceil(max(0, s - first) / next) * next."""
     if seconds <= 0:
         return 0
     first, step = rate.first_increment_seconds, rate.next_increment_seconds
@@ -98,7 +98,7 @@ def billed(rate: Rate, seconds: int) -> int:
 
 
 def price(rate: Rate, seconds: int) -> int:
-    """DESIGN.md: 0 if s == 0, else connect_fee + ceil(billed(s) * ppm / 60,000,000)."""
+    """docs/design.md: 0 if s == 0, else connect_fee + ceil(billed(s) * ppm / 60,000,000)."""
     if seconds <= 0:
         return 0
     return rate.connect_fee + _ceil_div(
@@ -245,7 +245,7 @@ def _refused(reason: Reason) -> Refused:
 
 
 def _input_problem(command: Command) -> str:
-    """The first of DESIGN.md's "Limits on input" that `command` breaks, or ""."""
+    """The first of docs/design.md's "Limits on input" that `command` breaks, or ""."""
     ids: list[str] = []
     problems: list[str] = []
 
@@ -314,7 +314,7 @@ def _input_problem(command: Command) -> str:
 
 
 class Model:
-    """Accounts, tariffs and calls as DESIGN.md describes them, changed by `apply`."""
+    """Accounts, tariffs and calls as docs/design.md describes them, changed by `apply`."""
 
     def __init__(self) -> None:
         self.now_ms = 0
@@ -376,7 +376,7 @@ class Model:
         self.now_ms = now_ms
         self._out = Expected(TickResult(0, 0), False, [], [], 0)
         # Time passes first: a call silent past its validity has expired, whatever
-        # the command is (DESIGN.md, Expiry; a Renew that comes late finds it ended).
+        # the command is (docs/design.md, Expiry; a Renew that comes late finds it ended).
         self._out.expired = self._expire_due()
         if _input_problem(command):
             self._out.outcome = _refused(Reason.INVALID_ARGUMENT)
@@ -440,8 +440,8 @@ class Model:
         if c.credit_limit is not None and account.balance + c.credit_limit - account.holds() < 0:
             return _refused(Reason.INSUFFICIENT_FUNDS)  # "a lower credit_limit ... is refused"
         if c.status is AccountStatus.CLOSED and account.open_calls:
-            # Open in DESIGN.md (it says only "from an account with no open calls"): the
-            # server names the refusal ACCOUNT_HAS_OPEN_CALLS.
+            # Decided beyond the brief (docs/design.md; the brief says only "from an account
+            # with no open calls"): the server names the refusal ACCOUNT_HAS_OPEN_CALLS.
             return _refused(Reason.ACCOUNT_HAS_OPEN_CALLS)
         grew = resumed = False
         if c.tariff_id is not None and c.tariff_id != account.tariff_id:
@@ -476,8 +476,8 @@ class Model:
         account = self.accounts.get(account_id)
         if account is None:
             return _refused(Reason.ACCOUNT_NOT_FOUND)
-        # Open in DESIGN.md: the order of these checks. A repeat is answered before
-        # the status is looked at, so a retried top-up keeps its first answer.
+        # Decided beyond the brief (docs/design.md): the order of these checks. A repeat is
+        # answered before the status is looked at, so a retried top-up keeps its first answer.
         remembered = self.keys.get((account_id, key))
         if remembered is not None:
             if remembered.fields == fields:
@@ -651,8 +651,8 @@ class Model:
         )
 
     def _tick(self, c: Tick) -> Outcome:
-        # Open in DESIGN.md: the boundary. Something that ended (or a key used) exactly
-        # `retention` ago is forgotten, as the server does.
+        # Decided beyond the brief (docs/design.md): the boundary. Something that ended (or a
+        # key used) exactly `retention` ago is forgotten, as the server does.
         cutoff_ms = self.now_ms - c.retention_ms
         gone = [
             call
@@ -724,7 +724,7 @@ class Model:
         call.final = allowed < wanted
 
     def _regrant(self, account: _Account, *, resumed: bool = False) -> None:
-        """Re-grant every final call of an ACTIVE account, oldest first (DESIGN.md)."""
+        """Re-grant every final call of an ACTIVE account, oldest first (docs/design.md)."""
         del resumed  # the model looks at every final call, resumed or not
         if account.status is not AccountStatus.ACTIVE:
             return
@@ -733,8 +733,8 @@ class Model:
                 continue
             before = call.grant()
             self._extend(account, call)
-            # Open in DESIGN.md: a final call whose grant stays as it was is not
-            # "re-granted" (no push, its validity is not reset), as on the server.
+            # Decided beyond the brief (docs/design.md): a final call whose grant stays as it
+            # was is not "re-granted" (no push, its validity is not reset), as on the server.
             if call.grant() != before:
                 call.expires_at_ms = self._deadline(call.validity_seconds)
                 self._out.pushes.append(GrantPush(call.grant()))

@@ -53,7 +53,7 @@ def test_the_ci_seeds_include_real_journals() -> None:
 
 def test_the_workload_reaches_every_path() -> None:
     """A few seeds together crash with work in flight, recover from snapshots, and
-    drive every rule DESIGN.md states (so a quiet workload cannot pass for a safe one)."""
+    drive every rule docs/design.md states (so a quiet workload cannot pass for a safe one)."""
     seen: Counter[str] = Counter()
     refused: Counter[str] = Counter()
     for seed in (1, 2, 3):
@@ -229,7 +229,7 @@ class AppliesTopUpsTwice(Simulation):
 
 
 class RegrantsNewestFirst(StateMachine):
-    """Re-grants go to the youngest final call first (DESIGN.md: oldest first)."""
+    """Re-grants go to the youngest final call first (docs/design.md: oldest first)."""
 
     def _regrant(self, account: Any, *, resumed: bool = False) -> None:
         if account.status is not AccountStatus.ACTIVE:
@@ -253,7 +253,7 @@ class RegrantsBackwards(Simulation):
 
 
 class ExpiresForWhatWasUsed(StateMachine):
-    """Expiry charges cost(used) instead of cost(allowed) (DESIGN.md: the most allowed)."""
+    """Expiry charges cost(used) instead of cost(allowed) (docs/design.md: the most allowed)."""
 
     def _expire_if_due(self, call: Any) -> int:
         if call.state is CallState.ACTIVE and call.expires_at_ms < self.now_ms:
@@ -329,7 +329,7 @@ class NeverRefunds(Simulation):
             id="expiry-charges-used-auditor",
         ),
         pytest.param(RegrantsBackwards, "pushes .*, the model says", id="regrant-newest-first"),
-        pytest.param(NeverRefunds, "DESIGN.md says ReleaseOutcome", id="late-release-refused"),
+        pytest.param(NeverRefunds, "docs/design.md says ReleaseOutcome", id="late-release-refused"),
     ],
 )
 def test_an_injected_bug_is_caught(simulation: type[Simulation], finding: str) -> None:

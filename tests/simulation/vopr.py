@@ -40,7 +40,7 @@ What runs, and how it mirrors the real server:
   and idempotency keys leave the retention window); the server may restart with
   other flags, and with a clock behind its journal.
 
-Every command is checked by the model (model.py: what DESIGN.md says the answer,
+Every command is checked by the model (model.py: what docs/design.md says the answer,
 entries and pushes must be) and by the auditor (auditor.py: the ledger, first
 answers, durability of every acknowledged answer); after every step, money
 conservation and available >= 0 (and every few steps the machine's own audit()
@@ -148,7 +148,7 @@ AUDIT_EVERY = 10  # steps between the machine's own audit() (and after every rec
 MAX_SUBMISSIONS_PER_ROUND = 1_024  # writer.py
 # Clients never send (or reuse) an id older than GIVE_UP_MS, and the network delivers
 # nothing later than DUPLICATE_DELAY_MS_MAX after it was sent: with a retention
-# window longer than both, ids are never reused after it (DESIGN.md, Idempotency).
+# window longer than both, ids are never reused after it (docs/design.md, Idempotency).
 if MIN_RETENTION_MS <= GIVE_UP_MS + DUPLICATE_DELAY_MS_MAX:
     raise ImportError("the simulated retention window must outlast every retry")
 
@@ -695,7 +695,7 @@ class Simulation:
         if not same_outcome(expected.outcome, step.outcome):
             raise AssertionError(
                 f"{command} at {self.machine.now_ms}: answered {step.outcome}, "
-                f"DESIGN.md says {expected.outcome}"
+                f"docs/design.md says {expected.outcome}"
             )
         if step.changed != expected.changed:
             raise AssertionError(

@@ -4,7 +4,7 @@ A request is what travels from a client to the server. The server turns it into 
 command with its own settings (grant size, validity), as service.py does, so a
 request re-sent after a restart with other settings becomes a different command.
 
-Clients behave as DESIGN.md expects of them, and as the dialer library does:
+Clients behave as docs/design.md expects of them, and as the dialer library does:
 every operation is idempotent, so whatever is unanswered is sent again — as it
 was for reserves, releases and top-ups; as a fresh Renew with the next sequence
 after a reconnect. Some of them misbehave in ways the server must survive:
@@ -13,7 +13,7 @@ overrun their grant, operators that retry with the same key, or reuse a key with
 another amount, or a dialer that reuses a call id for another destination. No
 client sends an operation older than `GIVE_UP_MS`, nor reuses an id older than
 that, and GIVE_UP_MS plus the network's longest delay is shorter than the
-retention window: ids are never reused after it (DESIGN.md, Idempotency), so
+retention window: ids are never reused after it (docs/design.md, Idempotency), so
 every repeat the server sees is one it must recognise.
 """
 
@@ -301,7 +301,7 @@ class Dialer(Client):
             silent_ms=rng.randint(5_000, 900_000) if rng.random() < 0.08 else 0,
             reserved_at_ms=now_ms,
         )
-        if rng.random() < 0.01:  # outside DESIGN.md's input limits: INVALID_ARGUMENT
+        if rng.random() < 0.01:  # outside docs/design.md's input limits: INVALID_ARGUMENT
             call.destination = rng.choice(("84-90", "", "+" + "9" * 33))
             call.requested_seconds = rng.choice((call.requested_seconds, 86_401))
         self.calls[call.call_id] = call

@@ -953,3 +953,155 @@ class ListEntriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListEntriesResponse: _TypeAlias = ListEntriesResponse  # noqa: Y015
+
+@_typing.final
+class ListAccountsRequest(_message.Message):
+    """ListAccountsRequest pages through accounts in account_id order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_PREFIX_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """1-1,000; 0 means 100."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token (opaque); empty for the first
+    page. A token goes on after the last account it saw, whatever the filter.
+    """
+    account_id_prefix: _builtins.str
+    """Only accounts whose id starts with this: 0-128 characters of
+    [A-Za-z0-9._:@-]; empty for any.
+    """
+    status: Global___AccountStatus.ValueType
+    """Only accounts with this status; UNSPECIFIED for any."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        account_id_prefix: _builtins.str = ...,
+        status: Global___AccountStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id_prefix", b"account_id_prefix", "page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAccountsRequest: _TypeAlias = ListAccountsRequest  # noqa: Y015
+
+@_typing.final
+class ListAccountsResponse(_message.Message):
+    """ListAccountsResponse is one page of accounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty when there is none."""
+    @_builtins.property
+    def accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Account]:
+        """The accounts, in account_id order."""
+
+    def __init__(
+        self,
+        *,
+        accounts: _abc.Iterable[Global___Account] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAccountsResponse: _TypeAlias = ListAccountsResponse  # noqa: Y015
+
+@_typing.final
+class ListTariffsRequest(_message.Message):
+    """ListTariffsRequest pages through tariffs in tariff_id order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """1-1,000; 0 means 100."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token (opaque); empty for the first
+    page.
+    """
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTariffsRequest: _TypeAlias = ListTariffsRequest  # noqa: Y015
+
+@_typing.final
+class TariffSummary(_message.Message):
+    """TariffSummary names a tariff without its rates (a tariff may have 10,000)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARIFF_ID_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    RATE_COUNT_FIELD_NUMBER: _builtins.int
+    tariff_id: _builtins.str
+    """The tariff's id."""
+    currency: _builtins.str
+    """ISO 4217 code."""
+    rate_count: _builtins.int
+    """How many rates it has."""
+    def __init__(
+        self,
+        *,
+        tariff_id: _builtins.str = ...,
+        currency: _builtins.str = ...,
+        rate_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "rate_count", b"rate_count", "tariff_id", b"tariff_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TariffSummary: _TypeAlias = TariffSummary  # noqa: Y015
+
+@_typing.final
+class ListTariffsResponse(_message.Message):
+    """ListTariffsResponse is one page of tariffs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARIFFS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty when there is none."""
+    @_builtins.property
+    def tariffs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TariffSummary]:
+        """The tariffs, in tariff_id order."""
+
+    def __init__(
+        self,
+        *,
+        tariffs: _abc.Iterable[Global___TariffSummary] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tariffs", b"tariffs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTariffsResponse: _TypeAlias = ListTariffsResponse  # noqa: Y015

@@ -85,6 +85,16 @@ class AdminServiceStub:
                 request_serializer=callcredit_dot_v1_dot_admin__pb2.ListEntriesRequest.SerializeToString,
                 response_deserializer=callcredit_dot_v1_dot_admin__pb2.ListEntriesResponse.FromString,
                 _registered_method=True)
+        self.ListAccounts = channel.unary_unary(
+                '/callcredit.v1.AdminService/ListAccounts',
+                request_serializer=callcredit_dot_v1_dot_admin__pb2.ListAccountsRequest.SerializeToString,
+                response_deserializer=callcredit_dot_v1_dot_admin__pb2.ListAccountsResponse.FromString,
+                _registered_method=True)
+        self.ListTariffs = channel.unary_unary(
+                '/callcredit.v1.AdminService/ListTariffs',
+                request_serializer=callcredit_dot_v1_dot_admin__pb2.ListTariffsRequest.SerializeToString,
+                response_deserializer=callcredit_dot_v1_dot_admin__pb2.ListTariffsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -162,6 +172,22 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAccounts(self, request, context):
+        """ListAccounts pages through accounts in account_id order, filtered by an
+        id prefix and a status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTariffs(self, request, context):
+        """ListTariffs pages through tariffs in tariff_id order, without their rates
+        (GetTariff reads those).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -214,6 +240,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListEntries,
                     request_deserializer=callcredit_dot_v1_dot_admin__pb2.ListEntriesRequest.FromString,
                     response_serializer=callcredit_dot_v1_dot_admin__pb2.ListEntriesResponse.SerializeToString,
+            ),
+            'ListAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccounts,
+                    request_deserializer=callcredit_dot_v1_dot_admin__pb2.ListAccountsRequest.FromString,
+                    response_serializer=callcredit_dot_v1_dot_admin__pb2.ListAccountsResponse.SerializeToString,
+            ),
+            'ListTariffs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTariffs,
+                    request_deserializer=callcredit_dot_v1_dot_admin__pb2.ListTariffsRequest.FromString,
+                    response_serializer=callcredit_dot_v1_dot_admin__pb2.ListTariffsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -487,6 +523,60 @@ class AdminService:
             '/callcredit.v1.AdminService/ListEntries',
             callcredit_dot_v1_dot_admin__pb2.ListEntriesRequest.SerializeToString,
             callcredit_dot_v1_dot_admin__pb2.ListEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/callcredit.v1.AdminService/ListAccounts',
+            callcredit_dot_v1_dot_admin__pb2.ListAccountsRequest.SerializeToString,
+            callcredit_dot_v1_dot_admin__pb2.ListAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTariffs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/callcredit.v1.AdminService/ListTariffs',
+            callcredit_dot_v1_dot_admin__pb2.ListTariffsRequest.SerializeToString,
+            callcredit_dot_v1_dot_admin__pb2.ListTariffsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,14 @@ class AdminServiceStub:
     """ListCalls lists an account's calls, newest first."""
     ListEntries: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListEntriesRequest, _admin_pb2.ListEntriesResponse]
     """ListEntries lists an account's ledger entries in increasing entry_id."""
+    ListAccounts: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAccountsRequest, _admin_pb2.ListAccountsResponse]
+    """ListAccounts pages through accounts in account_id order, filtered by an
+    id prefix and a status.
+    """
+    ListTariffs: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTariffsRequest, _admin_pb2.ListTariffsResponse]
+    """ListTariffs pages through tariffs in tariff_id order, without their rates
+    (GetTariff reads those).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -90,6 +98,14 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """ListCalls lists an account's calls, newest first."""
     ListEntries: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListEntriesRequest, _admin_pb2.ListEntriesResponse]  # type: ignore[assignment]
     """ListEntries lists an account's ledger entries in increasing entry_id."""
+    ListAccounts: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAccountsRequest, _admin_pb2.ListAccountsResponse]  # type: ignore[assignment]
+    """ListAccounts pages through accounts in account_id order, filtered by an
+    id prefix and a status.
+    """
+    ListTariffs: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTariffsRequest, _admin_pb2.ListTariffsResponse]  # type: ignore[assignment]
+    """ListTariffs pages through tariffs in tariff_id order, without their rates
+    (GetTariff reads those).
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService is for operators and billing systems, not dialers."""
@@ -175,5 +191,25 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListEntriesResponse, _abc.Awaitable[_admin_pb2.ListEntriesResponse]]:
         """ListEntries lists an account's ledger entries in increasing entry_id."""
+
+    @_abc_1.abstractmethod
+    def ListAccounts(
+        self,
+        request: _admin_pb2.ListAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAccountsResponse, _abc.Awaitable[_admin_pb2.ListAccountsResponse]]:
+        """ListAccounts pages through accounts in account_id order, filtered by an
+        id prefix and a status.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTariffs(
+        self,
+        request: _admin_pb2.ListTariffsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListTariffsResponse, _abc.Awaitable[_admin_pb2.ListTariffsResponse]]:
+        """ListTariffs pages through tariffs in tariff_id order, without their rates
+        (GetTariff reads those).
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

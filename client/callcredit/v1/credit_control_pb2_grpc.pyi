@@ -5,7 +5,7 @@ The dialer side of callcredit: reserve, renew and release call credit.
 
 Money fields are int64 minor units of the account's currency (VND: dong,
 USD: cent). Durations are int32 seconds. Every change is idempotent: a
-repeat answers what the first attempt answered (see DESIGN.md,
+repeat answers what the first attempt answered (see docs/design.md,
 "Idempotency"), so a dialer may re-send anything it did not see answered.
 """
 

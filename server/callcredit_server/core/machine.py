@@ -1,7 +1,7 @@
-"""The balance state machine: every rule of DESIGN.md, one command at a time.
+"""The balance state machine: every rule of docs/design.md, one command at a time.
 
 `StateMachine.apply(command, now_ms)` is a function of (state, time, command).
-Each handler runs all of its checks first, in the order DESIGN.md gives, each
+Each handler runs all of its checks first, in the order docs/design.md gives, each
 returning a named refusal; after the line marked `# -- commit point --` the
 command must succeed, and only then does state change. A refused command changes
 nothing (expiries that fell due before it are time passing, not the command).
@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
+from callcredit_server.core import image as image_format
 from callcredit_server.core.commands import (
     Adjust,
     Command,
@@ -41,12 +42,10 @@ from callcredit_server.core.model import (
     CallRecord,
     CallState,
     EntryKind,
-    Grant,
     LedgerEntry,
     Rate,
     ReleaseResult,
     Tariff,
-    _new,
     new_ledger_entry,
     new_release_result,
 )
@@ -376,7 +375,7 @@ class StateMachine:
                 Reason.NO_RATE_FOR_DESTINATION,
                 f"tariff {account.tariff_id!r} has no rate for {destination}",
             )
-        available = account.balance + account.credit_limit - account.reserved
+        available = account.available
         grant_seconds = c.grant_seconds
         allowed, hold = affordable(rate, grant_seconds, available)
         if allowed == 0:
@@ -488,7 +487,7 @@ class StateMachine:
         self._changed = True
         price = cost(call.rate, c.used_seconds)
         self._close(account, call, CallState.RELEASED)
-        charge = min(price, account.balance + account.credit_limit - account.reserved)
+        charge = min(price, account.available)
         if charge:
             self._post(account, EntryKind.CALL_CHARGE, -charge, call.call_id)
         call.used_seconds = c.used_seconds
@@ -570,7 +569,7 @@ class StateMachine:
         wanted = call.used_seconds + call.grant_seconds
         allowed_before = call.allowed_seconds
         held = call.held
-        budget = held + account.balance + account.credit_limit - account.reserved
+        budget = held + account.available
         allowed, hold = affordable(call.rate, max(allowed_before, wanted), budget)
         if allowed < allowed_before:
             raise InvariantViolation(f"call {call.call_id} would lose granted seconds")
@@ -724,7 +723,7 @@ class StateMachine:
         moved = bool(self._entries) or self.ledger_total != self._ledger_total_before
         for account_id, account in self._accounts_touched.items():
             reserved = account.reserved
-            if reserved < 0 or account.balance + account.credit_limit < reserved:
+            if reserved < 0 or account.available < 0:
                 raise InvariantViolation(
                     f"account {account_id}: available {account.available}, reserved {reserved}"
                 )
@@ -799,7 +798,7 @@ class StateMachine:
             holds = sum(call.held for call in open_calls.values()) if open_calls else 0
             if holds != account.reserved:
                 problems.append(f"{account.account_id}: reserved {account.reserved} != {holds}")
-            if account.balance + account.credit_limit < account.reserved:
+            if account.available < 0:
                 problems.append(f"{account.account_id}: available {account.available} < 0")
             if not open_calls:
                 continue
@@ -819,49 +818,38 @@ class StateMachine:
     # ------------------------------------------------------------- images
 
     def image(self) -> dict[str, Any]:
-        """The whole state as plain JSON-able values: what a snapshot stores.
+        """The whole state as plain JSON-able values: what a snapshot stores (the
+        format: core/image.py).
 
         `StateMachine.from_image(m.image())` behaves exactly as `m` on any later
         command: the order-bearing parts (open calls by reservation order, the
         retention queues by time) are rebuilt from what is stored here.
         """
-        return {
-            "format": IMAGE_FORMAT,
-            "now_ms": self.now_ms,
-            "last_entry_id": self.last_entry_id,
-            "last_call_seq": self.last_call_seq,
-            # A string: the sum over all accounts may outgrow 64 bits, balances cannot.
-            "ledger_total": str(self.ledger_total),
-            "tariffs": [
-                [t.tariff_id, t.currency, [_rate_image(r) for r in t.rates]]
-                for t in self.tariffs.values()
-            ],
-            "accounts": [
-                [
-                    a.account_id,
-                    a.currency,
-                    a.tariff_id,
-                    a.credit_limit,
-                    a.max_concurrent_calls,
-                    a.status.value,
-                    a.balance,
-                    a.reserved,
-                ]
-                for a in self.accounts.values()
-            ],
-            "calls": [_call_image(c) for c in self.calls.values()],
-            "keys": [
-                [at_ms, account_id, key, *record.fingerprint, _view_image(record.answer)]
+        header = image_format.Header(
+            image_format.IMAGE_VERSION,
+            self.now_ms,
+            self.last_entry_id,
+            self.last_call_seq,
+            self.ledger_total,
+        )
+        return image_format.encode(
+            header,
+            tariffs=[image_format.tariff_row(t) for t in self.tariffs.values()],
+            accounts=[image_format.account_row(a) for a in self.accounts.values()],
+            calls=[image_format.call_row(c) for c in self.calls.values()],
+            keys=[
+                image_format.key_row(at_ms, account_id, key, *self._keys[(account_id, key)])
                 for at_ms, account_id, key in self._key_times
-                for record in (self._keys[(account_id, key)],)
             ],
-        }
+        )
 
     @classmethod
     def from_image(cls, image: dict[str, Any]) -> StateMachine:
-        """Rebuild a state machine from `image()`; raises InvariantViolation if broken."""
-        if image.get("format") != IMAGE_FORMAT:
-            raise InvariantViolation(f"unknown state image format {image.get('format')!r}")
+        """Rebuild a state machine from `image()`; raises InvariantViolation if it is
+        broken, or of a version this server cannot read."""
+        unsupported = image_format.unsupported_version(image)
+        if unsupported:
+            raise InvariantViolation(unsupported)
         # Building millions of objects would run the cyclic garbage collector over
         # the growing heap again and again (about half the time of a start); what
         # is built here holds no reference cycles, so nothing is left uncollected.
@@ -869,6 +857,8 @@ class StateMachine:
         gc.disable()
         try:
             return cls._build(image)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise InvariantViolation(f"state image is malformed: {exc!r}") from exc
         finally:
             if collecting:
                 gc.enable()
@@ -876,34 +866,22 @@ class StateMachine:
     @classmethod
     def _build(cls, image: dict[str, Any]) -> StateMachine:
         machine = cls()
-        machine.now_ms = image["now_ms"]
-        machine.last_entry_id = image["last_entry_id"]
-        machine.last_call_seq = image["last_call_seq"]
-        machine.ledger_total = int(image["ledger_total"])
-        for tariff_id, currency, rates in image["tariffs"]:
-            machine.tariffs[tariff_id] = Tariff(tariff_id, currency, tuple(Rate(*r) for r in rates))
+        header = image_format.decode_header(image)
+        machine.now_ms = header.now_ms
+        machine.last_entry_id = header.last_entry_id
+        machine.last_call_seq = header.last_call_seq
+        machine.ledger_total = header.ledger_total
+        shared_rates: dict[tuple[Any, ...], Rate] = {}
+        for row in image["tariffs"]:
+            tariff = image_format.tariff_of(row, shared_rates)
+            machine.tariffs[tariff.tariff_id] = tariff
         accounts = machine.accounts
-        status_of = _ACCOUNT_STATUS
-        # Positional, and the names every account repeats (currency, tariff) shared:
-        # a start from a snapshot builds a million accounts here.
         names: dict[str, str] = {}
         for row in image["accounts"]:
-            account_id, currency, tariff_id, credit_limit, cap, status, balance, reserved = row
-            accounts[account_id] = Account(
-                account_id,
-                names.setdefault(currency, currency),
-                names.setdefault(tariff_id, tariff_id),
-                credit_limit,
-                cap,
-                status_of[status],
-                balance,
-                reserved,
-                {},
-                {},
-            )
-        shared_rates: dict[tuple[Any, ...], Rate] = {}
+            account = image_format.account_of(row, names)
+            accounts[account.account_id] = account
         calls = sorted(
-            (_call_from_image(row, shared_rates) for row in image["calls"]), key=_by_call_seq
+            (image_format.call_of(row, shared_rates) for row in image["calls"]), key=_by_call_seq
         )
         for call in calls:
             machine.calls[call.call_id] = call
@@ -917,8 +895,9 @@ class StateMachine:
         heapq.heapify(machine._expiries)
         ended = [c for c in calls if c.ended_at_ms is not None]
         machine._ended.extend((c.ended_at_ms or 0, c.call_id) for c in sorted(ended, key=_by_end))
-        for at_ms, account_id, key, kind, amount, text, view in image["keys"]:
-            machine._keys[(account_id, key)] = _KeyRecord((kind, amount, text), _view(view))
+        for row in image["keys"]:
+            at_ms, account_id, key, fingerprint, answer = image_format.key_of(row)
+            machine._keys[(account_id, key)] = _KeyRecord(fingerprint, answer)
             machine._key_times.append((at_ms, account_id, key))
         problems = machine.audit()
         if problems:
@@ -944,11 +923,6 @@ def _handlers_of(cls: type[StateMachine]) -> dict[type[Any], _Handler]:
 
 StateMachine._handlers = _handlers_of(StateMachine)
 
-IMAGE_FORMAT = 1
-# Enum lookups by value through a dict: calling the enum costs ~10x more.
-_ACCOUNT_STATUS = {status.value: status for status in AccountStatus}
-_CALL_STATE = {state.value: state for state in CallState}
-
 
 def _by_call_seq(call: Call) -> int:
     return call.call_seq
@@ -956,112 +930,3 @@ def _by_call_seq(call: Call) -> int:
 
 def _by_end(call: Call) -> tuple[int, int]:
     return (call.ended_at_ms or 0, call.call_seq)
-
-
-def _rate_image(rate: Rate) -> list[Any]:
-    return [
-        rate.prefix,
-        rate.price_per_minute_micros,
-        rate.first_increment_seconds,
-        rate.next_increment_seconds,
-        rate.connect_fee,
-    ]
-
-
-def _view_image(view: AccountView) -> list[Any]:
-    return [
-        view.account_id,
-        view.currency,
-        view.status.value,
-        view.tariff_id,
-        view.balance,
-        view.reserved,
-        view.available,
-        view.credit_limit,
-        view.max_concurrent_calls,
-        view.active_calls,
-    ]
-
-
-def _view(row: list[Any]) -> AccountView:
-    if len(row) != len(AccountView._fields):
-        raise InvariantViolation(f"state image: an account view of {len(row)} fields")
-    values = list(row)
-    values[2] = _ACCOUNT_STATUS[values[2]]
-    return _new(AccountView, tuple(values))
-
-
-def _call_image(call: Call) -> list[Any]:
-    renew = call.last_renew
-    release = call.release
-    return [
-        call.call_id,
-        call.call_seq,
-        call.account_id,
-        call.destination,
-        call.requested_seconds,
-        _rate_image(call.rate),
-        call.grant_seconds,
-        call.validity_seconds,
-        call.started_at_ms,
-        call.expires_at_ms,
-        call.state.value,
-        call.allowed_seconds,
-        call.used_seconds,
-        call.held,
-        call.final,
-        call.last_sequence,
-        None
-        if renew is None
-        else [renew.allowed_seconds, renew.final, renew.validity_seconds, renew.held],
-        call.charged,
-        call.shortfall,
-        call.ended_at_ms,
-        None
-        if release is None
-        else [
-            release.used_seconds,
-            release.billed_seconds,
-            release.charged,
-            release.shortfall,
-            release.balance,
-        ],
-    ]
-
-
-def _call_from_image(row: list[Any], rates: dict[tuple[Any, ...], Rate]) -> Call:
-    (call_id, call_seq, account_id, destination, requested, rate, grant_seconds, validity,
-     started_at_ms, expires_at_ms, state, allowed, used, held, final, last_sequence, renew,
-     charged, shortfall, ended_at_ms, release) = row  # fmt: skip
-    return Call(
-        call_id=call_id,
-        call_seq=call_seq,
-        account_id=account_id,
-        destination=destination,
-        requested_seconds=requested,
-        rate=_shared_rate(rates, rate),
-        grant_seconds=grant_seconds,
-        validity_seconds=validity,
-        started_at_ms=started_at_ms,
-        expires_at_ms=expires_at_ms,
-        state=_CALL_STATE[state],
-        allowed_seconds=allowed,
-        used_seconds=used,
-        held=held,
-        final=final,
-        last_sequence=last_sequence,
-        last_renew=None if renew is None else Grant(call_id, *renew),
-        charged=charged,
-        shortfall=shortfall,
-        ended_at_ms=ended_at_ms,
-        release=None if release is None else ReleaseResult(call_id, *release),
-    )
-
-
-def _shared_rate(rates: dict[tuple[Any, ...], Rate], row: list[Any]) -> Rate:
-    """One Rate per distinct rate of the image: calls to one prefix share it."""
-    key = tuple(row)
-    rate = rates.get(key)
-    if rate is None:
-        rate = rates[key] = Rate(*row)
-    return rate

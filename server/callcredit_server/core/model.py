@@ -244,7 +244,7 @@ class Account:
                 self.tariff_id,
                 self.balance,
                 self.reserved,
-                self.balance + self.credit_limit - self.reserved,
+                self.available,
                 self.credit_limit,
                 self.max_concurrent_calls,
                 len(self.open_calls),

@@ -1,6 +1,6 @@
 """Outcomes: what the state machine answers, as named values.
 
-A refusal is a `Refused` with a `Reason` (DESIGN.md, Errors); it changed nothing.
+A refusal is a `Refused` with a `Reason` (docs/design.md, Errors); it changed nothing.
 Pushes are what the server must tell dialers beyond the answer itself.
 """
 
@@ -36,7 +36,8 @@ class Reason(StrEnum):
     NO_RATE_FOR_DESTINATION = "NO_RATE_FOR_DESTINATION"
     CALL_ALREADY_ENDED = "CALL_ALREADY_ENDED"
     CURRENCY_MISMATCH = "CURRENCY_MISMATCH"
-    # Not in DESIGN.md's table: closing an account that still has open calls.
+    # Beyond the brief (docs/design.md, Decisions beyond the brief): closing an
+    # account that still has open calls.
     ACCOUNT_HAS_OPEN_CALLS = "ACCOUNT_HAS_OPEN_CALLS"
     CONCURRENT_CALL_LIMIT = "CONCURRENT_CALL_LIMIT"
 

@@ -1,6 +1,6 @@
 """Rating: how many seconds are billed and what they cost, in integers only.
 
-A call's cost is computed once from its total used seconds (DESIGN.md, Money), so
+A call's cost is computed once from its total used seconds (docs/design.md, Money), so
 rounding cannot drift across renewals.
 """
 

@@ -1,4 +1,4 @@
-"""Input limits (DESIGN.md, Contract): checked before anything else, changing nothing.
+"""Input limits (docs/design.md, Contract): checked before anything else, changing nothing.
 
 `violations` returns the field violations of one command, empty when valid.
 `is_valid` answers the same question without building them: the state machine asks

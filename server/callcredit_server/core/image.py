@@ -1,0 +1,409 @@
+"""The state image: what a snapshot stores of a StateMachine, record kind by record kind.
+
+An image is a JSON object: the version, five scalars, and a list of rows per record
+kind (tariffs, accounts, calls, idempotency keys). A row is a JSON array, not an
+object: a snapshot holds millions of them, and field names would double its size.
+Each row's fields, in order, are those of its NamedTuple below. Writers build rows by
+name through these types. The readers of the rows a start reads by the million
+(`<kind>_of`) unpack a row into locals named as the fields, in the fields' order (the
+NamedTuple's attribute access made a start from a snapshot 1.7x slower,
+scripts/bench_core.py --mix from-image); tests/core/test_image.py checks that those
+names are the NamedTuple's fields.
+
+Compatibility: every image a released version wrote must load in every later one.
+A change to any row below (a field added, removed, reordered or re-encoded) bumps
+IMAGE_VERSION, keeps a reader of the older versions, and commits a golden image of
+the new version beside the others (tests/core/golden/). The current version's golden
+image must equal what `StateMachine.image()` writes, so a change that forgets the bump
+fails there.
+
+Decoding a malformed row raises TypeError, ValueError or KeyError; the machine turns
+those (and a version it cannot read) into InvariantViolation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from callcredit_server.core.model import (
+    Account,
+    AccountStatus,
+    AccountView,
+    Call,
+    CallState,
+    Grant,
+    Rate,
+    ReleaseResult,
+    Tariff,
+    _new,
+)
+
+IMAGE_VERSION = 1
+READABLE_VERSIONS = frozenset({IMAGE_VERSION})
+
+# Enum lookups by value through a dict: calling the enum costs ~10x more.
+_ACCOUNT_STATUS = {status.value: status for status in AccountStatus}
+_CALL_STATE = {state.value: state for state in CallState}
+
+
+class RateRow(NamedTuple):
+    prefix: str
+    price_per_minute_micros: int
+    first_increment_seconds: int
+    next_increment_seconds: int
+    connect_fee: int
+
+
+class TariffRow(NamedTuple):
+    tariff_id: str
+    currency: str
+    rates: list[list[Any]]  # RateRow each
+
+
+class AccountRow(NamedTuple):
+    account_id: str
+    currency: str
+    tariff_id: str
+    credit_limit: int
+    max_concurrent_calls: int
+    status: str  # AccountStatus value
+    balance: int
+    reserved: int
+
+
+class GrantRow(NamedTuple):
+    """The last renewal's answer (a Grant without its call id)."""
+
+    allowed_seconds: int
+    final: bool
+    validity_seconds: int
+    held: int
+
+
+class ReleaseRow(NamedTuple):
+    """The release's answer (a ReleaseResult without its call id)."""
+
+    used_seconds: int
+    billed_seconds: int
+    charged: int
+    shortfall: int
+    balance: int
+
+
+class CallRow(NamedTuple):
+    call_id: str
+    call_seq: int
+    account_id: str
+    destination: str
+    requested_seconds: int
+    rate: list[Any]  # RateRow
+    grant_seconds: int
+    validity_seconds: int
+    started_at_ms: int
+    expires_at_ms: int
+    state: str  # CallState value
+    allowed_seconds: int
+    used_seconds: int
+    held: int
+    final: bool
+    last_sequence: int
+    last_renew: list[Any] | None  # GrantRow
+    charged: int
+    shortfall: int
+    ended_at_ms: int | None
+    release: list[Any] | None  # ReleaseRow
+
+
+class ViewRow(NamedTuple):
+    """An AccountView, its status as the enum's value."""
+
+    account_id: str
+    currency: str
+    status: str
+    tariff_id: str
+    balance: int
+    reserved: int
+    available: int
+    credit_limit: int
+    max_concurrent_calls: int
+    active_calls: int
+
+
+class KeyRow(NamedTuple):
+    """A remembered TopUp/Adjust: when, whose, which key, what was asked and answered."""
+
+    at_ms: int
+    account_id: str
+    key: str
+    kind: str
+    amount: int
+    text: str
+    answer: list[Any]  # ViewRow
+
+
+class Header(NamedTuple):
+    """The image's scalars (the object keys besides the rows)."""
+
+    version: int
+    now_ms: int
+    last_entry_id: int
+    last_call_seq: int
+    ledger_total: int
+
+
+def unsupported_version(image: dict[str, Any]) -> str | None:
+    """Why this server cannot read `image`, or None if it can."""
+    version = image.get("format")
+    if version in READABLE_VERSIONS:
+        return None
+    return f"unsupported snapshot version {version!r} (this server reads {IMAGE_VERSION})"
+
+
+def encode(
+    header: Header,
+    tariffs: list[list[Any]],
+    accounts: list[list[Any]],
+    calls: list[list[Any]],
+    keys: list[list[Any]],
+) -> dict[str, Any]:
+    return {
+        "format": header.version,
+        "now_ms": header.now_ms,
+        "last_entry_id": header.last_entry_id,
+        "last_call_seq": header.last_call_seq,
+        # A string: the sum over all accounts may outgrow 64 bits, balances cannot.
+        "ledger_total": str(header.ledger_total),
+        "tariffs": tariffs,
+        "accounts": accounts,
+        "calls": calls,
+        "keys": keys,
+    }
+
+
+def decode_header(image: dict[str, Any]) -> Header:
+    return Header(
+        version=image["format"],
+        now_ms=image["now_ms"],
+        last_entry_id=image["last_entry_id"],
+        last_call_seq=image["last_call_seq"],
+        ledger_total=int(image["ledger_total"]),
+    )
+
+
+# Each kind of row: `<kind>_row` writes one as a JSON-able list, `<kind>_of` reads it.
+
+
+def rate_row(rate: Rate) -> list[Any]:
+    return [
+        *RateRow(
+            prefix=rate.prefix,
+            price_per_minute_micros=rate.price_per_minute_micros,
+            first_increment_seconds=rate.first_increment_seconds,
+            next_increment_seconds=rate.next_increment_seconds,
+            connect_fee=rate.connect_fee,
+        )
+    ]
+
+
+def rate_of(row: list[Any], shared: dict[tuple[Any, ...], Rate]) -> Rate:
+    """The Rate of a row; one per distinct rate of the image (calls to a prefix share it)."""
+    key = tuple(row)
+    rate = shared.get(key)
+    if rate is None:
+        (prefix, price_per_minute_micros, first_increment_seconds, next_increment_seconds,
+         connect_fee) = row  # fmt: skip
+        rate = shared[key] = Rate(
+            prefix=prefix,
+            price_per_minute_micros=price_per_minute_micros,
+            first_increment_seconds=first_increment_seconds,
+            next_increment_seconds=next_increment_seconds,
+            connect_fee=connect_fee,
+        )
+    return rate
+
+
+def tariff_row(tariff: Tariff) -> list[Any]:
+    rates = [rate_row(r) for r in tariff.rates]
+    return [*TariffRow(tariff_id=tariff.tariff_id, currency=tariff.currency, rates=rates)]
+
+
+def tariff_of(row: list[Any], shared: dict[tuple[Any, ...], Rate]) -> Tariff:
+    tariff = TariffRow._make(row)
+    rates = tuple(rate_of(r, shared) for r in tariff.rates)
+    return Tariff(tariff.tariff_id, tariff.currency, rates)
+
+
+def account_row(account: Account) -> list[Any]:
+    return [
+        *AccountRow(
+            account_id=account.account_id,
+            currency=account.currency,
+            tariff_id=account.tariff_id,
+            credit_limit=account.credit_limit,
+            max_concurrent_calls=account.max_concurrent_calls,
+            status=account.status.value,
+            balance=account.balance,
+            reserved=account.reserved,
+        )
+    ]
+
+
+def account_of(row: list[Any], names: dict[str, str]) -> Account:
+    """An Account (no open calls yet); the names every account repeats (currency,
+    tariff) shared through `names`: a start from a snapshot builds a million here."""
+    (account_id, currency, tariff_id, credit_limit, max_concurrent_calls, status, balance,
+     reserved) = row  # fmt: skip
+    return Account(
+        account_id,
+        names.setdefault(currency, currency),
+        names.setdefault(tariff_id, tariff_id),
+        credit_limit,
+        max_concurrent_calls,
+        _ACCOUNT_STATUS[status],
+        balance,
+        reserved,
+        {},
+        {},
+    )
+
+
+def call_row(call: Call) -> list[Any]:
+    renew = call.last_renew
+    release = call.release
+    return [
+        *CallRow(
+            call_id=call.call_id,
+            call_seq=call.call_seq,
+            account_id=call.account_id,
+            destination=call.destination,
+            requested_seconds=call.requested_seconds,
+            rate=rate_row(call.rate),
+            grant_seconds=call.grant_seconds,
+            validity_seconds=call.validity_seconds,
+            started_at_ms=call.started_at_ms,
+            expires_at_ms=call.expires_at_ms,
+            state=call.state.value,
+            allowed_seconds=call.allowed_seconds,
+            used_seconds=call.used_seconds,
+            held=call.held,
+            final=call.final,
+            last_sequence=call.last_sequence,
+            last_renew=None
+            if renew is None
+            else [
+                *GrantRow(
+                    allowed_seconds=renew.allowed_seconds,
+                    final=renew.final,
+                    validity_seconds=renew.validity_seconds,
+                    held=renew.held,
+                )
+            ],
+            charged=call.charged,
+            shortfall=call.shortfall,
+            ended_at_ms=call.ended_at_ms,
+            release=None
+            if release is None
+            else [
+                *ReleaseRow(
+                    used_seconds=release.used_seconds,
+                    billed_seconds=release.billed_seconds,
+                    charged=release.charged,
+                    shortfall=release.shortfall,
+                    balance=release.balance,
+                )
+            ],
+        )
+    ]
+
+
+def call_of(row: list[Any], shared: dict[tuple[Any, ...], Rate]) -> Call:
+    (call_id, call_seq, account_id, destination, requested_seconds, rate, grant_seconds,
+     validity_seconds, started_at_ms, expires_at_ms, state, allowed_seconds, used_seconds,
+     held, final, last_sequence, last_renew, charged, shortfall, ended_at_ms,
+     release) = row  # fmt: skip
+    renew = None if last_renew is None else GrantRow._make(last_renew)
+    ended = None if release is None else ReleaseRow._make(release)
+    return Call(
+        call_id=call_id,
+        call_seq=call_seq,
+        account_id=account_id,
+        destination=destination,
+        requested_seconds=requested_seconds,
+        rate=rate_of(rate, shared),
+        grant_seconds=grant_seconds,
+        validity_seconds=validity_seconds,
+        started_at_ms=started_at_ms,
+        expires_at_ms=expires_at_ms,
+        state=_CALL_STATE[state],
+        allowed_seconds=allowed_seconds,
+        used_seconds=used_seconds,
+        held=held,
+        final=final,
+        last_sequence=last_sequence,
+        last_renew=None
+        if renew is None
+        else Grant(call_id, renew.allowed_seconds, renew.final, renew.validity_seconds, renew.held),
+        charged=charged,
+        shortfall=shortfall,
+        ended_at_ms=ended_at_ms,
+        release=None
+        if ended is None
+        else ReleaseResult(
+            call_id,
+            ended.used_seconds,
+            ended.billed_seconds,
+            ended.charged,
+            ended.shortfall,
+            ended.balance,
+        ),
+    )
+
+
+def view_row(view: AccountView) -> list[Any]:
+    return [
+        *ViewRow(
+            account_id=view.account_id,
+            currency=view.currency,
+            status=view.status.value,
+            tariff_id=view.tariff_id,
+            balance=view.balance,
+            reserved=view.reserved,
+            available=view.available,
+            credit_limit=view.credit_limit,
+            max_concurrent_calls=view.max_concurrent_calls,
+            active_calls=view.active_calls,
+        )
+    ]
+
+
+def view_of(row: list[Any]) -> AccountView:
+    (account_id, currency, status, tariff_id, balance, reserved, available, credit_limit,
+     max_concurrent_calls, active_calls) = row  # fmt: skip
+    return _new(
+        AccountView,
+        (account_id, currency, _ACCOUNT_STATUS[status], tariff_id, balance, reserved,
+         available, credit_limit, max_concurrent_calls, active_calls),
+    )  # fmt: skip
+
+
+def key_row(
+    at_ms: int, account_id: str, key: str, fingerprint: tuple[str, int, str], answer: AccountView
+) -> list[Any]:
+    kind, amount, text = fingerprint
+    return [
+        *KeyRow(
+            at_ms=at_ms,
+            account_id=account_id,
+            key=key,
+            kind=kind,
+            amount=amount,
+            text=text,
+            answer=view_row(answer),
+        )
+    ]
+
+
+def key_of(row: list[Any]) -> tuple[int, str, str, tuple[str, int, str], AccountView]:
+    """(at_ms, account_id, key, what was asked, what was answered)."""
+    at_ms, account_id, key, kind, amount, text, answer = row
+    return at_ms, account_id, key, (kind, amount, text), view_of(answer)

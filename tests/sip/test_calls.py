@@ -1,0 +1,263 @@
+"""Live SIP calls through Kamailio, limited by callcredit (issue 10, part 3).
+
+Each test runs callcredit-server, callcredit-kamailio, Kamailio (integrations/kamailio/
+kamailio.cfg) and SIPp (dialer and carrier) on loopback. Grants are 5 s, billing is one
+unit per second in 1 s increments, so "one increment" is one second. Talk time is what
+the SIPp dialer measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from callcredit.admin import AdminClient
+from callcredit.v1 import admin_pb2
+from tests.sip.conftest import GRANT_SECONDS, Authority
+from tests.sip.lab import (
+    Lab,
+    assert_billed,
+    assert_billed_seconds,
+    assert_ledger,
+    call_id,
+    calls_of,
+    funded,
+    settled,
+    stop,
+)
+
+INCREMENT_MS = 1_000
+
+
+async def test_a_single_call_talks_its_credit_and_is_charged_exactly(
+    lab: Lab, admin: AdminClient
+) -> None:
+    await funded(admin, "solo", 20)
+
+    dial = lab.dial("solo", calls=1, talk_seconds=60).wait(timeout_seconds=40)
+
+    [record] = dial.answered
+    assert record.ended_by_proxy
+    assert record.talk_ms <= 20_000 + INCREMENT_MS
+    assert record.talk_ms >= 17_000  # the credit is used, not cut short by seconds
+    account = await settled(admin, "solo")
+    [(sip_call_id, _)] = dial.calls.items()
+    calls = await calls_of(admin, "solo")
+    assert_billed(calls[call_id(sip_call_id)], record)
+    assert account.reserved == 0
+    assert account.balance == 20 - calls[call_id(sip_call_id)].charged
+    await assert_ledger(admin, account)
+
+
+async def test_calls_starting_together_share_the_credit_and_the_rest_get_402(
+    lab: Lab, admin: AdminClient
+) -> None:
+    await funded(admin, "crowd", 20)
+
+    dial = lab.dial("crowd", calls=20, talk_seconds=30).wait(timeout_seconds=40)
+
+    answered = dial.answered
+    assert len(dial.calls) == 20
+    assert len(answered) + len(dial.refused(402)) == 20
+    assert len(dial.refused(402)) >= 1
+    total_talk_ms = sum(record.talk_ms for record in answered)
+    assert total_talk_ms <= 20_000 + INCREMENT_MS * len(answered)
+    account = await settled(admin, "crowd")
+    calls = await calls_of(admin, "crowd")
+    assert len(calls) == len(answered)  # a refused INVITE left nothing behind
+    for sip_call_id, record in dial.calls.items():
+        if record.answered_ms is not None:
+            assert_billed(calls[call_id(sip_call_id)], record)
+    assert account.balance >= 0
+    assert account.reserved == 0
+    await assert_ledger(admin, account)
+
+
+async def test_invites_callcredit_refuses_get_their_sip_answers(
+    lab: Lab, admin: AdminClient
+) -> None:
+    await funded(admin, "single-line", 100, max_calls=1)
+
+    busy = lab.dial("single-line", calls=2, talk_seconds=4)
+    unknown = lab.dial("no-such-account", calls=1, talk_seconds=4)
+    malformed = lab.dial("not an id", calls=1, talk_seconds=4)
+
+    assert len(unknown.wait(timeout_seconds=20).refused(403)) == 1
+    assert len(malformed.wait(timeout_seconds=20).refused(400)) == 1
+    busy.wait(timeout_seconds=20)
+    assert len(busy.answered) == 1
+    assert len(busy.refused(486)) == 1
+    account = await settled(admin, "single-line")
+    assert len(await calls_of(admin, "single-line")) == 1
+    await assert_ledger(admin, account)
+
+
+async def test_calls_ending_together_are_each_charged_once(lab: Lab, admin: AdminClient) -> None:
+    await funded(admin, "batch", 1_000)
+
+    dial = lab.dial("batch", calls=20, talk_seconds=4).wait(timeout_seconds=20)
+
+    assert len(dial.answered) == 20
+    assert not any(record.ended_by_proxy for record in dial.answered)
+    account = await settled(admin, "batch")
+    calls = await calls_of(admin, "batch")
+    assert len(calls) == 20
+    for sip_call_id, record in dial.calls.items():
+        assert_billed(calls[call_id(sip_call_id)], record)
+    entries = await assert_ledger(admin, account)
+    charges = [e.call_id for e in entries if e.kind == admin_pb2.ENTRY_KIND_CALL_CHARGE]
+    assert sorted(charges) == sorted(calls)  # one charge per call, no expiry, no refund
+    assert len(entries) == 1 + 20  # the top-up and the charges
+    assert account.balance == 1_000 - sum(call.charged for call in calls.values())
+
+
+async def test_a_top_up_extends_a_live_call_past_its_first_grant(
+    lab: Lab, admin: AdminClient
+) -> None:
+    await funded(admin, "topped", 6)
+
+    dial = lab.dial("topped", calls=1, talk_seconds=12)
+    await asyncio.sleep(3.5)  # answered, renewed once: its grant is final at 6 s
+    await admin.top_up("topped", 100, idempotency_key="mid-call")
+    dial.wait(timeout_seconds=30)
+
+    [record] = dial.answered
+    assert not record.ended_by_proxy  # it hung up itself, at the 12 s it wanted
+    assert record.talk_ms >= 11_500
+    await settled(admin, "topped")
+    [(sip_call_id, _)] = dial.calls.items()
+    assert_billed((await calls_of(admin, "topped"))[call_id(sip_call_id)], record)
+
+
+async def test_a_suspension_ends_live_calls_within_a_second(lab: Lab, admin: AdminClient) -> None:
+    await funded(admin, "naughty", 1_000)
+
+    dial = lab.dial("naughty", calls=3, talk_seconds=30)
+    await asyncio.sleep(3.0)
+    suspended_at = time.monotonic()
+    await admin.update_account("naughty", status=admin_pb2.ACCOUNT_STATUS_SUSPENDED)
+    dial.wait(timeout_seconds=30)
+
+    assert len(dial.answered) == 3
+    for record in dial.answered:
+        assert record.ended_by_proxy
+        assert record.ended_ms is not None
+        ended_at = dial.started_at + record.ended_ms / 1000
+        assert ended_at - suspended_at <= 1.0
+    await settled(admin, "naughty")
+    calls = await calls_of(admin, "naughty")
+    for sip_call_id, record in dial.calls.items():
+        assert_billed(calls[call_id(sip_call_id)], record)
+
+
+async def test_calls_end_at_their_grant_when_the_adapter_is_killed(
+    lab: Lab, admin: AdminClient
+) -> None:
+    await funded(admin, "orphans", 1_000)
+
+    dial = lab.dial("orphans", calls=2, talk_seconds=20)
+    await asyncio.sleep(1.5)  # answered, first grant (5 s) not yet renewed
+    lab.kill_adapter()
+    unserved = lab.dial("orphans", calls=1, talk_seconds=5).wait(timeout_seconds=20)
+    dial.wait(timeout_seconds=30)
+
+    # With no adapter, Kamailio itself answers 503 after CC_WAIT_MS (3 s).
+    [not_held] = unserved.refused(503)
+    assert not_held.refused_ms is not None
+    assert not_held.refused_ms <= 3_500
+    assert len(dial.answered) == 2
+    for record in dial.answered:
+        assert record.ended_by_proxy
+        assert record.talk_ms <= GRANT_SECONDS * 1000 + INCREMENT_MS
+    # Nobody released them: they are open at callcredit until an adapter comes back.
+    assert (await admin.get_account("orphans")).active_calls == 2
+    lab.start_adapter()
+    account = await settled(admin, "orphans")
+    assert account.active_calls == 0
+    calls = await calls_of(admin, "orphans")
+    for sip_call_id, record in dial.calls.items():
+        assert_billed(calls[call_id(sip_call_id)], record)
+    entries = await assert_ledger(admin, account)
+    charges = [e.call_id for e in entries if e.kind == admin_pb2.ENTRY_KIND_CALL_CHARGE]
+    assert sorted(charges) == sorted(calls)  # charged once each, never expired
+    assert lab.dialogs() == []
+
+
+async def test_a_restarted_adapter_takes_up_a_live_call(lab: Lab, admin: AdminClient) -> None:
+    await funded(admin, "resumed", 1_000)
+
+    dial = lab.dial("resumed", calls=1, talk_seconds=10)
+    await asyncio.sleep(1.5)
+    lab.kill_adapter()
+    lab.start_adapter()  # within the first grant: the call is still talking
+    dial.wait(timeout_seconds=30)
+
+    [record] = dial.answered
+    assert not record.ended_by_proxy  # renewed by the new adapter, up to the 10 s it wanted
+    assert record.talk_ms >= 9_500
+    account = await settled(admin, "resumed")
+    [(sip_call_id, _)] = dial.calls.items()
+    assert_billed((await calls_of(admin, "resumed"))[call_id(sip_call_id)], record)
+    await assert_ledger(admin, account)
+
+
+async def test_a_call_that_failed_while_the_adapter_was_down_is_released_free(
+    lab: Lab, admin: AdminClient
+) -> None:
+    await funded(admin, "unlucky", 1_000)
+    assert lab.carrier is not None
+    stop(lab.carrier)  # the carrier never answers: the INVITE times out (408) in 5 s
+
+    dial = lab.dial("unlucky", calls=1, talk_seconds=8)
+    await asyncio.sleep(1.0)  # let through, ringing
+    lab.kill_adapter()
+    dial.wait(timeout_seconds=20)
+    [record] = dial.calls.values()
+    assert record.refused == 408
+    assert (await admin.get_account("unlucky")).active_calls == 1  # nobody released it
+    lab.start_adapter()
+
+    account = await settled(admin, "unlucky")
+    assert account.active_calls == 0
+    [call] = (await calls_of(admin, "unlucky")).values()
+    assert call.state == admin_pb2.CALL_STATE_RELEASED
+    assert call.charged == 0
+    assert account.balance == 1_000
+
+
+async def test_with_callcredit_down_invites_get_503_and_calls_end_at_their_grant(
+    lab: Lab, admin: AdminClient, authority: Authority
+) -> None:
+    await funded(admin, "stranded", 1_000)
+
+    talking = lab.dial("stranded", calls=2, talk_seconds=20)
+    await asyncio.sleep(1.5)
+    authority.kill()
+    refused = lab.dial("stranded", calls=3, talk_seconds=5).wait(timeout_seconds=20)
+    talking.wait(timeout_seconds=30)
+
+    assert len(refused.refused(503)) == 3
+    for record in refused.calls.values():
+        assert record.refused_ms is not None
+        assert record.refused_ms <= (lab.reserve_timeout_seconds + 0.5) * 1000
+    assert len(talking.answered) == 2
+    for record in talking.answered:
+        assert record.ended_by_proxy
+        assert record.talk_ms <= GRANT_SECONDS * 1000 + INCREMENT_MS
+    authority.start()  # the adapter's releases, queued meanwhile, go through
+    async with AdminClient(authority.target) as back:
+        account = await settled(back, "stranded")
+        assert account.active_calls == 0
+        calls = await calls_of(back, "stranded")
+        for sip_call_id in refused.calls:
+            # The INVITE was answered 503, but its Reserve may have reached callcredit
+            # once it was back: then it was released at once, free.
+            lost = calls.pop(call_id(sip_call_id), None)
+            assert lost is None or lost.charged == 0
+        assert len(calls) == 2
+        for sip_call_id, record in talking.calls.items():
+            call = calls[call_id(sip_call_id)]
+            # Released, or expired meanwhile and re-rated by the late release.
+            assert call.charged == call.used_seconds
+            assert_billed_seconds(call.used_seconds, record.talk_ms)
+        await assert_ledger(back, account)
