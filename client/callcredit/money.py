@@ -1,10 +1,10 @@
 """Money as people read and write it: the currency's own units, symbol and grouping.
 
 The contract carries every amount as an ``int`` of the currency's minor unit and every
-price in micros of the minor unit per minute (DESIGN.md). People think in the major unit:
-20,000 ₫ (VND has no minor unit, ISO 4217 exponent 0), $12.50 (USD, exponent 2). This
-module converts both ways, exactly (``Decimal``, never ``float``), with the currency data
-of Babel (CLDR), not a hand-kept table::
+price in micros of the minor unit per minute (docs/design.md, Money). People think in
+the major unit: 20,000 ₫ (VND has no minor unit, ISO 4217 exponent 0), $12.50 (USD,
+exponent 2). This module converts both ways, exactly (``Decimal``, never ``float``),
+with the currency data of Babel (CLDR), not a hand-kept table::
 
     format_amount(20_000, "VND")         -> "₫20,000"
     format_amount(1_250, "USD")          -> "$12.50"
