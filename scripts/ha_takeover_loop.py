@@ -9,7 +9,7 @@ replays the journal. Prints the campaign's summary and the takeover times (SIGKI
 the standby serving, p50 and max); exits 1 on any violation. Usage:
 
     python scripts/ha_takeover_loop.py --takeovers 200 \\
-        --database-url postgresql+psycopg://postgres@127.0.0.1/cc [--lease-seconds 1]
+        --database-url postgresql+psycopg://postgres@127.0.0.1/cc [--lease-seconds 2]
 
 The journal gets a fresh schema of its own in that database (dropped afterwards).
 """
@@ -33,7 +33,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--takeovers", type=int, default=200)
     parser.add_argument("--database-url", required=True, help="a PostgreSQL URL")
-    parser.add_argument("--lease-seconds", type=float, default=1.0)
+    parser.add_argument("--lease-seconds", type=float, default=2.0)
     parser.add_argument("--clients", type=int, default=3, help="client processes")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="logs (default: a temp dir)")
