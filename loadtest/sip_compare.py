@@ -73,7 +73,7 @@ if __package__ in (None, ""):  # run as a script: make `loadtest` and `tests` im
 from callcredit.admin import AdminClient, RateSpec
 from callcredit.v1 import admin_pb2
 from callcredit_server.kamailio.decisions import derive_call_id
-from tests.service.processes import configured_server_process
+from callcredit_server.launch import serving
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO_DIR = REPO / "loadtest" / "sip"
@@ -663,10 +663,8 @@ def callcredit_proxy(
     ]  # fmt: skip
     events, rpc = tcp_port(), udp_port()
     with ExitStack() as stack:
-        server, server_port = stack.enter_context(
-            configured_server_process(workdir / "server.log", server_args)
-        )
-        target = f"127.0.0.1:{server_port}"
+        server = stack.enter_context(serving(server_args, workdir / "server.log"))
+        target = server.target
         callee_ = stack.enter_context(callee(workdir / "callee", trace_messages=trace_callee))
         proxy = stack.enter_context(
             kamailio(

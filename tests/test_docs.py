@@ -20,7 +20,8 @@ from tests.service.processes import server_process
 REPO = Path(__file__).resolve().parent.parent
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUN_HERE = {"walk-through", "python"}
-RUN_ELSEWHERE = {"openssl", "systemd-unit"}  # tests/ops/test_deploy.py
+RUN_ELSEWHERE = {"openssl", "systemd-unit", "webhook-verify"}  # tests/ops/test_deploy.py,
+# tests/notify/test_delivery.py
 
 _BLOCK = re.compile(r"^```(\w+)\n", re.MULTILINE)
 _MARKER = re.compile(r"<!-- (?:test: ([\w-]+)|not run: [^>]+) -->")

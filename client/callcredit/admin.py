@@ -26,7 +26,7 @@ system's roots), and ``cert_file=``/``key_file=`` when it requires client certif
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -234,6 +234,7 @@ class AdminClient:
         tariff_id: str,
         credit_limit: int = 0,
         max_concurrent_calls: int = 0,
+        low_balance_threshold: int = 0,
     ) -> admin_pb2.Account:
         """Open an account with a zero balance (``ACCOUNT_EXISTS`` if the id is taken).
 
@@ -246,6 +247,7 @@ class AdminClient:
             tariff_id=tariff_id,
             credit_limit=credit_limit,
             max_concurrent_calls=max_concurrent_calls,
+            low_balance_threshold=low_balance_threshold,
         )
         response: admin_pb2.CreateAccountResponse = await self._call(
             self._stub.CreateAccount, request
@@ -266,6 +268,7 @@ class AdminClient:
         tariff_id: str | None = None,
         credit_limit: int | None = None,
         max_concurrent_calls: int | None = None,
+        low_balance_threshold: int | None = None,
     ) -> admin_pb2.Account:
         """Change only the fields given; ``None`` leaves a field as it is.
 
@@ -281,6 +284,8 @@ class AdminClient:
             request.credit_limit = credit_limit
         if max_concurrent_calls is not None:
             request.max_concurrent_calls = max_concurrent_calls
+        if low_balance_threshold is not None:
+            request.low_balance_threshold = low_balance_threshold
         response: admin_pb2.UpdateAccountResponse = await self._call(
             self._stub.UpdateAccount, request
         )
@@ -429,3 +434,30 @@ class AdminClient:
         )
         response: admin_pb2.ListEntriesResponse = await self._call(self._stub.ListEntries, request)
         return list(response.entries)
+
+    async def watch_events(
+        self,
+        *,
+        after: str = "",
+        from_end: bool = False,
+        account_ids: Sequence[str] = (),
+        kinds: Sequence[admin_pb2.EventKind.ValueType] = (),
+    ) -> AsyncIterator[admin_pb2.WatchEventsResponse]:
+        """Follow the changefeed: each response's events, and the ``cursor`` to resume from.
+
+        Never ends by itself and has no deadline. Keep the last ``cursor`` (durably, if
+        it must survive a restart) and pass it as ``after`` when reconnecting: nothing
+        is missed and nothing repeated. A stream the server cut for reading too slowly
+        raises ``CallcreditError`` with ``SLOW_CONSUMER``: reconnect the same way.
+        """
+        request = admin_pb2.WatchEventsRequest(
+            after=after, from_end=from_end, account_ids=account_ids, kinds=kinds
+        )
+        call = self._stub.WatchEvents(request, metadata=self._metadata)
+        try:
+            async for response in call:
+                yield response
+        except grpc.RpcError as exc:
+            raise CallcreditError.from_rpc_error(exc) from exc
+        finally:
+            call.cancel()

@@ -31,6 +31,7 @@ from sqlalchemy.engine import make_url
 
 from callcredit.v1 import admin_pb2, credit_control_pb2
 from callcredit_server.auth import Authenticator, AuthInterceptor, Token, tokens_from_config
+from callcredit_server.changefeed import Changefeed
 from callcredit_server.convert import GrantPolicy
 from callcredit_server.handlers import register
 from callcredit_server.journal import Journal
@@ -419,9 +420,13 @@ async def start(
     metrics = Metrics()
     writer.observer = metrics
     metrics.watch(writer)
+    feed = Changefeed(await asyncio.to_thread(journal.last_seq))
+    writer.on_durable = feed.publish
+    writer.on_failure(lambda _: feed.close())
     control = CreditControlServicer(writer, policy, metrics)
     register(server, control, CREDIT_CONTROL_SERVICE, credit_control_pb2)
-    register(server, AdminServicer(writer, journal, history, metrics), ADMIN_SERVICE, admin_pb2)
+    admin = AdminServicer(writer, journal, history, metrics, feed)
+    register(server, admin, ADMIN_SERVICE, admin_pb2)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     services = (
         CREDIT_CONTROL_SERVICE.full_name,

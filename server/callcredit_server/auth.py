@@ -11,7 +11,8 @@ Roles:
 
 - ``admin`` tokens may call AdminService, and only it;
 - ``dialer`` tokens may call CreditControlService, and only it, on the accounts of
-  their tenant (an account-id prefix and/or an explicit list of account ids).
+  their tenant (an account-id prefix and/or an explicit list of account ids); and
+  AdminService.WatchEvents, which then sends only their tenant's events.
 
 Roles do not overlap: an admin token cannot dial (PERMISSION_DENIED), so a token kept
 by operators is never needed on a dialer host, and a leaked dialer token cannot move
@@ -72,6 +73,8 @@ class Role(StrEnum):
 
 
 _SERVICE_ROLES = {ADMIN_SERVICE: Role.ADMIN, DIALER_SERVICE: Role.DIALER}
+# The one admin method a dialer token may call too: it sees only its tenant's accounts.
+TENANT_SCOPED_METHODS = frozenset({f"/{ADMIN_SERVICE}/WatchEvents"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +268,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 handler, unauthenticated(f"{why}: send 'authorization: Bearer <token>'")
             )
         role = _SERVICE_ROLES.get(service)
-        if token.role is not role:
+        if token.role is not role and not (
+            token.role is Role.DIALER and method in TENANT_SCOPED_METHODS
+        ):
             log.warning("refused %s: token %r has role %s", method, token.name, token.role)
             return refusing(
                 handler, permission_denied(f"a {token.role} token may not call {service}")

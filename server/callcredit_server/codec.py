@@ -152,7 +152,11 @@ def _body(command: Command) -> dict[str, object]:
                 "credit_limit": command.credit_limit,
                 "max_concurrent_calls": command.max_concurrent_calls,
             }
-            return _typed(body, str, str, str, int, int)
+            # Left out when off: records without a threshold stay as they were.
+            if command.low_balance_threshold == 0:
+                return _typed(body, str, str, str, int, int)
+            body["low_balance_threshold"] = command.low_balance_threshold
+            return _typed(body, str, str, str, int, int, int)
         case UpdateAccount():
             # Absent optional fields are left out, so "not given" stays distinct.
             out: dict[str, object] = {"account_id": _str(command.account_id, "account_id")}
@@ -167,6 +171,10 @@ def _body(command: Command) -> dict[str, object]:
             if command.max_concurrent_calls is not None:
                 out["max_concurrent_calls"] = _int(
                     command.max_concurrent_calls, "max_concurrent_calls"
+                )
+            if command.low_balance_threshold is not None:
+                out["low_balance_threshold"] = _int(
+                    command.low_balance_threshold, "low_balance_threshold"
                 )
             return out
         case TopUp():
@@ -308,6 +316,9 @@ def _create_account(f: _Fields) -> Command:
         tariff_id=f.text("tariff_id"),
         credit_limit=f.integer("credit_limit"),
         max_concurrent_calls=f.integer("max_concurrent_calls"),
+        low_balance_threshold=(
+            f.integer("low_balance_threshold") if f.has("low_balance_threshold") else 0
+        ),
     )
 
 
@@ -319,6 +330,9 @@ def _update_account(f: _Fields) -> Command:
         credit_limit=f.integer("credit_limit") if f.has("credit_limit") else None,
         max_concurrent_calls=(
             f.integer("max_concurrent_calls") if f.has("max_concurrent_calls") else None
+        ),
+        low_balance_threshold=(
+            f.integer("low_balance_threshold") if f.has("low_balance_threshold") else None
         ),
     )
 

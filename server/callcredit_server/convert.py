@@ -27,6 +27,8 @@ from callcredit_server.core import (
     Reserve,
     Tariff,
 )
+from callcredit_server.core.events import Event, EventKind
+from callcredit_server.core.model import burn_rate_per_minute, seconds_until_empty
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +158,35 @@ def account_pb(view: AccountView) -> admin_pb2.Account:
         credit_limit=view.credit_limit,
         max_concurrent_calls=view.max_concurrent_calls,
         active_calls=view.active_calls,
+        low_balance_threshold=view.low_balance_threshold,
+        burn_rate_per_minute=burn_rate_per_minute(view.burn_micros),
+        seconds_until_empty=seconds_until_empty(view.available, view.burn_micros),
     )
+
+
+EVENT_KIND_TO_PB = {
+    kind: admin_pb2.EventKind.Value(f"EVENT_KIND_{kind.value}") for kind in EventKind
+}
+EVENT_KIND_FROM_PB = {pb: kind for kind, pb in EVENT_KIND_TO_PB.items()}
+
+
+def event_pb(seq: int, index: int, at_ms: int, event: Event) -> admin_pb2.Event:
+    message = admin_pb2.Event(
+        seq=seq,
+        index=index,
+        event_id=f"{seq}.{index}",
+        kind=EVENT_KIND_TO_PB[event.kind],
+        at=_timestamp(at_ms),
+        account_id=event.account_id,
+        account=account_pb(event.account),
+    )
+    if event.entry is not None:
+        message.entry.CopyFrom(entry_pb(event.entry))
+    if event.call is not None:
+        message.call.CopyFrom(call_pb(event.call))
+    if event.previous_status is not None:
+        message.previous_status = _STATUS_TO_PB[event.previous_status]
+    return message
 
 
 def rate_pb(rate: Rate) -> admin_pb2.Rate:

@@ -87,6 +87,32 @@ def _streaming(
     return handle
 
 
+def _server_streaming(
+    method: Callable[[Any, Context], AsyncGenerator[Any, None]],
+) -> Callable[[Any, Context], AsyncGenerator[Any, None]]:
+    async def handle(request: Any, context: Context) -> AsyncGenerator[Any, None]:
+        if isinstance(request, UndecodableRequest):
+            await context.abort_with_status(rpc_status.to_status(request.status))
+        responses = method(request, context)
+        try:
+            async for response in responses:
+                yield response
+        finally:
+            await responses.aclose()
+
+    return handle
+
+
+def _serialized(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """`serialize`, except that a response already serialized (bytes) goes as it is:
+    WatchEvents encodes each event once for all of its streams."""
+
+    def serializer(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)
+
+    return serializer
+
+
 def _handler(servicer: object, method: MethodDescriptor, messages: ModuleType) -> Any:
     request = getattr(messages, method.input_type.name)
     response = getattr(messages, method.output_type.name)
@@ -104,7 +130,13 @@ def _handler(servicer: object, method: MethodDescriptor, messages: ModuleType) -
             request_deserializer=decode,
             response_serializer=response.SerializeToString,
         )
-    raise ValueError(f"{method.full_name}: only unary and bidirectional methods are served")
+    if method.server_streaming:
+        return grpc.unary_stream_rpc_method_handler(
+            _server_streaming(implementation),
+            request_deserializer=decode,
+            response_serializer=_serialized(response.SerializeToString),
+        )
+    raise ValueError(f"{method.full_name}: client-streaming methods are not served")
 
 
 def register(

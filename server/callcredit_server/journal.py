@@ -65,6 +65,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -91,6 +92,7 @@ from sqlalchemy.engine import URL, Dialect, make_url
 
 from callcredit_server.codec import CodecError, decode_command, encode_command
 from callcredit_server.core.commands import Command
+from callcredit_server.core.events import Event, EventImageError, event_from_image, event_image
 from callcredit_server.core.model import (
     CallRecord,
     CallState,
@@ -108,9 +110,11 @@ __all__ = [
     "Journal",
     "JournalError",
     "JournalRecord",
+    "StoredEvent",
     "calls_table",
     "engine_url",
     "entries_table",
+    "events_table",
     "journal_table",
     "metadata",
 ]
@@ -161,6 +165,16 @@ class JournalRecord(NamedTuple):
     command: Command
     entries: Sequence[LedgerEntry]  # the step's own lists, never changed after
     calls: Sequence[CallRecord]
+    events: Sequence[Event] = ()  # the changefeed's, stored as events_table rows
+
+
+class StoredEvent(NamedTuple):
+    """An event read back from events_table, with its place and its record's time."""
+
+    seq: int
+    idx: int  # the place among the record's events, from 0
+    at_ms: int
+    event: Event
 
 
 # ------------------------------------------------------------------ schema
@@ -257,6 +271,19 @@ lease_table = Table(
     Column("advertise", String(256), nullable=False),  # where clients find it
     Column("expires_at", DateTime(timezone=True), nullable=False),  # database clock
 )
+
+# The changefeed (changefeed.py): the events a record produced, as one row per record
+# with events (a JSON list of core.events images, in order), in the same transaction.
+# One row per record rather than per event: one insert and one key per record keeps
+# the writer's cost down. Kept like entries and calls: a prune of the journal leaves it.
+events_table = Table(
+    "events",
+    metadata,
+    Column("seq", _Key, primary_key=True, autoincrement=False),
+    Column("at_ms", BigInteger, nullable=False),
+    Column("body", Text, nullable=False),
+)
+EVENT_RECORDS_PER_READ = 100  # records per read_events query (each may hold many events)
 
 _CALL_COLUMNS = [c for c in calls_table.c if c.name != "seq"]
 _ENTRY_COLUMNS = [c for c in entries_table.c if c.name != "seq"]
@@ -518,8 +545,8 @@ def chain_after(previous: str, seq: int, at_ms: int, kind: str, body: str) -> st
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _Rows]:
-    """The journal, entry and call rows of a batch, checked before any I/O.
+def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _Rows, _Rows]:
+    """The journal, entry, call and event rows of a batch, checked before any I/O.
 
     Seqs must run on without a gap and times must not go back; a call touched
     several times in the batch keeps only its last snapshot (one row per call,
@@ -527,6 +554,7 @@ def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _R
     """
     journal_rows: _Rows = []
     entry_rows: _Rows = []
+    event_rows: _Rows = []
     call_rows: dict[str, tuple[object, ...]] = {}
     previous: JournalRecord | None = None
     for record in records:
@@ -548,8 +576,11 @@ def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _R
         entry_rows.extend(_entry_row(entry, record.seq) for entry in record.entries)
         for call in record.calls:
             call_rows[call.call_id] = _call_row(call, record.seq)  # the last one wins
+        if record.events:
+            body = orjson.dumps([event_image(e) for e in record.events]).decode()
+            event_rows.append((record.seq, record.at_ms, body))
         previous = record
-    return journal_rows, entry_rows, list(call_rows.values())
+    return journal_rows, entry_rows, list(call_rows.values()), event_rows
 
 
 def _insert(connection: Connection, table: Table, rows: _Rows, upsert_key: str = "") -> None:
@@ -754,7 +785,7 @@ class Journal:
         first = records[0]
         span = f"journal seq {first.seq}..{records[-1].seq}"
         with _failing_as(f"preparing {span}"):
-            journal_rows, entry_rows, call_rows = _rows(records, span)
+            journal_rows, entry_rows, call_rows, event_rows = _rows(records, span)
         try:
             with _failing_as(f"append of {span}"), self._writer.begin() as connection:
                 if self._epoch is not None:
@@ -779,6 +810,8 @@ class Journal:
                     _insert(connection, entries_table, entry_rows)
                 if call_rows:
                     _insert(connection, calls_table, call_rows, upsert_key="call_id")
+                if event_rows:
+                    _insert(connection, events_table, event_rows)
         except BaseException:
             self._tail = None  # what reached the database is unknown: read it next time
             raise
@@ -1044,6 +1077,35 @@ class Journal:
         query = query.order_by(calls_table.c.call_seq.desc()).limit(limit)
         with _failing_as("listing calls"), self._engine.connect() as connection:
             return [_call(row) for row in connection.execute(query)]
+
+    def read_events(
+        self, after_seq: int, after_index: int, through_seq: int
+    ) -> tuple[list[StoredEvent], int | None, bool]:
+        """The events after (after_seq, after_index) in the next EVENT_RECORDS_PER_READ
+        records with events up to seq `through_seq`, in order; the last seq read (None if
+        none); and whether more records may follow. An event that does not decode raises
+        JournalError."""
+        self._check_open()
+        seq = events_table.c.seq
+        query = (
+            select(*events_table.c)
+            .where(seq >= after_seq, seq <= through_seq)
+            .order_by(seq)
+            .limit(EVENT_RECORDS_PER_READ)
+        )
+        with _failing_as("reading events"), self._engine.connect() as connection:
+            rows = connection.execute(query).all()
+        events: list[StoredEvent] = []
+        for row in rows:
+            try:
+                images = orjson.loads(row.body)
+                for idx, image in enumerate(images):
+                    if row.seq > after_seq or idx > after_index:
+                        events.append(StoredEvent(row.seq, idx, row.at_ms, event_from_image(image)))
+            except (orjson.JSONDecodeError, EventImageError) as exc:
+                raise JournalError(f"events of journal seq {row.seq}: {exc}") from exc
+        last = int(rows[-1].seq) if rows else None
+        return events, last, len(rows) == EVENT_RECORDS_PER_READ
 
     def get_call(self, call_id: str) -> CallRecord | None:
         """The latest snapshot of the call, or None if it was never journaled."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import heapq
 import logging
 import re
@@ -24,8 +25,9 @@ from grpc_status import rpc_status
 
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
 from callcredit.v1.error_reason_pb2 import ErrorReason
-from callcredit_server import convert
+from callcredit_server import changefeed, convert
 from callcredit_server.auth import current_tenant
+from callcredit_server.changefeed import Changefeed, Cursor, FeedEvent, Filter
 from callcredit_server.convert import GrantPolicy
 from callcredit_server.core import (
     AccountResult,
@@ -495,11 +497,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         journal: Journal,
         history: ThreadPoolExecutor,
         metrics: Metrics | None = None,
+        feed: Changefeed | None = None,
     ) -> None:
         self._writer = writer
         self._journal = journal
         self._history = history  # threads for database reads, apart from the journal writer
         self.metrics = metrics if metrics is not None else Metrics()
+        self._feed = feed if feed is not None else Changefeed(journal.last_seq())
 
     async def _account(
         self, command: Command, context: grpc.aio.ServicerContext[Any, Any]
@@ -540,6 +544,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             tariff_id=request.tariff_id,
             credit_limit=request.credit_limit,
             max_concurrent_calls=request.max_concurrent_calls,
+            low_balance_threshold=request.low_balance_threshold,
         )
         return admin_pb2.CreateAccountResponse(account=await self._account(command, context))
 
@@ -564,6 +569,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             credit_limit=request.credit_limit if request.HasField("credit_limit") else None,
             max_concurrent_calls=(
                 request.max_concurrent_calls if request.HasField("max_concurrent_calls") else None
+            ),
+            low_balance_threshold=(
+                request.low_balance_threshold if request.HasField("low_balance_threshold") else None
             ),
         )
         return admin_pb2.UpdateAccountResponse(account=await self._account(command, context))
@@ -748,3 +756,143 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             context,
         )
         return admin_pb2.ListEntriesResponse(entries=[convert.entry_pb(e) for e in entries])
+
+    # ------------------------------------------------------------ changefeed
+
+    # The stub says messages; this yields their bytes, which handlers.py sends as they are.
+    async def WatchEvents(  # type: ignore[override]
+        self, request: admin_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        """Replay the stored events after the cursor, then follow live ones (changefeed.py).
+
+        Yields serialized WatchEventsResponse messages: a live event's bytes are made
+        once and shared by every stream that sends it.
+        """
+        feed = self._feed
+        wanted = await self._watch_filter(request, context)
+        cursor: Cursor = (0, changefeed.END_OF_RECORD)
+        if request.from_end:
+            if request.after:
+                await _abort(context, invalid("after", "must be empty with from_end"))
+            cursor = (feed.tail_seq, changefeed.END_OF_RECORD)
+        elif request.after:
+            parsed = changefeed.parse_cursor(request.after)
+            if parsed is None:
+                await _abort(context, invalid("after", "is not a cursor this server gave"))
+            if parsed[0] > feed.tail_seq:
+                await _abort(
+                    context, invalid("after", f"is beyond the journal's end (seq {feed.tail_seq})")
+                )
+            cursor = parsed
+        async for response, read_to in self._stored_events(cursor, wanted, context):
+            yield response
+            cursor = read_to
+        follower = feed.subscribe(wanted)
+        if follower is None:
+            await _abort(context, unavailable("too many WatchEvents streams; retry later"))
+        try:
+            async for response, read_to in self._stored_events(cursor, wanted, context):
+                yield response
+                cursor = read_to
+            while True:
+                await follower.wake.wait()
+                if follower.cut:
+                    await _abort(
+                        context,
+                        status_for(
+                            ErrorReason.SLOW_CONSUMER,
+                            f"more than {changefeed.MAX_BUFFERED_EVENTS} events waited for this "
+                            f"stream: resume with after={changefeed.format_cursor(cursor)}",
+                        ),
+                    )
+                if follower.closed:
+                    await _abort(context, unavailable("the server stopped taking work"))
+                taken = follower.take(cursor)
+                if taken:
+                    cursor = taken[-1].cursor
+                    yield _events_response(taken, cursor)
+        finally:
+            feed.unsubscribe(follower)
+
+    async def _watch_filter(
+        self, request: admin_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Filter:
+        allows = _allows()
+        if len(request.account_ids) > changefeed.MAX_ACCOUNT_FILTER:
+            await _abort(
+                context,
+                invalid("account_ids", f"at most {changefeed.MAX_ACCOUNT_FILTER} accounts"),
+            )
+        for account_id in request.account_ids:
+            if not ID_PATTERN.fullmatch(account_id):
+                await _abort(context, invalid("account_ids", ID_RULE))
+            if allows is not None and not allows(account_id):
+                await _abort(context, _outside(account_id))
+        kinds = set()
+        for kind in request.kinds:
+            known = convert.EVENT_KIND_FROM_PB.get(kind)
+            if known is None:
+                await _abort(context, invalid("kinds", f"unknown event kind {kind}"))
+            kinds.add(known)
+        return Filter(allows, frozenset(request.account_ids), frozenset(kinds))
+
+    async def _stored_events(
+        self, cursor: Cursor, wanted: Filter, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[tuple[bytes, Cursor]]:
+        """The stored events after `cursor`, in responses of at most 1,000, until the end.
+
+        The last response of each page read carries the cursor past the page's last
+        record, events or not, so that a narrow filter need not rescan what it left out.
+        """
+        limit = changefeed.MAX_EVENTS_PER_RESPONSE
+        while True:
+            seq, index = cursor
+            # Only what the writer has published: durable, and never beyond its tail.
+            read = functools.partial(self._journal.read_events, seq, index, self._feed.tail_seq)
+            stored, last, more = await self._history_read(read, context)
+            if last is None:
+                return
+            matched = [
+                FeedEvent(e.seq, e.idx, e.at_ms, e.event)
+                for e in stored
+                if wanted.matches(e.event.account_id, e.event.kind)
+            ]
+            chunks = [matched[i : i + limit] for i in range(0, len(matched), limit)] or [[]]
+            for chunk in chunks[:-1]:
+                cursor = chunk[-1].cursor
+                yield _events_response(chunk, cursor), cursor
+            cursor = (last, changefeed.END_OF_RECORD)
+            yield _events_response(chunks[-1], cursor), cursor
+            if not more:
+                return
+
+
+# WatchEventsResponse on the wire: field 1 (events) and field 2 (cursor), length-delimited.
+_EVENTS_TAG = b"\x0a"
+_CURSOR_TAG = b"\x12"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _event_wire(item: FeedEvent) -> bytes:
+    """The event as field 1 of a WatchEventsResponse; encoded once, shared by every stream."""
+    wire = item.wire
+    if wire is None:
+        body = convert.event_pb(item.seq, item.index, item.at_ms, item.event).SerializeToString()
+        wire = item.wire = _EVENTS_TAG + _varint(len(body)) + body
+    return wire
+
+
+def _events_response(events: list[FeedEvent], cursor: Cursor) -> bytes:
+    """A serialized WatchEventsResponse (handlers.py sends bytes as they are)."""
+    text = changefeed.format_cursor(cursor).encode()
+    parts = [_event_wire(e) for e in events]
+    parts.append(_CURSOR_TAG + _varint(len(text)) + text)
+    return b"".join(parts)

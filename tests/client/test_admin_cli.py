@@ -202,6 +202,11 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         tariffs = [] if self.empty else [summary]
         return self._answer(request, context, admin_pb2.ListTariffsResponse(tariffs=tariffs))
 
+    def WatchEvents(
+        self, request: admin_pb2.WatchEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[admin_pb2.WatchEventsResponse]:
+        yield self._answer(request, context, admin_pb2.WatchEventsResponse(cursor="1.0"))
+
 
 @pytest.fixture
 def fake() -> Iterator[FakeAdmin]:
@@ -458,6 +463,8 @@ def test_account_show_json(fake: FakeAdmin) -> None:
         "credit_limit": 0,
         "max_concurrent_calls": 10,
         "active_calls": 2,
+        "low_balance_threshold": 0,
+        "burn_rate_per_minute": 0,
     }
     assert json_format.ParseDict(data, admin_pb2.Account()) == ACCOUNT
 

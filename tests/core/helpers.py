@@ -60,6 +60,7 @@ _STEP_ATTRIBUTES = frozenset(
         "_entries",
         "_touched",
         "_pushes",
+        "_events",
         "_accounts_touched",
         "_balances_before",
         "_ledger_total_before",
@@ -139,6 +140,9 @@ def fingerprint_of(machine: StateMachine) -> tuple[object, ...]:
             a.max_concurrent_calls,
             a.balance,
             a.reserved,
+            a.low_balance_threshold,
+            a.low,
+            a.burn_micros,
             tuple(a.open_calls),
             tuple(sorted(a.final_calls)),
         )
@@ -199,6 +203,7 @@ class Sim:
         step = self.machine.apply(command, self.now_ms)
         if not step.changed:
             assert step.entries == [] and step.pushes == [] and step.calls == []
+            assert step.events == []
         self.entries.extend(step.entries)
         self.pushes.extend(step.pushes)
         if self.check_every_step:
@@ -213,7 +218,7 @@ class Sim:
         refused = refusal(step)
         assert refused.reason is reason, refused
         assert step.changed is False
-        assert (step.entries, step.calls, step.pushes) == ([], [], [])
+        assert (step.entries, step.calls, step.pushes, step.events) == ([], [], [], [])
         assert {a: self.machine.account(a) for a in self.machine.accounts} == views
         assert state_of(self.machine) == before
         return refused

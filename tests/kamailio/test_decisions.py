@@ -17,6 +17,7 @@ from callcredit_server.kamailio.decisions import (
     Failed,
     Held,
     NetstringDecoder,
+    Pending,
     Probe,
     Recheck,
     Release,
@@ -29,10 +30,12 @@ from callcredit_server.kamailio.decisions import (
     check_invite,
     derive_call_id,
     dialog_timeout_seconds,
+    end_command,
     ends_call_now,
     netstring,
     parse_event,
     parse_kamailio_time,
+    pending_command,
     reconcile,
     talk_seconds,
     timeout_command,
@@ -219,6 +222,8 @@ def test_events_parse() -> None:
     assert parse_event(b'{"event":"failed","sip_call_id":"c1"}') == Failed("c1")
     held = {"event": "held", "sip_call_id": "c1", "call": token.encode()}
     assert parse_event(orjson.dumps(held)) == Held("c1", token)
+    pending = {"event": "pending", "sip_call_id": "c1", "call": token.encode()}
+    assert parse_event(orjson.dumps(pending)) == Pending("c1", token)
     assert parse_event(b'{"event":"unheld","tindex":1,"tlabel":2}') == Unheld(1, 2)
 
 
@@ -268,6 +273,20 @@ def test_commands() -> None:
         "h_entry": 3,
         "h_id": 4,
         "seconds": 7,
+    }
+    assert orjson.loads(pending_command("c1", token)) == {
+        "cmd": "pending",
+        "sip_call_id": "c1",
+        "call": token.encode(),
+    }
+    end = orjson.loads(end_command('a"b@host', 3, 4, "ACCOUNT_SUSPENDED"))
+    assert end["cmd"] == "end"
+    assert end["sip_call_id"] == 'a"b@host'
+    assert orjson.loads(end["rpc"]) == {
+        "jsonrpc": "2.0",
+        "method": "dlg.end_dlg",
+        "params": [3, 4, "X-Callcredit-Reason: ACCOUNT_SUSPENDED\r\n"],
+        "id": 1,
     }
 
 

@@ -209,6 +209,7 @@ class _Account:
             credit_limit=self.credit_limit,
             max_concurrent_calls=self.max_concurrent_calls,
             active_calls=len(self.open_calls),
+            burn_micros=sum(c.rate.price_per_minute_micros for c in self.open_calls.values()),
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -63,6 +64,15 @@ class Authority:
     def kill(self) -> None:
         self._stack.close()
         self._process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: requests reach it and wait, unanswered, until `resume`."""
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGCONT)
 
 
 @pytest.fixture

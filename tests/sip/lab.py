@@ -110,6 +110,14 @@ class CallRecord:
 
 
 @dataclass
+class CarrierLeg:
+    """One call as the SIPp carrier saw it (times: its ms clock)."""
+
+    answered_ms: int | None = None
+    ended_ms: int | None = None
+
+
+@dataclass
 class Dial:
     """A SIPp dialer run: the process and, once finished, what each call did."""
 
@@ -160,6 +168,7 @@ class Lab:
     reserve_timeout_seconds: float = 1.5
     adapter: subprocess.Popen[bytes] | None = None
     carrier: subprocess.Popen[bytes] | None = None
+    carrier_log: Path | None = None
     adapter_starts: int = 0
     dials: int = 0
 
@@ -241,6 +250,21 @@ class Lab:
             )
         return Dial(process, log, time.monotonic())
 
+    def carrier_ends(self) -> dict[str, CarrierLeg]:
+        """Each call the carrier answered, by SIP Call-ID, with whether a BYE reached it."""
+        legs: dict[str, CarrierLeg] = {}
+        if self.carrier_log is None or not self.carrier_log.exists():
+            return legs
+        for line in self.carrier_log.read_text(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1] in ("answered", "ended"):
+                leg = legs.setdefault(parts[0], CarrierLeg())
+                if parts[1] == "ended":
+                    leg.ended_ms = int(parts[2])
+                else:
+                    leg.answered_ms = int(parts[2])
+        return legs
+
     def dialogs(self) -> list[object]:
         found = rpc(self.rpc_port, "dlg.list")
         return found if isinstance(found, list) else []
@@ -291,6 +315,7 @@ def kamailio(lab: Lab) -> Iterator[subprocess.Popen[bytes]]:
 @contextmanager
 def carrier(lab: Lab) -> Iterator[subprocess.Popen[bytes]]:
     """The SIPp carrier behind Kamailio: answers every call, talks until a BYE."""
+    lab.carrier_log = lab.folder / "uas.log"
     argv = [
         str(tool("sipp")),
         "-sf",
@@ -299,6 +324,9 @@ def carrier(lab: Lab) -> Iterator[subprocess.Popen[bytes]]:
         "127.0.0.1",
         "-p",
         str(lab.carrier_port),
+        "-trace_logs",
+        "-log_file",
+        str(lab.carrier_log),
         "-nostdin",
     ]
     with running(argv, lab.folder / "uas.out", "sipp carrier") as process:

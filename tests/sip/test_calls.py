@@ -15,6 +15,7 @@ from callcredit.admin import AdminClient
 from callcredit.v1 import admin_pb2
 from tests.sip.conftest import GRANT_SECONDS, Authority
 from tests.sip.lab import (
+    CarrierLeg,
     Lab,
     assert_billed,
     assert_billed_seconds,
@@ -27,6 +28,12 @@ from tests.sip.lab import (
 )
 
 INCREMENT_MS = 1_000
+
+TIMEOUT_ROUNDS = 4
+TIMEOUT_CALLS = 40
+"""Calls ending on their dialog timeout in the same tick, per round. Before kamailio.cfg
+serialized the two BYEs, 40 lost at least one callee BYE by the second round in each of
+three runs (1 to 6 of 40); 10 or 20 a round missed it one run in three."""
 
 
 async def test_a_single_call_talks_its_credit_and_is_charged_exactly(
@@ -225,6 +232,35 @@ async def test_a_call_that_failed_while_the_adapter_was_down_is_released_free(
     assert account.balance == 1_000
 
 
+async def test_a_reserve_in_flight_when_the_adapter_dies_is_released_free(
+    lab: Lab, admin: AdminClient, authority: Authority
+) -> None:
+    await funded(admin, "midair", 1_000)
+
+    authority.pause()  # the Reserve goes out and waits there, unanswered
+    try:
+        dial = lab.dial("midair", calls=1, talk_seconds=5)
+        await asyncio.sleep(0.7)  # within the adapter's --reserve-timeout (1.5 s)
+        lab.kill_adapter()
+    finally:
+        authority.resume()
+    dial.wait(timeout_seconds=20)
+    [record] = dial.calls.values()
+    assert record.refused == 503  # Kamailio's own answer, after CC_WAIT_MS
+    lab.start_adapter()
+
+    account = await settled(admin, "midair")
+    assert account.active_calls == 0
+    # Made by the dead adapter's Reserve, or by the new one's: released, with nothing
+    # talked and nothing charged, not left to expire on its allowance.
+    [call] = (await calls_of(admin, "midair")).values()
+    assert call.call_id == call_id(next(iter(dial.calls)))
+    assert call.state == admin_pb2.CALL_STATE_RELEASED
+    assert call.charged == 0
+    assert account.balance == 1_000
+    await assert_ledger(admin, account)
+
+
 async def test_with_callcredit_down_invites_get_503_and_calls_end_at_their_grant(
     lab: Lab, admin: AdminClient, authority: Authority
 ) -> None:
@@ -261,3 +297,34 @@ async def test_with_callcredit_down_invites_get_503_and_calls_end_at_their_grant
             assert call.charged == call.used_seconds
             assert_billed_seconds(call.used_seconds, record.talk_ms)
         await assert_ledger(back, account)
+
+
+async def test_calls_ending_by_timeout_together_send_a_bye_to_both_legs(
+    lab: Lab, admin: AdminClient
+) -> None:
+    """Kamailio 5.6 sends the caller's BYE first and, if the caller's 200 OK to it is
+    handled before it sends the callee's, never sends the callee's (dlg_bye_all): the
+    carrier's leg stays up. Many calls ending in the same tick make that likely."""
+    for round_ in range(TIMEOUT_ROUNDS):
+        account = f"tick-{round_}"
+        # One grant each (5 s), and nothing to renew with: every call ends on its
+        # dialog timeout, all within the same second or two.
+        await funded(admin, account, GRANT_SECONDS * TIMEOUT_CALLS)
+        dial = lab.dial(account, calls=TIMEOUT_CALLS, talk_seconds=30).wait(timeout_seconds=30)
+
+        assert len(dial.answered) == TIMEOUT_CALLS
+        assert all(record.ended_by_proxy for record in dial.answered)
+        deadline = time.monotonic() + 3.0
+        while True:
+            legs = lab.carrier_ends()
+            unended = [sip for sip in dial.calls if legs.get(sip, CarrierLeg()).ended_ms is None]
+            if not unended or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert unended == [], f"round {round_}: the carrier got no BYE for {unended}"
+        settled_account = await settled(admin, account)
+        assert settled_account.active_calls == 0
+        calls = await calls_of(admin, account)
+        for sip_call_id, record in dial.calls.items():
+            assert_billed(calls[call_id(sip_call_id)], record)
+        await assert_ledger(admin, settled_account)

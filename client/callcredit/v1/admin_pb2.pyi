@@ -123,6 +123,66 @@ ENTRY_KIND_REFUND: EntryKind.ValueType  # 5
 """Money returned when a late Release re-rates an expired call (amount > 0)."""
 Global___EntryKind: _TypeAlias = EntryKind  # noqa: Y015
 
+class _EventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
+    """Never set by the server."""
+    EVENT_KIND_ACCOUNT_CREATED: _EventKind.ValueType  # 1
+    """CreateAccount opened the account."""
+    EVENT_KIND_ACCOUNT_UPDATED: _EventKind.ValueType  # 2
+    """UpdateAccount changed its status, tariff, credit limit, call cap or
+    low-balance threshold (previous_status tells a status change).
+    """
+    EVENT_KIND_BALANCE_CHANGED: _EventKind.ValueType  # 3
+    """A ledger entry changed the balance: a top-up, an adjustment, a call or
+    expiry charge, a refund (entry).
+    """
+    EVENT_KIND_CALL_STARTED: _EventKind.ValueType  # 4
+    """A Reserve opened a call (call)."""
+    EVENT_KIND_CALL_ENDED: _EventKind.ValueType  # 5
+    """A call was released or expired (call)."""
+    EVENT_KIND_LOW_BALANCE: _EventKind.ValueType  # 6
+    """available fell below low_balance_threshold. Sent once per crossing: not
+    again until a BALANCE_RESTORED re-arms the threshold.
+    """
+    EVENT_KIND_BALANCE_RESTORED: _EventKind.ValueType  # 7
+    """available rose back to low_balance_threshold or above after a
+    LOW_BALANCE, or the threshold was lowered or turned off.
+    """
+
+class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
+    """EventKind says what an Event reports."""
+
+EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
+"""Never set by the server."""
+EVENT_KIND_ACCOUNT_CREATED: EventKind.ValueType  # 1
+"""CreateAccount opened the account."""
+EVENT_KIND_ACCOUNT_UPDATED: EventKind.ValueType  # 2
+"""UpdateAccount changed its status, tariff, credit limit, call cap or
+low-balance threshold (previous_status tells a status change).
+"""
+EVENT_KIND_BALANCE_CHANGED: EventKind.ValueType  # 3
+"""A ledger entry changed the balance: a top-up, an adjustment, a call or
+expiry charge, a refund (entry).
+"""
+EVENT_KIND_CALL_STARTED: EventKind.ValueType  # 4
+"""A Reserve opened a call (call)."""
+EVENT_KIND_CALL_ENDED: EventKind.ValueType  # 5
+"""A call was released or expired (call)."""
+EVENT_KIND_LOW_BALANCE: EventKind.ValueType  # 6
+"""available fell below low_balance_threshold. Sent once per crossing: not
+again until a BALANCE_RESTORED re-arms the threshold.
+"""
+EVENT_KIND_BALANCE_RESTORED: EventKind.ValueType  # 7
+"""available rose back to low_balance_threshold or above after a
+LOW_BALANCE, or the threshold was lowered or turned off.
+"""
+Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
+
 @_typing.final
 class Account(_message.Message):
     """Account is a prepaid balance and the limits that guard it."""
@@ -139,6 +199,9 @@ class Account(_message.Message):
     CREDIT_LIMIT_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_CALLS_FIELD_NUMBER: _builtins.int
     ACTIVE_CALLS_FIELD_NUMBER: _builtins.int
+    LOW_BALANCE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    BURN_RATE_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    SECONDS_UNTIL_EMPTY_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """1-128 characters of [A-Za-z0-9._:@-]."""
     currency: _builtins.str
@@ -159,6 +222,19 @@ class Account(_message.Message):
     """Most calls open at once; 0 means no cap."""
     active_calls: _builtins.int
     """Calls open now (state ACTIVE)."""
+    low_balance_threshold: _builtins.int
+    """A LOW_BALANCE event is sent when available falls below this, and a
+    BALANCE_RESTORED event when it is back at or above it; 0 means off.
+    0-10^15 minor units.
+    """
+    burn_rate_per_minute: _builtins.int
+    """Money the open calls spend per minute: the sum of their rates'
+    price_per_minute_micros, divided by 10^6 and rounded up. Minor units.
+    """
+    seconds_until_empty: _builtins.int
+    """How long `available` lasts at burn_rate_per_minute (rounded down), not
+    counting the money the open calls already hold. Unset when nothing burns.
+    """
     def __init__(
         self,
         *,
@@ -172,12 +248,17 @@ class Account(_message.Message):
         credit_limit: _builtins.int = ...,
         max_concurrent_calls: _builtins.int = ...,
         active_calls: _builtins.int = ...,
+        low_balance_threshold: _builtins.int = ...,
+        burn_rate_per_minute: _builtins.int = ...,
+        seconds_until_empty: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seconds_until_empty", b"_seconds_until_empty", "seconds_until_empty", b"seconds_until_empty"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "active_calls", b"active_calls", "available", b"available", "balance", b"balance", "credit_limit", b"credit_limit", "currency", b"currency", "max_concurrent_calls", b"max_concurrent_calls", "reserved", b"reserved", "status", b"status", "tariff_id", b"tariff_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seconds_until_empty", b"_seconds_until_empty", "account_id", b"account_id", "active_calls", b"active_calls", "available", b"available", "balance", b"balance", "burn_rate_per_minute", b"burn_rate_per_minute", "credit_limit", b"credit_limit", "currency", b"currency", "low_balance_threshold", b"low_balance_threshold", "max_concurrent_calls", b"max_concurrent_calls", "reserved", b"reserved", "seconds_until_empty", b"seconds_until_empty", "status", b"status", "tariff_id", b"tariff_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__seconds_until_empty: _TypeAlias = _typing.Literal["seconds_until_empty"]  # noqa: Y015
+    _WhichOneofArgType__seconds_until_empty: _TypeAlias = _typing.Literal["_seconds_until_empty", b"_seconds_until_empty"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seconds_until_empty) -> _WhichOneofReturnType__seconds_until_empty | None: ...
 
 Global___Account: _TypeAlias = Account  # noqa: Y015
 
@@ -406,6 +487,7 @@ class CreateAccountRequest(_message.Message):
     TARIFF_ID_FIELD_NUMBER: _builtins.int
     CREDIT_LIMIT_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_CALLS_FIELD_NUMBER: _builtins.int
+    LOW_BALANCE_THRESHOLD_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """New account's id; ACCOUNT_EXISTS if taken."""
     currency: _builtins.str
@@ -416,6 +498,8 @@ class CreateAccountRequest(_message.Message):
     """0-10^15 minor units; 0 for strictly prepaid."""
     max_concurrent_calls: _builtins.int
     """0-1,000,000; 0 means no cap."""
+    low_balance_threshold: _builtins.int
+    """0-10^15 minor units; 0 means off (Account.low_balance_threshold)."""
     def __init__(
         self,
         *,
@@ -424,10 +508,11 @@ class CreateAccountRequest(_message.Message):
         tariff_id: _builtins.str = ...,
         credit_limit: _builtins.int = ...,
         max_concurrent_calls: _builtins.int = ...,
+        low_balance_threshold: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "credit_limit", b"credit_limit", "currency", b"currency", "max_concurrent_calls", b"max_concurrent_calls", "tariff_id", b"tariff_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "credit_limit", b"credit_limit", "currency", b"currency", "low_balance_threshold", b"low_balance_threshold", "max_concurrent_calls", b"max_concurrent_calls", "tariff_id", b"tariff_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -514,6 +599,7 @@ class UpdateAccountRequest(_message.Message):
     TARIFF_ID_FIELD_NUMBER: _builtins.int
     CREDIT_LIMIT_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_CALLS_FIELD_NUMBER: _builtins.int
+    LOW_BALANCE_THRESHOLD_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account to change."""
     status: Global___AccountStatus.ValueType
@@ -526,6 +612,11 @@ class UpdateAccountRequest(_message.Message):
     """New credit limit; a lower one must keep available >= 0."""
     max_concurrent_calls: _builtins.int
     """New cap on open calls; 0 means no cap. Open calls are not cut."""
+    low_balance_threshold: _builtins.int
+    """New low-balance threshold, 0-10^15 minor units; 0 turns it off. The
+    threshold is re-armed: a LOW_BALANCE event follows if available is below
+    the new one.
+    """
     def __init__(
         self,
         *,
@@ -534,13 +625,16 @@ class UpdateAccountRequest(_message.Message):
         tariff_id: _builtins.str | None = ...,
         credit_limit: _builtins.int | None = ...,
         max_concurrent_calls: _builtins.int | None = ...,
+        low_balance_threshold: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_credit_limit", b"_credit_limit", "_max_concurrent_calls", b"_max_concurrent_calls", "_status", b"_status", "_tariff_id", b"_tariff_id", "credit_limit", b"credit_limit", "max_concurrent_calls", b"max_concurrent_calls", "status", b"status", "tariff_id", b"tariff_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_credit_limit", b"_credit_limit", "_low_balance_threshold", b"_low_balance_threshold", "_max_concurrent_calls", b"_max_concurrent_calls", "_status", b"_status", "_tariff_id", b"_tariff_id", "credit_limit", b"credit_limit", "low_balance_threshold", b"low_balance_threshold", "max_concurrent_calls", b"max_concurrent_calls", "status", b"status", "tariff_id", b"tariff_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_credit_limit", b"_credit_limit", "_max_concurrent_calls", b"_max_concurrent_calls", "_status", b"_status", "_tariff_id", b"_tariff_id", "account_id", b"account_id", "credit_limit", b"credit_limit", "max_concurrent_calls", b"max_concurrent_calls", "status", b"status", "tariff_id", b"tariff_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_credit_limit", b"_credit_limit", "_low_balance_threshold", b"_low_balance_threshold", "_max_concurrent_calls", b"_max_concurrent_calls", "_status", b"_status", "_tariff_id", b"_tariff_id", "account_id", b"account_id", "credit_limit", b"credit_limit", "low_balance_threshold", b"low_balance_threshold", "max_concurrent_calls", b"max_concurrent_calls", "status", b"status", "tariff_id", b"tariff_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__credit_limit: _TypeAlias = _typing.Literal["credit_limit"]  # noqa: Y015
     _WhichOneofArgType__credit_limit: _TypeAlias = _typing.Literal["_credit_limit", b"_credit_limit"]  # noqa: Y015
+    _WhichOneofReturnType__low_balance_threshold: _TypeAlias = _typing.Literal["low_balance_threshold"]  # noqa: Y015
+    _WhichOneofArgType__low_balance_threshold: _TypeAlias = _typing.Literal["_low_balance_threshold", b"_low_balance_threshold"]  # noqa: Y015
     _WhichOneofReturnType__max_concurrent_calls: _TypeAlias = _typing.Literal["max_concurrent_calls"]  # noqa: Y015
     _WhichOneofArgType__max_concurrent_calls: _TypeAlias = _typing.Literal["_max_concurrent_calls", b"_max_concurrent_calls"]  # noqa: Y015
     _WhichOneofReturnType__status: _TypeAlias = _typing.Literal["status"]  # noqa: Y015
@@ -549,6 +643,8 @@ class UpdateAccountRequest(_message.Message):
     _WhichOneofArgType__tariff_id: _TypeAlias = _typing.Literal["_tariff_id", b"_tariff_id"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__credit_limit) -> _WhichOneofReturnType__credit_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__low_balance_threshold) -> _WhichOneofReturnType__low_balance_threshold | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_concurrent_calls) -> _WhichOneofReturnType__max_concurrent_calls | None: ...
     @_typing.overload
@@ -953,6 +1049,156 @@ class ListEntriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListEntriesResponse: _TypeAlias = ListEntriesResponse  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    """Event is one change of an account, derived from the journal: replaying the
+    journal yields the same events with the same ids.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    ENTRY_FIELD_NUMBER: _builtins.int
+    CALL_FIELD_NUMBER: _builtins.int
+    PREVIOUS_STATUS_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """The journal record that made the change."""
+    index: _builtins.int
+    """The event's place among its record's events, from 0."""
+    event_id: _builtins.str
+    """Unique and stable ("<seq>.<index>"): the key to deduplicate by, and a
+    cursor for WatchEventsRequest.after.
+    """
+    kind: Global___EventKind.ValueType
+    """What happened."""
+    account_id: _builtins.str
+    """The account it happened to."""
+    previous_status: Global___AccountStatus.ValueType
+    """ACCOUNT_UPDATED: the status before the change (equal to account.status
+    when the status did not change).
+    """
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When (the state machine's time of the record)."""
+
+    @_builtins.property
+    def account(self) -> Global___Account:
+        """The account just after this event's change: balance, available, burn
+        rate, seconds until empty, threshold.
+        """
+
+    @_builtins.property
+    def entry(self) -> Global___LedgerEntry:
+        """BALANCE_CHANGED: the ledger entry."""
+
+    @_builtins.property
+    def call(self) -> Global___Call:
+        """CALL_STARTED, CALL_ENDED: the call as it stood then."""
+
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        index: _builtins.int = ...,
+        event_id: _builtins.str = ...,
+        kind: Global___EventKind.ValueType = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        account_id: _builtins.str = ...,
+        account: Global___Account | None = ...,
+        entry: Global___LedgerEntry | None = ...,
+        call: Global___Call | None = ...,
+        previous_status: Global___AccountStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "at", b"at", "call", b"call", "entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "account_id", b"account_id", "at", b"at", "call", b"call", "entry", b"entry", "event_id", b"event_id", "index", b"index", "kind", b"kind", "previous_status", b"previous_status", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class WatchEventsRequest(_message.Message):
+    """WatchEventsRequest says where to start and what to send."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_FIELD_NUMBER: _builtins.int
+    FROM_END_FIELD_NUMBER: _builtins.int
+    ACCOUNT_IDS_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    after: _builtins.str
+    """Send the events after this cursor (an Event.event_id or a
+    WatchEventsResponse.cursor); empty: from the oldest event kept. A
+    malformed cursor, one beyond the journal's end, or one older than the
+    oldest event kept is refused with INVALID_ARGUMENT.
+    """
+    from_end: _builtins.bool
+    """Start at the journal's end, sending only new events (after must be empty)."""
+    @_builtins.property
+    def account_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these accounts (at most 1,000); empty: every account the token may
+        see. An account outside a dialer token's tenant is PERMISSION_DENIED.
+        """
+
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___EventKind.ValueType]:
+        """Only these kinds; empty: every kind."""
+
+    def __init__(
+        self,
+        *,
+        after: _builtins.str = ...,
+        from_end: _builtins.bool = ...,
+        account_ids: _abc.Iterable[_builtins.str] | None = ...,
+        kinds: _abc.Iterable[Global___EventKind.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_ids", b"account_ids", "after", b"after", "from_end", b"from_end", "kinds", b"kinds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEventsRequest: _TypeAlias = WatchEventsRequest  # noqa: Y015
+
+@_typing.final
+class WatchEventsResponse(_message.Message):
+    """WatchEventsResponse carries events in journal order (at most 1,000), or
+    none, as a heartbeat that moves the cursor past filtered-out records.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Resume with after = cursor: it covers these events and every event
+    before them that the filters left out.
+    """
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """The events, in increasing (seq, index)."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEventsResponse: _TypeAlias = WatchEventsResponse  # noqa: Y015
 
 @_typing.final
 class ListAccountsRequest(_message.Message):

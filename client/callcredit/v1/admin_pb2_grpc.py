@@ -85,6 +85,11 @@ class AdminServiceStub:
                 request_serializer=callcredit_dot_v1_dot_admin__pb2.ListEntriesRequest.SerializeToString,
                 response_deserializer=callcredit_dot_v1_dot_admin__pb2.ListEntriesResponse.FromString,
                 _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/callcredit.v1.AdminService/WatchEvents',
+                request_serializer=callcredit_dot_v1_dot_admin__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=callcredit_dot_v1_dot_admin__pb2.WatchEventsResponse.FromString,
+                _registered_method=True)
         self.ListAccounts = channel.unary_unary(
                 '/callcredit.v1.AdminService/ListAccounts',
                 request_serializer=callcredit_dot_v1_dot_admin__pb2.ListAccountsRequest.SerializeToString,
@@ -172,6 +177,17 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEvents(self, request, context):
+        """WatchEvents replays the journal-derived events after a cursor, then
+        follows new ones as they become durable. Never ends on its own. A stream
+        whose reader falls behind is ended with SLOW_CONSUMER: reconnect with the
+        last cursor received. Admin tokens see every account; a dialer token (the
+        one method it may call here) sees only its tenant's accounts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAccounts(self, request, context):
         """ListAccounts pages through accounts in account_id order, filtered by an
         id prefix and a status.
@@ -240,6 +256,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListEntries,
                     request_deserializer=callcredit_dot_v1_dot_admin__pb2.ListEntriesRequest.FromString,
                     response_serializer=callcredit_dot_v1_dot_admin__pb2.ListEntriesResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=callcredit_dot_v1_dot_admin__pb2.WatchEventsRequest.FromString,
+                    response_serializer=callcredit_dot_v1_dot_admin__pb2.WatchEventsResponse.SerializeToString,
             ),
             'ListAccounts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAccounts,
@@ -523,6 +544,33 @@ class AdminService:
             '/callcredit.v1.AdminService/ListEntries',
             callcredit_dot_v1_dot_admin__pb2.ListEntriesRequest.SerializeToString,
             callcredit_dot_v1_dot_admin__pb2.ListEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/callcredit.v1.AdminService/WatchEvents',
+            callcredit_dot_v1_dot_admin__pb2.WatchEventsRequest.SerializeToString,
+            callcredit_dot_v1_dot_admin__pb2.WatchEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

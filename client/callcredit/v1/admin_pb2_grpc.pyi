@@ -62,6 +62,13 @@ class AdminServiceStub:
     """ListCalls lists an account's calls, newest first."""
     ListEntries: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListEntriesRequest, _admin_pb2.ListEntriesResponse]
     """ListEntries lists an account's ledger entries in increasing entry_id."""
+    WatchEvents: _grpc.UnaryStreamMultiCallable[_admin_pb2.WatchEventsRequest, _admin_pb2.WatchEventsResponse]
+    """WatchEvents replays the journal-derived events after a cursor, then
+    follows new ones as they become durable. Never ends on its own. A stream
+    whose reader falls behind is ended with SLOW_CONSUMER: reconnect with the
+    last cursor received. Admin tokens see every account; a dialer token (the
+    one method it may call here) sees only its tenant's accounts.
+    """
     ListAccounts: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAccountsRequest, _admin_pb2.ListAccountsResponse]
     """ListAccounts pages through accounts in account_id order, filtered by an
     id prefix and a status.
@@ -98,6 +105,13 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """ListCalls lists an account's calls, newest first."""
     ListEntries: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListEntriesRequest, _admin_pb2.ListEntriesResponse]  # type: ignore[assignment]
     """ListEntries lists an account's ledger entries in increasing entry_id."""
+    WatchEvents: _aio.UnaryStreamMultiCallable[_admin_pb2.WatchEventsRequest, _admin_pb2.WatchEventsResponse]  # type: ignore[assignment]
+    """WatchEvents replays the journal-derived events after a cursor, then
+    follows new ones as they become durable. Never ends on its own. A stream
+    whose reader falls behind is ended with SLOW_CONSUMER: reconnect with the
+    last cursor received. Admin tokens see every account; a dialer token (the
+    one method it may call here) sees only its tenant's accounts.
+    """
     ListAccounts: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAccountsRequest, _admin_pb2.ListAccountsResponse]  # type: ignore[assignment]
     """ListAccounts pages through accounts in account_id order, filtered by an
     id prefix and a status.
@@ -191,6 +205,19 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListEntriesResponse, _abc.Awaitable[_admin_pb2.ListEntriesResponse]]:
         """ListEntries lists an account's ledger entries in increasing entry_id."""
+
+    @_abc_1.abstractmethod
+    def WatchEvents(
+        self,
+        request: _admin_pb2.WatchEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.WatchEventsResponse], _abc.AsyncIterator[_admin_pb2.WatchEventsResponse]]:
+        """WatchEvents replays the journal-derived events after a cursor, then
+        follows new ones as they become durable. Never ends on its own. A stream
+        whose reader falls behind is ended with SLOW_CONSUMER: reconnect with the
+        last cursor received. Admin tokens see every account; a dialer token (the
+        one method it may call here) sees only its tenant's accounts.
+        """
 
     @_abc_1.abstractmethod
     def ListAccounts(

@@ -104,7 +104,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     SLOW_CONSUMER: _ErrorReason.ValueType  # 19
     """The server ended a Control stream whose reader fell so far behind that
     its pushes could not be buffered any more. gRPC code RESOURCE_EXHAUSTED.
-    The stream's calls stay open: reconnect and read the stream.
+    The stream's calls stay open: reconnect and read the stream. Also ends a
+    WatchEvents stream whose reader fell behind: resume from its last cursor.
     """
     NOT_PRIMARY: _ErrorReason.ValueType  # 20
     """This server is not the primary of a hot standby setup (--ha): a standby
@@ -210,7 +211,8 @@ UNAVAILABLE. Nothing was applied; retry, on another server if need be.
 SLOW_CONSUMER: ErrorReason.ValueType  # 19
 """The server ended a Control stream whose reader fell so far behind that
 its pushes could not be buffered any more. gRPC code RESOURCE_EXHAUSTED.
-The stream's calls stay open: reconnect and read the stream.
+The stream's calls stay open: reconnect and read the stream. Also ends a
+WatchEvents stream whose reader fell behind: resume from its last cursor.
 """
 NOT_PRIMARY: ErrorReason.ValueType  # 20
 """This server is not the primary of a hot standby setup (--ha): a standby

@@ -20,6 +20,7 @@ class CreateAccount:
     tariff_id: str
     credit_limit: int
     max_concurrent_calls: int
+    low_balance_threshold: int = 0  # 0: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,7 @@ class UpdateAccount:
     tariff_id: str | None = None
     credit_limit: int | None = None
     max_concurrent_calls: int | None = None
+    low_balance_threshold: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,8 +38,13 @@ from callcredit_server.core.model import (
     _new,
 )
 
-IMAGE_VERSION = 1
-READABLE_VERSIONS = frozenset({IMAGE_VERSION})
+# 2: accounts carry their low-balance threshold and whether it fired (AccountRow), and
+# remembered answers the threshold and burn rate (ViewRow). Version 1 rows lack them:
+# read as threshold 0 (off), not fired, nothing burning.
+IMAGE_VERSION = 2
+READABLE_VERSIONS = frozenset({1, IMAGE_VERSION})
+_ACCOUNT_V1_FIELDS = 8
+_VIEW_V1_FIELDS = 10
 
 # Enum lookups by value through a dict: calling the enum costs ~10x more.
 _ACCOUNT_STATUS = {status.value: status for status in AccountStatus}
@@ -69,6 +74,8 @@ class AccountRow(NamedTuple):
     status: str  # AccountStatus value
     balance: int
     reserved: int
+    low_balance_threshold: int  # version 2
+    low: bool  # version 2: a LOW_BALANCE event fired and no BALANCE_RESTORED since
 
 
 class GrantRow(NamedTuple):
@@ -127,6 +134,8 @@ class ViewRow(NamedTuple):
     credit_limit: int
     max_concurrent_calls: int
     active_calls: int
+    low_balance_threshold: int  # version 2
+    burn_micros: int  # version 2
 
 
 class KeyRow(NamedTuple):
@@ -244,6 +253,8 @@ def account_row(account: Account) -> list[Any]:
             status=account.status.value,
             balance=account.balance,
             reserved=account.reserved,
+            low_balance_threshold=account.low_balance_threshold,
+            low=account.low,
         )
     ]
 
@@ -251,8 +262,10 @@ def account_row(account: Account) -> list[Any]:
 def account_of(row: list[Any], names: dict[str, str]) -> Account:
     """An Account (no open calls yet); the names every account repeats (currency,
     tariff) shared through `names`: a start from a snapshot builds a million here."""
+    if len(row) == _ACCOUNT_V1_FIELDS:
+        row = [*row, 0, False]
     (account_id, currency, tariff_id, credit_limit, max_concurrent_calls, status, balance,
-     reserved) = row  # fmt: skip
+     reserved, low_balance_threshold, low) = row  # fmt: skip
     return Account(
         account_id,
         names.setdefault(currency, currency),
@@ -264,6 +277,8 @@ def account_of(row: list[Any], names: dict[str, str]) -> Account:
         reserved,
         {},
         {},
+        low_balance_threshold,
+        low,
     )
 
 
@@ -372,17 +387,22 @@ def view_row(view: AccountView) -> list[Any]:
             credit_limit=view.credit_limit,
             max_concurrent_calls=view.max_concurrent_calls,
             active_calls=view.active_calls,
+            low_balance_threshold=view.low_balance_threshold,
+            burn_micros=view.burn_micros,
         )
     ]
 
 
 def view_of(row: list[Any]) -> AccountView:
+    if len(row) == _VIEW_V1_FIELDS:
+        row = [*row, 0, 0]
     (account_id, currency, status, tariff_id, balance, reserved, available, credit_limit,
-     max_concurrent_calls, active_calls) = row  # fmt: skip
+     max_concurrent_calls, active_calls, low_balance_threshold, burn_micros) = row  # fmt: skip
     return _new(
         AccountView,
         (account_id, currency, _ACCOUNT_STATUS[status], tariff_id, balance, reserved,
-         available, credit_limit, max_concurrent_calls, active_calls),
+         available, credit_limit, max_concurrent_calls, active_calls, low_balance_threshold,
+         burn_micros),
     )  # fmt: skip
 
 

@@ -34,6 +34,7 @@ from callcredit_server.core.commands import (
     TopUp,
     UpdateAccount,
 )
+from callcredit_server.core.events import Event, EventKind
 from callcredit_server.core.model import (
     Account,
     AccountStatus,
@@ -48,6 +49,7 @@ from callcredit_server.core.model import (
     Tariff,
     new_ledger_entry,
     new_release_result,
+    positional_constructor,
 )
 from callcredit_server.core.outcomes import (
     GrantPush,
@@ -87,6 +89,12 @@ class Step:
     entries: list[LedgerEntry] = field(default_factory=list)
     calls: list[CallRecord] = field(default_factory=list)
     pushes: list[Push] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)  # in the order they happened
+
+
+new_event: Callable[
+    [EventKind, AccountView, LedgerEntry | None, CallRecord | None, AccountStatus | None], Event
+] = positional_constructor(Event)
 
 
 class _KeyRecord(NamedTuple):
@@ -136,6 +144,7 @@ class StateMachine:
         self._entries: list[LedgerEntry] = []
         self._touched: dict[str, Call] = {}
         self._pushes: list[Push] = []
+        self._events: list[Event] = []
         # What the step's invariant check (_check_step) looks at instead of every
         # account: the accounts it touched, their balances before it touched them,
         # and the ledger total before.
@@ -155,9 +164,11 @@ class StateMachine:
         entries: list[LedgerEntry] = []
         touched: dict[str, Call] = {}
         pushes: list[Push] = []
+        events: list[Event] = []
         self._entries = entries
         self._touched = touched
         self._pushes = pushes
+        self._events = events
         self._accounts_touched = {}
         self._balances_before = {}
         self._ledger_total_before = self.ledger_total
@@ -170,6 +181,8 @@ class StateMachine:
             problems = violations(command)
             text = "; ".join(f"{name}: {why}" for name, why in problems)
             outcome = Refused(Reason.INVALID_ARGUMENT, text, tuple(problems))
+        if self._changed:
+            self._cross_thresholds()
         self._check_step()
         return Step(
             outcome,
@@ -177,6 +190,7 @@ class StateMachine:
             entries,
             [call.record() for call in touched.values()],
             pushes,
+            events,
         )
 
     def _top_up(self, c: TopUp) -> Outcome:
@@ -217,10 +231,13 @@ class StateMachine:
             0,
             {},
             {},
+            c.low_balance_threshold,
         )
         self.accounts[c.account_id] = account
         self._touch(account)
-        return new_account_result(account.view())
+        view = account.view()
+        self._events.append(new_event(EventKind.ACCOUNT_CREATED, view, None, None, None))
+        return new_account_result(view)
 
     def _update_account(self, c: UpdateAccount) -> Outcome:
         account = self.accounts.get(c.account_id)
@@ -251,26 +268,43 @@ class StateMachine:
             )
         # -- commit point --
         self._touch(account)
-        grew = resumed = False
+        grew = resumed = updated = False
+        previous_status = account.status
         if c.tariff_id is not None and c.tariff_id != account.tariff_id:
             account.tariff_id = c.tariff_id
-            self._changed = True
+            updated = True
         if c.max_concurrent_calls is not None and (
             c.max_concurrent_calls != account.max_concurrent_calls
         ):
             account.max_concurrent_calls = c.max_concurrent_calls
-            self._changed = True
+            updated = True
         if c.credit_limit is not None and c.credit_limit != account.credit_limit:
             grew = c.credit_limit > account.credit_limit
             account.credit_limit = c.credit_limit
-            self._changed = True
+            updated = True
+        if c.low_balance_threshold is not None and (
+            c.low_balance_threshold != account.low_balance_threshold
+        ):
+            account.low_balance_threshold = c.low_balance_threshold
+            updated = True
         if c.status is not None and c.status is not account.status:
             account.status = c.status
-            self._changed = True
+            updated = True
             if c.status is AccountStatus.SUSPENDED:
                 self._suspend_calls(account)
             elif c.status is AccountStatus.ACTIVE:
                 grew = resumed = True
+        if updated:
+            self._changed = True
+            self._events.append(
+                new_event(
+                    EventKind.ACCOUNT_UPDATED,
+                    account.view(),
+                    None,
+                    None,
+                    previous_status,
+                )
+            )
         if grew:
             self._regrant(account, resumed=resumed)
         return new_account_result(account.view())
@@ -418,10 +452,12 @@ class StateMachine:
         account.open_calls[call_id] = call
         self.open_call_count += 1
         account.reserved += hold
+        account.burn_micros += rate.price_per_minute_micros
         if final:
             account.final_calls[call_seq] = call
         self._push_expiry(call)
         self._touched[call_id] = call
+        self._call_event(EventKind.CALL_STARTED, account, call)
         return new_grant_result(call.grant())
 
     def _renew(self, c: Renew) -> Outcome:
@@ -494,6 +530,7 @@ class StateMachine:
         call.charged = charge
         call.shortfall = price - charge
         result = call.release = self._release_result(account, call)
+        self._call_event(EventKind.CALL_ENDED, account, call)
         if account.final_calls:
             self._regrant(account)
         return new_release_outcome(result)
@@ -664,12 +701,14 @@ class StateMachine:
         if charge:
             self._post(account, EntryKind.EXPIRY_CHARGE, -charge, call.call_id)
         call.charged = charge
+        self._call_event(EventKind.CALL_ENDED, account, call)
         return 1
 
     def _close(self, account: Account, call: Call, state: CallState) -> None:
         """End an open call: free its hold and remember it for the window."""
         self._touch(account)
         account.reserved -= call.held
+        account.burn_micros -= call.rate.price_per_minute_micros
         call.held = 0
         call.state = state
         call.ended_at_ms = self.now_ms
@@ -696,19 +735,38 @@ class StateMachine:
         balance = account.balance = account.balance + amount
         self.ledger_total += amount
         entry_id = self.last_entry_id = self.last_entry_id + 1
-        self._entries.append(
-            new_ledger_entry(
-                entry_id,
-                account_id,
-                kind,
-                amount,
-                balance,
-                call_id,
-                reference,
-                key,
-                self.now_ms,
-            )
+        entry = new_ledger_entry(
+            entry_id,
+            account_id,
+            kind,
+            amount,
+            balance,
+            call_id,
+            reference,
+            key,
+            self.now_ms,
         )
+        self._entries.append(entry)
+        self._events.append(new_event(EventKind.BALANCE_CHANGED, account.view(), entry, None, None))
+
+    def _call_event(self, kind: EventKind, account: Account, call: Call) -> None:
+        self._events.append(new_event(kind, account.view(), None, call.record(), None))
+
+    def _cross_thresholds(self) -> None:
+        """LOW_BALANCE or BALANCE_RESTORED for each touched account that crossed (events.py)."""
+        for account in self._accounts_touched.values():
+            threshold = account.low_balance_threshold
+            if account.low:
+                if threshold and account.available < threshold:
+                    continue
+                account.low = False
+                kind = EventKind.BALANCE_RESTORED
+            elif threshold and account.available < threshold:
+                account.low = True
+                kind = EventKind.LOW_BALANCE
+            else:
+                continue
+            self._events.append(new_event(kind, account.view(), None, None, None))
 
     def _check_step(self) -> None:
         """The invariants, checked on what the step touched (O(touched), not O(state)).
@@ -798,6 +856,16 @@ class StateMachine:
             holds = sum(call.held for call in open_calls.values()) if open_calls else 0
             if holds != account.reserved:
                 problems.append(f"{account.account_id}: reserved {account.reserved} != {holds}")
+            burn = (
+                sum(call.rate.price_per_minute_micros for call in open_calls.values())
+                if open_calls
+                else 0
+            )
+            if burn != account.burn_micros:
+                problems.append(f"{account.account_id}: burn {account.burn_micros} != {burn}")
+            threshold = account.low_balance_threshold
+            if account.low != bool(threshold and account.available < threshold):
+                problems.append(f"{account.account_id}: low-balance flag {account.low} is wrong")
             if account.available < 0:
                 problems.append(f"{account.account_id}: available {account.available} < 0")
             if not open_calls:
@@ -888,6 +956,7 @@ class StateMachine:
             if call.state is CallState.ACTIVE:
                 account = machine.accounts[call.account_id]
                 account.open_calls[call.call_id] = call
+                account.burn_micros += call.rate.price_per_minute_micros
                 machine.open_call_count += 1
                 if call.final:
                     account.final_calls[call.call_seq] = call

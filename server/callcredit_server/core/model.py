@@ -121,6 +121,8 @@ class AccountView(NamedTuple):
     credit_limit: int
     max_concurrent_calls: int
     active_calls: int
+    low_balance_threshold: int = 0  # 0: off
+    burn_micros: int = 0  # the open calls' price_per_minute_micros, summed
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +231,13 @@ class Account:
     open_calls: dict[str, Call] = field(default_factory=dict)
     # Open calls whose grant is final, by call_seq: candidates for a re-grant.
     final_calls: dict[int, Call] = field(default_factory=dict)
+    low_balance_threshold: int = 0  # 0: off
+    # A LOW_BALANCE event was sent and no BALANCE_RESTORED since: the threshold is
+    # disarmed. Always `threshold and available < threshold` at the end of a step.
+    low: bool = False
+    # Sum of the open calls' price_per_minute_micros: the burn rate (not imaged:
+    # rebuilt from the open calls).
+    burn_micros: int = 0
 
     @property
     def available(self) -> int:
@@ -248,8 +257,22 @@ class Account:
                 self.credit_limit,
                 self.max_concurrent_calls,
                 len(self.open_calls),
+                self.low_balance_threshold,
+                self.burn_micros,
             ),
         )
+
+
+def burn_rate_per_minute(burn_micros: int) -> int:
+    """Minor units per minute that open calls priced at `burn_micros` spend (rounded up)."""
+    return -(-burn_micros // 1_000_000)
+
+
+def seconds_until_empty(available: int, burn_micros: int) -> int | None:
+    """How long `available` lasts at `burn_micros` per minute (rounded down); None: no burn."""
+    if burn_micros <= 0:
+        return None
+    return max(available, 0) * 60_000_000 // burn_micros
 
 
 _T = TypeVar("_T")

@@ -34,6 +34,7 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 PREFIX_PATTERN = re.compile(rf"[0-9]{{0,{MAX_PREFIX_DIGITS}}}")
 MAX_AMOUNT = 10**15
 MAX_CREDIT_LIMIT = 10**15
+MAX_LOW_BALANCE_THRESHOLD = 10**15
 MAX_BALANCE = 10**18  # keeps every balance well inside int64
 MAX_EPOCH = 2**62  # a lease epoch (bigint in the journal)
 MAX_PRICE_PER_MINUTE_MICROS = 10**12
@@ -85,6 +86,13 @@ def violations(command: Command) -> Violations:
             _id(out, "tariff_id", command.tariff_id)
             _range(out, "credit_limit", command.credit_limit, 0, MAX_CREDIT_LIMIT)
             _range(out, "max_concurrent_calls", command.max_concurrent_calls, 0, MAX_CALLS)
+            _range(
+                out,
+                "low_balance_threshold",
+                command.low_balance_threshold,
+                0,
+                MAX_LOW_BALANCE_THRESHOLD,
+            )
         case UpdateAccount():
             _id(out, "account_id", command.account_id)
             if command.tariff_id is not None:
@@ -98,6 +106,14 @@ def violations(command: Command) -> Violations:
                     command.max_concurrent_calls,
                     0,
                     MAX_CALLS,
+                )
+            if command.low_balance_threshold is not None:
+                _range(
+                    out,
+                    "low_balance_threshold",
+                    command.low_balance_threshold,
+                    0,
+                    MAX_LOW_BALANCE_THRESHOLD,
                 )
         case TopUp():
             _id(out, "account_id", command.account_id)
@@ -201,6 +217,7 @@ def _create_account_ok(c: CreateAccount) -> bool:
         and _ID_MATCH(c.tariff_id)
         and 0 <= c.credit_limit <= MAX_CREDIT_LIMIT
         and 0 <= c.max_concurrent_calls <= MAX_CALLS
+        and 0 <= c.low_balance_threshold <= MAX_LOW_BALANCE_THRESHOLD
     )
 
 

@@ -2,8 +2,8 @@
 callcredit through one DialerClient. Every decision is in decisions.py.
 
     Kamailio --(evapi TCP, netstrings)--> Adapter --(DialerClient)--> callcredit
-    Kamailio <--(evapi: answer, timeout)-- Adapter
-    Kamailio <--(JSON-RPC over UDP: dlg.end_dlg, dlg.dlg_list, htable.*)-- Adapter
+    Kamailio <--(evapi: answer, timeout, end)-- Adapter
+    Kamailio <--(JSON-RPC over UDP: dlg.dlg_list, htable.*)-- Adapter
 
 One adapter serves one Kamailio (evapi sends every event to every connected client: two
 adapters would each reserve every call).
@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from callcredit_server.kamailio.decisions import (
     Failed,
     Held,
     NetstringDecoder,
+    Pending,
     Probe,
     Recheck,
     Reserve,
@@ -46,10 +48,12 @@ from callcredit_server.kamailio.decisions import (
     answer_for_refusal,
     check_invite,
     dialog_timeout_seconds,
+    end_command,
     ends_call_now,
     netstring,
     parse_event,
     parse_kamailio_time,
+    pending_command,
     reconcile,
     talk_seconds,
     timeout_command,
@@ -77,9 +81,6 @@ hundred calls does; see docs/telephony.md."""
 
 CONNECT_RETRY_SECONDS = 0.5
 """Wait between attempts to connect to Kamailio's evapi socket."""
-
-BYE_HEADERS = "X-Callcredit-Reason: "
-"""Extra header on the BYEs of a dialog ended by callcredit (dlg.end_dlg), with the reason."""
 
 
 class RpcError(Exception):
@@ -213,10 +214,13 @@ class Adapter:
                 continue
             logger.info("connected to kamailio events at %s:%d", host, port)
             self._writer = writer
+            events_socket = writer.get_extra_info("socket")
+            events_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._spawn(self._adopt())
             decoder = NetstringDecoder()
             try:
                 while data := await reader.read(65_536):
+                    _quick_ack(events_socket)
                     for message in decoder.feed(data):
                         self._dispatch(message)
                     if decoder.broken is not None:
@@ -280,6 +284,7 @@ class Adapter:
         token = CallToken(call_id, account_id, destination, self._requested_seconds)
         call = _Call(event.sip_call_id, token)
         self._track(call)
+        self._send(pending_command(event.sip_call_id, token))
         try:
             async with asyncio.timeout(self._reserve_timeout):
                 handle = await self._reserve(token)
@@ -388,16 +393,12 @@ class Adapter:
 
     def _end_dialog(self, call: _Call, reason: str) -> None:
         logger.info("call %s: ending its dialog (%s)", call.token.call_id, reason)
-        self._spawn(self._rpc_end_dialog(call, reason))
+        self._send_end(call, reason)
         self._watch(call, RECONCILE_GRACE_SECONDS)
 
-    async def _rpc_end_dialog(self, call: _Call, reason: str) -> None:
-        try:
-            await self._rpc.call(
-                "dlg.end_dlg", call.h_entry, call.h_id, f"{BYE_HEADERS}{reason}\r\n"
-            )
-        except RpcError as err:
-            logger.warning("call %s: dlg.end_dlg failed: %s", call.token.call_id, err)
+    def _send_end(self, call: _Call, reason: str) -> None:
+        if not self._send(end_command(call.sip_call_id, call.h_entry, call.h_id, reason)):
+            logger.warning("call %s: kamailio gone, dialog not ended", call.token.call_id)
 
     # -- ends, lost or not ---------------------------------------------------------
 
@@ -475,10 +476,14 @@ class Adapter:
                 result.charged,
                 result.balance,
             )
+        await self._forget_kept(call.sip_call_id)
+
+    async def _forget_kept(self, sip_call_id: str) -> None:
+        """Delete what Kamailio keeps of a call."""
         for table in ("cccall", "ccend"):
             # Not there (never started), or Kamailio gone: the entry expires anyway.
             with contextlib.suppress(RpcError):
-                await self._rpc.call("htable.delete", table, call.sip_call_id)
+                await self._rpc.call("htable.delete", table, sip_call_id)
 
     def _track(self, call: _Call) -> None:
         self._calls[call.sip_call_id] = call
@@ -512,15 +517,39 @@ class Adapter:
                 if not isinstance(value, str):
                     continue
                 event = parse_event(value.encode())
-                if not isinstance(event, Start | Held) or event.sip_call_id in self._calls:
+                if not isinstance(event, Start | Held | Pending):
+                    continue
+                if event.sip_call_id in self._calls:
                     continue
                 adopted += 1
                 if isinstance(event, Start):
                     self._spawn(self._reattach(event))
-                else:
+                elif isinstance(event, Held):
                     self._spawn(self._reattach_ringing(event))
+                else:
+                    self._spawn(self._release_pending(event))
         if adopted:
             logger.info("kamailio: taking up %d calls started before", adopted)
+
+    async def _release_pending(self, event: Pending) -> None:
+        """Release, with 0, a call whose Reserve a dead adapter sent and never answered
+        (Kamailio answered its INVITE 503): the same Reserve again returns it if
+        callcredit made it (or makes it, if the Reserve never arrived), and nothing
+        stays held until its validity runs out."""
+        token = event.token
+        if token is None or event.sip_call_id in self._calls:
+            return
+        call = _Call(event.sip_call_id, token)
+        self._track(call)
+        try:
+            call.dialer = await self._reserve(token)
+        except CallcreditError as err:
+            self._untrack(call)
+            logger.info("call %s: nothing to release: %s", token.call_id, err.reason)
+            await self._forget_kept(event.sip_call_id)
+            return
+        logger.info("call %s: reserved by an adapter that died; released free", token.call_id)
+        self._finish(call, 0)
 
     async def _reattach_ringing(self, event: Held) -> None:
         """Take up a call let through but not answered when it was last seen: it may
@@ -571,7 +600,7 @@ class Adapter:
             logger.warning("call %s: cannot take it up: %s", token.call_id, err.reason)
             if err.reason == "CALL_ALREADY_ENDED":
                 # Released before (nothing more to do) or expired: then it is unpaid talk.
-                await self._rpc_end_dialog(call, err.reason)
+                self._send_end(call, err.reason)
             return
         call.dialer = handle
         call.start_micros = event.at_micros
@@ -589,6 +618,15 @@ class Adapter:
         handle.answered(ago_seconds=talked_micros / 1_000_000)
         logger.info("call %s: taken up after %d ms of talk", token.call_id, talked_micros // 1000)
         self._retime(call)
+
+
+def _quick_ack(sock: socket.socket) -> None:
+    """Acknowledge Kamailio's next event at once (Linux: TCP_QUICKACK, which the kernel
+    clears again, so it is re-armed after every read). Kamailio's evapi socket does not
+    disable Nagle: an event written while the one before it is unacknowledged waits for
+    the ACK, and a delayed ACK (up to 40 ms) would hold up the INVITE behind it."""
+    if hasattr(socket, "TCP_QUICKACK"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
 def _dialog_open(found: Any) -> bool:

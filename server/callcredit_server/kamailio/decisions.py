@@ -47,6 +47,7 @@ __all__ = [
     "Failed",
     "Held",
     "NetstringDecoder",
+    "Pending",
     "Probe",
     "Recheck",
     "Release",
@@ -59,10 +60,12 @@ __all__ = [
     "check_invite",
     "derive_call_id",
     "dialog_timeout_seconds",
+    "end_command",
     "ends_call_now",
     "netstring",
     "parse_event",
     "parse_kamailio_time",
+    "pending_command",
     "reconcile",
     "talk_seconds",
     "timeout_command",
@@ -261,6 +264,16 @@ class Held:
 
 
 @dataclass(frozen=True, slots=True)
+class Pending:
+    """A Reserve the adapter sent for an INVITE it had not answered yet: what Kamailio
+    keeps of it (htable cccall) until the answer replaces it (held) or removes it (a
+    refusal). Left there, the adapter died in between. Read after a restart."""
+
+    sip_call_id: str
+    token: CallToken | None
+
+
+@dataclass(frozen=True, slots=True)
 class End:
     """A BYE (either side, or Kamailio's own on the timeout) ended the dialog at
     `at_micros`, the first end Kamailio saw (later signals repeat it)."""
@@ -284,7 +297,7 @@ class Unheld:
     tlabel: int
 
 
-Event: TypeAlias = Reserve | Start | Held | End | Failed | Unheld
+Event: TypeAlias = Reserve | Start | Held | Pending | End | Failed | Unheld
 
 
 def parse_kamailio_time(text: str) -> int | None:
@@ -351,9 +364,10 @@ def parse_event(data: bytes) -> Event | str:
         return End(sip_call_id, at_micros)
     if kind == "failed":
         return Failed(sip_call_id)
-    if kind == "held":
+    if kind in ("held", "pending"):
         token = message.get("call")
-        return Held(sip_call_id, CallToken.decode(token) if isinstance(token, str) else None)
+        decoded = CallToken.decode(token) if isinstance(token, str) else None
+        return Held(sip_call_id, decoded) if kind == "held" else Pending(sip_call_id, decoded)
     return f"unknown event {kind!r}"
 
 
@@ -396,12 +410,33 @@ def answer_command(
     return orjson.dumps(command)
 
 
+def pending_command(sip_call_id: str, token: CallToken) -> bytes:
+    """Have Kamailio keep the call's Reserve fields before the Reserve is sent, until
+    the INVITE is answered: a restarted adapter releases what a dead one reserved."""
+    return orjson.dumps({"cmd": "pending", "sip_call_id": sip_call_id, "call": token.encode()})
+
+
 def timeout_command(h_entry: int, h_id: int, timeout_seconds: int) -> bytes:
     """Move a live dialog's end to `timeout_seconds` from now."""
     if timeout_seconds < 1:
         raise ValueError("a dialog timeout is at least 1 s; end the dialog instead")
     return orjson.dumps(
         {"cmd": "timeout", "h_entry": h_entry, "h_id": h_id, "seconds": timeout_seconds}
+    )
+
+
+def end_command(sip_call_id: str, h_entry: int, h_id: int, reason: str) -> bytes:
+    """End a live dialog now, BYE both ways, each with `X-Callcredit-Reason: reason`.
+    Kamailio runs the dlg.end_dlg request inside under the Call-ID's lock (kamailio.cfg,
+    route CC_END_DIALOG), so that both BYEs go out (a JSON-RPC from here would not)."""
+    rpc = {
+        "jsonrpc": "2.0",
+        "method": "dlg.end_dlg",
+        "params": [h_entry, h_id, f"X-Callcredit-Reason: {reason}\r\n"],
+        "id": 1,
+    }
+    return orjson.dumps(
+        {"cmd": "end", "sip_call_id": sip_call_id, "rpc": orjson.dumps(rpc).decode()}
     )
 
 
