@@ -45,6 +45,7 @@ from callcredit_server.core import (
     Reserve,
     StateMachine,
     Step,
+    Takeover,
     Tariff,
     Tick,
     TickResult,
@@ -258,6 +259,7 @@ def test_codec_kind_names_never_change() -> None:
         "Release",
         "Renew",
         "Reserve",
+        "Takeover",
         "Tick",
         "TopUp",
         "UpdateAccount",
@@ -287,6 +289,7 @@ _commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(Renew, _texts, _ints, _ints, _ints, _ints, _ints),
     st.builds(Release, _texts, _ints),
     st.builds(Tick, _ints),
+    st.builds(Takeover, _ints),
 )
 
 

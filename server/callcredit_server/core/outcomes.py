@@ -85,6 +85,11 @@ class TickResult:
     forgotten: int
 
 
+@dataclass(frozen=True, slots=True)
+class TakeoverResult:
+    restarted: int  # open calls whose validity restarted
+
+
 # What the state machine builds on every step, without frozen __init__'s __setattr__.
 new_account_result: Callable[[AccountView], AccountResult] = positional_constructor(AccountResult)
 new_grant_result: Callable[[Grant], GrantResult] = positional_constructor(GrantResult)
@@ -92,7 +97,15 @@ new_release_outcome: Callable[[ReleaseResult], ReleaseOutcome] = positional_cons
     ReleaseOutcome
 )
 
-Outcome = Refused | AccountResult | TariffResult | GrantResult | ReleaseOutcome | TickResult
+Outcome = (
+    Refused
+    | AccountResult
+    | TariffResult
+    | GrantResult
+    | ReleaseOutcome
+    | TickResult
+    | TakeoverResult
+)
 
 
 @dataclass(frozen=True, slots=True)
