@@ -42,7 +42,7 @@ from callcredit_server.core import (
 )
 from callcredit_server.journal import Journal, JournalRecord
 from callcredit_server.recovery import recover
-from callcredit_server.snapshot import fork_snapshot, list_snapshots
+from callcredit_server.snapshot import fork_snapshot, list_snapshots, publish_snapshot
 
 BATCH_RECORDS = 20_000
 START_MS = 1_790_000_000_000
@@ -160,6 +160,7 @@ def main() -> None:
     written_seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit("snapshot child failed")
+    publish_snapshot(snapshots, seq, pid)  # the journal holds seq: the writer would too
     (newest,) = list_snapshots(snapshots)[:1]
     print(
         f"snapshot at seq {seq:,}: writer paused {stall_ms:.1f} ms (the fork), child wrote "

@@ -12,6 +12,10 @@ import sqlalchemy
 
 from callcredit_server.journal import engine_url
 
+# tests/core/helpers.py asserts too, and tests outside tests/core import it (changefeed,
+# writer, simulation): register its rewrite here, before any of them is collected.
+pytest.register_assert_rewrite("tests.core.helpers")
+
 POSTGRES_ENV = "CALLCREDIT_TEST_POSTGRES_URL"
 
 

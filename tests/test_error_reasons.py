@@ -25,9 +25,11 @@ TRANSPORT_REASONS = (
     ErrorReason.UNAUTHENTICATED,
     ErrorReason.UNAVAILABLE,
     ErrorReason.SLOW_CONSUMER,
+    ErrorReason.NOT_PRIMARY,
 )
 """Sent by the servicer alone (a token, a drain or a failing journal, a stream's reader
-too slow for its pushes): the core never decides them, so its enums do not name them."""
+too slow for its pushes, a hot standby): the core never decides them, so its enums do not
+name them."""
 SENT = [value for _, value in ErrorReason.items() if value != ErrorReason.ERROR_REASON_UNSPECIFIED]
 
 

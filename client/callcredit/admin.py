@@ -26,7 +26,7 @@ system's roots), and ``cert_file=``/``key_file=`` when it requires client certif
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -421,8 +421,9 @@ class AdminClient:
         *,
         after_entry_id: int = 0,
         limit: int = 0,
+        newest_first: bool = False,
     ) -> list[admin_pb2.LedgerEntry]:
-        """Ledger entries with ``entry_id > after_entry_id``, oldest first.
+        """Ledger entries after ``after_entry_id``: oldest first, or ``newest_first``.
 
         The next page starts after the last entry returned, so a plain list is all a
         caller needs. ``limit`` 0 lets the server choose.
@@ -431,6 +432,7 @@ class AdminClient:
             account_id=account_id,
             after_entry_id=after_entry_id,
             limit=limit,
+            newest_first=newest_first,
         )
         response: admin_pb2.ListEntriesResponse = await self._call(self._stub.ListEntries, request)
         return list(response.entries)
@@ -442,17 +444,27 @@ class AdminClient:
         from_end: bool = False,
         account_ids: Sequence[str] = (),
         kinds: Sequence[admin_pb2.EventKind.ValueType] = (),
-    ) -> AsyncIterator[admin_pb2.WatchEventsResponse]:
+        since_ms: int | None = None,
+        stored_only: bool = False,
+    ) -> AsyncGenerator[admin_pb2.WatchEventsResponse]:
         """Follow the changefeed: each response's events, and the ``cursor`` to resume from.
 
         Never ends by itself and has no deadline. Keep the last ``cursor`` (durably, if
         it must survive a restart) and pass it as ``after`` when reconnecting: nothing
         is missed and nothing repeated. A stream the server cut for reading too slowly
         raises ``CallcreditError`` with ``SLOW_CONSUMER``: reconnect the same way.
+        ``since_ms`` (Unix milliseconds) starts at that time instead of a cursor;
+        ``stored_only`` ends the stream at the journal's end as of the request.
         """
         request = admin_pb2.WatchEventsRequest(
-            after=after, from_end=from_end, account_ids=account_ids, kinds=kinds
+            after=after,
+            from_end=from_end,
+            account_ids=account_ids,
+            kinds=kinds,
+            stored_only=stored_only,
         )
+        if since_ms is not None:
+            request.since.FromMilliseconds(since_ms)
         call = self._stub.WatchEvents(request, metadata=self._metadata)
         try:
             async for response in call:

@@ -363,6 +363,11 @@ def _read_tariff_file(path: Path, tariff_id: str, currency: str | None) -> admin
 
 # --- accounts --------------------------------------------------------------------------
 
+_THRESHOLD_HELP = (
+    "Announce LOW_BALANCE on the changefeed when available funds fall below this; "
+    "an amount (see topup)"
+)
+
 
 @account_app.command("create")
 def account_create(
@@ -376,9 +381,13 @@ def account_create(
     max_concurrent_calls: Annotated[
         int, typer.Option(help="Most calls open at once; 0 means no cap.")
     ] = 0,
+    low_balance_threshold: Annotated[
+        str, typer.Option(help=_THRESHOLD_HELP + "; 0 means off.")
+    ] = "0",
 ) -> None:
     """Open an account with a zero balance."""
     limit = _amount(credit_limit, currency, "--credit-limit")
+    threshold = _amount(low_balance_threshold, currency, "--low-balance-threshold")
     account = _request(
         ctx,
         lambda admin: admin.create_account(
@@ -387,6 +396,7 @@ def account_create(
             tariff_id=tariff,
             credit_limit=limit,
             max_concurrent_calls=max_concurrent_calls,
+            low_balance_threshold=threshold,
         ),
     )
     _output(ctx, account, _account_table(account))
@@ -452,25 +462,38 @@ def account_update(
     max_concurrent_calls: Annotated[
         int | None, typer.Option(help="New cap on open calls; 0 means no cap.")
     ] = None,
+    low_balance_threshold: Annotated[
+        str | None, typer.Option(help=_THRESHOLD_HELP + "; 0 turns it off.")
+    ] = None,
 ) -> None:
-    """Change an account's status, tariff, credit limit or call cap; only what is given."""
-    if status is None and tariff is None and credit_limit is None and max_concurrent_calls is None:
+    """Change an account's status, tariff, credit limit, call cap or low-balance
+    threshold; only what is given."""
+    amounts = {"--credit-limit": credit_limit, "--low-balance-threshold": low_balance_threshold}
+    if (
+        status is None
+        and tariff is None
+        and max_concurrent_calls is None
+        and not any(text is not None for text in amounts.values())
+    ):
         raise typer.BadParameter(
-            "nothing to change: give --status, --tariff, --credit-limit or --max-concurrent-calls"
+            "nothing to change: give --status, --tariff, --credit-limit, "
+            "--max-concurrent-calls or --low-balance-threshold"
         )
-    major = credit_limit is not None and _needs_currency(credit_limit, "--credit-limit")
+    major = any(text is not None and _needs_currency(text, hint) for hint, text in amounts.items())
 
     async def send(admin: AdminClient) -> admin_pb2.Account:
-        limit = None
-        if credit_limit is not None:
-            currency = (await admin.get_account(account_id)).currency if major else None
-            limit = _amount(credit_limit, currency, "--credit-limit")
+        currency = (await admin.get_account(account_id)).currency if major else None
+        limit = None if credit_limit is None else _amount(credit_limit, currency, "--credit-limit")
+        threshold = None
+        if low_balance_threshold is not None:
+            threshold = _amount(low_balance_threshold, currency, "--low-balance-threshold")
         return await admin.update_account(
             account_id,
             status=None if status is None else _STATUS_VALUES[status],
             tariff_id=tariff,
             credit_limit=limit,
             max_concurrent_calls=max_concurrent_calls,
+            low_balance_threshold=threshold,
         )
 
     account = _request(ctx, send)
@@ -846,6 +869,12 @@ def _list_table(
 def _account_table(account: admin_pb2.Account) -> Callable[[int], RenderableType]:
     currency = account.currency
     cap = str(account.max_concurrent_calls) if account.max_concurrent_calls else "no cap"
+    threshold = (
+        _money(account.low_balance_threshold, currency) if account.low_balance_threshold else "off"
+    )
+    empty_in = "nothing burns"
+    if account.HasField("seconds_until_empty"):
+        empty_in = _seconds(account.seconds_until_empty)
     return _fields_table(
         f"Account {account.account_id} ({currency})",
         [
@@ -856,6 +885,9 @@ def _account_table(account: admin_pb2.Account) -> Callable[[int], RenderableType
             ("available", _money(account.available, currency)),
             ("credit limit", _money(account.credit_limit, currency)),
             ("active calls", f"{account.active_calls} (max: {cap})"),
+            ("low-balance threshold", threshold),
+            ("burn rate", f"{_money(account.burn_rate_per_minute, currency)}/min"),
+            ("empty in", empty_in),
         ],
     )
 
@@ -1019,6 +1051,15 @@ def _fields_table(title: str, rows: list[tuple[str, str]]) -> Callable[[int], Re
         return table
 
     return render
+
+
+def _seconds(seconds: int) -> str:
+    """A duration as the largest units that matter: "2 h 05 min", "4 min 10 s", "9 s"."""
+    hours, rest = divmod(max(0, seconds), 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 def _money(amount: int, currency: str) -> str:

@@ -36,9 +36,11 @@ from callcredit_server.convert import GrantPolicy
 from callcredit_server.core import COMPILED
 from callcredit_server.handlers import register
 from callcredit_server.journal import Journal
+from callcredit_server.lease import Lease, LeaseSettings, Role
 from callcredit_server.metrics import Metrics, parse_listen
 from callcredit_server.recovery import recover
 from callcredit_server.service import AdminServicer, CreditControlServicer
+from callcredit_server.standby import HotStandby, PrimaryGate, new_owner
 from callcredit_server.writer import SnapshotPolicy, Writer
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,10 @@ class Settings:
     tokens: tuple[Token, ...] = ()  # from the config file only; none = no auth
     metrics_listen: str = ""  # HOST:PORT of the Prometheus exporter; "" = off
     drain_seconds: float = 30.0  # on SIGTERM: keep answering renewals/releases this long
+    ha: bool = False  # hot standby: a primary and standbys on one PostgreSQL journal
+    lease_seconds: float = 5.0  # --ha: the primary's lease (docs/operations.md)
+    lease_renew_seconds: float = 1.0  # --ha: the primary renews it this often
+    advertise: str = ""  # --ha: HOST:PORT clients should use; "" = --listen's
 
     @property
     def auth_enabled(self) -> bool:
@@ -90,6 +96,11 @@ class Settings:
     @property
     def tls_enabled(self) -> bool:
         return bool(self.tls_cert)
+
+    def lease_settings(self) -> LeaseSettings:
+        return LeaseSettings(
+            round(self.lease_seconds * 1000), round(self.lease_renew_seconds * 1000)
+        )
 
     def snapshot_root(self, environ: Mapping[str, str] = os.environ) -> Path:
         """Where snapshots go: the flag, else beside a SQLite file, else the state
@@ -166,6 +177,15 @@ class Settings:
             out.append("--metrics-listen must be HOST:PORT")
         if not 0 <= self.drain_seconds <= MAX_DRAIN_SECONDS:
             out.append(f"--drain-seconds must be between 0 and {MAX_DRAIN_SECONDS}")
+        if self.ha:
+            if make_url(self.database_url).get_backend_name() != "postgresql":
+                out.append(
+                    "--ha needs a PostgreSQL --database-url: the lease and the fencing "
+                    "live in the journal's database, which every server must reach"
+                )
+            out.extend(self.lease_settings().problems())
+            if self.advertise and parse_listen(self.advertise) is None:
+                out.append("--advertise must be HOST:PORT")
         return out
 
     def describe(self) -> list[str]:
@@ -286,11 +306,15 @@ class RunningServer:
     history: ThreadPoolExecutor
     control: CreditControlServicer | None = None
     metrics: Metrics | None = None
+    standby: HotStandby | None = None  # --ha
+    standby_task: asyncio.Task[None] | None = None
 
     async def drain(self, grace_seconds: float) -> None:
         """Health NOT_SERVING, refuse new reserves (UNAVAILABLE), and keep answering
         everything else until grace_seconds has passed, or no call is open, or no Control
         stream has been connected for DRAIN_IDLE_SECONDS. Then call stop()."""
+        if self.standby is not None and self.standby.lease.role is not Role.PRIMARY:
+            return  # a standby's (or deposed primary's) open calls are not its own
         await self.health.enter_graceful_shutdown()
         if self.control is not None:
             self.control.draining = True
@@ -318,12 +342,17 @@ class RunningServer:
         log.info("drain over: %d calls still open", open_calls, extra={"open_calls": open_calls})
 
     async def stop(self, grace_seconds: float = 5.0) -> None:
+        if self.standby_task is not None:
+            self.standby_task.cancel()  # no takeover, no renewal: this server is going
+            await asyncio.gather(self.standby_task, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         stopping = asyncio.ensure_future(self.server.stop(grace_seconds))  # no new RPCs from now
         if self.control is not None:
             self.control.end_streams()  # each ends once its answers in flight are sent
         await stopping
         await self.writer.stop()
+        if self.standby is not None:
+            await self.standby.stopped()
         self.history.shutdown(wait=True)
         self.journal.close()
         if self.metrics is not None:
@@ -341,7 +370,12 @@ async def start(
     problems = settings.problems()
     if problems:
         raise ValueError("; ".join(problems))
-    interceptors = [AuthInterceptor(Authenticator(settings.tokens))] if settings.tokens else []
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if settings.tokens:
+        interceptors.append(AuthInterceptor(Authenticator(settings.tokens)))
+    gate = PrimaryGate() if settings.ha else None  # refuses RPCs until this is primary
+    if gate is not None:
+        interceptors.append(gate)
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -359,7 +393,8 @@ async def start(
         port = server.add_insecure_port(settings.listen)
     else:
         port = server.add_secure_port(settings.listen, credentials)
-    journal = Journal(settings.database_url)
+    owner = new_owner() if settings.ha else ""
+    journal = Journal(settings.database_url, owner=owner)
     try:
         snapshot_dir = settings.snapshot_root() / journal.journal_id
         recovered = await asyncio.to_thread(recover, journal, snapshot_dir)
@@ -411,7 +446,8 @@ async def start(
         log.info(
             "metrics on http://%s:%d/metrics", listen[0], metrics_port, extra={"port": metrics_port}
         )
-    writer.start()
+    if gate is None:
+        writer.start()
     await server.start()
     loop = asyncio.get_running_loop()
 
@@ -427,8 +463,30 @@ async def start(
         task.add_done_callback(marking.discard)
 
     writer.on_failure(not_serving)
-    for service in ("", *services[:2]):
-        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def set_serving(serving: bool) -> None:
+        serving_status = health_pb2.HealthCheckResponse.SERVING
+        status = serving_status if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", *services[:2]):
+            await health.set(service, status)
+
+    standby = standby_task = None
+    if gate is None:
+        await set_serving(True)
+    else:
+        await set_serving(False)
+        standby = HotStandby(
+            Lease(settings.lease_settings(), owner),
+            journal,
+            recovered.machine,
+            writer,
+            gate,
+            advertise=settings.advertise or f"{settings.listen.rpartition(':')[0]}:{port}",
+            applied_seq=recovered.snapshot_seq + recovered.replayed,
+            set_serving=set_serving,
+        )
+        standby_task = loop.create_task(standby.run(), name="hot-standby")
+        log.info("hot standby: owner %s, waiting for the lease", owner, extra={"owner": owner})
     tls = "off" if not settings.tls_enabled else "mutual" if settings.tls_client_ca else "on"
     log.info(
         "callcredit serving on port %d, journal %s, TLS %s, auth %s, core %s",
@@ -439,7 +497,9 @@ async def start(
         "compiled (mypyc)" if COMPILED else "pure Python",
         extra={"core_compiled": COMPILED},
     )
-    return RunningServer(server, port, writer, journal, health, history, control, metrics)
+    return RunningServer(
+        server, port, writer, journal, health, history, control, metrics, standby, standby_task
+    )
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:

@@ -264,7 +264,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if token is None:
             why = "no bearer token" if presented is None else "unknown bearer token"
             log.warning("refused %s: %s", method, why)
-            return _refusing(
+            return refusing(
                 handler, unauthenticated(f"{why}: send 'authorization: Bearer <token>'")
             )
         role = _SERVICE_ROLES.get(service)
@@ -272,14 +272,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             token.role is Role.DIALER and method in TENANT_SCOPED_METHODS
         ):
             log.warning("refused %s: token %r has role %s", method, token.name, token.role)
-            return _refusing(
+            return refusing(
                 handler, permission_denied(f"a {token.role} token may not call {service}")
             )
         _current_tenant.set(token.tenant)
         return handler
 
 
-def _refusing(handler: _Handler, status: status_pb2.Status) -> _Handler:
+def refusing(handler: _Handler, status: status_pb2.Status) -> _Handler:
     """A handler of the same shape as `handler` that only aborts with `status`."""
     error = rpc_status.to_status(status)
 

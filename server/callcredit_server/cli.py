@@ -162,6 +162,30 @@ def serve(
         envvar="CALLCREDIT_DRAIN_SECONDS",
         help="On SIGTERM, answer renewals and releases this long before exiting.",
     ),
+    ha: bool = typer.Option(
+        False,
+        "--ha",
+        envvar="CALLCREDIT_HA",
+        help="Hot standby: run as one of several servers on one PostgreSQL journal; the "
+        "holder of the lease serves, the others tail the journal and take over when it "
+        "expires. Exits 3 when deposed.",
+    ),
+    lease_seconds: float = typer.Option(
+        _DEFAULTS.lease_seconds,
+        envvar="CALLCREDIT_LEASE_SECONDS",
+        help="--ha: how long the primary's lease lasts without a renewal (1-60).",
+    ),
+    lease_renew_seconds: float = typer.Option(
+        _DEFAULTS.lease_renew_seconds,
+        envvar="CALLCREDIT_LEASE_RENEW_SECONDS",
+        help="--ha: how often the primary renews its lease (at most half --lease-seconds).",
+    ),
+    advertise: str = typer.Option(
+        "",
+        envvar="CALLCREDIT_ADVERTISE",
+        help="--ha: HOST:PORT clients should use for this server (standbys send clients "
+        "there); default: --listen's.",
+    ),
     ready_file: str = typer.Option(
         "",
         envvar="CALLCREDIT_READY_FILE",
@@ -192,7 +216,7 @@ def serve(
         return
     logs.configure(settings.log_level, log_format)
     try:
-        run_loop(settings.event_loop, _serve(settings, log_format, ready_file))
+        code = run_loop(settings.event_loop, _serve(settings, log_format, ready_file))
     except (RuntimeError, OSError, JournalError, InvariantViolation) as exc:
         # Cannot bind, cannot read a TLS file or the journal, or the journal replays to
         # a broken state: nothing was served; say why in one line.
@@ -200,6 +224,8 @@ def serve(
         raise typer.Exit(1) from exc
     if ready_file:
         Path(ready_file).unlink(missing_ok=True)  # it serves no more
+    if code:
+        raise typer.Exit(code)
 
 
 def _source(context: typer.Context, name: str) -> str:
@@ -211,7 +237,10 @@ GC_THRESHOLDS = (50_000, 20, 10)  # the collector's generations (defaults: 700, 
 _SETTING_NAMES = frozenset(Settings.__dataclass_fields__) - {"tokens"}
 
 
-async def _serve(settings: Settings, log_format: str, ready_file: str) -> None:
+EXIT_DEPOSED = 3  # --ha: this server lost the lease; restarted, it comes back as a standby
+
+
+async def _serve(settings: Settings, log_format: str, ready_file: str) -> int:
     running = await start(settings)
     # The recovered state (millions of objects at scale) lives as long as the process:
     # moved out of the collector's generations, it is not rescanned by every full
@@ -232,8 +261,18 @@ async def _serve(settings: Settings, log_format: str, ready_file: str) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     # After a journal failure the server stays up answering UNAVAILABLE (health
-    # NOT_SERVING) until the operator fixes the fault and restarts it.
-    await stop.wait()
+    # NOT_SERVING) until the operator fixes the fault and restarts it. A deposed
+    # --ha primary exits instead: its supervisor restarts it as a standby.
+    deposed = running.standby.deposed if running.standby is not None else asyncio.Event()
+    signalled = asyncio.create_task(stop.wait())
+    lost = asyncio.create_task(deposed.wait())
+    await asyncio.wait((signalled, lost), return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    lost.cancel()
+    if deposed.is_set():
+        await running.stop()
+        logging.getLogger(__name__).critical("stopped: deposed, exiting %d", EXIT_DEPOSED)
+        return EXIT_DEPOSED
     stop.clear()
     draining = asyncio.create_task(running.drain(settings.drain_seconds))
     again = asyncio.create_task(stop.wait())  # a second signal cuts the drain short
@@ -242,6 +281,7 @@ async def _serve(settings: Settings, log_format: str, ready_file: str) -> None:
         task.cancel()
     await running.stop()
     logging.getLogger(__name__).info("stopped: journal flushed, exiting")
+    return 0
 
 
 def _snapshot_dir(database_url: str, snapshot_dir: str, journal: Journal) -> Path:

@@ -34,6 +34,7 @@ from callcredit_server.core.commands import (
     Release,
     Renew,
     Reserve,
+    Takeover,
     Tick,
     TopUp,
     UpdateAccount,
@@ -53,6 +54,7 @@ KINDS: dict[type[Any], str] = {
     Renew: "Renew",
     Release: "Release",
     Tick: "Tick",
+    Takeover: "Takeover",
 }
 
 
@@ -195,6 +197,8 @@ def _body(command: Command) -> dict[str, object]:
             return {"tariff": _tariff_obj(command.tariff)}
         case Tick():
             return _typed({"retention_ms": command.retention_ms}, int)
+        case Takeover():
+            return _typed({"epoch": command.epoch}, int)
     raise CodecError(f"not a command: {type(command).__name__}")
 
 
@@ -385,6 +389,10 @@ def _tick(f: _Fields) -> Command:
     return Tick(retention_ms=f.integer("retention_ms"))
 
 
+def _takeover(f: _Fields) -> Command:
+    return Takeover(epoch=f.integer("epoch"))
+
+
 _DECODERS: dict[str, Callable[[_Fields], Command]] = {
     "CreateAccount": _create_account,
     "UpdateAccount": _update_account,
@@ -395,6 +403,7 @@ _DECODERS: dict[str, Callable[[_Fields], Command]] = {
     "Renew": _renew,
     "Release": _release,
     "Tick": _tick,
+    "Takeover": _takeover,
 }
 
 

@@ -45,6 +45,7 @@ _CODES: dict[ErrorReason.ValueType, grpc.StatusCode] = {
     ErrorReason.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     ErrorReason.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorReason.SLOW_CONSUMER: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorReason.NOT_PRIMARY: grpc.StatusCode.UNAVAILABLE,
 }
 
 _OF_CORE: dict[Reason | AccessReason, ErrorReason.ValueType] = {
@@ -64,6 +65,7 @@ def status_for(
     reason: ErrorReason.ValueType,
     message: str,
     field_violations: tuple[tuple[str, str], ...] = (),
+    metadata: dict[str, str] | None = None,
 ) -> status_pb2.Status:
     """A google.rpc.Status carrying `reason`'s name in an ErrorInfo of our domain."""
     code: grpc.StatusCode = _CODES[reason]
@@ -75,9 +77,10 @@ def status_for(
     if len(message) > MAX_STATUS_MESSAGE_CHARS:
         message = message[: MAX_STATUS_MESSAGE_CHARS - 3] + "..."
     status = status_pb2.Status(code=code.value[0], message=message)
-    status.details.append(
-        _pack(error_details_pb2.ErrorInfo(reason=ErrorReason.Name(reason), domain=DOMAIN))
+    info = error_details_pb2.ErrorInfo(
+        reason=ErrorReason.Name(reason), domain=DOMAIN, metadata=metadata
     )
+    status.details.append(_pack(info))
     if field_violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
@@ -107,3 +110,12 @@ def permission_denied(message: str) -> status_pb2.Status:
 
 def unauthenticated(message: str) -> status_pb2.Status:
     return status_for(ErrorReason.UNAUTHENTICATED, message)
+
+
+def not_primary(primary: str) -> status_pb2.Status:
+    """This server is not the primary; `primary` is where it is ("" if unknown)."""
+    where = f"; the primary is at {primary}" if primary else "; no primary is known yet"
+    metadata = {"primary": primary} if primary else None
+    return status_for(
+        ErrorReason.NOT_PRIMARY, f"this server is not the primary{where}", (), metadata
+    )

@@ -38,7 +38,19 @@ Limits (TigerStyle: a bound on everything):
   grow with the journal and no connection is held while the caller works;
 - `MAX_READ_ROWS` rows per history read (`limit` must be 1..MAX_READ_ROWS);
 - the pool: `POOL_SIZE` + `POOL_MAX_OVERFLOW` connections, a checkout waits at most
-  `POOL_TIMEOUT_SECONDS`; SQLite waits at most `SQLITE_BUSY_TIMEOUT_MS` for a lock.
+  `POOL_TIMEOUT_SECONDS`; SQLite waits at most `SQLITE_BUSY_TIMEOUT_MS` for a lock;
+  PostgreSQL at most `POSTGRES_LOCK_TIMEOUT_MS`, and ends a session left idle in a
+  transaction after `POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_MS` (a paused process
+  must not hold the journal's locks for ever).
+
+Hot standby (PostgreSQL only, docs/operations.md): the `journal_lease` row says
+which server is primary, at which epoch, until when (the database's clock). Once
+`fence(epoch)` is called, every `append` first reads that row FOR SHARE in its own
+transaction and writes nothing unless the epoch is still `epoch` (`Fenced`): a
+deposed primary can never commit again, and a takeover (an UPDATE of the row)
+waits for a commit in flight, so commits are totally ordered around it. The
+decisions (when to take, renew, step down) are lease.py's; this module runs the
+statements.
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -58,6 +71,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     Connection,
+    DateTime,
     Engine,
     Index,
     Integer,
@@ -72,6 +86,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
 )
 from sqlalchemy.engine import URL, Dialect, make_url
 
@@ -85,11 +100,13 @@ from callcredit_server.core.model import (
     LedgerEntry,
     Rate,
 )
+from callcredit_server.lease import LeaseRow
 
 __all__ = [
     "MAX_READ_ROWS",
     "MAX_RECORDS_PER_APPEND",
     "REPLAY_PAGE_SIZE",
+    "Fenced",
     "Journal",
     "JournalError",
     "JournalRecord",
@@ -111,7 +128,16 @@ POOL_TIMEOUT_SECONDS = 30.0  # a checkout waits this long, then fails (JournalEr
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # a locked SQLite file is retried this long
 POSTGRES_CONNECT_TIMEOUT_SECONDS = 10  # libpq's connect_timeout
 POSTGRES_TCP_USER_TIMEOUT_MS = 15_000  # unacknowledged data this old fails the connection
+POSTGRES_LOCK_TIMEOUT_MS = 2_000  # a statement waiting this long for a lock fails
+POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_MS = 10_000  # the server ends such a session
+_SCHEMA_LOCK = 0x63616C6C  # PostgreSQL advisory lock key ("call") around table creation
+APPLICATION_NAME_PREFIX = "callcredit:"  # + the server's owner id: whose sessions to end
+POSTGRES_TERMINATE_WAIT_MS = 1_000  # end_sessions waits this long for each to be gone
 _DELETE_CHUNK = 500  # ids per DELETE ... IN (...) in the portable upsert
+# PostgreSQL: an upsert of this many rows or more goes through COPY into a temporary
+# table (several times faster than executemany): a new primary's Takeover rewrites
+# the history row of every open call, 100,000 of them at scale, in one commit.
+POSTGRES_COPY_MIN_ROWS = 2_000
 
 # Dialects whose INSERT ... ON CONFLICT DO UPDATE is used; others delete + insert.
 _NATIVE_UPSERT = frozenset({"sqlite", "postgresql"})
@@ -122,6 +148,10 @@ _WRITE_OPTION = "callcredit_journal_write"
 
 class JournalError(Exception):
     """The journal could not be opened, written or read. The server must fail-stop."""
+
+
+class Fenced(JournalError):
+    """A commit was refused: the lease has moved to another epoch (a takeover)."""
 
 
 class JournalRecord(NamedTuple):
@@ -231,6 +261,17 @@ Index(
     postgresql_where=calls_table.c.state == CallState.ACTIVE.value,
 )
 
+# One row (id 1) once a hot standby setup has run; see the module docstring.
+lease_table = Table(
+    "journal_lease",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("owner", String(128), nullable=False),  # the primary's owner id
+    Column("epoch", BigInteger, nullable=False),  # raised by every takeover
+    Column("advertise", String(256), nullable=False),  # where clients find it
+    Column("expires_at", DateTime(timezone=True), nullable=False),  # database clock
+)
+
 # The changefeed (changefeed.py): the events a record produced, as one row per record
 # with events (a JSON list of core.events images, in order), in the same transaction.
 # One row per record rather than per event: one insert and one key per record keeps
@@ -291,10 +332,12 @@ def _sqlite_on_begin(connection: Connection) -> None:
 
 
 def _postgresql_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    """Refuse to run with synchronous_commit=off: a commit must be on disk.
+    """Refuse to run with synchronous_commit=off: a commit must be on disk; bound waits.
 
     Only "off" is raised (to "on"); stronger settings a DBA chose for replication
-    (remote_write, remote_apply) are kept.
+    (remote_write, remote_apply) are kept. No statement waits for a lock longer
+    than POSTGRES_LOCK_TIMEOUT_MS, and a session of a paused process that sits in
+    a transaction is ended by the database (a standby taking over ends it sooner).
     """
     autocommit = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
@@ -304,11 +347,16 @@ def _postgresql_on_connect(dbapi_connection: Any, _record: Any) -> None:
             row = cursor.fetchone()
             if row is not None and row[0] == "off":
                 cursor.execute("SET synchronous_commit TO on")
+            cursor.execute(f"SET lock_timeout = {POSTGRES_LOCK_TIMEOUT_MS}")
+            cursor.execute(
+                "SET idle_in_transaction_session_timeout = "
+                f"{POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_MS}"
+            )
     finally:
         dbapi_connection.autocommit = autocommit
 
 
-def _open_engine(url: URL) -> Engine:
+def _open_engine(url: URL, owner: str) -> Engine:
     pool: dict[str, Any] = {
         "pool_size": POOL_SIZE,
         "max_overflow": POOL_MAX_OVERFLOW,
@@ -341,6 +389,8 @@ def _open_engine(url: URL) -> Engine:
             "keepalives_interval": 5,
             "keepalives_count": 3,
         }
+        if owner:
+            connect_args["application_name"] = APPLICATION_NAME_PREFIX + owner
     engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args, **pool)
     if backend == "postgresql":
         event.listen(engine, "connect", _postgresql_on_connect)
@@ -542,6 +592,13 @@ def _insert(connection: Connection, table: Table, rows: _Rows, upsert_key: str =
     databases go through SQLAlchemy Core; there, inside the batch's transaction,
     delete + insert is the upsert.
     """
+    if (
+        connection.dialect.name == "postgresql"
+        and upsert_key
+        and len(rows) >= (POSTGRES_COPY_MIN_ROWS)
+    ):
+        _copy_upsert(connection, table, rows, upsert_key)
+        return
     if connection.dialect.name in _NATIVE_UPSERT:
         cursor = connection.connection.cursor()
         try:
@@ -556,6 +613,30 @@ def _insert(connection: Connection, table: Table, rows: _Rows, upsert_key: str =
         for start in range(0, len(ids), _DELETE_CHUNK):
             connection.execute(delete(table).where(key.in_(ids[start : start + _DELETE_CHUNK])))
     connection.execute(insert(table), [dict(zip(names, row, strict=True)) for row in rows])
+
+
+def _copy_upsert(connection: Connection, table: Table, rows: _Rows, upsert_key: str) -> None:
+    """PostgreSQL: COPY `rows` into a temporary twin of `table` (emptied at commit), then
+    one INSERT ... SELECT ... ON CONFLICT DO UPDATE: the same rows as executemany."""
+    quote = connection.dialect.identifier_preparer.quote
+    names = ", ".join(quote(c.name) for c in table.c)
+    staging = quote(f"_staging_{table.name}")
+    upsert = _insert_sql(connection, table, upsert_key)
+    conflict = upsert[upsert.index(" ON CONFLICT") :]
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} "
+            f"(LIKE {quote(table.name)}) ON COMMIT DELETE ROWS"
+        )
+        with cursor.copy(f"COPY {staging} ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        cursor.execute(
+            f"INSERT INTO {quote(table.name)} ({names}) SELECT {names} FROM {staging}{conflict}"
+        )
+    finally:
+        cursor.close()
 
 
 def _meta(connection: Connection) -> dict[str, str]:
@@ -612,6 +693,17 @@ def _chain_before(connection: Connection, seq: int) -> str:
     raise JournalError(f"journal seq {seq - 1} is missing: cannot verify the records after it")
 
 
+def _check_epoch(connection: Connection, epoch: int) -> None:
+    """First statement of a fenced append: hold the lease row FOR SHARE (a takeover's
+    UPDATE waits for this transaction; FOR KEY SHARE would not, tests/scaling) and
+    refuse unless the lease is still at `epoch`."""
+    current = connection.execute(
+        text("SELECT epoch FROM journal_lease WHERE id = 1 FOR SHARE")
+    ).scalar()
+    if current != epoch:
+        raise Fenced(f"fenced: the lease is at epoch {current}, this primary holds {epoch}")
+
+
 def _check_limit(limit: int) -> None:
     if not 1 <= limit <= MAX_READ_ROWS:
         raise ValueError(f"limit must be 1..{MAX_READ_ROWS}, got {limit}")
@@ -623,18 +715,26 @@ def _check_limit(limit: int) -> None:
 class Journal:
     """The journal on one database. Safe to share between threads (one appender)."""
 
-    def __init__(self, url: str) -> None:
-        """Open the database at `url` (any SQLAlchemy URL) and create missing tables."""
+    def __init__(self, url: str, *, owner: str = "") -> None:
+        """Open the database at `url` (any SQLAlchemy URL) and create missing tables.
+
+        `owner` names this server's PostgreSQL sessions (application_name), so that a
+        standby taking over from it can end them (`end_sessions`).
+        """
         self._closed = False
         self._tail: tuple[int, int, str] | None = None  # (seq, at_ms, chain) once known
+        self._epoch: int | None = None  # set by fence(): every append checks it
         with _failing_as("opening the journal"):
-            self._engine = _open_engine(engine_url(url))
+            self._engine = _open_engine(engine_url(url), owner)
         # Same pool and events; marks connections as the writer's (BEGIN IMMEDIATE).
         self._writer = self._engine.execution_options(**{_WRITE_OPTION: True})
         try:
-            with _failing_as("creating the journal tables"):
-                metadata.create_all(self._writer)
-            with _failing_as("checking the journal schema"), self._writer.begin() as connection:
+            with _failing_as("creating the journal tables"), self._writer.begin() as connection:
+                if connection.dialect.name == "postgresql":
+                    # Servers starting at once on an empty database (a primary and its
+                    # standbys) would race to create the same tables and types.
+                    connection.execute(text(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})"))
+                metadata.create_all(connection)
                 _check_schema(connection)
         except JournalError:
             self._engine.dispose()
@@ -688,6 +788,8 @@ class Journal:
             journal_rows, entry_rows, call_rows, event_rows = _rows(records, span)
         try:
             with _failing_as(f"append of {span}"), self._writer.begin() as connection:
+                if self._epoch is not None:
+                    _check_epoch(connection, self._epoch)
                 # The tail is read from the database once, then known: this object
                 # is the journal's only appender, so each commit moves it.
                 last_seq, last_at_ms, chain = self._tail or _tail(connection)
@@ -714,6 +816,97 @@ class Journal:
             self._tail = None  # what reached the database is unknown: read it next time
             raise
         self._tail = (records[-1].seq, records[-1].at_ms, chain)
+
+    # ------------------------------------------------------------- the lease
+
+    def fence(self, epoch: int) -> None:
+        """From now on, append only while the lease is at `epoch` (else `Fenced`)."""
+        self._epoch = epoch
+
+    def lease(self) -> LeaseRow | None:
+        """The lease row with its remaining time on the database's clock; None if none."""
+        self._check_open()
+        query = text(
+            "SELECT owner, epoch, advertise, "
+            "floor(extract(epoch FROM expires_at - now()) * 1000)::bigint AS remaining_ms "
+            "FROM journal_lease WHERE id = 1"
+        )
+        with _failing_as("reading the lease"), self._engine.connect() as connection:
+            row = connection.execute(query).first()
+        if row is None:
+            return None
+        return LeaseRow(str(row.owner), int(row.epoch), str(row.advertise), int(row.remaining_ms))
+
+    def take_lease(
+        self, owner: str, advertise: str, seen_epoch: int, new_epoch: int, lease_ms: int
+    ) -> bool:
+        """Become the lease's holder at `new_epoch` if it is still at `seen_epoch` and
+        expired (or absent, at epoch 0). Of servers racing, exactly one gets True."""
+        self._check_open()
+        with _failing_as("taking the lease"), self._writer.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO journal_lease (id, owner, epoch, advertise, expires_at) "
+                    "VALUES (1, '', 0, '', 'epoch') ON CONFLICT (id) DO NOTHING"
+                )
+            )
+            taken = connection.execute(
+                text(
+                    "UPDATE journal_lease SET owner = :owner, epoch = :new, "
+                    "advertise = :advertise, "
+                    "expires_at = now() + make_interval(secs => :ms / 1000.0) "
+                    "WHERE id = 1 AND epoch = :seen AND expires_at <= now()"
+                ),
+                {
+                    "owner": owner,
+                    "new": new_epoch,
+                    "advertise": advertise,
+                    "ms": lease_ms,
+                    "seen": seen_epoch,
+                },
+            )
+            return taken.rowcount == 1
+
+    def renew_lease(self, owner: str, epoch: int, lease_ms: int) -> bool:
+        """Extend our own lease; False: it is no longer ours (deposed)."""
+        self._check_open()
+        with _failing_as("renewing the lease"), self._writer.begin() as connection:
+            renewed = connection.execute(
+                text(
+                    "UPDATE journal_lease "
+                    "SET expires_at = now() + make_interval(secs => :ms / 1000.0) "
+                    "WHERE id = 1 AND owner = :owner AND epoch = :epoch"
+                ),
+                {"owner": owner, "epoch": epoch, "ms": lease_ms},
+            )
+            return renewed.rowcount == 1
+
+    def give_up_lease(self, owner: str, epoch: int) -> None:
+        """A clean stop: the lease expires now, so a standby need not wait for it."""
+        self._check_open()
+        with _failing_as("giving up the lease"), self._writer.begin() as connection:
+            connection.execute(
+                text(
+                    "UPDATE journal_lease SET expires_at = now() - interval '1 ms' "
+                    "WHERE id = 1 AND owner = :owner AND epoch = :epoch"
+                ),
+                {"owner": owner, "epoch": epoch},
+            )
+
+    def end_sessions(self, owner: str) -> int:
+        """End every PostgreSQL session of server `owner` and wait (up to
+        POSTGRES_TERMINATE_WAIT_MS each) until it is gone with its locks; how many there
+        were. A takeover runs this before taking the lease. (PostgreSQL 14 or later.)"""
+        self._check_open()
+        with _failing_as("ending the old primary's sessions"), self._engine.begin() as connection:
+            ended = connection.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid, :wait)) FROM pg_stat_activity "
+                    "WHERE application_name = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": APPLICATION_NAME_PREFIX + owner, "wait": POSTGRES_TERMINATE_WAIT_MS},
+            ).scalar_one()
+        return int(ended)
 
     # ------------------------------------------------------------- replay
 
@@ -768,6 +961,11 @@ class Journal:
                 expected += 1
             if len(rows) < REPLAY_PAGE_SIZE:
                 return
+
+    def tail(self, after_seq: int, limit: int) -> list[tuple[int, int, Command]]:
+        """At most `limit` records after `after_seq`, checked as replay checks them:
+        what a hot standby applies on each poll."""
+        return list(itertools.islice(self.replay(after_seq), limit))
 
     def last_seq(self) -> int:
         """The seq of the last record (or the last pruned one), 0 for an empty journal."""
@@ -840,19 +1038,22 @@ class Journal:
 
     # ------------------------------------------------------------- history
 
-    def list_entries(self, account_id: str, after_entry_id: int, limit: int) -> list[LedgerEntry]:
-        """The account's entries with entry_id > after_entry_id, increasing, at most `limit`."""
+    def list_entries(
+        self, account_id: str, after_entry_id: int, limit: int, *, newest_first: bool = False
+    ) -> list[LedgerEntry]:
+        """The account's entries with entry_id > after_entry_id, increasing, at most `limit`;
+        `newest_first`: decreasing, with entry_id < after_entry_id unless that is 0."""
         _check_limit(limit)
         self._check_open()
-        query = (
-            select(*_ENTRY_COLUMNS)
-            .where(
-                entries_table.c.account_id == account_id,
-                entries_table.c.entry_id > after_entry_id,
-            )
-            .order_by(entries_table.c.entry_id)
-            .limit(limit)
-        )
+        entry_id = entries_table.c.entry_id
+        query = select(*_ENTRY_COLUMNS).where(entries_table.c.account_id == account_id)
+        if newest_first:
+            if after_entry_id:
+                query = query.where(entry_id < after_entry_id)
+            query = query.order_by(entry_id.desc())
+        else:
+            query = query.where(entry_id > after_entry_id).order_by(entry_id)
+        query = query.limit(limit)
         with _failing_as("listing entries"), self._engine.connect() as connection:
             return [_entry(row) for row in connection.execute(query)]
 
@@ -908,6 +1109,23 @@ class Journal:
                 raise JournalError(f"events of journal seq {row.seq}: {exc}") from exc
         last = int(rows[-1].seq) if rows else None
         return events, last, len(rows) == EVENT_RECORDS_PER_READ
+
+    def last_seq_before(self, at_ms: int, through_seq: int) -> int:
+        """The last record with events before `at_ms`, up to seq `through_seq` (0 if none):
+        a replay after it starts at `at_ms`. Records are in time order (the writer's
+        clock never goes back), so the scan walks back from `through_seq` over the
+        records at or after `at_ms` only."""
+        self._check_open()
+        seq = events_table.c.seq
+        query = (
+            select(seq)
+            .where(seq <= through_seq, events_table.c.at_ms < at_ms)
+            .order_by(seq.desc())
+            .limit(1)
+        )
+        with _failing_as("reading events"), self._engine.connect() as connection:
+            found = connection.execute(query).scalar()
+        return 0 if found is None else int(found)
 
     def get_call(self, call_id: str) -> CallRecord | None:
         """The latest snapshot of the call, or None if it was never journaled."""

@@ -67,6 +67,8 @@ def recover(journal: Journal, snapshot_dir: Path | None) -> Recovered:
         for path in discard_beyond(snapshot_dir, last_seq):
             log.warning("deleted snapshot %s: the journal ends before it (a crash)", path)
         for found in list_snapshots(snapshot_dir):
+            if found.seq > last_seq:
+                continue  # written since we looked (a primary beside a starting standby)
             if found.seq < pruned:
                 break
             try:

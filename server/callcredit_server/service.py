@@ -751,10 +751,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if request.after_entry_id < 0:
             await _abort(context, invalid("after_entry_id", "must not be negative"))
         await self._require_account(request.account_id, context)
-        entries = await self._history_read(
-            lambda: self._journal.list_entries(request.account_id, request.after_entry_id, limit),
-            context,
+        read = functools.partial(
+            self._journal.list_entries,
+            request.account_id,
+            request.after_entry_id,
+            limit,
+            newest_first=request.newest_first,
         )
+        entries = await self._history_read(read, context)
         return admin_pb2.ListEntriesResponse(entries=[convert.entry_pb(e) for e in entries])
 
     # ------------------------------------------------------------ changefeed
@@ -772,9 +776,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         wanted = await self._watch_filter(request, context)
         cursor: Cursor = (0, changefeed.END_OF_RECORD)
         if request.from_end:
-            if request.after:
-                await _abort(context, invalid("after", "must be empty with from_end"))
+            if request.after or request.HasField("since") or request.stored_only:
+                await _abort(context, invalid("from_end", "excludes after, since and stored_only"))
             cursor = (feed.tail_seq, changefeed.END_OF_RECORD)
+        elif request.HasField("since"):
+            if request.after:
+                await _abort(context, invalid("after", "must be empty with since"))
+            since = request.since
+            if not (0 <= since.seconds <= _MAX_SINCE_SECONDS and 0 <= since.nanos < 10**9):
+                await _abort(context, invalid("since", "must be a time from 1970 to 9999"))
+            at_ms = since.ToMilliseconds()
+            read = functools.partial(self._journal.last_seq_before, at_ms, feed.tail_seq)
+            cursor = (await self._history_read(read, context), changefeed.END_OF_RECORD)
         elif request.after:
             parsed = changefeed.parse_cursor(request.after)
             if parsed is None:
@@ -784,9 +797,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     context, invalid("after", f"is beyond the journal's end (seq {feed.tail_seq})")
                 )
             cursor = parsed
-        async for response, read_to in self._stored_events(cursor, wanted, context):
+        through_seq = feed.tail_seq if request.stored_only else None
+        async for response, read_to in self._stored_events(cursor, wanted, context, through_seq):
             yield response
             cursor = read_to
+        if request.stored_only:
+            return
         follower = feed.subscribe(wanted)
         if follower is None:
             await _abort(context, unavailable("too many WatchEvents streams; retry later"))
@@ -837,9 +853,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return Filter(allows, frozenset(request.account_ids), frozenset(kinds))
 
     async def _stored_events(
-        self, cursor: Cursor, wanted: Filter, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        cursor: Cursor,
+        wanted: Filter,
+        context: grpc.aio.ServicerContext[Any, Any],
+        through_seq: int | None = None,
     ) -> AsyncIterator[tuple[bytes, Cursor]]:
-        """The stored events after `cursor`, in responses of at most 1,000, until the end.
+        """The stored events after `cursor`, in responses of at most 1,000, until the end
+        (the writer's tail as each page is read, or `through_seq`).
 
         The last response of each page read carries the cursor past the page's last
         record, events or not, so that a narrow filter need not rescan what it left out.
@@ -848,7 +869,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         while True:
             seq, index = cursor
             # Only what the writer has published: durable, and never beyond its tail.
-            read = functools.partial(self._journal.read_events, seq, index, self._feed.tail_seq)
+            through = self._feed.tail_seq if through_seq is None else through_seq
+            read = functools.partial(self._journal.read_events, seq, index, through)
             stored, last, more = await self._history_read(read, context)
             if last is None:
                 return
@@ -866,6 +888,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             if not more:
                 return
 
+
+_MAX_SINCE_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the end of Timestamp's range
 
 # WatchEventsResponse on the wire: field 1 (events) and field 2 (cursor), length-delimited.
 _EVENTS_TAG = b"\x0a"

@@ -19,9 +19,11 @@ state and its file (no gRPC, no database, no logging locks), dies with its
 parent (PR_SET_PDEATHSIG), and leaves via os._exit.
 
 A snapshot at seq S may include records that were applied but not yet
-committed when it was taken. It is used only if the journal reaches S; on start,
-snapshots beyond the journal's end are deleted before anything is appended, so a
-snapshot of a timeline a crash cut short can never be mistaken for the new one.
+committed when it was taken. So the child leaves it under its temporary name, and
+the writer publishes it (`publish_snapshot`: the rename) only once the journal
+holds S: a snapshot of a timeline a crash cut short is never published, even if
+another server (a hot standby taking over) writes other records under the same
+seqs. On start, snapshots beyond the journal's end are deleted too.
 """
 
 from __future__ import annotations
@@ -80,12 +82,18 @@ def list_snapshots(directory: Path) -> list[SnapshotFile]:
     return sorted(found, key=lambda f: f.seq, reverse=True)
 
 
-def write_snapshot(directory: Path, seq: int, image: dict[str, Any], created_at_ms: int) -> Path:
-    """Write the image durably as the snapshot at `seq`."""
+def _temporary_path(directory: Path, seq: int, pid: int) -> Path:
+    return directory / f".{snapshot_path(directory, seq).name}.{pid}.tmp"
+
+
+def write_snapshot(
+    directory: Path, seq: int, image: dict[str, Any], created_at_ms: int, *, publish: bool = True
+) -> Path:
+    """Write the image durably as the snapshot at `seq` (left under its temporary name,
+    for `publish_snapshot`, unless `publish`)."""
     header = {"format": SNAPSHOT_FORMAT, "seq": seq, "created_at_ms": created_at_ms}
     directory.mkdir(parents=True, exist_ok=True)
-    final = snapshot_path(directory, seq)
-    temporary = directory / f".{final.name}.{os.getpid()}.tmp"
+    temporary = _temporary_path(directory, seq, os.getpid())
     digest = hashlib.sha256()
     with open(temporary, "wb") as raw:
         with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as packed:
@@ -96,7 +104,13 @@ def write_snapshot(directory: Path, seq: int, image: dict[str, Any], created_at_
             packed.write(orjson.dumps({"sha256": digest.hexdigest()}) + b"\n")
         raw.flush()
         os.fsync(raw.fileno())
-    os.replace(temporary, final)
+    return publish_snapshot(directory, seq, os.getpid()) if publish else temporary
+
+
+def publish_snapshot(directory: Path, seq: int, pid: int) -> Path:
+    """Give the snapshot at `seq` that process `pid` wrote its final name, durably."""
+    final = snapshot_path(directory, seq)
+    os.replace(_temporary_path(directory, seq, pid), final)
     descriptor = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -265,7 +279,7 @@ def fork_snapshot(machine: StateMachine, seq: int, directory: Path, created_at_m
     try:
         _die_with(parent)
         gc.disable()  # touching every object would copy every page
-        write_snapshot(directory, seq, machine.image(), created_at_ms)
+        write_snapshot(directory, seq, machine.image(), created_at_ms, publish=False)
         code = 0
     except BaseException as exc:  # the parent learns from the exit code; say why on stderr
         with contextlib.suppress(Exception):

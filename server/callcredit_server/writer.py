@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 
 from callcredit_server.core import Command, Outcome, Push, StateMachine, Tick
 from callcredit_server.journal import Journal, JournalRecord
-from callcredit_server.snapshot import discard_older, fork_snapshot
+from callcredit_server.snapshot import discard_older, fork_snapshot, publish_snapshot
 from callcredit_server.writer_core import AccountFilter, WriterCore
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,11 @@ class Writer:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
+    def start(self, after_seq: int | None = None) -> None:
+        """Start taking work; `after_seq`: the machine was brought to this journal seq
+        after the writer was made (a hot standby taking over, standby.py)."""
+        if after_seq is not None:
+            self._core = WriterCore(self._core.machine, after_seq)
         self._tasks = [
             asyncio.create_task(self._apply_loop(), name="writer-apply"),
             asyncio.create_task(self._commit_loop(), name="writer-commit"),
@@ -149,7 +153,7 @@ class Writer:
 
     async def stop(self) -> None:
         """Finish what was queued, make it durable, then stop."""
-        if self._failure is None:
+        if self._failure is None and self._tasks:
             with contextlib.suppress(Unavailable):
                 await self.read(lambda _: None)  # a barrier behind everything queued
         self._fail(Unavailable("server stopping"), log_it=False)
@@ -162,6 +166,10 @@ class Writer:
 
     def on_failure(self, listener: Callable[[BaseException], None]) -> None:
         self._failure_listeners.append(listener)
+
+    def fail(self, exc: BaseException) -> None:
+        """Stop taking work now (a deposed primary): every waiter gets Unavailable."""
+        self._fail(exc)
 
     @property
     def failed(self) -> bool:
@@ -311,14 +319,26 @@ class Writer:
         try:
             _, status = await asyncio.to_thread(os.waitpid, pid, 0)
             code = os.waitstatus_to_exitcode(status)
-            if code == 0:
+            if code == 0 and await self._durable_through(seq):
+                await asyncio.to_thread(publish_snapshot, directory, seq, pid)
                 log.info("snapshot at seq %d written", seq)
                 await asyncio.to_thread(discard_older, directory)
+            elif code == 0:  # left unpublished: discard_older deletes its file
+                log.warning("snapshot at seq %d dropped: the journal failed before it", seq)
             else:
                 how = f"killed by signal {-code}" if code < 0 else f"exit {code}"
                 log.error("snapshot at seq %d failed (child %s)", seq, how)
         finally:
             self._snapshot_child = None
+
+    async def _durable_through(self, seq: int) -> bool:
+        """Wait until the journal holds `seq` (True), or the writer failed (False)."""
+        while self._core.durable_seq < seq:
+            if self._failure is not None:
+                return False
+            self._committed.clear()
+            await self._committed.wait()
+        return True
 
     async def wait_for_snapshot(self) -> None:
         """Tests and tools: wait until the snapshot in progress, if any, is done."""
@@ -355,6 +375,7 @@ class Writer:
         if self._failure is not None:
             return
         self._failure = exc
+        self._committed.set()  # a snapshot waiting to be published learns it never will be
         if log_it:
             log.critical("writer stopped taking work: %r", exc, exc_info=exc)
         error = Unavailable(f"journal unavailable: {exc}" if log_it else str(exc))

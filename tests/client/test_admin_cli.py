@@ -120,6 +120,7 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         self.delay_seconds = 0.0
         self.empty = False  # lists answer no items
         self.calls = [CALL]
+        self.account = ACCOUNT  # what GetAccount answers
 
     def sent(self, kind: type[_M]) -> list[_M]:
         """The requests of one type, in the order they arrived."""
@@ -141,7 +142,7 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
     def GetAccount(
         self, request: admin_pb2.GetAccountRequest, context: grpc.ServicerContext
     ) -> admin_pb2.GetAccountResponse:
-        return self._answer(request, context, admin_pb2.GetAccountResponse(account=ACCOUNT))
+        return self._answer(request, context, admin_pb2.GetAccountResponse(account=self.account))
 
     def UpdateAccount(
         self, request: admin_pb2.UpdateAccountRequest, context: grpc.ServicerContext
@@ -430,6 +431,26 @@ def test_account_create_sends_every_field(fake: FakeAdmin) -> None:
     ]
 
 
+def test_account_create_takes_a_low_balance_threshold_as_an_amount(fake: FakeAdmin) -> None:
+    result = run_cli(
+        fake.target,
+        "account",
+        "create",
+        "acme",
+        "--currency",
+        "USD",
+        "--tariff",
+        "us-std",
+        "--low-balance-threshold",
+        "25.50",
+    )
+
+    assert result.exit_code == 0, result.output
+    [request] = fake.sent(admin_pb2.CreateAccountRequest)
+    assert request.low_balance_threshold == 2_550
+    assert fake.sent(admin_pb2.GetAccountRequest) == []  # the currency was given
+
+
 def test_account_create_needs_currency_and_tariff(fake: FakeAdmin) -> None:
     result = run_cli(fake.target, "account", "create", "acme", "--currency", "VND")
 
@@ -447,6 +468,36 @@ def test_account_show_table_has_money_with_currency_and_bare_enums(fake: FakeAdm
     for shown in ("Account acme", "SUSPENDED", "₫1,500,000", "₫200,000", "₫1,300,000"):
         assert shown in result.stdout
     assert "ACCOUNT_STATUS" not in result.stdout
+
+
+def test_account_show_has_the_threshold_burn_rate_and_time_until_empty(fake: FakeAdmin) -> None:
+    plain = run_cli(fake.target, "account", "show", "acme")
+    assert plain.exit_code == 0, plain.output
+    lines = plain.stdout.splitlines()
+    for label, value in (
+        ("low-balance threshold", "off"),
+        ("burn rate", "₫0/min"),
+        ("empty in", "nothing burns"),
+    ):
+        assert any(label in line and value in line for line in lines), (label, plain.stdout)
+
+    fake.account = admin_pb2.Account(
+        account_id="acme",
+        currency="VND",
+        available=1_300_000,
+        low_balance_threshold=100_000,
+        burn_rate_per_minute=1_200,
+        seconds_until_empty=65_000,
+    )
+    burning = run_cli(fake.target, "account", "show", "acme")
+    assert burning.exit_code == 0, burning.output
+    lines = burning.stdout.splitlines()
+    for label, value in (
+        ("low-balance threshold", "₫100,000"),
+        ("burn rate", "₫1,200/min"),
+        ("empty in", "18 h 03 min"),
+    ):
+        assert any(label in line and value in line for line in lines), (label, burning.stdout)
 
 
 def test_account_show_json(fake: FakeAdmin) -> None:
@@ -497,6 +548,16 @@ def test_account_show_json(fake: FakeAdmin) -> None:
                 account_id="acme", tariff_id="vn-cheap", max_concurrent_calls=0
             ),
             id="tariff-and-cap",
+        ),
+        pytest.param(
+            ["--low-balance-threshold", "50000"],
+            admin_pb2.UpdateAccountRequest(account_id="acme", low_balance_threshold=50_000),
+            id="threshold",
+        ),
+        pytest.param(
+            ["--low-balance-threshold", "0"],
+            admin_pb2.UpdateAccountRequest(account_id="acme", low_balance_threshold=0),
+            id="threshold-off-is-sent",
         ),
     ],
 )
@@ -607,6 +668,23 @@ def test_a_credit_limit_takes_the_same_amounts(fake: FakeAdmin) -> None:
     assert result.exit_code == 0, result.output
     [request] = fake.sent(admin_pb2.UpdateAccountRequest)
     assert request == admin_pb2.UpdateAccountRequest(account_id="acme", credit_limit=1_000)
+
+
+def test_a_low_balance_threshold_takes_the_same_amounts(fake: FakeAdmin) -> None:
+    result = run_cli(
+        fake.target, "account", "update", "acme", "--low-balance-threshold", "100,000.0"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert fake.sent(admin_pb2.GetAccountRequest) == [
+        admin_pb2.GetAccountRequest(account_id="acme")
+    ]
+    [request] = fake.sent(admin_pb2.UpdateAccountRequest)
+    assert request == admin_pb2.UpdateAccountRequest(
+        account_id="acme", low_balance_threshold=100_000
+    )
+    refused = run_cli(fake.target, "account", "update", "acme", "--low-balance-threshold", "lots")
+    assert refused.exit_code == EXIT_USAGE
 
 
 def test_a_fraction_of_a_currency_without_minor_units_is_refused(fake: FakeAdmin) -> None:

@@ -84,6 +84,32 @@ def test_account_page_is_live_and_draws_the_burn_down(
         browser.save_screenshot(str(screenshot_path(tmp_path)))
 
 
+def chart_levels(browser: Any) -> list[int]:
+    """The history line's heights, left to right, each once."""
+    points = browser.find_element(_by().CSS_SELECTOR, "#burndown polyline.history")
+    levels: list[int] = []
+    for pair in points.get_attribute("points").split():
+        y = int(pair.split(",")[1])
+        if not levels or levels[-1] != y:
+            levels.append(y)
+    return levels
+
+
+def test_the_chart_shows_what_happened_before_the_console_started(
+    server: str, browser: Any, tmp_path: Path
+) -> None:
+    new_account(server, "past-1", dollars=50)
+    admin_cli(server, "topup", "past-1", "2500", "--idempotency-key", "past-1-1")
+    with console_process(tmp_path / "console.log", server) as url:
+        browser.get(f"{url}/accounts/past-1")
+        # The console saw none of it live: it reads the account's last hours from the
+        # changefeed and redraws. Created at $0, topped up to $50, then to $75: three
+        # levels, each higher than the one before (a smaller y is higher up).
+        wait_for(browser, 5, lambda b: len(chart_levels(b)) == 3)
+        levels = chart_levels(browser)
+        assert levels[0] > levels[1] > levels[2]
+
+
 def submit_form(browser: Any, form_id: str, **fields: str) -> None:
     by = _by()
     form = browser.find_element(by.ID, form_id)

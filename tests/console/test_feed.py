@@ -1,10 +1,19 @@
-"""Changes: which open pages must re-read, and that waiters wake once per batch."""
+"""Changes: which open pages must re-read, and that waiters wake once per batch; Replays:
+an account's past read from a real server's changefeed."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
-from callcredit_server.console.feed import Changes
+import pytest
+
+from callcredit.admin import AdminClient
+from callcredit_server.console import feed
+from callcredit_server.console.burndown import History, Point
+from callcredit_server.console.feed import Changes, Replays
+from tests.console.conftest import new_account
+from tests.console.processes import admin_cli
 
 
 async def test_an_account_changed_since_a_version() -> None:
@@ -43,3 +52,36 @@ async def test_waiters_wake_when_the_version_passes_theirs() -> None:
     await changes.publish({"a"})
     assert await asyncio.wait_for(waiter, 1) == 1
     assert await asyncio.wait_for(changes.wait(0), 1) == 1  # already past: no waiting
+
+
+async def replayed_points(target: str, account_id: str) -> tuple[History, Changes, list[Point]]:
+    """Replays ``account_id`` through a real server; the history, the changes it bumped
+    and the account's points."""
+    history, changes = History(), Changes()
+    async with AdminClient(target) as admin:
+        replays = Replays(admin, history, changes)
+        replays.ensure(account_id, time.time_ns() // 1_000_000)
+        await asyncio.wait_for(replays.idle(), 10)
+        await replays.close()
+    return history, changes, history.points(account_id, time.time_ns() // 1_000_000)
+
+
+async def test_a_replay_reads_the_accounts_past_from_the_server(server: str) -> None:
+    new_account(server, "replay-1", dollars=3)
+    new_account(server, "replay-other", dollars=9)
+    admin_cli(server, "topup", "replay-1", "200", "--idempotency-key", "replay-1-1")
+    history, changes, points = await replayed_points(server, "replay-1")
+    # Created at $0, topped up to $3, then $5; the other account is not read in.
+    assert [point.available for point in points] == [0, 300, 500]
+    assert history.points("replay-other", time.time_ns() // 1_000_000) == []
+    assert changes.changed_since("replay-1", 0)  # open pages redraw
+
+
+async def test_a_replay_too_long_to_read_is_given_up_for_good(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    new_account(server, "replay-2", dollars=3)
+    monkeypatch.setattr(feed, "MAX_REPLAY_RESPONSES", 0)
+    history, changes, points = await replayed_points(server, "replay-2")
+    assert history.replayed("replay-2") and points == []
+    assert changes.version == 0  # nothing new: no page redraws

@@ -164,3 +164,19 @@ def test_the_console_follows_the_feed_again_after_the_server_restarts(
                 admin_cli(target, "topup", "restart-1", "100", "--idempotency-key", "after")
                 reader.join(15)
                 assert "event: changed" in lines
+
+
+def ledger_ids(page: str) -> list[int]:
+    ledger = page[page.index('id="ledger"') :]
+    ledger = ledger[: ledger.index("</table>")]
+    return [int(entry_id) for entry_id in re.findall(r'<td class="num">(\d+)</td>', ledger)]
+
+
+def test_the_ledger_is_listed_newest_first_and_pages_back(server: str, console: str) -> None:
+    new_account(server, "ledger-1", dollars=1)
+    for i in range(1, 3):
+        admin_cli(server, "topup", "ledger-1", "100", "--idempotency-key", f"ledger-1-{i}")
+    newest = ledger_ids(httpx.get(f"{console}/accounts/ledger-1").text)
+    assert len(newest) == 3 and newest == sorted(newest, reverse=True)
+    older = ledger_ids(httpx.get(f"{console}/accounts/ledger-1?after={newest[0]}").text)
+    assert older == newest[1:]

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-# helpers.py asserts too; let pytest explain its failures as it does in test modules.
-pytest.register_assert_rewrite(f"{__package__}.helpers")
-
-from .helpers import Sim  # noqa: E402 (the rewrite hook must be registered first)
+from .helpers import Sim  # tests/conftest.py registers its assertion rewrite
 
 
 @pytest.fixture

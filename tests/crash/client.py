@@ -10,10 +10,12 @@ operation whose answer was lost is given up instead (logged `unanswered`, never
 sent again), so the checks see operations that may or may not have happened.
 Answered operations are sometimes sent again: in the same ControlRequest, right
 away, or after the next reconnect. When the server is lost the client re-reads
-`<workdir>/target` and reconnects. When `<workdir>/stop` appears it stops
-placing calls, releases the calls it has (or leaves some open, logged), waits
-for what is in flight, and exits. Everything it learns is in
-`<workdir>/client-<id>.events` (see harness.py).
+`<workdir>/target` and reconnects; a target file naming several servers
+(`a:1,b:2`, a hot standby setup) is tried in turn, and a NOT_PRIMARY refusal is a
+lost answer like UNAVAILABLE (the operation is sent again, to the next server).
+When `<workdir>/stop` appears it stops placing calls, releases the calls it has
+(or leaves some open, logged), waits for what is in flight, and exits. Everything
+it learns is in `<workdir>/client-<id>.events` (see harness.py).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def refusal_reason(status: status_pb2.Status | None) -> str | None:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            if info.domain == DOMAIN and info.reason != "UNAVAILABLE":
+            if info.domain == DOMAIN and info.reason not in ("UNAVAILABLE", "NOT_PRIMARY"):
                 return str(info.reason)
     return None
 
@@ -239,14 +241,17 @@ class Connection:
         self.channel: grpc.aio.Channel | None = None
         self.stream: ControlStream | None = None
         self.generation = 0  # grows with every new channel or stream: a reconnect
+        self._turn = 0  # which of several targets is next
         self._failures = 0
         self._opened_at = 0.0
         self._closing: set[asyncio.Task[None]] = set()
 
     async def _open(self) -> grpc.aio.Channel:
         while True:
-            target = read_target(self._workdir)
-            if target is not None:
+            targets = read_target(self._workdir)
+            if targets is not None:
+                choices = targets.split(",")
+                target = choices[self._turn % len(choices)]
                 break
             await asyncio.sleep(0.05)
         if self.channel is not None:  # closed a little later: closing cancels calls on it
@@ -285,12 +290,15 @@ class Connection:
             if channel is not self.channel:
                 return  # someone replaced it already
             self._failures += 1
-            target = read_target(self._workdir)
+            targets = read_target(self._workdir) or ""
             stuck = (
                 self._failures >= FAILURES_BEFORE_NEW_CHANNEL
                 and time.monotonic() - self._opened_at > CHANNEL_MIN_AGE_SECONDS
             )
-            if target != self.target or stuck:
+            if "," in targets:  # several servers: the next one may be the primary
+                self._turn += 1
+                await self._open()
+            elif targets != self.target or stuck:
                 await self._open()
 
     def answered(self) -> None:

@@ -269,6 +269,8 @@ class ServerFailed(Exception):
 class Supervisor:
     """Starts, kills and restarts `callcredit-server` on one database."""
 
+    restarts_validity = False  # does a restart restart open calls' validity (tests/ha)?
+
     def __init__(self, config: CampaignConfig, env: dict[str, str] | None = None) -> None:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.database_url = config.database_url
@@ -1149,14 +1151,24 @@ def verify(snapshot: Snapshot, events: Sequence[Event]) -> Verifier:
     return Verifier(snapshot, events).run()
 
 
-def compare_restart(before: Snapshot, after: Snapshot) -> list[str]:
-    """A kill with no load changes nothing, except calls whose validity ran out meanwhile."""
+def compare_restart(
+    before: Snapshot, after: Snapshot, *, validity_restarts: bool = False
+) -> list[str]:
+    """A kill with no load changes nothing, except calls whose validity ran out meanwhile
+    (and, with `validity_restarts`, a hot standby's takeover, the deadlines of open calls:
+    their validity restarts at the takeover)."""
     problems: list[str] = []
     expired_since: set[str] = set()
     for call_id, old in before.calls.items():
         new = after.calls.get(call_id)
         if new == old:
             continue
+        if validity_restarts and new is not None and new.state == old.state == ACTIVE:
+            moved = admin_pb2.Call()
+            moved.CopyFrom(old)
+            moved.expires_at.CopyFrom(new.expires_at)
+            if moved == new and new.expires_at.ToNanoseconds() > old.expires_at.ToNanoseconds():
+                continue
         if (
             new is not None
             and old.state == ACTIVE
@@ -1337,15 +1349,19 @@ def _check_clients(config: CampaignConfig, clients: Sequence[subprocess.Popen[by
 
 
 def run_campaign(
-    config: CampaignConfig, progress: Callable[[str], None] | None = None
+    config: CampaignConfig,
+    progress: Callable[[str], None] | None = None,
+    server: Supervisor | None = None,
 ) -> CampaignReport:
-    """Run one campaign; the report lists every violation found (none is the goal)."""
+    """Run one campaign; the report lists every violation found (none is the goal).
+
+    `server`: another way to start and kill servers (tests/ha: a primary and a standby)."""
     say = progress or (lambda _: None)
     began = time.monotonic()
     config.workdir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(config.seed)
     report = CampaignReport(config)
-    server = Supervisor(config)
+    server = server or Supervisor(config)
     clients: list[subprocess.Popen[bytes]] = []
     harness_log = EventLog(config.workdir / f"harness{EVENTS_SUFFIX}")
     try:
@@ -1403,7 +1419,7 @@ def run_campaign(
             server.kill()
             server.start(same_port=True)
             after = stable_snapshot(server.target, accounts)
-            problems = compare_restart(snapshot, after)
+            problems = compare_restart(snapshot, after, validity_restarts=server.restarts_validity)
             report.violations.extend(problems)
             if not problems:
                 report.checks["a kill without load changes nothing"] += 1

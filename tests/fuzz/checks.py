@@ -149,7 +149,11 @@ def check_success(
             assert isinstance(response, A.ListEntriesResponse)
             ids = [e.entry_id for e in response.entries]
             assert len(ids) <= (request.limit or 100)
-            assert ids == sorted(set(ids)) and all(i > request.after_entry_id for i in ids)
+            if request.newest_first:
+                assert ids == sorted(set(ids), reverse=True)
+                assert not request.after_entry_id or all(i < request.after_entry_id for i in ids)
+            else:
+                assert ids == sorted(set(ids)) and all(i > request.after_entry_id for i in ids)
             assert all(e.account_id == request.account_id for e in response.entries)
         case _:
             raise AssertionError(f"no check for {rpc}")

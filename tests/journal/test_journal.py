@@ -45,6 +45,7 @@ from callcredit_server.core import (
     Reserve,
     StateMachine,
     Step,
+    Takeover,
     Tariff,
     Tick,
     TickResult,
@@ -258,6 +259,7 @@ def test_codec_kind_names_never_change() -> None:
         "Release",
         "Renew",
         "Reserve",
+        "Takeover",
         "Tick",
         "TopUp",
         "UpdateAccount",
@@ -287,6 +289,7 @@ _commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(Renew, _texts, _ints, _ints, _ints, _ints, _ints),
     st.builds(Release, _texts, _ints),
     st.builds(Tick, _ints),
+    st.builds(Takeover, _ints),
 )
 
 
@@ -512,6 +515,21 @@ def test_list_entries_pages_one_account_in_increasing_order(journal: Journal) ->
     assert journal.list_entries("beta", 0, 100) == [e for e in entries if e.account_id == "beta"]
     assert journal.list_entries("acme", 60, 10) == []
     assert journal.list_entries("nobody", 0, 10) == []
+
+
+def test_list_entries_newest_first_pages_back_from_the_newest(journal: Journal) -> None:
+    entries = [entry(i, "acme" if i % 3 else "beta", at_ms=i) for i in range(1, 31)]
+    journal.append([record(1, entries=entries)])
+    newest_first = [e for e in entries if e.account_id == "acme"][::-1]
+    pages: list[list[LedgerEntry]] = []
+    after = 0
+    while page := journal.list_entries("acme", after, 8, newest_first=True):
+        pages.append(page)
+        after = page[-1].entry_id
+    assert [len(p) for p in pages] == [8, 8, 4]
+    assert [e for p in pages for e in p] == newest_first
+    assert journal.list_entries("acme", 10, 2, newest_first=True) == newest_first[-6:-4]  # 8, 7
+    assert journal.list_entries("acme", 1, 10, newest_first=True) == []
 
 
 def test_list_calls_newest_first_active_only_and_paged(journal: Journal) -> None:

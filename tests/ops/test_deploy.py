@@ -101,7 +101,14 @@ async def test_an_empty_database_gets_its_tables_on_the_first_start(
         tables = sorted(sqlalchemy.inspect(engine).get_table_names())
     finally:
         engine.dispose()
-    assert tables == ["calls", "events", "journal", "journal_meta", "ledger_entries"]
+    assert tables == [
+        "calls",
+        "events",
+        "journal",
+        "journal_lease",
+        "journal_meta",
+        "ledger_entries",
+    ]
 
 
 @pytest.mark.parametrize(

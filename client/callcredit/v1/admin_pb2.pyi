@@ -1005,22 +1005,30 @@ class ListEntriesRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     AFTER_ENTRY_ID_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    NEWEST_FIRST_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account whose entries to list."""
     after_entry_id: _builtins.int
-    """Only entries with a greater entry_id; 0 for the start."""
+    """Only entries after this one in the listing's order (a greater entry_id,
+    or a smaller one with newest_first); 0 for the start.
+    """
     limit: _builtins.int
     """1-1,000; 0 means 100."""
+    newest_first: _builtins.bool
+    """List the newest entries first (decreasing entry_id); the next page goes
+    on after the last entry_id of this one, as in the default order.
+    """
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
         after_entry_id: _builtins.int = ...,
         limit: _builtins.int = ...,
+        newest_first: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "after_entry_id", b"after_entry_id", "limit", b"limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "after_entry_id", b"after_entry_id", "limit", b"limit", "newest_first", b"newest_first"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1035,7 +1043,7 @@ class ListEntriesResponse(_message.Message):
     ENTRIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerEntry]:
-        """The entries in increasing entry_id."""
+        """The entries in increasing entry_id (decreasing with newest_first)."""
 
     def __init__(
         self,
@@ -1134,6 +1142,8 @@ class WatchEventsRequest(_message.Message):
     FROM_END_FIELD_NUMBER: _builtins.int
     ACCOUNT_IDS_FIELD_NUMBER: _builtins.int
     KINDS_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    STORED_ONLY_FIELD_NUMBER: _builtins.int
     after: _builtins.str
     """Send the events after this cursor (an Event.event_id or a
     WatchEventsResponse.cursor); empty: from the oldest event kept. A
@@ -1142,6 +1152,11 @@ class WatchEventsRequest(_message.Message):
     """
     from_end: _builtins.bool
     """Start at the journal's end, sending only new events (after must be empty)."""
+    stored_only: _builtins.bool
+    """End the stream once the stored events up to the journal's end, as it
+    stood when the request arrived, are sent, instead of following new ones:
+    a bounded replay (from_end must be false).
+    """
     @_builtins.property
     def account_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only these accounts (at most 1,000); empty: every account the token may
@@ -1152,6 +1167,14 @@ class WatchEventsRequest(_message.Message):
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___EventKind.ValueType]:
         """Only these kinds; empty: every kind."""
 
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Start with the first journal record at or after this time, instead of at
+        a cursor (after and from_end must be empty): what happened since then.
+        Records are in time order, so this is where a replay of the last hour
+        begins.
+        """
+
     def __init__(
         self,
         *,
@@ -1159,10 +1182,12 @@ class WatchEventsRequest(_message.Message):
         from_end: _builtins.bool = ...,
         account_ids: _abc.Iterable[_builtins.str] | None = ...,
         kinds: _abc.Iterable[Global___EventKind.ValueType] | None = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        stored_only: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_ids", b"account_ids", "after", b"after", "from_end", b"from_end", "kinds", b"kinds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_ids", b"account_ids", "after", b"after", "from_end", b"from_end", "kinds", b"kinds", "since", b"since", "stored_only", b"stored_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -171,7 +171,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListEntries(self, request, context):
-        """ListEntries lists an account's ledger entries in increasing entry_id.
+        """ListEntries lists an account's ledger entries in entry_id order, oldest
+        or newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -61,7 +61,9 @@ class AdminServiceStub:
     ListCalls: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCallsRequest, _admin_pb2.ListCallsResponse]
     """ListCalls lists an account's calls, newest first."""
     ListEntries: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListEntriesRequest, _admin_pb2.ListEntriesResponse]
-    """ListEntries lists an account's ledger entries in increasing entry_id."""
+    """ListEntries lists an account's ledger entries in entry_id order, oldest
+    or newest first.
+    """
     WatchEvents: _grpc.UnaryStreamMultiCallable[_admin_pb2.WatchEventsRequest, _admin_pb2.WatchEventsResponse]
     """WatchEvents replays the journal-derived events after a cursor, then
     follows new ones as they become durable. Never ends on its own. A stream
@@ -104,7 +106,9 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListCalls: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCallsRequest, _admin_pb2.ListCallsResponse]  # type: ignore[assignment]
     """ListCalls lists an account's calls, newest first."""
     ListEntries: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListEntriesRequest, _admin_pb2.ListEntriesResponse]  # type: ignore[assignment]
-    """ListEntries lists an account's ledger entries in increasing entry_id."""
+    """ListEntries lists an account's ledger entries in entry_id order, oldest
+    or newest first.
+    """
     WatchEvents: _aio.UnaryStreamMultiCallable[_admin_pb2.WatchEventsRequest, _admin_pb2.WatchEventsResponse]  # type: ignore[assignment]
     """WatchEvents replays the journal-derived events after a cursor, then
     follows new ones as they become durable. Never ends on its own. A stream
@@ -204,7 +208,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListEntriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListEntriesResponse, _abc.Awaitable[_admin_pb2.ListEntriesResponse]]:
-        """ListEntries lists an account's ledger entries in increasing entry_id."""
+        """ListEntries lists an account's ledger entries in entry_id order, oldest
+        or newest first.
+        """
 
     @_abc_1.abstractmethod
     def WatchEvents(

@@ -107,6 +107,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     The stream's calls stay open: reconnect and read the stream. Also ends a
     WatchEvents stream whose reader fell behind: resume from its last cursor.
     """
+    NOT_PRIMARY: _ErrorReason.ValueType  # 20
+    """This server is not the primary of a hot standby setup (--ha): a standby
+    tailing the journal, or a primary that lost its lease. gRPC code
+    UNAVAILABLE. Nothing was applied. ErrorInfo.metadata["primary"] is the
+    primary's advertised HOST:PORT when this server knows it: send the request
+    there (every operation is idempotent), else try the other servers.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason names every reason the server sends. Every error status of both
@@ -206,5 +213,12 @@ SLOW_CONSUMER: ErrorReason.ValueType  # 19
 its pushes could not be buffered any more. gRPC code RESOURCE_EXHAUSTED.
 The stream's calls stay open: reconnect and read the stream. Also ends a
 WatchEvents stream whose reader fell behind: resume from its last cursor.
+"""
+NOT_PRIMARY: ErrorReason.ValueType  # 20
+"""This server is not the primary of a hot standby setup (--ha): a standby
+tailing the journal, or a primary that lost its lease. gRPC code
+UNAVAILABLE. Nothing was applied. ErrorInfo.metadata["primary"] is the
+primary's advertised HOST:PORT when this server knows it: send the request
+there (every operation is idempotent), else try the other servers.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -40,12 +40,8 @@ from callcredit.errors import CallcreditError
 from callcredit.money import format_amount, format_price
 from callcredit.v1 import admin_pb2
 from callcredit_server.console import forms
-from callcredit_server.console.burndown import (
-    History,
-    burndown_chart,
-    chart_window_ms,
-)
-from callcredit_server.console.feed import Changes, Feed
+from callcredit_server.console.burndown import History, burndown_chart
+from callcredit_server.console.feed import Changes, Feed, Replays
 from callcredit_server.console.security import (
     LoginBrake,
     Sessions,
@@ -133,8 +129,8 @@ class _State:
         self.history = History()
         self.changes = Changes()
         self.live_streams = 0
-        self.started_ms = _now_ms()
         self.admin: AdminClient | None = None
+        self.replays_: Replays | None = None
         self.templates = Environment(
             loader=PackageLoader("callcredit_server.console", "templates"),
             autoescape=select_autoescape(default=True),
@@ -156,6 +152,12 @@ class _State:
             raise RuntimeError("the console's admin client is used outside its lifespan")
         return self.admin
 
+    @property
+    def replays(self) -> Replays:
+        if self.replays_ is None:
+            raise RuntimeError("the console's replays are used outside its lifespan")
+        return self.replays_
+
 
 def create_app(
     settings: ConsoleSettings, on_started: Callable[[], None] = lambda: None
@@ -175,6 +177,7 @@ def create_app(
             key_file=settings.key_file,
         )
         state.admin = admin
+        state.replays_ = replays = Replays(admin, state.history, state.changes)
         feed = Feed(admin, state.history, state.changes)
         follower = asyncio.create_task(feed.run(), name="changefeed")
         try:
@@ -184,6 +187,7 @@ def create_app(
             follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
+            await replays.close()
             await admin.close()
 
     def render(request: Request, name: str, status_code: int = 200, **values: Any) -> HTMLResponse:
@@ -283,14 +287,14 @@ def create_app(
 
     async def _account_view(account_id: str) -> dict[str, Any]:
         client = state.client
+        version = state.changes.version  # before reading: a change while reading is told
         account = await client.get_account(account_id)
         open_calls = await client.list_calls(account_id, active_only=True, limit=OPEN_CALLS_SHOWN)
         now_ms = _now_ms()
-        window = chart_window_ms(now_ms, state.started_ms)
+        state.replays.ensure(account_id, now_ms)
         chart = burndown_chart(
-            state.history.points(account_id, now_ms, window),
+            state.history.points(account_id, now_ms),
             now_ms=now_ms,
-            window_ms=window,
             available=account.available,
             seconds_until_empty=(
                 account.seconds_until_empty if account.HasField("seconds_until_empty") else None
@@ -300,7 +304,7 @@ def create_app(
             "account": account,
             "open_calls": list(open_calls.calls),
             "chart": chart,
-            "following_since_ms": state.started_ms,
+            "version": version,
         }
 
     async def account_page(request: Request) -> Response:
@@ -314,7 +318,10 @@ def create_app(
                 account_id, limit=CALLS_PAGE_SIZE, page_token=calls_page
             )
             entries = await state.client.list_entries(
-                account_id, after_entry_id=after_entry_id, limit=ENTRIES_PAGE_SIZE
+                account_id,
+                after_entry_id=after_entry_id,
+                limit=ENTRIES_PAGE_SIZE,
+                newest_first=True,
             )
         except CallcreditError as exc:
             return refused(request, exc, "/accounts")
@@ -326,6 +333,7 @@ def create_app(
             next_calls_page=calls.next_page_token,
             entries=entries,
             next_after=entries[-1].entry_id if len(entries) == ENTRIES_PAGE_SIZE else None,
+            request_after=after_entry_id,
             notice=_DONE_NOTICES.get(request.query_params.get("done", "")),
             top_up_key=forms.new_idempotency_key(),
             adjust_key=forms.new_idempotency_key(),
@@ -340,16 +348,21 @@ def create_app(
 
     async def live(request: Request) -> Response:
         """Server-sent events: ``changed`` whenever the account (or, without
-        ``?account=``, any account) changed; the page then re-reads what it shows."""
+        ``?account=``, any account) changed; the page then re-reads what it shows.
+        ``?version=`` is the version of the changes the page was drawn at: a change
+        between drawing it and opening this stream is told at once."""
         if state.live_streams >= MAX_LIVE_STREAMS:
             return Response("Too many live pages open.", status_code=503)
         account_id = request.query_params.get("account") or None
+        drawn_at = request.query_params.get("version", "")
 
         async def events() -> AsyncIterator[str]:
             # Counted from here, not before: a stream cut before it starts never gets here.
             state.live_streams += 1
             try:
                 version = state.changes.version
+                if drawn_at.isdigit() and len(drawn_at) < 19:
+                    version = min(version, int(drawn_at))
                 yield "retry: 1000\n\n"
                 while True:
                     try:

@@ -1,8 +1,11 @@
 """The burn-down chart's numbers: available funds over the last hour, and the
 projection to empty at the current burn rate. Pure: time is an argument.
 
-``History`` keeps, per account, the ``available`` that each changefeed event reported
-(bounded twice: points per account and accounts kept). ``burndown_chart`` turns those
+``History`` keeps, per account, the ``available`` that each changefeed event reported,
+keyed by the event's place in the journal (seq, index): the live feed records events
+as they come, and a replay of the account's stored events (``merge``) fills in what
+happened before the console started, without repeating an event both saw. It is
+bounded twice: points per account and accounts kept. ``burndown_chart`` turns those
 points, the account as it is now and the server's ``seconds_until_empty`` into the
 coordinates of an inline SVG::
 
@@ -13,9 +16,10 @@ coordinates of an inline SVG::
                                  ╲ at seconds_until_empty (clipped
                                   ╲ at the chart's right edge)
 
-The chart reaches back an hour, or as far as the console has followed the feed
-(``chart_window_ms``). Coordinates are integers computed with integer arithmetic: the
-chart is drawn from money and never turns money into a float.
+The line starts at the left edge with the value of the last event before the window
+(the account's available then), or, when none is known, at the first event inside it.
+Coordinates are integers computed with integer arithmetic: the chart is drawn from
+money and never turns money into a float.
 """
 
 from __future__ import annotations
@@ -29,19 +33,15 @@ __all__ = [
     "HISTORY_MS",
     "MAX_ACCOUNTS",
     "MAX_POINTS_PER_ACCOUNT",
-    "MIN_WINDOW_MS",
     "Chart",
+    "EventKey",
     "History",
     "Point",
     "burndown_chart",
-    "chart_window_ms",
 ]
 
 HISTORY_MS = 3_600_000
 """The chart shows at most the last hour, and at most as far ahead as it shows back."""
-
-MIN_WINDOW_MS = 300_000
-"""A console that started a moment ago still shows five minutes (flat before its start)."""
 
 MAX_POINTS_PER_ACCOUNT = 3_600
 """Points kept per account: one a second for an hour; a busier account keeps the newest."""
@@ -62,8 +62,12 @@ class Point:
     available: int
 
 
+EventKey = tuple[int, int]
+"""An event's place in the journal: (seq, index), the changefeed's order."""
+
+
 class History:
-    """Recent ``available`` values of each account, fed by the changefeed."""
+    """Recent ``available`` values of each account, from the changefeed."""
 
     def __init__(
         self,
@@ -75,26 +79,53 @@ class History:
             raise ValueError("a history needs room for one point of one account")
         self._max_points = max_points_per_account
         self._max_accounts = max_accounts
-        self._points: OrderedDict[str, deque[Point]] = OrderedDict()
+        self._points: OrderedDict[str, deque[tuple[EventKey, Point]]] = OrderedDict()
+        self._replayed: set[str] = set()
 
-    def record(self, account_id: str, at_ms: int, available: int) -> None:
-        """Note ``available`` at ``at_ms``. Events arrive in journal order, so a point
-        older than the newest one kept (a clock step back) is placed at the newest's time."""
+    def _account(self, account_id: str) -> deque[tuple[EventKey, Point]]:
         points = self._points.get(account_id)
         if points is None:
             points = self._points[account_id] = deque(maxlen=self._max_points)
             if len(self._points) > self._max_accounts:
-                self._points.popitem(last=False)
+                forgotten, _ = self._points.popitem(last=False)
+                self._replayed.discard(forgotten)
         else:
             self._points.move_to_end(account_id)
-        if points and at_ms < points[-1].at_ms:
-            at_ms = points[-1].at_ms
-        points.append(Point(at_ms, available))
+        return points
+
+    def record(self, account_id: str, key: EventKey, at_ms: int, available: int) -> None:
+        """Note ``available`` at ``at_ms`` after event ``key``. Events arrive in journal
+        order: one at or before the newest kept was seen already (by a replay) and is
+        skipped; a time older than the newest one's (a clock step back) is moved up to it."""
+        points = self._account(account_id)
+        if points:
+            newest_key, newest = points[-1]
+            if key <= newest_key:
+                return
+            at_ms = max(at_ms, newest.at_ms)
+        points.append((key, Point(at_ms, available)))
+
+    def merge(self, account_id: str, replayed: list[tuple[EventKey, Point]]) -> bool:
+        """Add the account's ``replayed`` events (read back from the journal), each once
+        however many times the live feed saw it too, and note the account as replayed.
+        Whether that changed its points (the live feed may have seen them all)."""
+        points = self._account(account_id)
+        before = list(points)
+        merged = dict(points)
+        merged.update(replayed)
+        points.clear()
+        points.extend(sorted(merged.items())[-self._max_points :])
+        self._replayed.add(account_id)
+        return list(points) != before
+
+    def replayed(self, account_id: str) -> bool:
+        """Whether ``merge`` filled in this account's past (and it was not forgotten since)."""
+        return account_id in self._replayed
 
     def points(self, account_id: str, now_ms: int, window_ms: int = HISTORY_MS) -> list[Point]:
         """The points inside the window before ``now_ms``, and the last one before it
         (the value the window starts with), oldest first."""
-        points = self._points.get(account_id, ())
+        points = [point for _, point in self._points.get(account_id, ())]
         start_ms = now_ms - window_ms
         inside = [point for point in points if start_ms <= point.at_ms <= now_ms]
         before = [point for point in points if point.at_ms < start_ms]
@@ -102,12 +133,6 @@ class History:
 
     def __len__(self) -> int:
         return len(self._points)
-
-
-def chart_window_ms(now_ms: int, following_since_ms: int) -> int:
-    """How far back the chart reaches: the last hour, or only as far as the console has
-    followed the changefeed (at least MIN_WINDOW_MS); before that it knows nothing."""
-    return min(HISTORY_MS, max(MIN_WINDOW_MS, now_ms - following_since_ms))
 
 
 @dataclass(frozen=True, slots=True)

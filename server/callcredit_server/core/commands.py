@@ -88,6 +88,24 @@ class Tick:
     retention_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class Takeover:
+    """A new primary's first command (hot standby, docs/operations.md): every open
+    call's validity restarts now, so the seconds during which no server answered its
+    dialer do not expire it. Calls past their deadline are NOT expired first."""
+
+    epoch: int  # the lease epoch the new primary took, for the record
+
+
 Command = (
-    CreateAccount | UpdateAccount | TopUp | Adjust | PutTariff | Reserve | Renew | Release | Tick
+    CreateAccount
+    | UpdateAccount
+    | TopUp
+    | Adjust
+    | PutTariff
+    | Reserve
+    | Renew
+    | Release
+    | Tick
+    | Takeover
 )

@@ -30,6 +30,7 @@ from callcredit_server.core.commands import (
     Release,
     Renew,
     Reserve,
+    Takeover,
     Tick,
     TopUp,
     UpdateAccount,
@@ -59,6 +60,7 @@ from callcredit_server.core.outcomes import (
     Reason,
     Refused,
     ReleaseOutcome,
+    TakeoverResult,
     TariffResult,
     Termination,
     TickResult,
@@ -168,7 +170,8 @@ class StateMachine:
         self._balances_before = {}
         self._ledger_total_before = self.ledger_total
         expiries = self._expiries
-        self._expired = self._expire_due() if expiries and expiries[0][0] < now_ms else 0
+        due = expiries and expiries[0][0] < now_ms and type(command) is not Takeover
+        self._expired = self._expire_due() if due else 0
         if is_valid(command):
             outcome = self._handlers[type(command)](self, command)
         else:
@@ -575,6 +578,18 @@ class StateMachine:
             self._changed = True
         return TickResult(expired=self._expired, forgotten=forgotten)
 
+    def _takeover(self, c: Takeover) -> Outcome:
+        """Restart every open call's validity at the new primary's first instant."""
+        # -- commit point --
+        self._changed = True  # journalled even with no call open: the epoch's mark
+        restarted = 0
+        for call in self.calls.values():
+            if call.state is CallState.ACTIVE:
+                self._refresh_validity(call)
+                self._touched[call.call_id] = call
+                restarted += 1
+        return TakeoverResult(restarted)
+
     # -------------------------------------------------------------- helpers
 
     def _touch(self, account: Account) -> None:
@@ -968,6 +983,7 @@ def _handlers_of(cls: type[StateMachine]) -> dict[type[Any], _Handler]:
         Renew: cls._renew,
         Release: cls._release,
         Tick: cls._tick,
+        Takeover: cls._takeover,
     }
 
 

@@ -79,7 +79,20 @@ class TickResult:
     forgotten: int
 
 
-Outcome = Refused | AccountResult | TariffResult | GrantResult | ReleaseOutcome | TickResult
+@dataclass(frozen=True, slots=True)
+class TakeoverResult:
+    restarted: int  # open calls whose validity restarted
+
+
+Outcome = (
+    Refused
+    | AccountResult
+    | TariffResult
+    | GrantResult
+    | ReleaseOutcome
+    | TickResult
+    | TakeoverResult
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from callcredit_server.core.commands import (
     Release,
     Renew,
     Reserve,
+    Takeover,
     Tick,
     TopUp,
     UpdateAccount,
@@ -35,6 +36,7 @@ MAX_AMOUNT = 10**15
 MAX_CREDIT_LIMIT = 10**15
 MAX_LOW_BALANCE_THRESHOLD = 10**15
 MAX_BALANCE = 10**18  # keeps every balance well inside int64
+MAX_EPOCH = 2**62  # a lease epoch (bigint in the journal)
 MAX_PRICE_PER_MINUTE_MICROS = 10**12
 MAX_INCREMENT_SECONDS = 3_600
 MAX_CONNECT_FEE = 10**9
@@ -143,6 +145,8 @@ def violations(command: Command) -> Violations:
             _seconds(out, "used_seconds", command.used_seconds)
         case Tick():
             pass
+        case Takeover():
+            _range(out, "epoch", command.epoch, 1, MAX_EPOCH)
     return out
 
 

@@ -1,0 +1,194 @@
+"""The lease row, the epoch fence and session ending in journal.py, on real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy import text
+
+from callcredit_server.core import (
+    Command,
+    CreateAccount,
+    PutTariff,
+    Rate,
+    Reserve,
+    StateMachine,
+    Takeover,
+    Tariff,
+    Tick,
+    TopUp,
+)
+from callcredit_server.journal import (
+    POSTGRES_COPY_MIN_ROWS,
+    POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_MS,
+    POSTGRES_LOCK_TIMEOUT_MS,
+    Fenced,
+    Journal,
+    JournalError,
+    JournalRecord,
+)
+
+LEASE_MS = 5_000
+
+
+def record(seq: int) -> JournalRecord:
+    return JournalRecord(seq, 1_000 * seq, Tick(retention_ms=1), (), ())
+
+
+def expire(journal: Journal) -> None:
+    """Stand-in for time passing while the holder is paused, cut off or dead."""
+    with journal.engine.begin() as conn:
+        conn.execute(text("UPDATE journal_lease SET expires_at = now() - interval '1 ms'"))
+
+
+@pytest.fixture
+def journals(pg_url: str) -> Iterator[tuple[Journal, Journal]]:
+    a, b = Journal(pg_url, owner="a"), Journal(pg_url, owner="b")
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def test_two_servers_taking_an_empty_journal_at_once_one_wins(
+    journals: tuple[Journal, Journal],
+) -> None:
+    barrier = threading.Barrier(2)
+    won: dict[str, bool] = {}
+
+    def take(journal: Journal, owner: str) -> None:
+        barrier.wait()
+        won[owner] = journal.take_lease(owner, f"{owner}:1", 0, 1, LEASE_MS)
+
+    threads = [
+        threading.Thread(target=take, args=(j, o)) for j, o in zip(journals, "ab", strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(won.values()) == [False, True], won
+    winner = "a" if won["a"] else "b"
+    row = journals[0].lease()
+    assert row is not None
+    assert (row.owner, row.epoch, row.advertise) == (winner, 1, f"{winner}:1")
+    assert LEASE_MS - 1_000 < row.remaining_ms <= LEASE_MS
+    # A live lease is not taken, at any epoch.
+    loser = journals[1] if winner == "a" else journals[0]
+    assert not loser.take_lease("x", "x:1", 1, 2, LEASE_MS)
+
+
+def test_the_epoch_alone_refuses_a_deposed_primarys_commit(
+    journals: tuple[Journal, Journal],
+) -> None:
+    """The zombie's batch continues the journal (seq 3 collides with nothing): only
+    the epoch check stands between it and the journal."""
+    a, b = journals
+    assert a.take_lease("a", "a:1", 0, 1, LEASE_MS)
+    a.fence(1)
+    a.append([record(1), record(2)])
+    expire(a)
+    assert b.take_lease("b", "b:1", 1, 2, LEASE_MS)
+    b.fence(2)
+    assert b.last_seq() == 2  # the new primary has caught up and writes nothing yet
+    with pytest.raises(Fenced, match="the lease is at epoch 2, this primary holds 1"):
+        a.append([record(3)])
+    assert b.last_seq() == 2
+    assert not a.renew_lease("a", 1, LEASE_MS)
+    b.append([record(3)])  # the same seq, from the holder of the epoch
+    assert [seq for seq, _, _ in b.replay()] == [1, 2, 3]
+
+
+def test_an_unfenced_append_is_not_checked(journals: tuple[Journal, Journal]) -> None:
+    """SQLite and single-server PostgreSQL never call fence(): no lease row needed."""
+    a, _ = journals
+    a.append([record(1)])
+    assert a.lease() is None
+
+
+def test_renewals_extend_only_the_holders_lease_and_giving_up_frees_it(
+    journals: tuple[Journal, Journal],
+) -> None:
+    a, b = journals
+    assert a.take_lease("a", "a:1", 0, 1, LEASE_MS)
+    assert not b.renew_lease("b", 1, LEASE_MS)
+    assert not a.renew_lease("a", 2, LEASE_MS)
+    expire(a)
+    assert a.renew_lease("a", 1, LEASE_MS)  # expired but not taken: still ours to renew
+    row = a.lease()
+    assert row is not None and row.remaining_ms > 0
+    assert not b.take_lease("b", "b:1", 1, 2, LEASE_MS)
+    a.give_up_lease("a", 1)
+    row = b.lease()
+    assert row is not None and row.remaining_ms < 0
+    assert b.take_lease("b", "b:1", 1, 2, LEASE_MS)
+
+
+def test_a_paused_commit_holds_the_takeover_until_its_sessions_are_ended(
+    pg_url: str, journals: tuple[Journal, Journal]
+) -> None:
+    """A primary paused inside a commit holds the lease row FOR SHARE: the takeover's
+    UPDATE fails on lock_timeout, and succeeds once the old owner's sessions end."""
+    a, b = journals
+    assert a.take_lease("a", "a:1", 0, 1, LEASE_MS)
+    expire(a)
+    # The paused commit, on a session named as server a's are.
+    conninfo = a.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    paused = psycopg.connect(conninfo, application_name="callcredit:a")
+    try:
+        paused.execute("SELECT epoch FROM journal_lease WHERE id = 1 FOR SHARE")
+        started = time.monotonic()
+        with pytest.raises(JournalError, match="lock timeout"):
+            b.take_lease("b", "b:1", 1, 2, LEASE_MS)
+        assert time.monotonic() - started >= POSTGRES_LOCK_TIMEOUT_MS / 1000 - 0.1
+        assert b.end_sessions("a") >= 1
+        assert b.take_lease("b", "b:1", 1, 2, LEASE_MS)
+        with pytest.raises(psycopg.OperationalError):
+            paused.execute("SELECT 1")
+    finally:
+        paused.close()
+
+
+def test_the_journals_sessions_bound_their_waits(journals: tuple[Journal, Journal]) -> None:
+    a, _ = journals
+    with a.engine.connect() as conn:
+        lock = conn.execute(text("SHOW lock_timeout")).scalar()
+        idle = conn.execute(text("SHOW idle_in_transaction_session_timeout")).scalar()
+        name = conn.execute(text("SHOW application_name")).scalar()
+    assert lock == f"{POSTGRES_LOCK_TIMEOUT_MS // 1000}s"
+    assert idle == f"{POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_MS // 1000}s"
+    assert name == "callcredit:a"
+
+
+def test_a_takeover_of_many_open_calls_rewrites_their_rows_through_copy(pg_url: str) -> None:
+    """Above POSTGRES_COPY_MIN_ROWS the call rows go through COPY: the same rows result."""
+    calls = POSTGRES_COPY_MIN_ROWS + 10
+    machine = StateMachine()
+    commands: list[Command] = [PutTariff(Tariff("t", "VND", (Rate("", 60_000_000, 1, 1, 0),)))]
+    for n in range(calls):
+        commands += [
+            CreateAccount(f"a{n}", "VND", "t", 0, 0),
+            TopUp(f"a{n}", 1_000, "seed", ""),
+            Reserve(f"c{n}", f"a{n}", "84901234567", 60, 60, 120),
+        ]
+    records = []
+    for seq, command in enumerate(commands, 1):
+        step = machine.apply(command, 1_000)
+        records.append(JournalRecord(seq, 1_000, command, step.entries, step.calls))
+    step = machine.apply(Takeover(epoch=2), 9_000)
+    records.append(JournalRecord(len(records) + 1, 9_000, Takeover(epoch=2), (), step.calls))
+    with Journal(pg_url) as journal:
+        journal.append(records[:-1])
+        journal.append(records[-1:])
+        for n in (0, calls // 2, calls - 1):
+            stored = journal.get_call(f"c{n}")
+            assert stored == machine.calls[f"c{n}"].record()
+            assert stored is not None and stored.expires_at_ms == 9_000 + 120_000
+        with journal.engine.connect() as conn:
+            rows = conn.execute(text("SELECT count(*), min(seq) FROM calls")).one()
+    assert tuple(rows) == (calls, len(records))
