@@ -9,8 +9,9 @@ decides, from the answers alone, where a client goes next and how long it waits 
 - anything else (``UNAVAILABLE``, a disconnect, a hint naming no target): the next
   target in order, round robin;
 - the first tour of the targets after a success goes without waiting (a takeover
-  leaves the new primary one step away); from then on every step waits a backoff
-  whose ceiling doubles up to ``backoff_max_seconds``, half fixed and half jitter;
+  leaves the new primary one step away); from then on every step waits a backoff,
+  half fixed and half jitter, whose ceiling doubles after each tour up to
+  ``backoff_max_seconds``;
 - with ``max_attempts``, ``exhausted`` says when the failures have spent them: give up.
 
 No sockets and no clock: the caller does the I/O and the waiting, and passes the
@@ -110,5 +111,6 @@ class Failover:
         if self._failures < len(self.targets):
             return Step(self.current, 0.0)
         ceiling = self._ceiling
-        self._ceiling = min(ceiling * 2, self._max)
+        if self._failures % len(self.targets) == 0:  # a tour ends: wait longer
+            self._ceiling = min(ceiling * 2, self._max)
         return Step(self.current, ceiling / 2 + jitter * ceiling / 2)

@@ -47,11 +47,11 @@ def test_a_not_primary_hint_naming_a_target_goes_there_first() -> None:
     assert choice.failed(primary="a:1").target == "b:2"
 
 
-def test_the_first_tour_goes_at_once_then_the_backoff_doubles_to_its_ceiling() -> None:
+def test_the_first_tour_goes_at_once_then_the_backoff_doubles_per_tour() -> None:
     choice = failover("a:1", "b:2")
     assert choice.failed(jitter=0.5).delay_seconds == 0.0
-    delays = [choice.failed(jitter=0.0).delay_seconds for _ in range(4)]
-    assert delays == [0.05, 0.1, 0.2, 0.2]
+    delays = [choice.failed(jitter=0.0).delay_seconds for _ in range(7)]
+    assert delays == [0.05, 0.1, 0.1, 0.2, 0.2, 0.2, 0.2]
     assert choice.failed(jitter=0.999).delay_seconds == pytest.approx(0.4, abs=1e-3)
     choice.reset()
     assert choice.failed().delay_seconds == 0.0
