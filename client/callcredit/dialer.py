@@ -661,7 +661,10 @@ class DialerClient:
     """A dialer process's connection to callcredit: one Control stream for all its calls.
 
     `target` is an address (a channel is opened and closed with the client: TLS if `tls`,
-    `ca_file` or a client certificate `cert_file` + `key_file` is given, else plaintext) or
+    `ca_file` or a client certificate `cert_file` + `key_file` is given, else plaintext),
+    several (`"a:1,b:2"` or `["a:1", "b:2"]`: a primary and its hot standbys; the stream
+    follows the primary, callcredit.targets, and resends and re-attaches as after any
+    reconnect) or
     a grpc.aio.Channel you own (interceptors, your own reconnect settings; give it the
     keepalive options of _CHANNEL_OPTIONS too: the library cannot replace a channel it
     does not own when the heartbeat finds its connection dead). `token`, a dialer token
