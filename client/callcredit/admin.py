@@ -180,23 +180,20 @@ class AdminClient:
         )
         self._tls = bool(tls or ca_file or cert_file or key_file)
         self._ca_file, self._cert_file, self._key_file = ca_file, cert_file, key_file
-        self._channels: dict[str, grpc.aio.Channel] = {}  # opened on first use
+        # Every channel now: a TLS file that cannot be read fails here, before anything
+        # is sent (a channel connects on its first RPC).
+        self._channels = {
+            target: open_channel(
+                target, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file
+            )
+            for target in targets
+            if self._borrowed is None
+        }
         self._metadata = token_metadata(token)
         self._timeout_seconds = timeout_seconds
 
     def _channel(self, target: str) -> grpc.aio.Channel:
-        if self._borrowed is not None:
-            return self._borrowed
-        channel = self._channels.get(target)
-        if channel is None:
-            channel = self._channels[target] = open_channel(
-                target,
-                tls=self._tls,
-                ca_file=self._ca_file,
-                cert_file=self._cert_file,
-                key_file=self._key_file,
-            )
-        return channel
+        return self._borrowed or self._channels[target]
 
     def _stub(self, target: str) -> Any:
         # Any: with grpc's type stubs this would be AdminServiceAsyncStub; without them
