@@ -189,6 +189,7 @@ class AdminClient:
             for target in targets
             if self._borrowed is None
         }
+        self._stubs: dict[str, Any] = {}
         self._metadata = token_metadata(token)
         self._timeout_seconds = timeout_seconds
 
@@ -198,7 +199,10 @@ class AdminClient:
     def _stub(self, target: str) -> Any:
         # Any: with grpc's type stubs this would be AdminServiceAsyncStub; without them
         # grpc is untyped. The annotated ``response`` variables below give the types.
-        return admin_pb2_grpc.AdminServiceStub(self._channel(target))
+        stub = self._stubs.get(target)
+        if stub is None:
+            stub = self._stubs[target] = admin_pb2_grpc.AdminServiceStub(self._channel(target))
+        return stub
 
     async def _call(self, method: str, request: Message) -> Any:
         """Send one RPC, on the primary: a failure becomes a CallcreditError, the one
