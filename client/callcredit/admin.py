@@ -26,11 +26,13 @@ system's roots), and ``cert_file=``/``key_file=`` when it requires client certif
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+import asyncio
+import random
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
@@ -38,6 +40,7 @@ from grpc_status import rpc_status
 
 from callcredit.connect import diagnose, unreachable_error
 from callcredit.errors import CallcreditError
+from callcredit.targets import NOT_PRIMARY, PRIMARY_KEY, Failover, parse_targets
 from callcredit.v1 import admin_pb2, admin_pb2_grpc
 
 __all__ = [
@@ -54,12 +57,18 @@ __all__ = [
 # while still failing a script within a human's patience when the server is gone.
 DEFAULT_TIMEOUT_SECONDS = 10.0
 
+# With several targets (a primary and hot standbys), a request that meets a standby or
+# no server goes on to the next, each target at most this many times: the first tour
+# at once, then with backoff (callcredit.targets), so a takeover (the lease plus ~2 s)
+# is ridden out within a few seconds.
+ATTEMPTS_PER_TARGET = 4
+RETRY_BACKOFF_INITIAL_SECONDS = 0.25
+RETRY_BACKOFF_MAX_SECONDS = 2.0
+
 _NO_ANSWER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # Refusals of the connection itself (no token, the wrong one): the message says which
 # server refused, since the same token may work elsewhere.
 _TARGET_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
-
-_R = TypeVar("_R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +148,9 @@ class AdminClient:
     """An async client for AdminService.
 
     Built from a target (``"host:port"``; the client then owns the channel, plaintext or
-    TLS as ``tls``/``ca_file``/``cert_file``/``key_file`` say, and closes it) or from an
+    TLS as ``tls``/``ca_file``/``cert_file``/``key_file`` say, and closes it), several
+    (``"a:1,b:2"`` or ``["a:1", "b:2"]``: a primary and its hot standbys; each request
+    finds the primary, see ``_call``) or from an
     existing ``grpc.aio.Channel`` (custom options; the caller keeps ownership and closes
     it). ``token`` goes with every RPC either way. Each RPC gets a deadline of
     ``timeout_seconds``, connecting included: an admin call that cannot be answered
@@ -149,7 +160,7 @@ class AdminClient:
 
     def __init__(
         self,
-        target: str | grpc.aio.Channel,
+        target: str | Sequence[str] | grpc.aio.Channel,
         *,
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
         token: str | None = None,
@@ -159,56 +170,107 @@ class AdminClient:
         key_file: str | None = None,
     ) -> None:
         check_tls_options(target, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
-        self._owns_channel = isinstance(target, str)
-        self._target = target
-        self._target_text = target if isinstance(target, str) else "the server"
+        self._borrowed = target if isinstance(target, grpc.aio.Channel) else None
+        targets = ("the server",) if self._borrowed else parse_targets(target)  # type: ignore[arg-type]
+        self._failover = Failover(
+            targets,
+            backoff_initial_seconds=RETRY_BACKOFF_INITIAL_SECONDS,
+            backoff_max_seconds=RETRY_BACKOFF_MAX_SECONDS,
+            max_attempts=ATTEMPTS_PER_TARGET * len(targets) if len(targets) > 1 else 1,
+        )
         self._tls = bool(tls or ca_file or cert_file or key_file)
         self._ca_file, self._cert_file, self._key_file = ca_file, cert_file, key_file
-        self._channel: grpc.aio.Channel = (
-            open_channel(target, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
-            if isinstance(target, str)
-            else target
-        )
+        # Every channel now: a TLS file that cannot be read fails here, before anything
+        # is sent (a channel connects on its first RPC).
+        self._channels = {
+            target: open_channel(
+                target, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file
+            )
+            for target in targets
+            if self._borrowed is None
+        }
+        self._stubs: dict[str, Any] = {}
         self._metadata = token_metadata(token)
-        # Not annotated: with grpc's type stubs this infers AdminServiceAsyncStub;
-        # without them grpc is untyped and each RPC answers Any, which the annotated
-        # ``response`` variables below turn back into the proto types.
-        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
         self._timeout_seconds = timeout_seconds
 
-    async def _call(self, rpc: Callable[..., Awaitable[_R]], request: Message) -> _R:
-        """Send one RPC; a failure becomes a CallcreditError: the one translation boundary.
+    def _channel(self, target: str) -> grpc.aio.Channel:
+        return self._borrowed or self._channels[target]
 
-        A failure with no answer from the server (UNAVAILABLE or DEADLINE_EXCEEDED without
-        its status, on a channel that is not connected) is diagnosed (callcredit.connect)
-        so the error names the target and why it cannot be reached.
+    def _stub(self, target: str) -> Any:
+        # Any: with grpc's type stubs this would be AdminServiceAsyncStub; without them
+        # grpc is untyped. The annotated ``response`` variables below give the types.
+        stub = self._stubs.get(target)
+        if stub is None:
+            stub = self._stubs[target] = admin_pb2_grpc.AdminServiceStub(self._channel(target))
+        return stub
+
+    async def _call(self, method: str, request: Message) -> Any:
+        """Send one RPC, on the primary: a failure becomes a CallcreditError, the one
+        translation boundary.
+
+        With several targets, a NOT_PRIMARY refusal or no answer at all moves the request
+        to the next target (callcredit.targets: the refusal's primary hint first), at
+        most ATTEMPTS_PER_TARGET times each: every RPC is safe to repeat (reads, puts,
+        and money moves under the caller's idempotency key, fixed before the first try).
+        Giving up names every target tried and why each failed.
         """
-        try:
-            response: _R = await rpc(
-                request, timeout=self._timeout_seconds, metadata=self._metadata
-            )
-            return response
-        except grpc.RpcError as exc:
-            error = CallcreditError.from_rpc_error(exc)
-            if (
-                error.code in _NO_ANSWER_CODES
-                and isinstance(self._target, str)
-                and rpc_status.from_call(exc) is None  # type: ignore[arg-type]
-                and self._channel.get_state() is not grpc.ChannelConnectivity.READY
-            ):
-                probe = await diagnose(
-                    self._target,
-                    tls=self._tls,
-                    ca_file=self._ca_file,
-                    cert_file=self._cert_file,
-                    key_file=self._key_file,
+        failover = self._failover
+        failover.reset()
+        failures: dict[str, str] = {}  # target -> why it failed last
+        while True:
+            target = failover.current
+            try:
+                response = await getattr(self._stub(target), method)(
+                    request, timeout=self._timeout_seconds, metadata=self._metadata
                 )
-                raise unreachable_error(self._target, probe, tls=self._tls) from exc
-            if error.code in _TARGET_CODES:
-                raise CallcreditError(
-                    error.reason, f"{self._target_text} said: {error.message}", error.code
-                ) from exc
-            raise error from exc
+                failover.reset()
+                return response
+            except grpc.RpcError as exc:
+                error = await self._translate(exc, target)
+                not_primary = error.reason == NOT_PRIMARY
+                if not (not_primary or error.code in _NO_ANSWER_CODES):
+                    raise error from exc
+                failures[target] = error.message
+                step = failover.failed(
+                    primary=error.metadata.get(PRIMARY_KEY, "") if not_primary else "",
+                    jitter=random.random(),
+                )
+                if failover.exhausted:
+                    if len(failures) == 1:
+                        raise error from exc
+                    raise CallcreditError(
+                        error.reason,
+                        "; ".join(failures.values()),
+                        error.code,
+                        metadata=error.metadata,
+                    ) from exc
+                await asyncio.sleep(step.delay_seconds)
+
+    async def _translate(self, exc: grpc.RpcError, target: str) -> CallcreditError:
+        """A failed RPC as the error to raise. A failure with no answer from the server
+        (UNAVAILABLE or DEADLINE_EXCEEDED without its status, on a channel that is not
+        connected) is diagnosed (callcredit.connect), so the error names the target and
+        why it cannot be reached."""
+        error = CallcreditError.from_rpc_error(exc)
+        if (
+            error.code in _NO_ANSWER_CODES
+            and self._borrowed is None
+            and rpc_status.from_call(exc) is None  # type: ignore[arg-type]
+            and self._channel(target).get_state() is not grpc.ChannelConnectivity.READY
+        ):
+            probe = await diagnose(
+                target,
+                tls=self._tls,
+                ca_file=self._ca_file,
+                cert_file=self._cert_file,
+                key_file=self._key_file,
+            )
+            return unreachable_error(target, probe, tls=self._tls)
+        if error.code in _TARGET_CODES or error.reason == NOT_PRIMARY:
+            return CallcreditError(
+                error.reason, f"{target} said: {error.message}", error.code, metadata=error.metadata
+            )
+        return error
 
     async def __aenter__(self) -> AdminClient:
         return self
@@ -222,9 +284,10 @@ class AdminClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel if this client opened it; a borrowed channel stays open."""
-        if self._owns_channel:
-            await self._channel.close()
+        """Close the channels this client opened; a borrowed channel stays open."""
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
 
     async def create_account(
         self,
@@ -249,15 +312,13 @@ class AdminClient:
             max_concurrent_calls=max_concurrent_calls,
             low_balance_threshold=low_balance_threshold,
         )
-        response: admin_pb2.CreateAccountResponse = await self._call(
-            self._stub.CreateAccount, request
-        )
+        response: admin_pb2.CreateAccountResponse = await self._call("CreateAccount", request)
         return response.account
 
     async def get_account(self, account_id: str) -> admin_pb2.Account:
         """Read an account's balance, holds and limits."""
         request = admin_pb2.GetAccountRequest(account_id=account_id)
-        response: admin_pb2.GetAccountResponse = await self._call(self._stub.GetAccount, request)
+        response: admin_pb2.GetAccountResponse = await self._call("GetAccount", request)
         return response.account
 
     async def update_account(
@@ -286,9 +347,7 @@ class AdminClient:
             request.max_concurrent_calls = max_concurrent_calls
         if low_balance_threshold is not None:
             request.low_balance_threshold = low_balance_threshold
-        response: admin_pb2.UpdateAccountResponse = await self._call(
-            self._stub.UpdateAccount, request
-        )
+        response: admin_pb2.UpdateAccountResponse = await self._call("UpdateAccount", request)
         return response.account
 
     async def top_up(
@@ -310,7 +369,7 @@ class AdminClient:
             idempotency_key=idempotency_key,
             reference=reference,
         )
-        response: admin_pb2.TopUpResponse = await self._call(self._stub.TopUp, request)
+        response: admin_pb2.TopUpResponse = await self._call("TopUp", request)
         return response.account
 
     async def adjust(
@@ -332,7 +391,7 @@ class AdminClient:
             idempotency_key=idempotency_key,
             reason=reason,
         )
-        response: admin_pb2.AdjustResponse = await self._call(self._stub.Adjust, request)
+        response: admin_pb2.AdjustResponse = await self._call("Adjust", request)
         return response.account
 
     async def put_tariff(
@@ -348,19 +407,19 @@ class AdminClient:
             rates=[rate.to_proto() if isinstance(rate, RateSpec) else rate for rate in rates],
         )
         request = admin_pb2.PutTariffRequest(tariff=tariff)
-        response: admin_pb2.PutTariffResponse = await self._call(self._stub.PutTariff, request)
+        response: admin_pb2.PutTariffResponse = await self._call("PutTariff", request)
         return response.tariff
 
     async def get_tariff(self, tariff_id: str) -> admin_pb2.Tariff:
         """Read a tariff."""
         request = admin_pb2.GetTariffRequest(tariff_id=tariff_id)
-        response: admin_pb2.GetTariffResponse = await self._call(self._stub.GetTariff, request)
+        response: admin_pb2.GetTariffResponse = await self._call("GetTariff", request)
         return response.tariff
 
     async def get_call(self, call_id: str) -> admin_pb2.Call:
         """Read one call, active or ended."""
         request = admin_pb2.GetCallRequest(call_id=call_id)
-        response: admin_pb2.GetCallResponse = await self._call(self._stub.GetCall, request)
+        response: admin_pb2.GetCallResponse = await self._call("GetCall", request)
         return response.call
 
     async def list_calls(
@@ -382,7 +441,7 @@ class AdminClient:
             limit=limit,
             page_token=page_token,
         )
-        response: admin_pb2.ListCallsResponse = await self._call(self._stub.ListCalls, request)
+        response: admin_pb2.ListCallsResponse = await self._call("ListCalls", request)
         return response
 
     async def list_accounts(
@@ -402,9 +461,7 @@ class AdminClient:
             account_id_prefix=account_id_prefix,
             status=status,
         )
-        response: admin_pb2.ListAccountsResponse = await self._call(
-            self._stub.ListAccounts, request
-        )
+        response: admin_pb2.ListAccountsResponse = await self._call("ListAccounts", request)
         return response
 
     async def list_tariffs(
@@ -412,7 +469,7 @@ class AdminClient:
     ) -> admin_pb2.ListTariffsResponse:
         """One page of tariffs in id order, without their rates (get_tariff has them)."""
         request = admin_pb2.ListTariffsRequest(page_size=page_size, page_token=page_token)
-        response: admin_pb2.ListTariffsResponse = await self._call(self._stub.ListTariffs, request)
+        response: admin_pb2.ListTariffsResponse = await self._call("ListTariffs", request)
         return response
 
     async def list_entries(
@@ -434,7 +491,7 @@ class AdminClient:
             limit=limit,
             newest_first=newest_first,
         )
-        response: admin_pb2.ListEntriesResponse = await self._call(self._stub.ListEntries, request)
+        response: admin_pb2.ListEntriesResponse = await self._call("ListEntries", request)
         return list(response.entries)
 
     async def watch_events(
@@ -465,7 +522,7 @@ class AdminClient:
         )
         if since_ms is not None:
             request.since.FromMilliseconds(since_ms)
-        call = self._stub.WatchEvents(request, metadata=self._metadata)
+        call = self._stub(self._failover.current).WatchEvents(request, metadata=self._metadata)
         try:
             async for response in call:
                 yield response

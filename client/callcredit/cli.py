@@ -6,7 +6,8 @@ Global options come before the command::
                      [--token TOKEN] [--tls] [--ca-file PEM] [--cert-file PEM --key-file PEM]
                      COMMAND ...
 
-``--target`` defaults to 127.0.0.1:50051 or the CALLCREDIT_TARGET environment variable.
+``--target`` defaults to 127.0.0.1:50051 or the CALLCREDIT_TARGET environment variable;
+``--target a:50051,b:50051`` names a primary and its hot standbys (the primary is found).
 A server with tokens needs an admin token: prefer CALLCREDIT_TOKEN to ``--token``, which
 other users of the machine can read in the process list. A server with TLS needs
 ``--tls`` (the system's CA roots) or ``--ca-file`` (its CA), and ``--cert-file`` and
@@ -167,7 +168,10 @@ def _global_options(
     ctx: typer.Context,
     target: Annotated[
         str,
-        typer.Option(envvar="CALLCREDIT_TARGET", help="The server, HOST:PORT."),
+        typer.Option(
+            envvar="CALLCREDIT_TARGET",
+            help="The server, HOST:PORT; or HOST:PORT,HOST:PORT,... (hot standbys).",
+        ),
     ] = DEFAULT_TARGET,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the answer as JSON, for scripts.")

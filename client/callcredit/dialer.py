@@ -52,7 +52,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeAlias
@@ -68,6 +68,7 @@ from callcredit.connect import (
     unreachable_error,
 )
 from callcredit.errors import CallcreditError, ErrorReason, StreamClosedError
+from callcredit.targets import NOT_PRIMARY, PRIMARY_KEY, Failover, parse_targets
 from callcredit.v1 import credit_control_pb2, credit_control_pb2_grpc
 
 __all__ = [
@@ -150,6 +151,18 @@ CLIENT_CLOSED = "CLIENT_CLOSED"
 
 STREAM_FAILED = "STREAM_FAILED"
 """Hang-up reason when the library itself failed and can no longer renew the call."""
+
+TARGET_CONNECT_SECONDS = 2.0
+"""With several targets, one whose connection is not up within this (a host that does not
+answer) hands over to the next; a refused connection does at once."""
+
+_SETTLED_STATES = frozenset(
+    {
+        grpc.ChannelConnectivity.READY,
+        grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+        grpc.ChannelConnectivity.SHUTDOWN,
+    }
+)
 
 HEARTBEAT_INTERVAL_SECONDS = 10.0
 """While calls are open or operations wait, a stream that brought nothing for this long
@@ -648,7 +661,10 @@ class DialerClient:
     """A dialer process's connection to callcredit: one Control stream for all its calls.
 
     `target` is an address (a channel is opened and closed with the client: TLS if `tls`,
-    `ca_file` or a client certificate `cert_file` + `key_file` is given, else plaintext) or
+    `ca_file` or a client certificate `cert_file` + `key_file` is given, else plaintext),
+    several (`"a:1,b:2"` or `["a:1", "b:2"]`: a primary and its hot standbys; the stream
+    follows the primary, callcredit.targets, and resends and re-attaches as after any
+    reconnect) or
     a grpc.aio.Channel you own (interceptors, your own reconnect settings; give it the
     keepalive options of _CHANNEL_OPTIONS too: the library cannot replace a channel it
     does not own when the heartbeat finds its connection dead). `token`, a dialer token
@@ -670,7 +686,7 @@ class DialerClient:
 
     def __init__(
         self,
-        target: str | grpc.aio.Channel,
+        target: str | Sequence[str] | grpc.aio.Channel,
         *,
         clock: Clock | None = None,
         max_pending_operations: int = MAX_PENDING_OPERATIONS,
@@ -705,7 +721,20 @@ class DialerClient:
         self._probe_due = False  # the sender writes a message even with nothing queued
         tls_files = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
         check_tls_options(target, tls=tls, **tls_files)
-        self._target = target
+        self._borrowed = target if isinstance(target, grpc.aio.Channel) else None
+        # Where the stream goes: one target, or a primary and its standbys in turn
+        # (callcredit.targets; the backoff between streams is the Failover's too).
+        self._failover = Failover(
+            ("the server",) if self._borrowed else parse_targets(target),  # type: ignore[arg-type]
+            backoff_initial_seconds=RECONNECT_BACKOFF_INITIAL_SECONDS,
+            backoff_max_seconds=RECONNECT_BACKOFF_MAX_SECONDS,
+        )
+        self._several = len(self._failover.targets) > 1
+        self._primary_hint = ""  # the last NOT_PRIMARY refusal's hint, for the next step
+        # Several targets: the standbys' refusals since the last healthy answer, and
+        # since when no target has given one (the connect timeout runs from there).
+        self._refusals: dict[str, str] = {}
+        self._trying_since: float | None = None
         self._tls = tls
         self._tls_files = tls_files
         self._metadata = token_metadata(token)
@@ -746,34 +775,26 @@ class DialerClient:
         self._closed: tuple[str, str] | None = None
         self._request_prefix = uuid.uuid4().hex[:12] + ":"
         self._request_count = 0
-        self._backoff_seconds = RECONNECT_BACKOFF_INITIAL_SECONDS
 
     async def __aenter__(self) -> Self:
         if self._supervisor is not None:
             raise RuntimeError("a DialerClient is entered once")
-        if isinstance(self._target, str):
-            self._channel = self._open_channel()
-        else:
-            self._channel = self._target
+        self._channel = self._borrowed or self._open_channel()
         self._stub = credit_control_pb2_grpc.CreditControlServiceStub(self._channel)
         self._supervisor = asyncio.create_task(self._run(), name="callcredit-dialer-stream")
         self._timer_task = asyncio.create_task(self._run_timers(), name="callcredit-dialer-timers")
         return self
 
     def _open_channel(self) -> grpc.aio.Channel:
-        """A new channel (a new connection) to the address the client was given."""
-        assert isinstance(self._target, str)
+        """A new channel (a new connection) to the current target."""
         return open_channel(
-            self._target, tls=self._tls, options=_CHANNEL_OPTIONS, **self._tls_files
+            self._failover.current, tls=self._tls, options=_CHANNEL_OPTIONS, **self._tls_files
         )
 
-    def _target_text(self) -> str:
-        return self._target if isinstance(self._target, str) else "the server"
-
     async def _reopen_channel(self) -> None:
-        """Replace a channel we own whose connection went silent: a new stream on the
-        old channel would ride the same dead connection."""
-        if not isinstance(self._target, str) or self._closing:
+        """Replace a channel we own: its connection went silent (a new stream on the old
+        channel would ride the same dead connection), or the target changed."""
+        if self._borrowed is not None or self._closing:
             return
         old, self._channel = self._channel, self._open_channel()
         self._stub = credit_control_pb2_grpc.CreditControlServiceStub(self._channel)
@@ -846,7 +867,7 @@ class DialerClient:
         assert self._timer_task is not None
         self._timer_task.cancel()
         await asyncio.wait((self._supervisor, self._timer_task, *self._tasks))
-        if isinstance(self._target, str) and self._channel is not None:
+        if self._borrowed is None and self._channel is not None:
             await self._channel.close()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
@@ -1016,12 +1037,13 @@ class DialerClient:
             while True:
                 await self._until_connected()
                 await self._serve_stream()
-                ceiling = self._backoff_seconds
-                self._backoff_seconds = min(ceiling * 2, RECONNECT_BACKOFF_MAX_SECONDS)
-                # Half fixed, half random: a fleet of dialers cut off by one server restart
-                # does not come back in one burst, and none retries in a tight loop.
-                delay = ceiling / 2 + random.uniform(0, ceiling / 2)
-                logger.warning("callcredit stream ended; reconnecting in %.3f s", delay)
+                hint, self._primary_hint = self._primary_hint, ""
+                delay = await self._next_target(hint)
+                logger.warning(
+                    "callcredit stream ended; reconnecting to %s in %.3f s",
+                    self._failover.current,
+                    delay,
+                )
                 await asyncio.sleep(delay)
         except Exception as exc:
             # A bug, not a network failure (those end _serve_stream normally). Fail loudly
@@ -1029,40 +1051,93 @@ class DialerClient:
             logger.exception("callcredit dialer stream failed")
             self._shut_down(STREAM_FAILED, f"dialer stream failed: {exc!r}", order_hangup=True)
 
+    async def _next_target(self, primary: str = "") -> float:
+        """Step to the target to try next (a new channel if it is another one), and
+        return the delay before trying it: half fixed, half random, so a fleet of dialers
+        cut off by one server restart does not come back in one burst, and none retries
+        in a tight loop (the first tour of several targets goes at once)."""
+        step = self._failover.failed(primary=primary, jitter=random.random())
+        if self._several:
+            await self._reopen_channel()
+        return step.delay_seconds
+
     async def _until_connected(self) -> None:
-        """Wait for the channel to connect. Each time `connect_timeout_seconds` pass
-        without it, find out why, log it, and fail every operation that waits."""
+        """Wait for the channel to connect. With several targets, one that fails (or does
+        not connect within TARGET_CONNECT_SECONDS) hands over to the next. Each time
+        `connect_timeout_seconds` pass without a connection (several targets: without a
+        healthy answer), find out why, log it, and fail every operation that waits."""
+        loop = asyncio.get_running_loop()
         while True:
-            channel = self._channel
-            assert channel is not None
-            try:
-                async with asyncio.timeout(self._connect_timeout):
+            if self._trying_since is None:
+                self._trying_since = loop.time()
+            left = self._trying_since + self._connect_timeout - loop.time()
+            if left > 0:
+                if await self._connects(
+                    min(left, TARGET_CONNECT_SECONDS) if self._several else left
+                ):
+                    if not self._several:
+                        self._trying_since = None
+                    self._unreachable = None
+                    return
+                if self._several:
+                    await asyncio.sleep(await self._next_target())
+                    continue
+            self._trying_since = None
+            error = await self._diagnosis()
+            if self._unreachable is None or self._unreachable.message != error.message:
+                logger.warning("%s; operations fail until it is back, still trying", error.message)
+            self._unreachable = error
+            self._fail_waiting(error)
+
+    async def _connects(self, seconds: float) -> bool:
+        """Whether the channel is READY within `seconds`. With several targets, a refused
+        connection (TRANSIENT_FAILURE) answers False at once: try the next target."""
+        channel = self._channel
+        assert channel is not None
+        try:
+            async with asyncio.timeout(seconds):
+                if not self._several:
                     await channel.channel_ready()
-                self._unreachable = None
-                return
-            except TimeoutError:
-                pass
-            if isinstance(self._target, str):
-                target, tls = self._target, self._tls or any(self._tls_files.values())
-                files = self._tls_files
-                probe = await diagnose(
+                    return True
+                state = channel.get_state(try_to_connect=True)
+                while state not in _SETTLED_STATES:
+                    await channel.wait_for_state_change(state)
+                    state = channel.get_state(try_to_connect=True)
+                return state is grpc.ChannelConnectivity.READY
+        except TimeoutError:
+            return False
+
+    async def _diagnosis(self) -> CallcreditError:
+        """Why no target could be reached: each target's standby refusal, or what a
+        look at it finds (callcredit.connect), in one error naming them all."""
+        if self._borrowed is not None:
+            probe = Probe(Reach.NOT_PROBED)
+            return unreachable_error("the server (a channel of yours)", probe, tls=False)
+        tls, files = self._tls or any(self._tls_files.values()), self._tls_files
+        targets = self._failover.targets
+        probes = await asyncio.gather(
+            *(
+                diagnose(
                     target,
                     tls=tls,
                     ca_file=files["ca_file"],
                     cert_file=files["cert_file"],
                     key_file=files["key_file"],
                 )
-            else:
-                target, tls, probe = (
-                    "the server (a channel of yours)",
-                    False,
-                    Probe(Reach.NOT_PROBED),
-                )
-            error = unreachable_error(target, probe, tls=tls)
-            if self._unreachable is None or self._unreachable.message != error.message:
-                logger.warning("%s; operations fail until it is back, still trying", error.message)
-            self._unreachable = error
-            self._fail_waiting(error)
+                for target in targets
+            )
+        )
+        errors = [
+            unreachable_error(target, probe, tls=tls)
+            for target, probe in zip(targets, probes, strict=True)
+        ]
+        if len(errors) == 1:
+            return errors[0]
+        causes = [
+            self._refusals.get(target) or error.message
+            for target, error in zip(targets, errors, strict=True)
+        ]
+        return CallcreditError("UNAVAILABLE", "; ".join(causes), grpc.StatusCode.UNAVAILABLE)
 
     def _fail_waiting(self, error: CallcreditError) -> None:
         """Fail every operation a caller awaits; automatic renewals stay for the next
@@ -1181,13 +1256,20 @@ class DialerClient:
                 if unavailable is not None:
                     logger.warning("callcredit server unavailable: %s", unavailable)
                     return
-                self._backoff_seconds = RECONNECT_BACKOFF_INITIAL_SECONDS
+                self._failover.reset()
+                self._trying_since = None
+                self._refusals.clear()
         except grpc.RpcError as err:
             error = CallcreditError.from_rpc_error(err)
-            if error.code in _STREAM_REFUSED_CODES:
+            if error.reason == NOT_PRIMARY:
+                self._primary_hint = error.metadata.get(PRIMARY_KEY, "")
+                self._refusals[self._failover.current] = (
+                    f"{self._failover.current} said: {error.message}"
+                )
+            elif error.code in _STREAM_REFUSED_CODES:
                 error = CallcreditError(
                     error.reason,
-                    f"{self._target_text()} refused the stream: {error.message}",
+                    f"{self._failover.current} refused the stream: {error.message}",
                     error.code,
                 )
                 self._unreachable = error

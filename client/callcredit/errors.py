@@ -39,12 +39,15 @@ class CallcreditError(Exception):
         message: str,
         code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
         field_violations: tuple[tuple[str, str], ...] = (),
+        metadata: dict[str, str] | None = None,
     ) -> None:
         super().__init__(f"{reason}: {message}" if message else reason)
         self.reason = reason
         self.message = message
         self.code = code
         self.field_violations = field_violations
+        # The ErrorInfo's metadata: e.g. a NOT_PRIMARY refusal's "primary" address.
+        self.metadata = metadata or {}
 
     @property
     def error_reason(self) -> ErrorReason.ValueType:
@@ -57,16 +60,18 @@ class CallcreditError(Exception):
         code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
         reason = code.name
         violations: tuple[tuple[str, str], ...] = ()
+        metadata: dict[str, str] = {}
         for detail in status.details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
                 reason = info.reason
+                metadata = dict(info.metadata)
             elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 violations = tuple((v.field, v.description) for v in bad.field_violations)
-        return cls(reason, status.message, code, violations)
+        return cls(reason, status.message, code, violations, metadata)
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> CallcreditError:

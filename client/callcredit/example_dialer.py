@@ -128,7 +128,8 @@ def parse_args(argv: Sequence[str] | None) -> Campaign:
     parser.add_argument(
         "--target",
         default=env("CALLCREDIT_TARGET", DEFAULT_TARGET),
-        help="server address host:port (env CALLCREDIT_TARGET; default %(default)s)",
+        help="server address host:port, or host:port,host:port,... for a primary and its "
+        "hot standbys (env CALLCREDIT_TARGET; default %(default)s)",
     )
     parser.add_argument("--account", required=True, help="the account that pays")
     parser.add_argument("--calls", type=int, default=20, help="calls to place (%(default)s)")

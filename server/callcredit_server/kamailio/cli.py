@@ -44,7 +44,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--target",
         default=env("CALLCREDIT_TARGET", "127.0.0.1:50051"),
-        help="callcredit server HOST:PORT (env CALLCREDIT_TARGET; default %(default)s)",
+        help="callcredit server HOST:PORT, or HOST:PORT,HOST:PORT,... for a primary and its "
+        "hot standbys (env CALLCREDIT_TARGET; default %(default)s)",
     )
     parser.add_argument(
         "--events",

@@ -1,0 +1,104 @@
+"""Clients given every server of a hot standby setup follow the primary (issue 11): a
+dialer holding calls rides out a SIGKILLed primary, and the admin CLI finds the primary
+behind a standby. Real `callcredit-server --ha` processes on real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from callcredit.admin import AdminClient, RateSpec
+from callcredit.dialer import DialerCall, DialerClient
+from tests.crash.harness import CampaignConfig
+from tests.ha.cluster import HaCluster
+
+pytestmark = pytest.mark.timeout(90)
+
+LEASE_SECONDS = 2.0
+SEED = 100_000  # đ
+CALLS = 3
+TALK_SECONDS = 4  # reported per call at release: 1 đ/s
+
+
+async def test_a_dialer_with_both_targets_rides_out_the_primary_s_death(
+    pg_url: str, tmp_path: Path
+) -> None:
+    config = CampaignConfig(database_url=pg_url, workdir=tmp_path, validity_seconds=20, tag="f")
+    cluster = HaCluster(config, lease_seconds=LEASE_SECONDS, renew_seconds=LEASE_SECONDS / 4)
+    try:
+        cluster.start()
+        old = cluster.primary
+        assert old is not None
+        # The standby first: every client meets NOT_PRIMARY before it finds the primary.
+        targets = [cluster.target_of(1 - old), cluster.target_of(old)]
+        async with AdminClient(targets) as admin:
+            await admin.put_tariff("f.t", "VND", [RateSpec("", 60_000_000)])
+            await admin.create_account("f.a", currency="VND", tariff_id="f.t")
+            await admin.top_up("f.a", SEED, idempotency_key="f.seed")
+
+        hangups: list[tuple[str, str]] = []
+
+        def hung_up(call: DialerCall, reason: str) -> None:
+            hangups.append((call.call_id, reason))
+
+        async with DialerClient(targets) as dialer:
+            calls = [
+                await dialer.reserve(f"f.c{n}", "f.a", "+84901234567", on_hangup=hung_up)
+                for n in range(CALLS)
+            ]
+            for call in calls:
+                call.answered()
+            await asyncio.to_thread(cluster.kill)
+            # Sent while no server is primary: held, re-sent on the new primary.
+            renewals = [asyncio.create_task(call.renew(used_seconds=2)) for call in calls]
+            new = await asyncio.to_thread(cluster.wait_for_primary)
+            assert new == 1 - old
+            grants = await asyncio.wait_for(asyncio.gather(*renewals), timeout=20)
+            assert all(grant.allowed_seconds >= 2 for grant in grants)
+            results = [await call.release(used_seconds=TALK_SECONDS) for call in calls]
+        assert hangups == []
+        assert [r.charged for r in results] == [TALK_SECONDS] * CALLS
+
+        async with AdminClient(targets) as admin:  # the dead one first now
+            account = await admin.get_account("f.a")
+            entries = await admin.list_entries("f.a")
+            active = (await admin.list_calls("f.a", active_only=True)).calls
+        assert account.balance == SEED - CALLS * TALK_SECONDS == results[-1].balance
+        assert sum(entry.amount for entry in entries) == account.balance
+        assert list(active) == []
+    finally:
+        cluster.stop()
+
+
+def test_the_admin_cli_finds_the_primary_behind_a_standby(pg_url: str, tmp_path: Path) -> None:
+    config = CampaignConfig(database_url=pg_url, workdir=tmp_path, tag="g")
+    cluster = HaCluster(config, lease_seconds=LEASE_SECONDS, renew_seconds=LEASE_SECONDS / 4)
+    try:
+        cluster.start()
+        old = cluster.primary
+        assert old is not None
+        standby_first = f"{cluster.target_of(1 - old)},{cluster.target_of(old)}"
+        env = {**os.environ, "CALLCREDIT_TARGET": standby_first}
+        cli = [sys.executable, "-m", "callcredit.cli", "--json"]
+
+        def run(*args: str) -> dict[str, object]:
+            done = subprocess.run(
+                [*cli, *args], capture_output=True, text=True, env=env, timeout=30
+            )
+            assert done.returncode == 0, done.stderr + done.stdout
+            answer: dict[str, object] = json.loads(done.stdout)
+            return answer
+
+        run("tariff", "put", "g.t", "--currency", "VND", "--rate", "84:1200000")
+        run("account", "create", "g.a", "--currency", "VND", "--tariff", "g.t")
+        for _ in range(2):  # the same key twice: one top-up
+            run("topup", "g.a", "500", "--idempotency-key", "g.k")
+        assert int(str(run("account", "show", "g.a")["balance"])) == 500
+    finally:
+        cluster.stop()
