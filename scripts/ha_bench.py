@@ -101,6 +101,26 @@ async def settle(task: asyncio.Task[None], seconds: float) -> None:
         raise RuntimeError("the driver stopped before the run did")
 
 
+async def drive(
+    target: str, accounts: list[str], options: argparse.Namespace
+) -> tuple[Workload, asyncio.Task[None]]:
+    """Open `accounts` on the server at `target` and start the dialer workload on it."""
+    await grpc_drivers.setup_callcredit(target, accounts, BALANCE)
+    workload = Workload(
+        calls=options.calls, renews=options.renews, accounts=accounts, tag=uuid.uuid4().hex[:8]
+    )
+    task = asyncio.create_task(
+        grpc_drivers.drive_control(
+            target,
+            workload,
+            streams=options.streams,
+            max_batch=options.batch,
+            window=grpc_drivers.SERVER_WINDOW_MESSAGES,
+        )
+    )
+    return workload, task
+
+
 async def run_variant(variant: str, options: argparse.Namespace, workdir: Path) -> Result:
     accounts = [f"a{n}" for n in range(options.accounts)]
     async with AsyncExitStack() as stack:
@@ -111,19 +131,7 @@ async def run_variant(variant: str, options: argparse.Namespace, workdir: Path) 
         await wait_serving(primary.target)
         if variant == "ha+standby":
             sync.enter_context(server(url, folder / "standby", ha=True))
-        await grpc_drivers.setup_callcredit(primary.target, accounts, BALANCE)
-        workload = Workload(
-            calls=options.calls, renews=options.renews, accounts=accounts, tag=uuid.uuid4().hex[:8]
-        )
-        task = asyncio.create_task(
-            grpc_drivers.drive_control(
-                primary.target,
-                workload,
-                streams=options.streams,
-                max_batch=options.batch,
-                window=grpc_drivers.SERVER_WINDOW_MESSAGES,
-            )
-        )
+        workload, task = await drive(primary.target, accounts, options)
         await settle(task, options.warmup)
         began = time.monotonic()
         workload.measuring = True
@@ -152,19 +160,7 @@ async def catch_up(options: argparse.Namespace, workdir: Path) -> str:
         primary = sync.enter_context(server(url, folder, ha=True))
         await wait_serving(primary.target)
         standby = sync.enter_context(server(url, folder / "standby", ha=True))
-        await grpc_drivers.setup_callcredit(primary.target, accounts, BALANCE)
-        workload = Workload(
-            calls=options.calls, renews=options.renews, accounts=accounts, tag=uuid.uuid4().hex[:8]
-        )
-        task = asyncio.create_task(
-            grpc_drivers.drive_control(
-                primary.target,
-                workload,
-                streams=options.streams,
-                max_batch=options.batch,
-                window=grpc_drivers.SERVER_WINDOW_MESSAGES,
-            )
-        )
+        workload, task = await drive(primary.target, accounts, options)
         await settle(task, options.warmup)
         workload.measuring = True
         standby.process.send_signal(signal.SIGSTOP)
