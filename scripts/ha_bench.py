@@ -94,13 +94,6 @@ async def wait_serving(target: str, timeout_s: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def settle(task: asyncio.Task[None], seconds: float) -> None:
-    done, _ = await asyncio.wait([task], timeout=seconds)
-    if done:
-        task.result()
-        raise RuntimeError("the driver stopped before the run did")
-
-
 async def drive(
     target: str, accounts: list[str], options: argparse.Namespace
 ) -> tuple[Workload, asyncio.Task[None]]:
@@ -132,10 +125,10 @@ async def run_variant(variant: str, options: argparse.Namespace, workdir: Path) 
         if variant == "ha+standby":
             sync.enter_context(server(url, folder / "standby", ha=True))
         workload, task = await drive(primary.target, accounts, options)
-        await settle(task, options.warmup)
+        await bench_compare._settle(task, options.warmup)
         began = time.monotonic()
         workload.measuring = True
-        await settle(task, options.seconds)
+        await bench_compare._settle(task, options.seconds)
         workload.measuring = False
         elapsed = time.monotonic() - began
         workload.stop()
@@ -161,10 +154,10 @@ async def catch_up(options: argparse.Namespace, workdir: Path) -> str:
         await wait_serving(primary.target)
         standby = sync.enter_context(server(url, folder / "standby", ha=True))
         workload, task = await drive(primary.target, accounts, options)
-        await settle(task, options.warmup)
+        await bench_compare._settle(task, options.warmup)
         workload.measuring = True
         standby.process.send_signal(signal.SIGSTOP)
-        await settle(task, options.stop_seconds)
+        await bench_compare._settle(task, options.stop_seconds)
         standby.process.send_signal(signal.SIGCONT)
         ops_while_stopped = workload.measured_ops
         deadline = time.monotonic() + 600
