@@ -28,7 +28,7 @@ import sqlalchemy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests` from a checkout
 
 from callcredit_server.journal import engine_url
-from tests.crash.harness import CampaignConfig, run_campaign
+from tests.crash.harness import CampaignConfig, CampaignReport, run_campaign
 
 
 def _fresh_schema(url: str) -> tuple[str, str]:
@@ -51,6 +51,15 @@ def _drop_schema(url: str, schema: str) -> None:
             conn.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
     finally:
         engine.dispose()
+
+
+def verdict(report: CampaignReport, workdir: Path) -> int:
+    """A campaign's last line and exit code: 1 on any violation."""
+    if report.violations:
+        print(f"FAILED: {len(report.violations)} violations (logs in {workdir})")
+        return 1
+    print("OK: every check passed")
+    return 0
 
 
 def main() -> int:
@@ -93,11 +102,7 @@ def main() -> int:
         if schema and not args.keep:
             _drop_schema(args.database_url, schema)
     print(report.summary(max_violations=100))
-    if report.violations:
-        print(f"FAILED: {len(report.violations)} violations (logs in {workdir})")
-        return 1
-    print("OK: every check passed")
-    return 0
+    return verdict(report, workdir)
 
 
 if __name__ == "__main__":

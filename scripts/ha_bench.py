@@ -94,11 +94,24 @@ async def wait_serving(target: str, timeout_s: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def settle(task: asyncio.Task[None], seconds: float) -> None:
-    done, _ = await asyncio.wait([task], timeout=seconds)
-    if done:
-        task.result()
-        raise RuntimeError("the driver stopped before the run did")
+async def drive(
+    target: str, accounts: list[str], options: argparse.Namespace
+) -> tuple[Workload, asyncio.Task[None]]:
+    """Open `accounts` on the server at `target` and start the dialer workload on it."""
+    await grpc_drivers.setup_callcredit(target, accounts, BALANCE)
+    workload = Workload(
+        calls=options.calls, renews=options.renews, accounts=accounts, tag=uuid.uuid4().hex[:8]
+    )
+    task = asyncio.create_task(
+        grpc_drivers.drive_control(
+            target,
+            workload,
+            streams=options.streams,
+            max_batch=options.batch,
+            window=grpc_drivers.SERVER_WINDOW_MESSAGES,
+        )
+    )
+    return workload, task
 
 
 async def run_variant(variant: str, options: argparse.Namespace, workdir: Path) -> Result:
@@ -111,23 +124,11 @@ async def run_variant(variant: str, options: argparse.Namespace, workdir: Path) 
         await wait_serving(primary.target)
         if variant == "ha+standby":
             sync.enter_context(server(url, folder / "standby", ha=True))
-        await grpc_drivers.setup_callcredit(primary.target, accounts, BALANCE)
-        workload = Workload(
-            calls=options.calls, renews=options.renews, accounts=accounts, tag=uuid.uuid4().hex[:8]
-        )
-        task = asyncio.create_task(
-            grpc_drivers.drive_control(
-                primary.target,
-                workload,
-                streams=options.streams,
-                max_batch=options.batch,
-                window=grpc_drivers.SERVER_WINDOW_MESSAGES,
-            )
-        )
-        await settle(task, options.warmup)
+        workload, task = await drive(primary.target, accounts, options)
+        await bench_compare._settle(task, options.warmup)
         began = time.monotonic()
         workload.measuring = True
-        await settle(task, options.seconds)
+        await bench_compare._settle(task, options.seconds)
         workload.measuring = False
         elapsed = time.monotonic() - began
         workload.stop()
@@ -152,23 +153,11 @@ async def catch_up(options: argparse.Namespace, workdir: Path) -> str:
         primary = sync.enter_context(server(url, folder, ha=True))
         await wait_serving(primary.target)
         standby = sync.enter_context(server(url, folder / "standby", ha=True))
-        await grpc_drivers.setup_callcredit(primary.target, accounts, BALANCE)
-        workload = Workload(
-            calls=options.calls, renews=options.renews, accounts=accounts, tag=uuid.uuid4().hex[:8]
-        )
-        task = asyncio.create_task(
-            grpc_drivers.drive_control(
-                primary.target,
-                workload,
-                streams=options.streams,
-                max_batch=options.batch,
-                window=grpc_drivers.SERVER_WINDOW_MESSAGES,
-            )
-        )
-        await settle(task, options.warmup)
+        workload, task = await drive(primary.target, accounts, options)
+        await bench_compare._settle(task, options.warmup)
         workload.measuring = True
         standby.process.send_signal(signal.SIGSTOP)
-        await settle(task, options.stop_seconds)
+        await bench_compare._settle(task, options.stop_seconds)
         standby.process.send_signal(signal.SIGCONT)
         ops_while_stopped = workload.measured_ops
         deadline = time.monotonic() + 600

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests` from a checkout
 
-from crash_loop import _drop_schema, _fresh_schema  # scripts/ is sys.path[0]
+from crash_loop import _drop_schema, _fresh_schema, verdict  # scripts/ is sys.path[0]
 
 from tests.ha.cluster import run_ha_campaign, takeover_line
 
@@ -57,11 +57,7 @@ def main() -> int:
         _drop_schema(args.database_url, schema)
     print(report.summary(max_violations=100))
     print(takeover_line(cluster, args.lease_seconds))
-    if report.violations:
-        print(f"FAILED: {len(report.violations)} violations (logs in {workdir})")
-        return 1
-    print("OK: every check passed")
-    return 0
+    return verdict(report, workdir)
 
 
 if __name__ == "__main__":

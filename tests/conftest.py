@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -35,10 +36,19 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'journal.db'}"
         return
+    with postgres_schema_url("cc_test", "PostgreSQL journal tests skipped") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def postgres_schema_url(prefix: str, skipped: str) -> Iterator[str]:
+    """The test PostgreSQL's URL with search_path set to a new, empty schema (named
+    `prefix` and a random suffix), dropped afterwards; the test is skipped, saying
+    `skipped`, where CALLCREDIT_TEST_POSTGRES_URL is not set."""
     base = postgres_url()
     if base is None:
-        pytest.skip(f"{POSTGRES_ENV} not set: PostgreSQL journal tests skipped")
-    schema = f"cc_test_{uuid.uuid4().hex[:12]}"
+        pytest.skip(f"{POSTGRES_ENV} not set: {skipped}")
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     engine = sqlalchemy.create_engine(engine_url(base))
     with engine.begin() as conn:
         conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))

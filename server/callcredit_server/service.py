@@ -488,6 +488,20 @@ def _after_cursor(token: str) -> str | None:
     return last_id
 
 
+async def _id_page(
+    page_size: int, page_token: str, context: grpc.aio.ServicerContext[Any, Any]
+) -> tuple[int, str]:
+    """The size of a page in id order and the id it goes on after; a request's bad
+    page_size or page_token aborts the RPC."""
+    size = _page_size(page_size)
+    if size is None:
+        await _abort(context, invalid("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
+    after = _after_cursor(page_token)
+    if after is None:
+        await _abort(context, invalid("page_token", "is not a token this server gave"))
+    return size, after
+
+
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """Operators: accounts, tariffs, money, and reads of calls and the ledger."""
 
@@ -676,12 +690,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         account on the writer's turn (O(n log page_size)), so pages stay small and cheap
         next to a command; a token is the last id seen, so pages never repeat an account
         and accounts created meanwhile appear in order."""
-        size = _page_size(request.page_size)
-        if size is None:
-            await _abort(context, invalid("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
-        after = _after_cursor(request.page_token)
-        if after is None:
-            await _abort(context, invalid("page_token", "is not a token this server gave"))
+        size, after = await _id_page(request.page_size, request.page_token, context)
         prefix = request.account_id_prefix
         if not _ID_PREFIX_PATTERN.fullmatch(prefix):
             await _abort(
@@ -721,12 +730,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.ListTariffsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.ListTariffsResponse:
         """One page of tariffs in id order, without their rates (as ListAccounts)."""
-        size = _page_size(request.page_size)
-        if size is None:
-            await _abort(context, invalid("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
-        after = _after_cursor(request.page_token)
-        if after is None:
-            await _abort(context, invalid("page_token", "is not a token this server gave"))
+        size, after = await _id_page(request.page_size, request.page_token, context)
 
         def page(machine: StateMachine) -> list[admin_pb2.TariffSummary]:
             chosen = heapq.nsmallest(size + 1, (t for t in machine.tariffs if t > after))

@@ -4,24 +4,13 @@ correctness check, and the check catches a design that overdraws. No timing asse
 from __future__ import annotations
 
 import shutil
-import socket
 
 import pytest
 
 from loadtest.baselines.workload import RESERVE_HOLD
 from loadtest.bench_compare import Options, Report, run
 from tests.conftest import POSTGRES_ENV, postgres_url
-
-REDIS = ("127.0.0.1", 6379)
-
-
-def _redis_answers() -> bool:
-    try:
-        with socket.create_connection(REDIS, timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+from tests.loadtest.helpers import REDIS, redis_answers
 
 
 def _options(system: str, **changes: object) -> Options:
@@ -50,7 +39,7 @@ def _options(system: str, **changes: object) -> Options:
 def _skip_unavailable(system: str) -> None:
     if system in ("postgres", "callcredit-pg") and postgres_url() is None:
         pytest.skip(f"{POSTGRES_ENV} not set: the PostgreSQL runs are skipped")
-    if system == "redis" and not _redis_answers():
+    if system == "redis" and not redis_answers():
         pytest.skip(f"no Redis answers on {REDIS[0]}:{REDIS[1]}: the Redis design is skipped")
     if system == "redis-aof" and shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed: the private AOF Redis is skipped")

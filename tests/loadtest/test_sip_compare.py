@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from decimal import Decimal
@@ -30,9 +29,9 @@ from loadtest.sip_compare import (
     parse_message_trace,
     talk_by_call,
 )
+from tests.loadtest.helpers import REDIS, redis_answers
 
 REPO = Path(__file__).resolve().parent.parent.parent
-REDIS = ("127.0.0.1", 6379)
 
 TRACE = """\
 ----------------------------------------------- 2026-12-06 16:17:08.966915
@@ -122,18 +121,9 @@ def test_callcredits_charges_pair_with_calls_by_the_derived_call_id() -> None:
     )
 
 
-def _redis_answers() -> bool:
-    try:
-        with socket.create_connection(REDIS, timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 def _require_the_real_thing() -> None:
     missing = missing_tools(["cnxcc", "callcredit"])
-    if not _redis_answers():
+    if not redis_answers():
         missing.append(f"Redis on {REDIS[0]}:{REDIS[1]}")
     if missing:
         reason = f"the SIP side by side needs {', '.join(missing)}"

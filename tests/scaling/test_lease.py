@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -27,7 +26,7 @@ import sqlalchemy
 from sqlalchemy import Connection, Engine, text
 
 from callcredit_server.journal import engine_url
-from tests.conftest import POSTGRES_ENV, postgres_url
+from tests.conftest import postgres_schema_url
 
 LEASE_SECONDS = 10.0
 
@@ -117,28 +116,16 @@ def expire(engine: Engine, shard: int) -> None:
 
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    base = postgres_url()
-    if base is None:
-        pytest.skip(f"{POSTGRES_ENV} not set: the PostgreSQL lease sketch is skipped")
-    schema = f"cc_lease_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(engine_url(base))
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    separator = "&" if "?" in base else "?"
-    scoped = sqlalchemy.create_engine(
-        engine_url(f"{base}{separator}options=-csearch_path%3D{schema}"), pool_size=4
-    )
-    try:
-        with scoped.begin() as conn:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(text(statement))
-        yield scoped
-    finally:
-        scoped.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with postgres_schema_url("cc_lease", "the PostgreSQL lease sketch is skipped") as url:
+        scoped = sqlalchemy.create_engine(engine_url(url), pool_size=4)
+        try:
+            with scoped.begin() as conn:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(text(statement))
+            yield scoped
+        finally:
+            scoped.dispose()
 
 
 def test_two_servers_racing_for_a_free_shard_one_wins(engine: Engine) -> None:

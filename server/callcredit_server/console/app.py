@@ -213,6 +213,11 @@ def create_app(
             back=back,
         )
 
+    def unfit(request: Request, error: forms.FormError, back: str) -> HTMLResponse:
+        return render(
+            request, "problem.html", 400, title="Check the form", message=error.message, back=back
+        )
+
     async def guard(request: Request, call_next: RequestResponseEndpoint) -> Response:
         now_ms = _now_ms()
         session_id = request.cookies.get(SESSION_COOKIE)
@@ -397,14 +402,7 @@ def create_app(
             return refused(request, exc, back)
         action = forms.parse_money_form(kind, form, account.currency)
         if isinstance(action, forms.FormError):
-            return render(
-                request,
-                "problem.html",
-                400,
-                title="Check the form",
-                message=action.message,
-                back=back,
-            )
+            return unfit(request, action, back)
         if not action.confirmed:
             return render(
                 request,
@@ -452,14 +450,7 @@ def create_app(
             return _forbidden()
         action = forms.parse_status_form(form)
         if isinstance(action, forms.FormError):
-            return render(
-                request,
-                "problem.html",
-                400,
-                title="Check the form",
-                message=action.message,
-                back=back,
-            )
+            return unfit(request, action, back)
         if not action.confirmed:
             return render(
                 request,
