@@ -152,9 +152,14 @@ def test_one_short_call_on_both_systems(tmp_path: Path) -> None:
     rows = {row["system"]: row for row in json.loads(out.read_text())}
     assert set(rows) == {"cnxcc", "callcredit"}
     for row in rows.values():
-        assert (row["calls"], row["admitted"], row["never_ended"]) == (1, 1, 0), row
-        assert 0 < row["talk_total_s"] < 6, row
+        assert (row["calls"], row["admitted"]) == (1, 1), row
+        assert 0 <= row["talk_total_s"] < 6, row
+    # cnxcc ends calls through Kamailio 5.6's end-of-dialog race (docs/telephony.md,
+    # "Both legs get their BYE"), so its callee may never hear a BYE: that is its result
+    # to report, not this script's failure. callcredit's must always end.
     callcredit = rows["callcredit"]
+    assert callcredit["never_ended"] == 0, callcredit
+    assert callcredit["talk_total_s"] > 0, callcredit
     assert callcredit["talk_total_s"] <= 2 + 1, callcredit  # the credit + one increment
     assert callcredit["charges_exact"] == "yes", callcredit
     assert callcredit["notes"] == [], callcredit

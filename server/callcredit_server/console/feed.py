@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict, deque
 
 import grpc
@@ -111,10 +112,16 @@ class Changes:
 class Feed:
     """Follows the changefeed through ``admin`` into ``history`` and ``changes``."""
 
-    def __init__(self, admin: AdminClient, history: History, changes: Changes) -> None:
+    def __init__(
+        self, admin: AdminClient, history: History, changes: Changes, *, since_ms: int
+    ) -> None:
+        """Follow from the first record at or after ``since_ms`` (the console's start) until
+        a response gives a cursor: a stream broken before then resumes from that time, not
+        from the end, so a change made meanwhile is not missed."""
         self._admin = admin
         self._history = history
         self._changes = changes
+        self._since_ms = since_ms
         self._received = False
         self.cursor = ""
 
@@ -130,8 +137,9 @@ class Feed:
                 if error.code is grpc.StatusCode.INVALID_ARGUMENT and self.cursor:
                     # The cursor fell out of the journal the server keeps: what happened
                     # in between is not on the charts; go on from now.
-                    log.warning("changefeed cursor refused (%s); following from the end", error)
+                    log.warning("changefeed cursor refused (%s); following from now", error)
                     self.cursor = ""
+                    self._since_ms = int(time.time() * 1000)
                 else:
                     log.warning("changefeed interrupted (%s); resuming", error)
             if self._received:
@@ -141,7 +149,10 @@ class Feed:
 
     async def _follow(self) -> None:
         """One stream, until it ends."""
-        responses = self._admin.watch_events(after=self.cursor, from_end=not self.cursor)
+        if self.cursor:
+            responses = self._admin.watch_events(after=self.cursor)
+        else:
+            responses = self._admin.watch_events(since_ms=self._since_ms)
         async for response in responses:
             self._received = True
             changed: set[str] = set()
