@@ -178,7 +178,7 @@ def create_app(
         )
         state.admin = admin
         state.replays_ = replays = Replays(admin, state.history, state.changes)
-        feed = Feed(admin, state.history, state.changes, since_ms=int(time.time() * 1000))
+        feed = Feed(admin, state.history, state.changes, clock_ms=_now_ms)
         follower = asyncio.create_task(feed.run(), name="changefeed")
         try:
             on_started()

@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 import grpc
 
@@ -113,15 +113,21 @@ class Feed:
     """Follows the changefeed through ``admin`` into ``history`` and ``changes``."""
 
     def __init__(
-        self, admin: AdminClient, history: History, changes: Changes, *, since_ms: int
+        self,
+        admin: AdminClient,
+        history: History,
+        changes: Changes,
+        *,
+        clock_ms: Callable[[], int],
     ) -> None:
-        """Follow from the first record at or after ``since_ms`` (the console's start) until
-        a response gives a cursor: a stream broken before then resumes from that time, not
-        from the end, so a change made meanwhile is not missed."""
+        """Follow from the first record at or after the console's start (``clock_ms()``
+        now) until a response gives a cursor: a stream broken before then resumes from that
+        time, not from the end, so a change made meanwhile is not missed."""
         self._admin = admin
         self._history = history
         self._changes = changes
-        self._since_ms = since_ms
+        self._clock_ms = clock_ms
+        self._since_ms = clock_ms()
         self._received = False
         self.cursor = ""
 
@@ -139,7 +145,7 @@ class Feed:
                     # in between is not on the charts; go on from now.
                     log.warning("changefeed cursor refused (%s); following from now", error)
                     self.cursor = ""
-                    self._since_ms = int(time.time() * 1000)
+                    self._since_ms = self._clock_ms()
                 else:
                     log.warning("changefeed interrupted (%s); resuming", error)
             if self._received:
