@@ -112,7 +112,7 @@ def tcp_port() -> int:
         return port
 
 
-def sip_answers(port: int, timeout_s: float = 0.2) -> bool:
+def sip_answers(port: int, timeout_seconds: float = 0.2) -> bool:
     """Whether something answers a SIP OPTIONS on 127.0.0.1:port (any status will do)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -126,7 +126,7 @@ def sip_answers(port: int, timeout_s: float = 0.2) -> bool:
             "CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
         )
         sock.sendto(request.encode(), ("127.0.0.1", port))
-        sock.settimeout(timeout_s)
+        sock.settimeout(timeout_seconds)
         try:
             return sock.recv(65536).startswith(b"SIP/2.0 ")
         except OSError:

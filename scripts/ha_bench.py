@@ -86,11 +86,11 @@ def server(url: str, folder: Path, ha: bool) -> AbstractContextManager[launch.Se
     return launch.serving([*args, "--ha"] if ha else args, folder / "server.log", cwd=folder)
 
 
-async def wait_serving(target: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
+async def wait_serving(target: str, timeout_seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_seconds
     while await asyncio.to_thread(health, target) != SERVING:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{target} is not serving after {timeout_s} s")
+            raise RuntimeError(f"{target} is not serving after {timeout_seconds} s")
         await asyncio.sleep(0.05)
 
 

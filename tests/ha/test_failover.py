@@ -97,16 +97,18 @@ def balance(target: str, account_id: str) -> admin_pb2.Account:
         )
 
 
-def wait_serving(cluster: HaCluster, slot: int, timeout_s: float) -> float:
+def wait_serving(cluster: HaCluster, slot: int, timeout_seconds: float) -> float:
     """Seconds until `slot` serves; fails if any other slot serves at the same instant."""
     began = time.monotonic()
-    while time.monotonic() - began < timeout_s:
+    while time.monotonic() - began < timeout_seconds:
         serving = [s for s in range(len(cluster.ports)) if health(cluster.target_of(s)) == SERVING]
         assert len(serving) <= 1, f"two primaries at once: {serving}"
         if serving == [slot]:
             return time.monotonic() - began
         time.sleep(0.02)
-    raise AssertionError(f"slot {slot} not serving after {timeout_s} s:\n{cluster.slot_log(slot)}")
+    raise AssertionError(
+        f"slot {slot} not serving after {timeout_seconds} s:\n{cluster.slot_log(slot)}"
+    )
 
 
 def test_a_zombie_primary_acknowledges_nothing_and_its_calls_survive(
@@ -139,7 +141,7 @@ def test_a_zombie_primary_acknowledges_nothing_and_its_calls_survive(
         zombie.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         new = 1 - old
-        took = wait_serving(cluster, new, timeout_s=LEASE_SECONDS + 10)
+        took = wait_serving(cluster, new, timeout_seconds=LEASE_SECONDS + 10)
         assert took < LEASE_SECONDS + 2.0
 
         # Past the call's validity (3 s from its reserve) but not from the takeover:
@@ -218,7 +220,7 @@ def test_a_primary_cut_from_postgresql_steps_down_and_the_standby_takes_over(
         setup_accounts(cluster.target_of(0), "p", EventLog(tmp_path / "seed.events"))
         account = account_ids("p")[0]
         proxy.stall()  # a partition: connections stay open, nothing gets through
-        took = wait_serving(cluster, 1, timeout_s=LEASE_SECONDS + 10)
+        took = wait_serving(cluster, 1, timeout_seconds=LEASE_SECONDS + 10)
         assert took < LEASE_SECONDS + 2.0
         old = cluster.servers[0]
         assert old is not None

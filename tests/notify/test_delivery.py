@@ -19,7 +19,7 @@ from callcredit_server.notify.delivery import (
     RetryPolicy,
     after_attempt,
     payload,
-    retry_delay_s,
+    retry_delay_seconds,
     routes,
     signature,
     verify,
@@ -27,7 +27,7 @@ from callcredit_server.notify.delivery import (
 from tests.test_docs import REPO, marked_block
 
 SECRET = "whsec_0123456789abcdef"
-POLICY = RetryPolicy(max_attempts=5, first_retry_s=1.0, max_retry_s=10.0)
+POLICY = RetryPolicy(max_attempts=5, first_retry_seconds=1.0, max_retry_seconds=10.0)
 
 
 def event(
@@ -48,11 +48,11 @@ def test_the_signature_is_hmac_sha256_of_timestamp_dot_body() -> None:
     header = signature(SECRET, 1_700_000_000, body)
     expected = hmac.new(SECRET.encode(), b"1700000000." + body, hashlib.sha256).hexdigest()
     assert header == f"t=1700000000,v1={expected}"
-    assert verify(SECRET, header, body, now_s=1_700_000_100)
+    assert verify(SECRET, header, body, now_seconds=1_700_000_100)
 
 
 @pytest.mark.parametrize(
-    ("secret", "body", "now_s"),
+    ("secret", "body", "now_seconds"),
     [
         pytest.param("whsec_another-secret!", b'{"id":"7.1"}', 1_700_000_000, id="wrong-secret"),
         pytest.param(SECRET, b'{"id":"7.2"}', 1_700_000_000, id="altered-body"),
@@ -61,10 +61,10 @@ def test_the_signature_is_hmac_sha256_of_timestamp_dot_body() -> None:
     ],
 )
 def test_a_wrong_secret_body_or_time_fails_verification(
-    secret: str, body: bytes, now_s: int
+    secret: str, body: bytes, now_seconds: int
 ) -> None:
     header = signature(SECRET, 1_700_000_000, b'{"id":"7.1"}')
-    assert not verify(secret, header, body, now_s)
+    assert not verify(secret, header, body, now_seconds)
 
 
 @pytest.mark.parametrize("header", ["", "t=,v1=", "v1=abc", "t=x,v1=abc", "t=1700000000"])
@@ -93,8 +93,8 @@ def test_routing_by_accounts_prefix_and_kinds() -> None:
 
 
 def test_backoff_doubles_up_to_its_cap_and_jitter_only_shortens() -> None:
-    assert [retry_delay_s(POLICY, n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
-    assert retry_delay_s(POLICY, 3, jitter=0.999) == pytest.approx(2.002)
+    assert [retry_delay_seconds(POLICY, n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+    assert retry_delay_seconds(POLICY, 3, jitter=0.999) == pytest.approx(2.002)
 
 
 @pytest.mark.parametrize(
@@ -122,7 +122,7 @@ def test_the_verification_snippet_of_the_docs_accepts_our_signature() -> None:
     namespace: dict[str, Any] = {}
     exec(marked_block(REPO / "docs" / "operations.md", "webhook-verify"), namespace)
     body = b'{"event_id":"7.1"}'
-    now_s = int(time.time())
-    assert namespace["verify"](SECRET, signature(SECRET, now_s, body), body)
-    assert not namespace["verify"](SECRET, signature(SECRET, now_s, body), body + b" ")
-    assert not namespace["verify"](SECRET, signature(SECRET, now_s - 301, body), body)
+    now_seconds = int(time.time())
+    assert namespace["verify"](SECRET, signature(SECRET, now_seconds, body), body)
+    assert not namespace["verify"](SECRET, signature(SECRET, now_seconds, body), body + b" ")
+    assert not namespace["verify"](SECRET, signature(SECRET, now_seconds - 301, body), body)

@@ -43,7 +43,7 @@ class NotifyConfig:
     ca_file: str | None
     state: Path
     retry: RetryPolicy
-    timeout_s: float
+    timeout_seconds: float
     concurrency: int
     endpoints: tuple[Endpoint, ...]
 
@@ -64,10 +64,10 @@ def load(path: str | Path, environ: dict[str, str] | None = None) -> NotifyConfi
     _unknown(problems, "delivery.", delivery, _DELIVERY_KEYS)
     retry = RetryPolicy(
         max_attempts=_number(problems, delivery, "max_attempts", 8, 1, 100, int),
-        first_retry_s=_number(problems, delivery, "first_retry_seconds", 1.0, 0.01, 3600.0),
-        max_retry_s=_number(problems, delivery, "max_retry_seconds", 300.0, 0.01, 86400.0),
+        first_retry_seconds=_number(problems, delivery, "first_retry_seconds", 1.0, 0.01, 3600.0),
+        max_retry_seconds=_number(problems, delivery, "max_retry_seconds", 300.0, 0.01, 86400.0),
     )
-    timeout_s = _number(problems, delivery, "timeout_seconds", 10.0, 0.01, 300.0)
+    timeout_seconds = _number(problems, delivery, "timeout_seconds", 10.0, 0.01, 300.0)
     concurrency = _number(problems, delivery, "concurrency", 8, 1, 256, int)
     token_env = data.get("token_env", "CALLCREDIT_TOKEN")
     endpoints = _endpoints(problems, data.get("endpoints", []), env)
@@ -86,7 +86,7 @@ def load(path: str | Path, environ: dict[str, str] | None = None) -> NotifyConfi
         ca_file=data.get("ca_file"),
         state=(Path(path).parent / str(state)),
         retry=retry,
-        timeout_s=timeout_s,
+        timeout_seconds=timeout_seconds,
         concurrency=concurrency,
         endpoints=tuple(endpoints),
     )

@@ -12,8 +12,8 @@ arguments, so every rule is a plain function tested with plain values.
   v1=<hex HMAC-SHA256 of "<t>.<body>" under the endpoint's secret>``. The timestamp
   is signed with the body, so a captured request cannot be replayed later than the
   receiver's tolerance (`verify` takes it).
-- **Retries**: after a failed attempt, the next waits `first_retry_s * 2**(attempt-1)`,
-  at most `max_retry_s`, shortened by up to `jitter` of itself so that many failed
+- **Retries**: after a failed attempt, the next waits `first_retry_seconds * 2**(attempt-1)`,
+  at most `max_retry_seconds`, shortened by up to `jitter` of itself so that many failed
   deliveries do not retry in step; after `max_attempts` attempts the delivery is
   dead-lettered. A 4xx answer other than 408 and 429 says the request itself is wrong,
   and is dead-lettered at once: repeating it cannot succeed.
@@ -33,7 +33,7 @@ from callcredit.v1 import admin_pb2
 
 SIGNATURE_HEADER = "Callcredit-Signature"
 EVENT_ID_HEADER = "Callcredit-Event-Id"
-DEFAULT_TOLERANCE_S = 300  # how old a signature `verify` accepts
+DEFAULT_TOLERANCE_SECONDS = 300  # how old a signature `verify` accepts
 _RETRYABLE_4XX = frozenset({408, 429})
 
 
@@ -59,8 +59,8 @@ class Endpoint:
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     max_attempts: int = 8
-    first_retry_s: float = 1.0
-    max_retry_s: float = 300.0
+    first_retry_seconds: float = 1.0
+    max_retry_seconds: float = 300.0
 
 
 def kind_name(event: admin_pb2.Event) -> str:
@@ -80,17 +80,21 @@ def payload(event: admin_pb2.Event) -> bytes:
     return json.dumps(as_dict, sort_keys=True, separators=(",", ":")).encode()
 
 
-def signature(secret: str, timestamp_s: int, body: bytes) -> str:
-    """The Callcredit-Signature header value for `body` sent at `timestamp_s`."""
-    signed = f"{timestamp_s}.".encode() + body
+def signature(secret: str, timestamp_seconds: int, body: bytes) -> str:
+    """The Callcredit-Signature header value for `body` sent at `timestamp_seconds`."""
+    signed = f"{timestamp_seconds}.".encode() + body
     digest = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
-    return f"t={timestamp_s},v1={digest}"
+    return f"t={timestamp_seconds},v1={digest}"
 
 
 def verify(
-    secret: str, header: str, body: bytes, now_s: int, tolerance_s: int = DEFAULT_TOLERANCE_S
+    secret: str,
+    header: str,
+    body: bytes,
+    now_seconds: int,
+    tolerance_seconds: int = DEFAULT_TOLERANCE_SECONDS,
 ) -> bool:
-    """Whether `header` signs `body` with `secret`, no more than `tolerance_s` ago.
+    """Whether `header` signs `body` with `secret`, no more than `tolerance_seconds` ago.
 
     What a receiver runs (docs/operations.md has a standalone copy).
     """
@@ -98,7 +102,7 @@ def verify(
     timestamp = fields.get("t", "")
     if not (timestamp.isascii() and timestamp.isdigit()):
         return False
-    if abs(now_s - int(timestamp)) > tolerance_s:
+    if abs(now_seconds - int(timestamp)) > tolerance_seconds:
         return False
     expected = signature(secret, int(timestamp), body).partition(",v1=")[2]
     return hmac.compare_digest(expected, fields.get("v1", ""))
@@ -114,7 +118,7 @@ class Delivered:
 
 @dataclass(frozen=True, slots=True)
 class Retry:
-    after_s: float
+    after_seconds: float
     error: str
 
 
@@ -126,9 +130,9 @@ class DeadLetter:
 Decision = Delivered | Retry | DeadLetter
 
 
-def retry_delay_s(policy: RetryPolicy, attempt: int, jitter: float = 0.0) -> float:
+def retry_delay_seconds(policy: RetryPolicy, attempt: int, jitter: float = 0.0) -> float:
     """The wait after failed attempt number `attempt` (1-based); `jitter` in [0, 1)."""
-    base = min(policy.first_retry_s * 2.0 ** (attempt - 1), policy.max_retry_s)
+    base = min(policy.first_retry_seconds * 2.0 ** (attempt - 1), policy.max_retry_seconds)
     return base * (1.0 - jitter / 2)
 
 
@@ -148,4 +152,4 @@ def after_attempt(
         return DeadLetter(f"{why}: the receiver refused the request itself")
     if attempt >= policy.max_attempts:
         return DeadLetter(f"{why} (attempt {attempt} of {policy.max_attempts})")
-    return Retry(retry_delay_s(policy, attempt, jitter), why)
+    return Retry(retry_delay_seconds(policy, attempt, jitter), why)

@@ -28,9 +28,9 @@ from callcredit_server.notify.store import Pending, Store
 log = logging.getLogger("callcredit_server.notify")
 
 MAX_OUTBOX = 10_000  # deliveries waiting: beyond it the follower stops reading
-RECONNECT_FIRST_S = 0.5  # reconnect waits double from this up to RECONNECT_MAX_S
-RECONNECT_MAX_S = 30.0
-IDLE_POLL_S = 1.0  # the deliverer looks at the outbox at least this often
+RECONNECT_FIRST_SECONDS = 0.5  # reconnect waits double from this up to RECONNECT_MAX_SECONDS
+RECONNECT_MAX_SECONDS = 30.0
+IDLE_POLL_SECONDS = 1.0  # the deliverer looks at the outbox at least this often
 
 
 def _now_ms() -> int:
@@ -47,21 +47,23 @@ class Notifier:
         self._random = random.Random()
 
     async def run(self) -> None:
-        async with httpx.AsyncClient(timeout=self.config.timeout_s) as http:
+        async with httpx.AsyncClient(timeout=self.config.timeout_seconds) as http:
             await asyncio.gather(self._follow(), self._deliver(http))
 
     # ------------------------------------------------------------ follower
 
     async def _follow(self) -> None:
-        wait_s = RECONNECT_FIRST_S
+        wait_seconds = RECONNECT_FIRST_SECONDS
         while True:
             try:
                 if await self._follow_once():
-                    wait_s = RECONNECT_FIRST_S  # it was connected: start the backoff anew
+                    wait_seconds = (
+                        RECONNECT_FIRST_SECONDS  # it was connected: start the backoff anew
+                    )
             except CallcreditError as exc:
-                log.warning("changefeed: %s; reconnecting in %.1f s", exc, wait_s)
-            await asyncio.sleep(wait_s)
-            wait_s = min(wait_s * 2, RECONNECT_MAX_S)
+                log.warning("changefeed: %s; reconnecting in %.1f s", exc, wait_seconds)
+            await asyncio.sleep(wait_seconds)
+            wait_seconds = min(wait_seconds * 2, RECONNECT_MAX_SECONDS)
 
     async def _follow_once(self) -> bool:
         """Follow until the stream ends; whether any response arrived."""
@@ -96,12 +98,12 @@ class Notifier:
             if not due:
                 self._room.set()
                 next_ms = self.store.next_due_ms()
-                wait_s = IDLE_POLL_S
+                wait_seconds = IDLE_POLL_SECONDS
                 if next_ms is not None:
-                    wait_s = min(max(next_ms - self._clock_ms(), 0) / 1000, IDLE_POLL_S)
+                    wait_seconds = min(max(next_ms - self._clock_ms(), 0) / 1000, IDLE_POLL_SECONDS)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait_s)
+                    await asyncio.wait_for(self._wake.wait(), wait_seconds)
                 continue
             await asyncio.gather(*(self._attempt(http, endpoints, item) for item in due))
 
@@ -112,10 +114,12 @@ class Notifier:
         if endpoint is None:  # removed from the configuration since it was queued
             self.store.dead_letter(item, "endpoint no longer configured", self._clock_ms())
             return
-        timestamp_s = self._clock_ms() // 1000
+        timestamp_seconds = self._clock_ms() // 1000
         headers = {
             "Content-Type": "application/json",
-            delivery.SIGNATURE_HEADER: delivery.signature(endpoint.secret, timestamp_s, item.body),
+            delivery.SIGNATURE_HEADER: delivery.signature(
+                endpoint.secret, timestamp_seconds, item.body
+            ),
             delivery.EVENT_ID_HEADER: item.event_id,
         }
         status: int | None = None
@@ -131,11 +135,15 @@ class Notifier:
         match decision:
             case delivery.Delivered():
                 self.store.delivered(item)
-            case delivery.Retry(after_s=after_s, error=why):
+            case delivery.Retry(after_seconds=after_seconds, error=why):
                 log.info(
-                    "%s to %s: %s; retry in %.1f s", item.event_id, endpoint.name, why, after_s
+                    "%s to %s: %s; retry in %.1f s",
+                    item.event_id,
+                    endpoint.name,
+                    why,
+                    after_seconds,
                 )
-                self.store.retry(item, self._clock_ms() + int(after_s * 1000), why)
+                self.store.retry(item, self._clock_ms() + int(after_seconds * 1000), why)
             case delivery.DeadLetter(error=why):
                 log.error("%s to %s dead-lettered: %s", item.event_id, endpoint.name, why)
                 self.store.dead_letter(item, why, self._clock_ms())
