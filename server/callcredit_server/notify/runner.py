@@ -33,12 +33,12 @@ RECONNECT_MAX_SECONDS = 30.0
 IDLE_POLL_SECONDS = 1.0  # the deliverer looks at the outbox at least this often
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return int(time.time() * 1000)
 
 
 class Notifier:
-    def __init__(self, config: NotifyConfig, store: Store, clock_ms: Callable[[], int] = _now_ms):
+    def __init__(self, config: NotifyConfig, store: Store, clock_ms: Callable[[], int] = now_ms):
         self.config = config
         self.store = store
         self._clock_ms = clock_ms
