@@ -33,6 +33,8 @@ from callcredit_server.core import (
     AccountResult,
     AccountView,
     Adjust,
+    CallRecord,
+    CallState,
     Command,
     CreateAccount,
     GrantPush,
@@ -257,6 +259,22 @@ async def _read(
         return await writer.read(read)
     except Unavailable as exc:
         await _abort(context, unavailable(str(exc)))
+
+
+def _live(machine: StateMachine, calls: list[CallRecord]) -> list[CallRecord]:
+    """History rows with each open one replaced by the call as memory holds it now.
+
+    An open call's row holds the deadline of its last Reserve or Renew: a `Takeover`
+    restarts every open call's validity in memory only (one journal record, no row).
+    """
+    live = []
+    for call in calls:
+        if call.state is CallState.ACTIVE:
+            held = machine.calls.get(call.call_id)
+            if held is not None and held.call_seq == call.call_seq:
+                call = held.record()
+        live.append(call)
+    return live
 
 
 def _allows() -> AccountFilter | None:
@@ -679,8 +697,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             context,
         )
         token = str(calls[limit - 1].call_seq) if len(calls) > limit else ""
+        page = calls[:limit]
+        if any(c.state is CallState.ACTIVE for c in page):
+            page = await _read(self._writer, lambda m: _live(m, page), context)
         return admin_pb2.ListCallsResponse(
-            calls=[convert.call_pb(c) for c in calls[:limit]], next_page_token=token
+            calls=[convert.call_pb(c) for c in page], next_page_token=token
         )
 
     async def ListAccounts(

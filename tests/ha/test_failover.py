@@ -97,6 +97,17 @@ def balance(target: str, account_id: str) -> admin_pb2.Account:
         )
 
 
+def deadline_ms(channel: grpc.Channel, call_id: str, account_id: str) -> int:
+    """The open call's deadline as GetCall and ListCalls show it (they must agree)."""
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    call = admin.GetCall(admin_pb2.GetCallRequest(call_id=call_id), timeout=5).call
+    listed = admin.ListCalls(
+        admin_pb2.ListCallsRequest(account_id=account_id, active_only=True), timeout=5
+    ).calls
+    assert [c for c in listed if c.call_id == call_id] == [call]
+    return int(call.expires_at.ToMilliseconds())
+
+
 def wait_serving(cluster: HaCluster, slot: int, timeout_seconds: float) -> float:
     """Seconds until `slot` serves; fails if any other slot serves at the same instant."""
     began = time.monotonic()
@@ -133,6 +144,7 @@ def test_a_zombie_primary_acknowledges_nothing_and_its_calls_survive(
                 ),
                 timeout=5,
             )
+            reserved_deadline = deadline_ms(channel, "z.call", account)
         reserved_at = time.monotonic()
         load = TopUps(cluster.targets.split(","), account)
         load.start()
@@ -143,6 +155,11 @@ def test_a_zombie_primary_acknowledges_nothing_and_its_calls_survive(
         new = 1 - old
         took = wait_serving(cluster, new, timeout_seconds=LEASE_SECONDS + 10)
         assert took < LEASE_SECONDS + 2.0
+        # The Takeover restarted the call's validity in memory, not in its history row:
+        # GetCall and ListCalls both show the restarted deadline.
+        with grpc.insecure_channel(cluster.target_of(new)) as channel:
+            restarted_deadline = deadline_ms(channel, "z.call", account)
+        assert restarted_deadline >= reserved_deadline + 1_000
 
         # Past the call's validity (3 s from its reserve) but not from the takeover:
         # the new primary restarted it, so the dialer that could not reach anyone renews.

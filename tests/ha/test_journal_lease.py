@@ -15,6 +15,7 @@ from callcredit_server.core import (
     CreateAccount,
     PutTariff,
     Rate,
+    Renew,
     Reserve,
     StateMachine,
     Takeover,
@@ -165,8 +166,12 @@ def test_the_journals_sessions_bound_their_waits(journals: tuple[Journal, Journa
     assert name == "callcredit:a"
 
 
-def test_a_takeover_of_many_open_calls_rewrites_their_rows_through_copy(pg_url: str) -> None:
-    """Above POSTGRES_COPY_MIN_ROWS the call rows go through COPY: the same rows result."""
+def test_many_renewals_rewrite_their_rows_through_copy_and_a_takeover_writes_none(
+    pg_url: str,
+) -> None:
+    """Above POSTGRES_COPY_MIN_ROWS the call rows go through COPY (inserted, then
+    rewritten): the same rows result. Takeover restarts every open call's validity in
+    memory and writes no row: its record is O(1) however many calls are open."""
     calls = POSTGRES_COPY_MIN_ROWS + 10
     machine = StateMachine()
     commands: list[Command] = [PutTariff(Tariff("t", "VND", (Rate("", 60_000_000, 1, 1, 0),)))]
@@ -176,19 +181,29 @@ def test_a_takeover_of_many_open_calls_rewrites_their_rows_through_copy(pg_url: 
             TopUp(f"a{n}", 1_000, "seed", ""),
             Reserve(f"c{n}", f"a{n}", "84901234567", 60, 60, 120),
         ]
-    records = []
+    opened = []
     for seq, command in enumerate(commands, 1):
         step = machine.apply(command, 1_000)
-        records.append(JournalRecord(seq, 1_000, command, step.entries, step.calls))
-    step = machine.apply(Takeover(epoch=2), 9_000)
-    records.append(JournalRecord(len(records) + 1, 9_000, Takeover(epoch=2), (), step.calls))
+        opened.append(JournalRecord(seq, 1_000, command, step.entries, step.calls))
+    renewed = []
+    for n in range(calls):
+        renew = Renew(f"c{n}", 1, 1, 60, 60, 120)
+        step = machine.apply(renew, 9_000)
+        renewed.append(JournalRecord(len(opened) + n + 1, 9_000, renew, step.entries, step.calls))
+    step = machine.apply(Takeover(epoch=2), 30_000)
+    takeover_seq = len(opened) + len(renewed) + 1
+    takeover = JournalRecord(takeover_seq, 30_000, Takeover(epoch=2), (), step.calls)
     with Journal(pg_url) as journal:
-        journal.append(records[:-1])
-        journal.append(records[-1:])
+        journal.append(opened)
+        journal.append(renewed)
+        rows_renewed = [journal.get_call(f"c{n}") for n in range(calls)]
+        journal.append([takeover])
         for n in (0, calls // 2, calls - 1):
             stored = journal.get_call(f"c{n}")
-            assert stored == machine.calls[f"c{n}"].record()
+            assert stored == rows_renewed[n]
             assert stored is not None and stored.expires_at_ms == 9_000 + 120_000
+            assert stored == machine.calls[f"c{n}"].record()._replace(expires_at_ms=129_000)
+            assert machine.calls[f"c{n}"].expires_at_ms == 30_000 + 120_000
         with journal.engine.connect() as conn:
-            rows = conn.execute(text("SELECT count(*), min(seq) FROM calls")).one()
-    assert tuple(rows) == (calls, len(records))
+            rows = conn.execute(text("SELECT count(*), min(seq), max(seq) FROM calls")).one()
+    assert tuple(rows) == (calls, len(opened) + 1, takeover_seq - 1)

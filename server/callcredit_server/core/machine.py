@@ -579,16 +579,26 @@ class StateMachine:
         return TickResult(expired=self._expired, forgotten=forgotten)
 
     def _takeover(self, c: Takeover) -> Outcome:
-        """Restart every open call's validity at the new primary's first instant."""
+        """Restart every open call's validity at the new primary's first instant.
+
+        The record stays O(1) in the journal: the calls are not marked touched, so no
+        history row is rewritten (an open call's row keeps the deadline of its last
+        Reserve or Renew; reads of an open call take its deadline from memory, and the
+        journal holds the Takeover from which replay derives it). The expiry heap is
+        rebuilt once from the new deadlines (every one moved later: each old entry
+        would otherwise be popped and pushed again when it fell due).
+        """
         # -- commit point --
         self._changed = True  # journalled even with no call open: the epoch's mark
-        restarted = 0
+        expires_at_ms = self.now_ms
+        expiries: list[tuple[int, int, str]] = []
         for call in self.calls.values():
             if call.state is CallState.ACTIVE:
-                self._refresh_validity(call)
-                self._touched[call.call_id] = call
-                restarted += 1
-        return TakeoverResult(restarted)
+                call.expires_at_ms = expires_at_ms + call.validity_seconds * 1000
+                expiries.append((call.expires_at_ms, call.call_seq, call.call_id))
+        heapq.heapify(expiries)
+        self._expiries = expiries
+        return TakeoverResult(len(expiries))
 
     # -------------------------------------------------------------- helpers
 
