@@ -114,6 +114,8 @@ class HotStandby:
         # must not delay a renewal, and a renewal stuck must not delay the clock check.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease")
         self._writer_failure: BaseException | None = None
+        # The takeover's phases as (name, time.monotonic() at its end), for its log line.
+        self._phases: list[tuple[str, float]] = []
         self.deposed = asyncio.Event()
         writer.on_failure(self._on_writer_failure)
 
@@ -181,6 +183,7 @@ class HotStandby:
             await asyncio.sleep(0 if applied == MAX_TAIL_RECORDS else TAIL_POLL_SECONDS)
 
     async def _try_take(self, row: LeaseRow | None) -> bool:
+        self._phases = [("expired", time.monotonic())]
         if row is not None and row.owner:
             # A paused primary may hold the lease row FOR SHARE mid-commit: end its
             # sessions first, or the take waits on it (lock_timeout) for ever.
@@ -190,6 +193,7 @@ class HotStandby:
                 return False
             if ended:
                 log.warning("ended %d sessions of the old primary %s", ended, row.owner)
+            self._phases.append(("sessions ended", time.monotonic()))
         epoch = self.lease.next_epoch()
         sent_at_ms = self._clock_ms()
         taken = await self._lease_call(
@@ -205,6 +209,7 @@ class HotStandby:
             return False
         if taken:
             self.lease.taken(epoch, sent_at_ms, self._advertise)
+            self._phases.append(("lease taken", time.monotonic()))
         return bool(taken)
 
     async def _tail(self) -> int:
@@ -221,30 +226,38 @@ class HotStandby:
     # ---------------------------------------------------------------- takeover
 
     async def _take_over(self) -> None:
-        started = time.monotonic()
+        phases = self._phases
         epoch = self.lease.epoch
         self._journal.fence(epoch)
         # Nothing can commit under the old epoch any more: what is in the journal now
         # is everything the old primary acknowledged.
         while await self._tail() == MAX_TAIL_RECORDS:
             pass
+        phases.append(("caught up", time.monotonic()))
         problems = self._machine.audit()
         if problems:
             raise InvariantViolation("the tailed state is broken: " + "; ".join(problems))
+        phases.append(("audited", time.monotonic()))
         self._writer.start(after_seq=self.applied_seq)
         # The writer's first command (queued before its tasks first run): open calls'
         # validity restarts now, before any tick could expire them.
         result = await self._writer.execute([Takeover(epoch=epoch)])
+        phases.append(("Takeover committed", time.monotonic()))
         if not self.lease.serving(self._clock_ms()):
             raise Deposed(f"the lease of epoch {epoch} ran out during the takeover")
         self._gate.primary = self._advertise
         self._gate.open = True
         await self._set_serving(True)
+        phases.append(("serving", time.monotonic()))
         log.warning(
-            "primary at epoch %d from seq %d in %.3f s: %s",
+            "primary at epoch %d from seq %d in %.3f s from the lease's expiry (%s): %s",
             epoch,
             self.applied_seq,
-            time.monotonic() - started,
+            phases[-1][1] - phases[0][1],
+            ", ".join(
+                f"{name} +{(at - before) * 1000:.0f} ms"
+                for (name, at), (_, before) in zip(phases[1:], phases, strict=False)
+            ),
             result[0],
             extra={"epoch": epoch, "seq": self.applied_seq},
         )
