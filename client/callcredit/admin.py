@@ -226,25 +226,34 @@ class AdminClient:
                 failover.reset()
                 return response
             except grpc.RpcError as exc:
-                error = await self._translate(exc, target)
-                not_primary = error.reason == NOT_PRIMARY
-                if not (not_primary or error.code in _NO_ANSWER_CODES):
-                    raise error from exc
-                failures[target] = error.message
-                step = failover.failed(
-                    primary=error.metadata.get(PRIMARY_KEY, "") if not_primary else "",
-                    jitter=random.random(),
-                )
-                if failover.exhausted:
-                    if len(failures) == 1:
-                        raise error from exc
-                    raise CallcreditError(
-                        error.reason,
-                        "; ".join(failures.values()),
-                        error.code,
-                        metadata=error.metadata,
-                    ) from exc
-                await asyncio.sleep(step.delay_seconds)
+                await self._after_failure(exc, target, failures)
+
+    async def _after_failure(
+        self, exc: grpc.RpcError, target: str, failures: dict[str, str]
+    ) -> None:
+        """`target` failed with `exc`: raise it unless another target may answer (NOT_PRIMARY
+        or no answer, attempts left), else wait the backoff; the failover then names the
+        target to try next. `failures` collects why each target failed, for the error."""
+        failover = self._failover
+        error = await self._translate(exc, target)
+        not_primary = error.reason == NOT_PRIMARY
+        if not (not_primary or error.code in _NO_ANSWER_CODES):
+            raise error from exc
+        failures[target] = error.message
+        step = failover.failed(
+            primary=error.metadata.get(PRIMARY_KEY, "") if not_primary else "",
+            jitter=random.random(),
+        )
+        if failover.exhausted:
+            if len(failures) == 1:
+                raise error from exc
+            raise CallcreditError(
+                error.reason,
+                "; ".join(failures.values()),
+                error.code,
+                metadata=error.metadata,
+            ) from exc
+        await asyncio.sleep(step.delay_seconds)
 
     async def _translate(self, exc: grpc.RpcError, target: str) -> CallcreditError:
         """A failed RPC as the error to raise. A failure with no answer from the server
@@ -512,6 +521,11 @@ class AdminClient:
         raises ``CallcreditError`` with ``SLOW_CONSUMER``: reconnect the same way.
         ``since_ms`` (Unix milliseconds) starts at that time instead of a cursor;
         ``stored_only`` ends the stream at the journal's end as of the request.
+
+        Given several targets it follows the primary like every other call: a stream
+        refused NOT_PRIMARY or cut without an answer (the primary died, a takeover) is
+        opened again on the next target, after the last ``cursor`` received, so nothing
+        is missed or repeated across a takeover either.
         """
         request = admin_pb2.WatchEventsRequest(
             after=after,
@@ -522,11 +536,26 @@ class AdminClient:
         )
         if since_ms is not None:
             request.since.FromMilliseconds(since_ms)
-        call = self._stub(self._failover.current).WatchEvents(request, metadata=self._metadata)
-        try:
-            async for response in call:
-                yield response
-        except grpc.RpcError as exc:
-            raise CallcreditError.from_rpc_error(exc) from exc
-        finally:
-            call.cancel()
+        failover = self._failover
+        failover.reset()
+        failures: dict[str, str] = {}  # target -> why it failed last
+        while True:
+            target = failover.current
+            call = self._stub(target).WatchEvents(request, metadata=self._metadata)
+            try:
+                async for response in call:
+                    failover.reset()
+                    failures.clear()
+                    if response.cursor:  # a reconnection resumes after it
+                        request = admin_pb2.WatchEventsRequest(
+                            after=response.cursor,
+                            account_ids=account_ids,
+                            kinds=kinds,
+                            stored_only=stored_only,
+                        )
+                    yield response
+                return  # stored_only: the journal's end as of the request
+            except grpc.RpcError as exc:
+                await self._after_failure(exc, target, failures)
+            finally:
+                call.cancel()

@@ -1,6 +1,7 @@
 """Clients given every server of a hot standby setup follow the primary (issue 11): a
-dialer holding calls rides out a SIGKILLed primary, and the admin CLI finds the primary
-behind a standby. Real `callcredit-server --ha` processes on real PostgreSQL."""
+dialer holding calls rides out a SIGKILLed primary, the admin CLI finds the primary
+behind a standby, and a changefeed stream resumes on the new primary from its cursor.
+Real `callcredit-server --ha` processes on real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from callcredit.admin import AdminClient, RateSpec
 from callcredit.dialer import DialerCall, DialerClient
+from callcredit.v1 import admin_pb2
 from tests.crash.harness import CampaignConfig
 from tests.ha.cluster import HaCluster
 
@@ -100,5 +102,49 @@ def test_the_admin_cli_finds_the_primary_behind_a_standby(pg_url: str, tmp_path:
         for _ in range(2):  # the same key twice: one top-up
             run("topup", "g.a", "500", "--idempotency-key", "g.k")
         assert int(str(run("account", "show", "g.a")["balance"])) == 500
+    finally:
+        cluster.stop()
+
+
+async def test_watch_events_follows_the_primary_across_a_takeover_from_its_cursor(
+    pg_url: str, tmp_path: Path
+) -> None:
+    config = CampaignConfig(database_url=pg_url, workdir=tmp_path, tag="w")
+    cluster = HaCluster(config, lease_seconds=LEASE_SECONDS, renew_seconds=LEASE_SECONDS / 4)
+    try:
+        cluster.start()
+        old = cluster.primary
+        assert old is not None
+        # The standby first: the stream too meets NOT_PRIMARY before it finds the primary.
+        targets = [cluster.target_of(1 - old), cluster.target_of(old)]
+        seen: list[admin_pb2.Event] = []
+        keys = [f"w.k{n}" for n in range(20)]
+        first_half = asyncio.Event()
+
+        async def follow() -> None:
+            async with AdminClient(targets) as watcher:
+                async for response in watcher.watch_events(
+                    account_ids=["w.a"], kinds=[admin_pb2.EVENT_KIND_BALANCE_CHANGED]
+                ):
+                    seen.extend(response.events)
+                    if len(seen) >= len(keys) // 2:
+                        first_half.set()
+                    if len(seen) >= len(keys):
+                        return
+
+        async with AdminClient(targets) as admin:
+            await admin.put_tariff("w.t", "VND", [RateSpec("", 60_000_000)])
+            await admin.create_account("w.a", currency="VND", tariff_id="w.t")
+            follower = asyncio.create_task(follow())
+            for key in keys[:10]:
+                await admin.top_up("w.a", 1, idempotency_key=key, reference=key)
+            await asyncio.wait_for(first_half.wait(), 20)  # the stream is on the old primary
+            await asyncio.to_thread(cluster.kill)
+            for key in keys[10:]:  # on the new primary, once the client finds it
+                await admin.top_up("w.a", 1, idempotency_key=key, reference=key)
+            await asyncio.wait_for(follower, timeout=30)
+        assert await asyncio.to_thread(cluster.wait_for_primary) == 1 - old
+        assert [event.entry.reference for event in seen] == keys  # none missed, none twice
+        assert len({event.event_id for event in seen}) == len(keys)
     finally:
         cluster.stop()
