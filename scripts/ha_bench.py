@@ -12,18 +12,23 @@
 
    each on a fresh schema, warmed up --warmup s, measured --seconds s, drained and
    checked (no balance below zero, nothing held, money out = what releases charged).
+   Besides ops/s and latency, each server's CPU time over the measured seconds per
+   operation (/proc/PID/stat utime + stime: the server process alone, not PostgreSQL's
+   backends nor a snapshot's forked child), which the machine's other load disturbs far
+   less than throughput; with --rounds > 1, the variants alternate and the medians follow.
 2. **Catch-up**: a primary and a standby under the same load; the standby is stopped
    (SIGSTOP) for --stop-seconds while the load goes on, then continued; its log says
    when it has applied the backlog (`standby caught up: N records applied in T s`).
 3. **The takeover's state-sized step** (--takeover-calls N): a new primary's first
-   command, `Takeover`, restarts the validity of every open call and rewrites each one's
-   history row; with N open calls (one per account) journalled in a fresh schema, the
-   apply and the group commit of that one record are timed. The rest of a takeover
+   command, `Takeover`, restarts the validity of every open call in memory (its record
+   writes no history row); with N open calls (one per account) journalled in a fresh
+   schema, the apply and the group commit of that one record are timed. The rest of a takeover
    (the lease's expiry, ending sessions, taking the lease, reading the last records)
    does not grow with the state.
 
     python scripts/ha_bench.py --database-url postgresql+psycopg://postgres@127.0.0.1/cc
     python scripts/ha_bench.py --database-url ... --seconds 10 --stop-seconds 60
+    python scripts/ha_bench.py --database-url ... --seconds 10 --rounds 5 --stop-seconds 0
     python scripts/ha_bench.py --database-url ... --seconds 0 --stop-seconds 0 \\
         --takeover-calls 100000
 """
@@ -33,8 +38,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
 import re
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -61,6 +68,7 @@ from callcredit_server.core import (
 from callcredit_server.journal import Journal, JournalRecord
 from loadtest import bench_compare
 from loadtest.baselines import grpc_drivers
+from loadtest.baselines.procs import process_cpu_seconds
 from loadtest.baselines.workload import DESTINATION, Workload, check
 from tests.ha.cluster import SERVING, health
 
@@ -76,6 +84,8 @@ class Result:
     p50_ms: float
     p99_ms: float
     problems: list[str]
+    primary_cpu_us_per_op: float  # the primary process's CPU time / operations, measured
+    standby_cpu_us_per_op: float  # the same of the standby (0 without one)
 
 
 def server(url: str, folder: Path, ha: bool) -> AbstractContextManager[launch.ServerProcess]:
@@ -122,24 +132,31 @@ async def run_variant(variant: str, options: argparse.Namespace, workdir: Path) 
         folder = workdir / variant
         primary = sync.enter_context(server(url, folder, ha=variant != "plain"))
         await wait_serving(primary.target)
+        pids = [primary.pid]
         if variant == "ha+standby":
-            sync.enter_context(server(url, folder / "standby", ha=True))
+            pids.append(sync.enter_context(server(url, folder / "standby", ha=True)).pid)
         workload, task = await drive(primary.target, accounts, options)
         await bench_compare._settle(task, options.warmup)
+        cpu_before = [process_cpu_seconds([pid]) for pid in pids]
         began = time.monotonic()
         workload.measuring = True
         await bench_compare._settle(task, options.seconds)
         workload.measuring = False
         elapsed = time.monotonic() - began
+        cpu = [process_cpu_seconds([pid]) - b for pid, b in zip(pids, cpu_before, strict=True)]
+        cpu.append(0.0)  # no standby
         workload.stop()
         await asyncio.wait_for(task, 120)
         totals = await grpc_drivers.callcredit_totals(primary.target, accounts, BALANCE)
+    ops = max(workload.measured_ops, 1)
     return Result(
         variant,
         workload.measured_ops / elapsed,
         workload.histogram.quantile_ms(0.50),
         workload.histogram.quantile_ms(0.99),
         check(totals, workload),
+        cpu[0] / ops * 1e6,
+        cpu[1] / ops * 1e6,
     )
 
 
@@ -219,12 +236,23 @@ async def takeover_record(options: argparse.Namespace) -> str:
 
 async def run(options: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="ha-bench-"))
-    print(f"{'variant':<12} {'ops/s':>8} {'p50 ms':>7} {'p99 ms':>7}  check", flush=True)
+    print(f"{'variant':<12} {'ops/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'primary us/op':>13} "
+          f"{'standby us/op':>13}  check  (load average {os.getloadavg()[0]:.1f})",
+          flush=True)  # fmt: skip
+    results: dict[str, list[Result]] = {variant: [] for variant in VARIANTS}
     for variant in VARIANTS * options.rounds if options.seconds else ():
         r = await run_variant(variant, options, workdir / str(uuid.uuid4().hex[:6]))
+        results[variant].append(r)
         check_text = "ok" if not r.problems else "; ".join(r.problems[:3])
-        print(f"{r.variant:<12} {r.ops_per_s:>8,.0f} {r.p50_ms:>7.1f} {r.p99_ms:>7.1f}  "
-              f"{check_text}", flush=True)  # fmt: skip
+        print(f"{r.variant:<12} {r.ops_per_s:>8,.0f} {r.p50_ms:>7.1f} {r.p99_ms:>7.1f} "
+              f"{r.primary_cpu_us_per_op:>13.1f} {r.standby_cpu_us_per_op:>13.1f}  "
+              f"{check_text}  (load average {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+    for variant, rounds in results.items() if options.rounds > 1 and options.seconds else ():
+        print(f"{variant:<12} median of {len(rounds)}: "
+              f"{statistics.median(r.ops_per_s for r in rounds):,.0f} ops/s, primary "
+              f"{statistics.median(r.primary_cpu_us_per_op for r in rounds):.1f} us/op, "
+              f"standby {statistics.median(r.standby_cpu_us_per_op for r in rounds):.1f} us/op",
+              flush=True)  # fmt: skip
     if options.stop_seconds > 0:
         print(await catch_up(options, workdir), flush=True)
     if options.takeover_calls:
