@@ -234,10 +234,10 @@ class HotStandby:
         while await self._tail() == MAX_TAIL_RECORDS:
             pass
         phases.append(("caught up", time.monotonic()))
-        problems = self._machine.audit()
-        if problems:
-            raise InvariantViolation("the tailed state is broken: " + "; ".join(problems))
-        phases.append(("audited", time.monotonic()))
+        # No audit() here: O(accounts), 0.6-0.9 s at 1M accounts on the takeover's path.
+        # The state was audited whole at this server's start (recovery.py), and every
+        # record tailed since was applied with the per-step checks a primary applies it
+        # with, so it is exactly as checked as the old primary's state was.
         self._writer.start(after_seq=self.applied_seq)
         # The writer's first command (queued before its tasks first run): open calls'
         # validity restarts now, before any tick could expire them.
