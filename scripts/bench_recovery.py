@@ -64,7 +64,9 @@ def _commands(accounts: int, open_calls: int, renewals: int) -> list[Command]:
     return out
 
 
-def build(url: str, accounts: int, open_calls: int, renewals: int) -> StateMachine:
+def build(
+    url: str, accounts: int, open_calls: int, renewals: int, *, start_ms: int = START_MS
+) -> StateMachine:
     journal = Journal(url)
     machine = StateMachine()
     started = time.perf_counter()
@@ -74,7 +76,7 @@ def build(url: str, accounts: int, open_calls: int, renewals: int) -> StateMachi
         raise SystemExit(f"{url} already holds a journal; use --reuse or a new --workdir")
     commands = _commands(accounts, open_calls, renewals)
     for n, command in enumerate(commands):
-        at_ms = START_MS + n // 1_000  # a millisecond per thousand records
+        at_ms = start_ms + n // 1_000  # a millisecond per thousand records
         step = machine.apply(command, at_ms)
         if not step.changed:
             raise SystemExit(f"command {n} changed nothing: {command}")
