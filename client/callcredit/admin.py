@@ -59,11 +59,13 @@ DEFAULT_TIMEOUT_SECONDS = 10.0
 
 # With several targets (a primary and hot standbys), a request that meets a standby or
 # no server goes on to the next, each target at most this many times: the first tour
-# at once, then with backoff (callcredit.targets), so a takeover (the lease plus ~2 s)
-# is ridden out within a few seconds.
-ATTEMPTS_PER_TARGET = 4
+# at once, then with backoff (callcredit.targets). With two targets that is 4-8 s of
+# patience, past a takeover at the default 5 s lease; and a backoff of at most 1 s, so
+# the client finds a new primary within a second of its serving (with 2 s it was once
+# 1.8 s late: docs/benchmarks.md, "Hot standby").
+ATTEMPTS_PER_TARGET = 6
 RETRY_BACKOFF_INITIAL_SECONDS = 0.25
-RETRY_BACKOFF_MAX_SECONDS = 2.0
+RETRY_BACKOFF_MAX_SECONDS = 1.0
 
 _NO_ANSWER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # Refusals of the connection itself (no token, the wrong one): the message says which
