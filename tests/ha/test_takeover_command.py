@@ -3,16 +3,22 @@ instant, so the seconds nobody answered their dialers do not expire them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from callcredit_server.codec import decode_command, encode_command
 from callcredit_server.core import (
     CallState,
+    Command,
     Reason,
     StateMachine,
     Takeover,
     TakeoverResult,
     TickResult,
 )
+from callcredit_server.core.machine import Step
 from callcredit_server.core.model import EntryKind
+from callcredit_server.journal import Journal, JournalRecord
+from callcredit_server.recovery import verify
 from tests.core.helpers import VALIDITY_SECONDS, Sim, refusal, state_of
 
 VALIDITY_MS = VALIDITY_SECONDS * 1000
@@ -83,3 +89,41 @@ def test_a_takeover_rebuilds_the_expiry_heap_once_with_only_the_open_calls() -> 
         (restarted_ms, c.call_seq, c.call_id) for c in open_calls
     ]
     assert sim.machine.next_expiry_ms() == restarted_ms
+
+
+class Journalled(Sim):
+    """A Sim that keeps the journal records its changes would be."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[JournalRecord] = []
+
+    def apply(self, command: Command) -> Step:
+        step = super().apply(command)
+        if step.changed:
+            seq = len(self.records) + 1
+            self.records.append(JournalRecord(seq, self.now_ms, command, step.entries, step.calls))
+        return step
+
+
+def test_verify_accepts_an_open_call_whose_row_predates_the_takeover(tmp_path: Path) -> None:
+    """The Takeover writes no call row: the history check of `callcredit-server verify`
+    takes an open call's row with an earlier deadline, never a later one."""
+    sim = Journalled()
+    sim.put_tariff()
+    sim.open_account(balance=1_000)
+    sim.reserve("c")
+    sim.advance(ms=5_000)
+    sim.apply(Takeover(epoch=2))
+    restarted_ms = sim.call("c").expires_at_ms
+    assert restarted_ms is not None
+    with Journal(f"sqlite:///{tmp_path / 'journal.db'}") as journal:
+        journal.append(sim.records)
+        assert verify(journal, None).problems == []
+        row = journal.get_call("c")
+        assert row is not None and row.expires_at_ms == restarted_ms - 5_000
+        sim.top_up(1)  # a record of another change, given a row of the call that is later:
+        late = sim.records[-1]._replace(calls=(row._replace(expires_at_ms=restarted_ms + 1),))
+        journal.append([late])
+        problems = verify(journal, None).problems
+    assert problems == ["call c: history row differs from the replayed call"]
