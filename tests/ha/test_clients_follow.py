@@ -6,10 +6,13 @@ Real `callcredit-server --ha` processes on real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,17 +31,29 @@ CALLS = 3
 TALK_SECONDS = 4  # reported per call at release: 1 đ/s
 
 
-async def test_a_dialer_with_both_targets_rides_out_the_primary_s_death(
-    pg_url: str, tmp_path: Path
-) -> None:
-    config = CampaignConfig(database_url=pg_url, workdir=tmp_path, validity_seconds=20, tag="f")
+@contextlib.contextmanager
+def two_servers(
+    pg_url: str, tmp_path: Path, tag: str, validity_seconds: int | None = None
+) -> Iterator[tuple[HaCluster, int, list[str]]]:
+    """A primary and a standby on one journal: (the cluster, the primary's slot, both
+    targets with the standby first, so every client meets NOT_PRIMARY before the primary)."""
+    config = CampaignConfig(database_url=pg_url, workdir=tmp_path, tag=tag)
+    if validity_seconds is not None:
+        config = dataclasses.replace(config, validity_seconds=validity_seconds)
     cluster = HaCluster(config, lease_seconds=LEASE_SECONDS, renew_seconds=LEASE_SECONDS / 4)
     try:
         cluster.start()
         old = cluster.primary
         assert old is not None
-        # The standby first: every client meets NOT_PRIMARY before it finds the primary.
-        targets = [cluster.target_of(1 - old), cluster.target_of(old)]
+        yield cluster, old, [cluster.target_of(1 - old), cluster.target_of(old)]
+    finally:
+        cluster.stop()
+
+
+async def test_a_dialer_with_both_targets_rides_out_the_primary_s_death(
+    pg_url: str, tmp_path: Path
+) -> None:
+    with two_servers(pg_url, tmp_path, "f", validity_seconds=20) as (cluster, old, targets):
         async with AdminClient(targets) as admin:
             await admin.put_tariff("f.t", "VND", [RateSpec("", 60_000_000)])
             await admin.create_account("f.a", currency="VND", tariff_id="f.t")
@@ -74,19 +89,11 @@ async def test_a_dialer_with_both_targets_rides_out_the_primary_s_death(
         assert account.balance == SEED - CALLS * TALK_SECONDS == results[-1].balance
         assert sum(entry.amount for entry in entries) == account.balance
         assert list(active) == []
-    finally:
-        cluster.stop()
 
 
 def test_the_admin_cli_finds_the_primary_behind_a_standby(pg_url: str, tmp_path: Path) -> None:
-    config = CampaignConfig(database_url=pg_url, workdir=tmp_path, tag="g")
-    cluster = HaCluster(config, lease_seconds=LEASE_SECONDS, renew_seconds=LEASE_SECONDS / 4)
-    try:
-        cluster.start()
-        old = cluster.primary
-        assert old is not None
-        standby_first = f"{cluster.target_of(1 - old)},{cluster.target_of(old)}"
-        env = {**os.environ, "CALLCREDIT_TARGET": standby_first}
+    with two_servers(pg_url, tmp_path, "g") as (_, _, targets):
+        env = {**os.environ, "CALLCREDIT_TARGET": ",".join(targets)}
         cli = [sys.executable, "-m", "callcredit.cli", "--json"]
 
         def run(*args: str) -> dict[str, object]:
@@ -102,21 +109,12 @@ def test_the_admin_cli_finds_the_primary_behind_a_standby(pg_url: str, tmp_path:
         for _ in range(2):  # the same key twice: one top-up
             run("topup", "g.a", "500", "--idempotency-key", "g.k")
         assert int(str(run("account", "show", "g.a")["balance"])) == 500
-    finally:
-        cluster.stop()
 
 
 async def test_watch_events_follows_the_primary_across_a_takeover_from_its_cursor(
     pg_url: str, tmp_path: Path
 ) -> None:
-    config = CampaignConfig(database_url=pg_url, workdir=tmp_path, tag="w")
-    cluster = HaCluster(config, lease_seconds=LEASE_SECONDS, renew_seconds=LEASE_SECONDS / 4)
-    try:
-        cluster.start()
-        old = cluster.primary
-        assert old is not None
-        # The standby first: the stream too meets NOT_PRIMARY before it finds the primary.
-        targets = [cluster.target_of(1 - old), cluster.target_of(old)]
+    with two_servers(pg_url, tmp_path, "w") as (cluster, old, targets):
         seen: list[admin_pb2.Event] = []
         keys = [f"w.k{n}" for n in range(20)]
         first_half = asyncio.Event()
@@ -146,5 +144,3 @@ async def test_watch_events_follows_the_primary_across_a_takeover_from_its_curso
         assert await asyncio.to_thread(cluster.wait_for_primary) == 1 - old
         assert [event.entry.reference for event in seen] == keys  # none missed, none twice
         assert len({event.event_id for event in seen}) == len(keys)
-    finally:
-        cluster.stop()
