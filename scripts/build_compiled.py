@@ -18,6 +18,7 @@ is then what runs, and the message says why.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import sys
@@ -31,6 +32,12 @@ CORE = SERVER / "callcredit_server" / "core"
 # (callcredit_server/core__mypyc.*.so), not at the top of sys.path. Not inside
 # core/: importing it would first import core/__init__, which needs it.
 GROUP = "callcredit_server.core"
+# corebuild.py by its path: importing the package would run its check on the old build.
+_spec = importlib.util.spec_from_file_location("corebuild", CORE.parent / "corebuild.py")
+if _spec is None or _spec.loader is None:
+    raise ImportError(f"cannot load {CORE.parent / 'corebuild.py'}")
+corebuild = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(corebuild)
 
 
 def compiled_files() -> list[Path]:
@@ -45,6 +52,7 @@ def clean() -> None:
     for path in compiled_files():
         path.unlink()
         print(f"removed {path.relative_to(SERVER)}")
+    (CORE / corebuild.DIGEST_FILE).unlink(missing_ok=True)
 
 
 def build() -> int:
@@ -58,6 +66,8 @@ def build() -> int:
         print("no C compiler: the core stays pure Python", file=sys.stderr)
         return 1
     clean()
+    # What is compiled: an edit made during the build leaves the build stale.
+    digest = corebuild.sources_digest(CORE)
     sources = sorted(str(p.relative_to(SERVER)) for p in CORE.glob("*.py"))
     with tempfile.TemporaryDirectory(prefix="callcredit-mypyc-") as work:
         here = Path.cwd()
@@ -75,6 +85,7 @@ def build() -> int:
             return 1
         finally:
             os.chdir(here)
+    (CORE / corebuild.DIGEST_FILE).write_text(digest + "\n", encoding="ascii")
     for path in compiled_files():
         print(f"built {path.relative_to(SERVER)}")
     return 0

@@ -8,3 +8,8 @@ import os
 # first imported, which importing this package before anything else ensures for
 # `callcredit-server`; an embedding process must set it itself.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+# A compiled core built from older sources never runs (corebuild.py).
+from callcredit_server.corebuild import check_core_build
+
+check_core_build()

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from callcredit.dialer import DialerClient
+from tests.conftest import missing_component
 from tests.console.processes import admin_cli, console_process
 from tests.service.processes import server_process
 
@@ -43,9 +44,7 @@ def browser_ready() -> None:
     missing = browser_missing()
     if missing is None:
         return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"browser tests cannot run under CI: {missing}")
-    pytest.skip(missing)
+    missing_component(missing)
 
 
 @pytest.fixture(scope="module")

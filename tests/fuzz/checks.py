@@ -155,5 +155,20 @@ def check_success(
             else:
                 assert ids == sorted(set(ids)) and all(i > request.after_entry_id for i in ids)
             assert all(e.account_id == request.account_id for e in response.entries)
+        case "ListAccounts":
+            assert isinstance(response, A.ListAccountsResponse)
+            names = [a.account_id for a in response.accounts]
+            assert len(names) <= (request.page_size or 100)
+            assert names == sorted(set(names))
+            assert all(n.startswith(request.account_id_prefix) for n in names)
+            for account in response.accounts:
+                check_account(account)
+                assert request.status in (A.ACCOUNT_STATUS_UNSPECIFIED, account.status)
+        case "ListTariffs":
+            assert isinstance(response, A.ListTariffsResponse)
+            names = [t.tariff_id for t in response.tariffs]
+            assert len(names) <= (request.page_size or 100)
+            assert names == sorted(set(names))
+            assert all(0 <= t.rate_count <= 10_000 for t in response.tariffs)
         case _:
             raise AssertionError(f"no check for {rpc}")

@@ -57,8 +57,13 @@ UNARY: dict[str, type[Any]] = {
     "GetCall": A.GetCallRequest,
     "ListCalls": A.ListCallsRequest,
     "ListEntries": A.ListEntriesRequest,
+    "ListAccounts": A.ListAccountsRequest,
+    "ListTariffs": A.ListTariffsRequest,
 }
-READS = {"GetAccount", "GetTariff", "GetCall", "ListCalls", "ListEntries"}
+READS = {
+    "GetAccount", "GetTariff", "GetCall", "ListCalls", "ListEntries", "ListAccounts",
+    "ListTariffs",
+}  # fmt: skip
 DIALER = {"Reserve", "Renew", "Release"}
 
 
@@ -185,7 +190,13 @@ def check_stream(server: ServerThread, requests: list[C.ControlRequest]) -> None
 
     asked = Counter(_echoed(op.request_id) for op in answered)
     got = Counter(o.request_id for o in result.outcomes)
-    assert got == asked, "every operation answered exactly once"
+    if refused_whole == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        # gRPC cuts the whole stream at the oversized message: answers to earlier
+        # messages still committing are lost with it, as on any disconnect (a dialer
+        # re-sends them; operations are idempotent). None may come twice.
+        assert not got - asked, "an operation answered twice, or one never asked"
+    else:
+        assert got == asked, "every operation answered exactly once"
     kinds: dict[str, set[str]] = {}
     for op in answered:
         kinds.setdefault(_echoed(op.request_id), set()).add(op.WhichOneof("op") or "")
@@ -214,7 +225,7 @@ def check_stream(server: ServerThread, requests: list[C.ControlRequest]) -> None
     for termination in result.terminations:
         assert termination.reason == "ACCOUNT_SUSPENDED", termination
     after = server.digest()
-    if all_refused:
+    if all_refused and got == asked:
         assert after == before, "refused operations changed the state"
     assert after[2] == (), f"invariants broken: {after[2]}"
     assert server.serving(), "server not SERVING after Control"

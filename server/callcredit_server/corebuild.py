@@ -1,0 +1,45 @@
+"""Which build of the state machine runs, and a refusal to run a stale compiled one.
+
+`make compiled` (scripts/build_compiled.py) compiles core/*.py with mypyc into
+extension modules beside them, which Python imports before the .py files. A core
+source edited after that build would silently not run: the build records the digest
+of the sources it compiled (core/.compiled-sources), and importing callcredit_server
+refuses a compiled core whose sources have changed since, saying what to run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+CORE = Path(__file__).resolve().parent / "core"
+DIGEST_FILE = ".compiled-sources"  # in core/, written by scripts/build_compiled.py
+
+
+def sources_digest(core: Path = CORE) -> str:
+    """sha256 over the core's .py files, names and contents, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(core.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def stale_reason(compiled: bool, core: Path = CORE) -> str | None:
+    """Why a compiled core must not run (its sources changed since the build), or None."""
+    if not compiled:
+        return None
+    recorded = core / DIGEST_FILE
+    if not recorded.exists():
+        return f"the compiled core has no {DIGEST_FILE}: it predates this check"
+    if recorded.read_text(encoding="ascii").strip() != sources_digest(core):
+        return "the core's sources changed since it was compiled"
+    return None
+
+
+def check_core_build() -> None:
+    """Raise ImportError if the compiled core is stale (run at package import)."""
+    from callcredit_server.core import COMPILED
+
+    reason = stale_reason(COMPILED)
+    if reason is not None:
+        raise ImportError(f"{reason}: run `make compiled` to rebuild it, or `make pure`")
