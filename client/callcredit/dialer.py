@@ -120,9 +120,12 @@ RECONNECT_BACKOFF_INITIAL_SECONDS = 0.05
 """First reconnect delay ceiling; doubled after each stream that ends without a healthy
 answer, reset by one."""
 
-RECONNECT_BACKOFF_MAX_SECONDS = 5.0
+RECONNECT_BACKOFF_MAX_SECONDS = 1.0
 """Reconnect delay ceiling. Calls keep running while the stream is down and expire after
-their validity (120 s by default), so retrying must stay well inside that."""
+their validity (120 s by default), so retrying must stay well inside that; and after a
+takeover the dialer must reach the new primary within a second of it serving (the
+takeover target is the lease + 2 s: docs/operations.md, "Hot standby"). A dialer holds
+one stream, so one attempt a second per dialer is no storm for a restarted server."""
 
 RENEW_MARGIN_SECONDS = 5.0
 """Renew this long before talk time reaches allowed_seconds (at most half of what the grant
