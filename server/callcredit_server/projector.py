@@ -165,6 +165,10 @@ class ProjectorProcess:
         child.stdin.flush()
         self._child = child
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._child is None else self._child.pid
+
     def exited(self) -> int | None:
         """The child's exit code if it exited (None while it runs)."""
         return None if self._child is None else self._child.poll()
