@@ -37,7 +37,9 @@ from callcredit_server.core import COMPILED
 from callcredit_server.handlers import register
 from callcredit_server.journal import Journal
 from callcredit_server.lease import Lease, LeaseSettings, Role
+from callcredit_server.logs import JsonFormatter
 from callcredit_server.metrics import Metrics, parse_listen
+from callcredit_server.projector import FeedPoller, ProjectorProcess
 from callcredit_server.recovery import recover
 from callcredit_server.service import AdminServicer, CreditControlServicer
 from callcredit_server.standby import HotStandby, PrimaryGate, new_owner
@@ -308,6 +310,8 @@ class RunningServer:
     metrics: Metrics | None = None
     standby: HotStandby | None = None  # --ha
     standby_task: asyncio.Task[None] | None = None
+    projector: ProjectorProcess | None = None  # the changefeed's (projector.py)
+    feed_task: asyncio.Task[None] | None = None
 
     async def drain(self, grace_seconds: float) -> None:
         """Health NOT_SERVING, refuse new reserves (UNAVAILABLE), and keep answering
@@ -353,6 +357,11 @@ class RunningServer:
         await self.writer.stop()
         if self.standby is not None:
             await self.standby.stopped()
+        if self.feed_task is not None:
+            self.feed_task.cancel()
+            await asyncio.gather(self.feed_task, return_exceptions=True)
+        if self.projector is not None:
+            await asyncio.to_thread(self.projector.stop)
         self.history.shutdown(wait=True)
         self.journal.close()
         if self.metrics is not None:
@@ -421,9 +430,15 @@ async def start(
     metrics = Metrics()
     writer.observer = metrics
     metrics.watch(writer)
-    feed = Changefeed(await asyncio.to_thread(journal.last_seq))
-    writer.on_durable = feed.publish
+    # The writer builds no events: the projector derives them from the journal.
+    recovered.machine.events = False
+    feed = Changefeed(
+        recovered.snapshot_seq + recovered.replayed,
+        await asyncio.to_thread(journal.projected_through),
+    )
+    writer.on_durable = feed.durable
     writer.on_failure(lambda _: feed.close())
+    metrics.feed = feed
     control = CreditControlServicer(writer, policy, metrics)
     register(server, control, CREDIT_CONTROL_SERVICE, credit_control_pb2)
     admin = AdminServicer(writer, journal, history, metrics, feed)
@@ -450,6 +465,13 @@ async def start(
         writer.start()
     await server.start()
     loop = asyncio.get_running_loop()
+    projector = ProjectorProcess(
+        settings.database_url, snapshot_dir, settings.log_level, _log_format()
+    )
+    projector.start()
+    feed_task = loop.create_task(
+        FeedPoller(journal, feed, history, projector).run(), name="changefeed-poll"
+    )
 
     marking: set[asyncio.Task[None]] = set()
 
@@ -498,8 +520,25 @@ async def start(
         extra={"core_compiled": COMPILED},
     )
     return RunningServer(
-        server, port, writer, journal, health, history, control, metrics, standby, standby_task
+        server,
+        port,
+        writer,
+        journal,
+        health,
+        history,
+        control,
+        metrics,
+        standby,
+        standby_task,
+        projector,
+        feed_task,
     )
+
+
+def _log_format() -> str:
+    """The log format this process was configured with (logs.configure), for its children."""
+    handlers = logging.getLogger().handlers
+    return "json" if any(isinstance(h.formatter, JsonFormatter) for h in handlers) else "text"
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:

@@ -1,18 +1,28 @@
 """The changefeed: the events of durable journal records, handed to WatchEvents streams.
 
-Events come from the state machine (core/events.py) and are stored by the journal in
-the same transaction as their record (events_table, keyed by (seq, index)). A stream
-first reads them back from the database after its cursor, page by page at its own
-pace, then follows live ones: the writer hands each batch of records to `publish` once
-the batch is durable, and `publish` appends the matching events to each follower's
-bounded buffer. Nothing here reads a socket or a clock; service.py runs the stream.
+Events come from the state machine (core/events.py), but not the writer's: the
+projector (projector.py) re-applies the durable journal to its own state machine and
+stores the events in the events table (keyed by (seq, index)) with its watermark,
+`projected_seq`. The server polls that table once for every follower
+(projector.FeedPoller) and hands what is new to `publish`, which appends the matching
+events to each follower's bounded buffer. A stream first reads stored events after its
+cursor, page by page at its own pace, then follows live ones. Nothing here reads a
+socket or a clock; service.py runs the stream.
+
+Two seqs: `durable_seq`, the writer's last durable record (what a client may have
+seen acknowledged), and `projected_seq`, how far the events are stored and published.
+A stream that replays first waits until the projection covers the durable seq of its
+start (service.py), so it replays at least everything acknowledged before it began.
 
 Handing over from the database to live without a gap or a repeat:
 
-1. read pages after the cursor until a short page (the database's end, as of then);
-2. `subscribe` (from now on every durable event reaches the buffer);
-3. read pages once more (events made durable between 1 and 2);
+1. read pages after the cursor up to `projected_seq`;
+2. `subscribe` (from now on every event published reaches the buffer);
+3. read pages once more (events published between 1 and 2);
 4. follow the buffer, skipping events at or before the cursor (those 3 also read).
+
+`publish` moves `projected_seq` with the events it hands over, with no await between,
+so a read up to `projected_seq` and the buffer meet exactly.
 
 The cursor is ``"<seq>.<index>"``: the last event sent. A response that sends no event
 (every event of a page filtered out) still moves the cursor, as ``"<seq>.<MAX>"`` past
@@ -29,7 +39,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from callcredit_server.core.events import Event, EventKind
-from callcredit_server.journal import JournalRecord
 
 MAX_BUFFERED_EVENTS = 10_000  # per follower: beyond it the follower is cut (SLOW_CONSUMER)
 MAX_EVENTS_PER_RESPONSE = 1_000  # per WatchEventsResponse, and rows per database page
@@ -138,30 +147,44 @@ class Follower:
 
 
 class Changefeed:
-    """The followers, and the durable tail they may ask to start from."""
+    """The followers, the writer's durable seq, and how far the events are published."""
 
-    def __init__(self, tail_seq: int) -> None:
-        self.tail_seq = tail_seq  # the last durable record
+    def __init__(self, durable_seq: int, projected_seq: int) -> None:
+        self.durable_seq = durable_seq  # the writer's last durable record
+        self.projected_seq = projected_seq  # events stored and published up to here
         self._followers: set[Follower] = set()
+        self._moved = asyncio.Event()  # set whenever projected_seq moves
 
     @property
     def followers(self) -> int:
         return len(self._followers)
 
-    def publish(self, records: Sequence[JournalRecord]) -> None:
-        """The writer's hook: `records` are durable. O(events x followers), no I/O."""
-        self.tail_seq = records[-1].seq
-        if not self._followers:
-            return
-        events = [
-            FeedEvent(record.seq, index, record.at_ms, event)
-            for record in records
-            for index, event in enumerate(record.events)
-        ]
+    @property
+    def lag(self) -> int:
+        """Durable records whose events are not published yet (a metric)."""
+        return max(self.durable_seq - self.projected_seq, 0)
+
+    def durable(self, seq: int) -> None:
+        """The writer's hook: records up to `seq` are durable. O(1): the writer pays
+        nothing else for the changefeed."""
+        self.durable_seq = seq
+
+    def publish(self, events: Sequence[FeedEvent], through_seq: int) -> None:
+        """The stored events of records up to `through_seq` (after `projected_seq`), in
+        order, to every follower. O(events x followers), no I/O."""
         if events:
             for follower in self._followers:
                 if not follower.cut:
                     follower.offer(events)
+        if through_seq > self.projected_seq:
+            self.projected_seq = through_seq
+            self._moved.set()
+            self._moved = asyncio.Event()
+
+    async def projected(self, seq: int) -> None:
+        """Wait until the events are published through `seq` (the caller bounds it)."""
+        while self.projected_seq < seq:
+            await self._moved.wait()
 
     def subscribe(self, filter: Filter) -> Follower | None:
         """A new follower; None when MAX_FOLLOWERS are following already."""

@@ -88,6 +88,8 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, Dialect, make_url
 
 from callcredit_server.codec import CodecError, decode_command, encode_command
@@ -117,6 +119,7 @@ __all__ = [
     "events_table",
     "journal_table",
     "metadata",
+    "projection_table",
 ]
 
 MAX_RECORDS_PER_APPEND = 50_000  # one transaction; bounds the memory of one append
@@ -165,7 +168,6 @@ class JournalRecord(NamedTuple):
     command: Command
     entries: Sequence[LedgerEntry]  # the step's own lists, never changed after
     calls: Sequence[CallRecord]
-    events: Sequence[Event] = ()  # the changefeed's, stored as events_table rows
 
 
 class StoredEvent(NamedTuple):
@@ -273,9 +275,12 @@ lease_table = Table(
 )
 
 # The changefeed (changefeed.py): the events a record produced, as one row per record
-# with events (a JSON list of core.events images, in order), in the same transaction.
-# One row per record rather than per event: one insert and one key per record keeps
-# the writer's cost down. Kept like entries and calls: a prune of the journal leaves it.
+# with events (a JSON list of core.events images, in order). Written by the projector
+# (projector.py), not the writer: derived from the journal after it is durable, in the
+# projector's own transactions, each with its watermark (projection_table). Written
+# idempotently (a row per seq, ON CONFLICT DO NOTHING), so two projectors, or one
+# redoing records after a restart, store the same rows once. Kept like entries and
+# calls: a prune of the journal leaves it.
 events_table = Table(
     "events",
     metadata,
@@ -283,6 +288,16 @@ events_table = Table(
     Column("at_ms", BigInteger, nullable=False),
     Column("body", Text, nullable=False),
 )
+
+# How far each projection has gone: the journal seq up to which its rows are written
+# (one row, name "events"). Only moves forward.
+projection_table = Table(
+    "projection",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+)
+EVENTS_PROJECTION = "events"
 EVENT_RECORDS_PER_READ = 100  # records per read_events query (each may hold many events)
 
 _CALL_COLUMNS = [c for c in calls_table.c if c.name != "seq"]
@@ -545,8 +560,8 @@ def chain_after(previous: str, seq: int, at_ms: int, kind: str, body: str) -> st
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _Rows, _Rows]:
-    """The journal, entry, call and event rows of a batch, checked before any I/O.
+def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _Rows]:
+    """The journal, entry and call rows of a batch, checked before any I/O.
 
     Seqs must run on without a gap and times must not go back; a call touched
     several times in the batch keeps only its last snapshot (one row per call,
@@ -554,7 +569,6 @@ def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _R
     """
     journal_rows: _Rows = []
     entry_rows: _Rows = []
-    event_rows: _Rows = []
     call_rows: dict[str, tuple[object, ...]] = {}
     previous: JournalRecord | None = None
     for record in records:
@@ -576,11 +590,8 @@ def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _R
         entry_rows.extend(_entry_row(entry, record.seq) for entry in record.entries)
         for call in record.calls:
             call_rows[call.call_id] = _call_row(call, record.seq)  # the last one wins
-        if record.events:
-            body = orjson.dumps([event_image(e) for e in record.events]).decode()
-            event_rows.append((record.seq, record.at_ms, body))
         previous = record
-    return journal_rows, entry_rows, list(call_rows.values()), event_rows
+    return journal_rows, entry_rows, list(call_rows.values())
 
 
 def _insert(connection: Connection, table: Table, rows: _Rows, upsert_key: str = "") -> None:
@@ -785,7 +796,7 @@ class Journal:
         first = records[0]
         span = f"journal seq {first.seq}..{records[-1].seq}"
         with _failing_as(f"preparing {span}"):
-            journal_rows, entry_rows, call_rows, event_rows = _rows(records, span)
+            journal_rows, entry_rows, call_rows = _rows(records, span)
         try:
             with _failing_as(f"append of {span}"), self._writer.begin() as connection:
                 if self._epoch is not None:
@@ -810,8 +821,6 @@ class Journal:
                     _insert(connection, entries_table, entry_rows)
                 if call_rows:
                     _insert(connection, calls_table, call_rows, upsert_key="call_id")
-                if event_rows:
-                    _insert(connection, events_table, event_rows)
         except BaseException:
             self._tail = None  # what reached the database is unknown: read it next time
             raise
@@ -1109,6 +1118,51 @@ class Journal:
                 raise JournalError(f"events of journal seq {row.seq}: {exc}") from exc
         last = int(rows[-1].seq) if rows else None
         return events, last, len(rows) == EVENT_RECORDS_PER_READ
+
+    def project_events(
+        self, events: Sequence[tuple[int, int, Sequence[Event]]], through_seq: int
+    ) -> None:
+        """Store the events of records (seq, at_ms, events), and move the events
+        projection's watermark to `through_seq`, in one transaction (the projector's).
+
+        Idempotent: a record's row already stored is left as it is, and the watermark
+        never goes back, so a projector redoing records, or two at once, is harmless.
+        """
+        self._check_open()
+        rows = [
+            {
+                "seq": seq,
+                "at_ms": at_ms,
+                "body": orjson.dumps([event_image(e) for e in ev]).decode(),
+            }
+            for seq, at_ms, ev in events
+            if ev
+        ]
+        mark = {"name": EVENTS_PROJECTION, "seq": through_seq}
+        with _failing_as("storing events"), self._writer.begin() as connection:
+            if connection.dialect.name not in _NATIVE_UPSERT:
+                raise JournalError(f"events cannot be projected on {connection.dialect.name}")
+            dialect_insert = (
+                postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
+            )
+            if rows:
+                connection.execute(dialect_insert(events_table).on_conflict_do_nothing(), rows)
+            upsert = dialect_insert(projection_table).values(mark)
+            connection.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=[projection_table.c.name],
+                    set_={"seq": upsert.excluded.seq},
+                    where=projection_table.c.seq < upsert.excluded.seq,
+                )
+            )
+
+    def projected_through(self) -> int:
+        """The journal seq up to which the events are stored (0: none projected yet)."""
+        self._check_open()
+        query = select(projection_table.c.seq).where(projection_table.c.name == EVENTS_PROJECTION)
+        with _failing_as("reading the projection"), self._engine.connect() as connection:
+            found = connection.execute(query).scalar()
+        return 0 if found is None else int(found)
 
     def last_seq_before(self, at_ms: int, through_seq: int) -> int:
         """The last record with events before `at_ms`, up to seq `through_seq` (0 if none):

@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 
 from callcredit.v1 import credit_control_pb2
 from callcredit.v1.error_reason_pb2 import ErrorReason
+from callcredit_server.changefeed import Changefeed
 from callcredit_server.core import (
     COMPILED,
     Adjust,
@@ -193,6 +194,7 @@ class Metrics(Collector):
         self._last: WriterGauges | None = None
         self._last_totals: dict[str, CurrencyTotals] = {}
         self._exporter: MetricsServer | None = None
+        self.feed: Changefeed | None = None  # set by app.py
         self.registry.register(self)
         ProcessCollector(registry=self.registry)
 
@@ -387,6 +389,13 @@ class Metrics(Collector):
             "1 when the state machine runs compiled by mypyc, 0 when it runs as pure Python.",
             int(COMPILED),
         )
+        if self.feed is not None:
+            yield GaugeMetricFamily(
+                "callcredit_changefeed_lag_records",
+                "Durable journal records whose events the projector has not stored yet "
+                "(the changefeed lags by this much; it grows if the projector is down).",
+                self.feed.lag,
+            )
         sampled = self._sample()
         if sampled is None:
             return

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from callcredit_server.core import InvariantViolation, StateMachine
+from callcredit_server.core import Command, InvariantViolation, StateMachine, Step
 from callcredit_server.journal import Journal, JournalError
 from callcredit_server.snapshot import (
     SnapshotError,
@@ -40,35 +40,51 @@ class Recovered:
     seconds: float
 
 
+def apply_record(machine: StateMachine, seq: int, at_ms: int, command: Command) -> Step:
+    """Apply journal record `seq` again: a start's replay, a standby's and the
+    projector's tail. A record that changes nothing means memory and journal disagree."""
+    step = machine.apply(command, at_ms)
+    if not step.changed:
+        raise InvariantViolation(f"journal record seq {seq} changed nothing on replay")
+    return step
+
+
 def _apply_all(
     journal: Journal,
     machine: StateMachine,
     after_seq: int,
     each: Callable[[int, StateMachine], None] | None = None,
+    through_seq: int | None = None,
 ) -> int:
     count = 0
     for seq, at_ms, command in journal.replay(after_seq=after_seq):
-        step = machine.apply(command, at_ms)
-        if not step.changed:
-            raise InvariantViolation(f"journal record seq {seq} changed nothing on replay")
+        if through_seq is not None and seq > through_seq:
+            break
+        apply_record(machine, seq, at_ms, command)
         count += 1
         if each is not None:
             each(seq, machine)
     return count
 
 
-def recover(journal: Journal, snapshot_dir: Path | None) -> Recovered:
-    """The state as the journal (and the newest usable snapshot) says it was."""
+def recover(
+    journal: Journal, snapshot_dir: Path | None, through_seq: int | None = None
+) -> Recovered:
+    """The state as the journal (and the newest usable snapshot) says it was; with
+    `through_seq`, as it was at that seq (the projector's restart: it only reads, so
+    it deletes no snapshot)."""
     started = time.perf_counter()
     last_seq = journal.last_seq()
     pruned = journal.pruned_through()
     machine, snapshot_seq = StateMachine(), 0
+    usable_through = last_seq if through_seq is None else min(last_seq, through_seq)
     if snapshot_dir is not None:
-        for path in discard_beyond(snapshot_dir, last_seq):
-            log.warning("deleted snapshot %s: the journal ends before it (a crash)", path)
+        if through_seq is None:
+            for path in discard_beyond(snapshot_dir, last_seq):
+                log.warning("deleted snapshot %s: the journal ends before it (a crash)", path)
         for found in list_snapshots(snapshot_dir):
-            if found.seq > last_seq:
-                continue  # written since we looked (a primary beside a starting standby)
+            if found.seq > usable_through:
+                continue  # past the point wanted, or written since we looked (a primary)
             if found.seq < pruned:
                 break
             try:
@@ -81,7 +97,7 @@ def recover(journal: Journal, snapshot_dir: Path | None) -> Recovered:
             f"the journal was pruned through seq {pruned} and no usable snapshot at or "
             f"after it is in {snapshot_dir}: the state cannot be rebuilt"
         )
-    replayed = _apply_all(journal, machine, snapshot_seq)
+    replayed = _apply_all(journal, machine, snapshot_seq, through_seq=through_seq)
     problems = machine.audit()
     if problems:
         raise InvariantViolation("the rebuilt state is broken: " + "; ".join(problems))

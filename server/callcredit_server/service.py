@@ -528,14 +528,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         writer: Writer,
         journal: Journal,
         history: ThreadPoolExecutor,
-        metrics: Metrics | None = None,
-        feed: Changefeed | None = None,
+        metrics: Metrics,
+        feed: Changefeed,
     ) -> None:
         self._writer = writer
         self._journal = journal
         self._history = history  # threads for database reads, apart from the journal writer
-        self.metrics = metrics if metrics is not None else Metrics()
-        self._feed = feed if feed is not None else Changefeed(journal.last_seq())
+        self.metrics = metrics
+        self._feed = feed
 
     async def _account(
         self, command: Command, context: grpc.aio.ServicerContext[Any, Any]
@@ -795,34 +795,40 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         """Replay the stored events after the cursor, then follow live ones (changefeed.py).
 
         Yields serialized WatchEventsResponse messages: a live event's bytes are made
-        once and shared by every stream that sends it.
+        once and shared by every stream that sends it. A replay first waits (at most
+        PROJECTION_WAIT_SECONDS) until the projector has stored the events of every
+        record durable now: it shows at least what was acknowledged before it began.
         """
         feed = self._feed
         wanted = await self._watch_filter(request, context)
+        durable_seq = feed.durable_seq
         cursor: Cursor = (0, changefeed.END_OF_RECORD)
         if request.from_end:
             if request.after or request.HasField("since") or request.stored_only:
                 await _abort(context, invalid("from_end", "excludes after, since and stored_only"))
-            cursor = (feed.tail_seq, changefeed.END_OF_RECORD)
+            cursor = (durable_seq, changefeed.END_OF_RECORD)
         elif request.HasField("since"):
             if request.after:
                 await _abort(context, invalid("after", "must be empty with since"))
             since = request.since
             if not (0 <= since.seconds <= _MAX_SINCE_SECONDS and 0 <= since.nanos < 10**9):
                 await _abort(context, invalid("since", "must be a time from 1970 to 9999"))
-            at_ms = since.ToMilliseconds()
-            read = functools.partial(self._journal.last_seq_before, at_ms, feed.tail_seq)
-            cursor = (await self._history_read(read, context), changefeed.END_OF_RECORD)
         elif request.after:
             parsed = changefeed.parse_cursor(request.after)
             if parsed is None:
                 await _abort(context, invalid("after", "is not a cursor this server gave"))
-            if parsed[0] > feed.tail_seq:
+            if parsed[0] > durable_seq:
                 await _abort(
-                    context, invalid("after", f"is beyond the journal's end (seq {feed.tail_seq})")
+                    context, invalid("after", f"is beyond the journal's end (seq {durable_seq})")
                 )
             cursor = parsed
-        through_seq = feed.tail_seq if request.stored_only else None
+        if not request.from_end:
+            await self._projected(durable_seq, context)
+        if request.HasField("since"):
+            at_ms = request.since.ToMilliseconds()
+            read = functools.partial(self._journal.last_seq_before, at_ms, durable_seq)
+            cursor = (await self._history_read(read, context), changefeed.END_OF_RECORD)
+        through_seq = durable_seq if request.stored_only else None
         async for response, read_to in self._stored_events(cursor, wanted, context, through_seq):
             yield response
             cursor = read_to
@@ -855,6 +861,22 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         finally:
             feed.unsubscribe(follower)
 
+    async def _projected(self, seq: int, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Wait until the changefeed's events are stored through `seq`; UNAVAILABLE after
+        PROJECTION_WAIT_SECONDS (the projector is down or far behind)."""
+        try:
+            async with asyncio.timeout(PROJECTION_WAIT_SECONDS):
+                await self._feed.projected(seq)
+        except TimeoutError:
+            await _abort(
+                context,
+                unavailable(
+                    f"the changefeed's projector has stored events through seq "
+                    f"{self._feed.projected_seq} only, and the journal is at {seq} "
+                    f"(waited {PROJECTION_WAIT_SECONDS:.0f} s): it is down or behind; retry"
+                ),
+            )
+
     async def _watch_filter(
         self, request: admin_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Filter:
@@ -885,16 +907,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         through_seq: int | None = None,
     ) -> AsyncIterator[tuple[bytes, Cursor]]:
         """The stored events after `cursor`, in responses of at most 1,000, until the end
-        (the writer's tail as each page is read, or `through_seq`).
+        (what is published as each page is read, or `through_seq`).
 
         The last response of each page read carries the cursor past the page's last
-        record, events or not, so that a narrow filter need not rescan what it left out.
+        record, events or not, so that a narrow filter need not rescan what it left out
+        (spelled as the last event's id when that event is in the response).
         """
         limit = changefeed.MAX_EVENTS_PER_RESPONSE
         while True:
             seq, index = cursor
-            # Only what the writer has published: durable, and never beyond its tail.
-            through = self._feed.tail_seq if through_seq is None else through_seq
+            # Only what is published: the live buffer takes over from there.
+            through = self._feed.projected_seq if through_seq is None else through_seq
             read = functools.partial(self._journal.read_events, seq, index, through)
             stored, last, more = await self._history_read(read, context)
             if last is None:
@@ -908,12 +931,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             for chunk in chunks[:-1]:
                 cursor = chunk[-1].cursor
                 yield _events_response(chunk, cursor), cursor
-            cursor = (last, changefeed.END_OF_RECORD)
+            end = (last, stored[-1].idx) if stored else None  # the page's last event
+            if matched and matched[-1].cursor == end:
+                cursor = matched[-1].cursor  # sent: its id is the same place as (last, END)
+            else:
+                cursor = (last, changefeed.END_OF_RECORD)
             yield _events_response(chunks[-1], cursor), cursor
             if not more:
                 return
 
 
+PROJECTION_WAIT_SECONDS = 5.0  # a replay waits this long for the projector to catch up
 _MAX_SINCE_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the end of Timestamp's range
 
 # WatchEventsResponse on the wire: field 1 (events) and field 2 (cursor), length-delimited.

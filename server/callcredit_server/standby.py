@@ -37,6 +37,7 @@ from callcredit_server.core import InvariantViolation, StateMachine, Takeover
 from callcredit_server.errors import not_primary
 from callcredit_server.journal import Journal, JournalError
 from callcredit_server.lease import Action, Lease, LeaseRow, Role
+from callcredit_server.recovery import apply_record
 from callcredit_server.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -218,8 +219,7 @@ class HotStandby:
         records = await asyncio.to_thread(self._journal.tail, after, MAX_TAIL_RECORDS)
         machine = self._machine
         for seq, at_ms, command in records:
-            if not machine.apply(command, at_ms).changed:
-                raise InvariantViolation(f"journal record seq {seq} changed nothing on replay")
+            apply_record(machine, seq, at_ms, command)
             self.applied_seq = seq
         return len(records)
 

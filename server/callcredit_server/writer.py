@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from callcredit_server.core import Command, Outcome, Push, StateMachine, Tick
-from callcredit_server.journal import Journal, JournalRecord
+from callcredit_server.journal import Journal
 from callcredit_server.snapshot import discard_older, fork_snapshot, publish_snapshot
 from callcredit_server.writer_core import AccountFilter, WriterCore
 
@@ -135,8 +135,8 @@ class Writer:
         self._snapshot_child: asyncio.Task[None] | None = None
         self.snapshot_stall_seconds_max = 0.0  # the longest pause a snapshot caused the writer
         self.observer: WriterObserver | None = None  # metrics, set by app.py
-        # The changefeed (app.py): told of each batch of records once it is durable.
-        self.on_durable: Callable[[Sequence[JournalRecord]], None] | None = None
+        # The changefeed (app.py): told the last seq of each batch once it is durable.
+        self.on_durable: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -277,7 +277,7 @@ class Writer:
                     for reply in self._core.durable(records[-1].seq):
                         _release(reply)
                     if self.on_durable is not None:
-                        self.on_durable(records)
+                        self.on_durable(records[-1].seq)
                     self._committed.set()
                     self._maybe_snapshot()
         except asyncio.CancelledError:

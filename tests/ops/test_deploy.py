@@ -110,6 +110,7 @@ async def test_an_empty_database_gets_its_tables_on_the_first_start(
         "journal_lease",
         "journal_meta",
         "ledger_entries",
+        "projection",
     ]
 
 

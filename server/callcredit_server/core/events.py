@@ -2,9 +2,11 @@
 
 Events are part of a `Step`, emitted by the state machine at the moment each change
 happens, so they are a function of (state, time, command) like the rest of the step:
-replaying the journal yields the same events in the same order. The writer numbers
-them `(seq, index)` (the journal record, and the place among its events), which is
-the changefeed's cursor and each event's id.
+replaying the journal yields the same events in the same order. That is how they are
+made in the server: the writer's machine runs with events off (`StateMachine(events=
+False)`), and the projector (projector.py) replays the durable journal with them on.
+Each is numbered `(seq, index)` (the journal record, and the place among its events),
+which is the changefeed's cursor and the event's id.
 
 Each event carries the account just after its change (`AccountView`), burn rate
 (`burn_micros`: the sum of its open calls' prices per minute) included.
@@ -75,7 +77,7 @@ def new_event(
 
 
 # ------------------------------------------------------------------ images
-# Events are stored in the journal (one row each) as these JSON-able lists: every
+# Events are stored in the events table (a row per record) as these JSON-able lists: every
 # field spelled out in a fixed order, so a refactor cannot silently change them.
 
 EVENT_IMAGE_FORMAT = 1

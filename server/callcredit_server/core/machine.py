@@ -88,7 +88,7 @@ class Step(NamedTuple):
     entries: list[LedgerEntry]
     calls: list[CallRecord]
     pushes: list[Push]
-    events: list[Event]  # in the order they happened
+    events: list[Event]  # in the order they happened; empty if the machine's events are off
 
 
 class _KeyRecord(NamedTuple):
@@ -122,7 +122,11 @@ class StateMachine:
         super().__init_subclass__(**kwargs)
         cls._handlers = _handlers_of(cls)
 
-    def __init__(self) -> None:
+    def __init__(self, *, events: bool = True) -> None:
+        # Build each step's events (core/events.py)? The changefeed's projector does;
+        # the primary's writer does not (its steps' `events` stay empty): the events are
+        # derived from the journal off its path (projector.py). Set before any apply.
+        self.events = events
         self.accounts: dict[str, Account] = {}
         self.tariffs: dict[str, Tariff] = {}
         # Open calls, and ended ones still within the reconciliation window.
@@ -233,7 +237,8 @@ class StateMachine:
         self.accounts[c.account_id] = account
         self._touch(account)
         view = account.view()
-        self._events.append(new_event(EventKind.ACCOUNT_CREATED, view, None, None, None))
+        if self.events:
+            self._events.append(new_event(EventKind.ACCOUNT_CREATED, view, None, None, None))
         return AccountResult(view)
 
     def _update_account(self, c: UpdateAccount) -> Outcome:
@@ -293,6 +298,7 @@ class StateMachine:
                 grew = resumed = True
         if updated:
             self._changed = True
+        if updated and self.events:
             self._events.append(
                 new_event(
                     EventKind.ACCOUNT_UPDATED,
@@ -754,10 +760,14 @@ class StateMachine:
             self.now_ms,
         )
         self._entries.append(entry)
-        self._events.append(new_event(EventKind.BALANCE_CHANGED, account.view(), entry, None, None))
+        if self.events:
+            self._events.append(
+                new_event(EventKind.BALANCE_CHANGED, account.view(), entry, None, None)
+            )
 
     def _call_event(self, kind: EventKind, account: Account, call: Call) -> None:
-        self._events.append(new_event(kind, account.view(), None, call.record(), None))
+        if self.events:
+            self._events.append(new_event(kind, account.view(), None, call.record(), None))
 
     def _cross_thresholds(self) -> None:
         """LOW_BALANCE or BALANCE_RESTORED for each touched account that crossed (events.py)."""
@@ -773,7 +783,8 @@ class StateMachine:
                 kind = EventKind.LOW_BALANCE
             else:
                 continue
-            self._events.append(new_event(kind, account.view(), None, None, None))
+            if self.events:  # the crossing is state (Account.low) either way
+                self._events.append(new_event(kind, account.view(), None, None, None))
 
     def _check_step(self) -> None:
         """The invariants, checked on what the step touched (O(touched), not O(state)).

@@ -1,0 +1,249 @@
+"""The changefeed's projector: the events of the durable journal, off the writer's path.
+
+The journal is deterministic: re-applying its commands to a state machine reproduces
+every step, its events included. So the primary's writer builds no events (its state
+machine runs with `events=False`) and stores none; the projector, a separate process
+(`python -m callcredit_server.projector`, started by `callcredit-server` as its child),
+tails the journal every `POLL_SECONDS` (at most `MAX_RECORDS_PER_STEP` records per read,
+applied with the standby's own `apply_record`), applies the records to its own state
+machine with events on, and stores their events (journal.project_events) with its
+watermark, `projected_through`, in one transaction of its own per read. Its CPU is not
+the server's.
+
+Restart: it rebuilds its state at its watermark as a start does (the newest snapshot
+at or before it, then the journal: recovery.recover) and goes on from there. Writes
+are idempotent by seq and the watermark only moves forward, so a projector that
+redoes records, or two at once (each server of a hot-standby pair runs one), store
+each record's events once. Nothing acknowledged, and no recovery, depends on it: if it
+dies or lags, the feed lags (`callcredit_changefeed_lag_records`), nothing else.
+
+The child dies with the server: it reads its settings from its stdin, then waits
+for that pipe's end, which comes when the server closes it or dies (even by SIGKILL),
+and exits at once. The server restarts a child that exited, after RESTART_SECONDS.
+
+The server's side (`FeedPoller`): one task per server reads the watermark every
+`FEED_POLL_SECONDS` and, while streams follow, the events up to it, and hands them to
+the changefeed (changefeed.py) once for every follower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import Executor
+from pathlib import Path
+
+import orjson
+
+from callcredit_server import logs
+from callcredit_server.changefeed import END_OF_RECORD, Changefeed, FeedEvent
+from callcredit_server.core import InvariantViolation, StateMachine
+from callcredit_server.journal import Journal, JournalError
+from callcredit_server.recovery import apply_record, recover
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.05  # the projector reads new journal records this often (at once while behind)
+MAX_RECORDS_PER_STEP = 2_000  # records applied and stored per transaction
+ERROR_PAUSE_SECONDS = 1.0  # after a database error, the projector waits this long
+FEED_POLL_SECONDS = 0.05  # the server reads the watermark (and new events) this often
+RESTART_SECONDS = 1.0  # a projector child that exited is started again after this
+STOP_TIMEOUT_SECONDS = 5.0  # a child that has not exited this long after its pipe closed is killed
+
+
+class Projector:
+    """The journal's records after `applied_seq`, applied to `machine`, their events stored."""
+
+    def __init__(self, journal: Journal, machine: StateMachine, applied_seq: int) -> None:
+        if not machine.events:
+            raise ValueError("the projector's state machine must build events")
+        self._journal = journal
+        self._machine = machine
+        self.applied_seq = applied_seq  # the last record applied, and its events stored
+
+    def step(self) -> int:
+        """Project the records after applied_seq: one bounded read, one transaction;
+        how many there were."""
+        records = self._journal.tail(self.applied_seq, MAX_RECORDS_PER_STEP)
+        if not records:
+            return 0
+        machine = self._machine
+        projected = [
+            (seq, at_ms, apply_record(machine, seq, at_ms, command).events)
+            for seq, at_ms, command in records
+        ]
+        self._journal.project_events(projected, records[-1][0])
+        self.applied_seq = records[-1][0]
+        return len(records)
+
+
+def open_projector(journal: Journal, snapshot_dir: Path | None) -> Projector:
+    """The projector at its watermark: the state rebuilt as it was at that seq."""
+    watermark = journal.projected_through()
+    try:
+        recovered = recover(journal, snapshot_dir, through_seq=watermark)
+    except JournalError as exc:  # pruned beyond the watermark: those events are lost
+        recovered = recover(journal, snapshot_dir, through_seq=None)
+        log.error(
+            "the events after seq %d cannot be derived (%s): projecting from seq %d on",
+            watermark,
+            exc,
+            recovered.snapshot_seq + recovered.replayed,
+        )
+    applied = recovered.snapshot_seq + recovered.replayed
+    log.info("projector: events stored through seq %d, state rebuilt at %d", watermark, applied)
+    return Projector(journal, recovered.machine, applied)
+
+
+def run(journal: Journal, snapshot_dir: Path | None, stop: threading.Event) -> None:
+    """Project until `stop` is set. A database error pauses it; a broken state ends it."""
+    projector = open_projector(journal, snapshot_dir)
+    while not stop.is_set():
+        try:
+            applied = projector.step()
+        except JournalError as exc:
+            log.warning("projector: %s", exc)
+            stop.wait(ERROR_PAUSE_SECONDS)
+            continue
+        if applied < MAX_RECORDS_PER_STEP:
+            stop.wait(POLL_SECONDS)
+
+
+def main() -> None:
+    """The child process: settings on stdin as one JSON line, then project until the
+    pipe ends (the server closed it, or died)."""
+    settings = orjson.loads(sys.stdin.buffer.readline())
+    logs.configure(settings["log_level"], settings["log_format"])
+    stop = threading.Event()
+
+    def watch_pipe() -> None:
+        sys.stdin.buffer.read()  # returns at the pipe's end
+        os._exit(0)  # a transaction in flight is rolled back; it is redone on restart
+
+    threading.Thread(target=watch_pipe, name="parent-pipe", daemon=True).start()
+    snapshot_dir = Path(settings["snapshot_dir"]) if settings["snapshot_dir"] else None
+    try:
+        with Journal(settings["database_url"]) as journal:
+            run(journal, snapshot_dir, stop)
+    except (JournalError, InvariantViolation) as exc:
+        log.critical("projector stopped: %s", exc)
+        sys.exit(1)
+
+
+# ------------------------------------------------------------ the server's side
+
+
+class ProjectorProcess:
+    """The projector child of one server: started, restarted if it exits, stopped."""
+
+    def __init__(
+        self, database_url: str, snapshot_dir: Path, log_level: str, log_format: str
+    ) -> None:
+        self._settings = orjson.dumps(
+            {
+                "database_url": database_url,
+                "snapshot_dir": str(snapshot_dir),
+                "log_level": log_level,
+                "log_format": log_format,
+            }
+        )
+        self._child: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "callcredit_server.projector"], stdin=subprocess.PIPE
+        )
+        if child.stdin is None:
+            raise RuntimeError("the projector's stdin is not a pipe")
+        child.stdin.write(self._settings + b"\n")  # the URL stays out of the process list
+        child.stdin.flush()
+        self._child = child
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._child is None else self._child.pid
+
+    def exited(self) -> int | None:
+        """The child's exit code if it exited (None while it runs)."""
+        return None if self._child is None else self._child.poll()
+
+    def restart(self) -> None:
+        self.restarts += 1
+        self.start()
+
+    def stop(self) -> None:
+        """Close its pipe (it exits), wait a little, then kill it. Blocking."""
+        child, self._child = self._child, None
+        if child is None:
+            return
+        if child.stdin is not None:
+            with contextlib.suppress(OSError):
+                child.stdin.close()
+        try:
+            child.wait(STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+class FeedPoller:
+    """The server's one poll of the events table, shared by every follower."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        feed: Changefeed,
+        reads: Executor,
+        process: ProjectorProcess | None,
+    ) -> None:
+        self._journal = journal
+        self._feed = feed
+        self._reads = reads  # the history threads: database reads off the event loop
+        self._process = process
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        restart_at: float | None = None
+        while True:
+            await asyncio.sleep(FEED_POLL_SECONDS)
+            process = self._process
+            if process is not None:
+                code = process.exited() if restart_at is None else None
+                if code is not None:
+                    log.error("the projector exited (code %d); restarting it", code)
+                    restart_at = loop.time() + RESTART_SECONDS
+                if restart_at is not None and loop.time() >= restart_at:
+                    restart_at = None
+                    process.restart()
+            try:
+                await self.poll()
+            except JournalError as exc:
+                log.warning("changefeed: cannot read the events: %s", exc)
+                await asyncio.sleep(ERROR_PAUSE_SECONDS)
+
+    async def poll(self) -> None:
+        """Publish what the projector stored since the last poll, page by page."""
+        loop = asyncio.get_running_loop()
+        feed = self._feed
+        through = await loop.run_in_executor(self._reads, self._journal.projected_through)
+        while feed.projected_seq < through:
+            if not feed.followers:
+                feed.publish((), through)  # nobody to hand events to: no read
+                return
+            after = feed.projected_seq
+            read = self._journal.read_events
+            stored, last, more = await loop.run_in_executor(
+                self._reads, read, after, END_OF_RECORD, through
+            )
+            events = [FeedEvent(e.seq, e.idx, e.at_ms, e.event) for e in stored]
+            feed.publish(events, last if more and last is not None else through)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""The projector: the events derived from the durable journal, off the writer's path."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from callcredit_server import projector
+from callcredit_server.core import Command, CreateAccount, PutTariff, Release, StateMachine, TopUp
+from callcredit_server.core.events import Event
+from callcredit_server.core.model import Tariff
+from callcredit_server.journal import Journal, JournalRecord
+from tests.changefeed.test_watch import collect, top_ups, watch
+from tests.core.helpers import fingerprint_of, rate, reserve
+from tests.service.conftest import Harness
+from tests.service.processes import server_process
+
+
+def workload(count: int) -> list[tuple[int, Command]]:
+    """(at_ms, command): a tariff, an account with a threshold, then calls and top-ups."""
+    rng = random.Random(13)
+    now_ms = 1_000
+    commands: list[tuple[int, Command]] = [
+        (now_ms, PutTariff(Tariff("T", "VND", (rate(),)))),
+        (now_ms, CreateAccount("A", "VND", "T", 0, 0, 1_900)),
+        (now_ms, TopUp("A", 2_000, "seed", "")),
+    ]
+    open_calls: list[str] = []
+    for i in range(count):
+        now_ms += rng.randrange(0, 3_000)
+        if rng.random() < 0.45 or not open_calls:
+            commands.append((now_ms, reserve(f"c{i}")))
+            open_calls.append(f"c{i}")
+        elif rng.random() < 0.8:
+            call_id = open_calls.pop(rng.randrange(len(open_calls)))
+            commands.append((now_ms, Release(call_id, rng.randrange(30))))
+        else:
+            commands.append((now_ms, TopUp("A", rng.randrange(1, 120), f"k{i}", "")))
+    return commands
+
+
+def write_journal(journal: Journal, commands: list[tuple[int, Command]]) -> list[list[Event]]:
+    """Append `commands` as the writer does (events off); the events of each record, as a
+    machine with events on makes them."""
+    writer, reference = StateMachine(events=False), StateMachine()
+    records: list[JournalRecord] = []
+    expected: list[list[Event]] = []
+    for at_ms, command in commands:
+        step = writer.apply(command, at_ms)
+        assert step.events == []
+        if step.changed:
+            records.append(
+                JournalRecord(len(records) + 1, at_ms, command, step.entries, step.calls)
+            )
+            expected.append(reference.apply(command, at_ms).events)
+    assert fingerprint_of(writer) == fingerprint_of(reference)  # the same state either way
+    journal.append(records)
+    return expected
+
+
+def stored(journal: Journal) -> list[list[Event]]:
+    """Every stored event, grouped by record, with [] for a record without events."""
+    by_seq: dict[int, list[Event]] = {}
+    seq, index, more = 0, 0, True
+    while more:
+        events, last, more = journal.read_events(seq, index, journal.last_seq())
+        for e in events:
+            by_seq.setdefault(e.seq, []).append(e.event)
+        if last is None:
+            break
+        seq, index = last, 2**31 - 1
+    return [by_seq.get(s, []) for s in range(1, journal.last_seq() + 1)]
+
+
+def test_the_projection_resumes_from_its_watermark_and_is_idempotent(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(projector, "MAX_RECORDS_PER_STEP", 70)
+    with Journal(database_url) as journal:
+        expected = write_journal(journal, workload(300))
+        assert sum(map(len, expected)) > 300
+        first = projector.open_projector(journal, tmp_path / "snapshots")
+        assert (first.step(), first.step()) == (70, 70)
+        assert journal.projected_through() == 140
+        # A restart: the state rebuilt at the watermark, then on from there.
+        again = projector.open_projector(journal, tmp_path / "snapshots")
+        assert again.applied_seq == 140
+        while again.step():
+            pass
+        assert journal.projected_through() == journal.last_seq() == len(expected)
+        assert stored(journal) == expected
+        # Redoing records (a second projector, or one behind): nothing twice, and the
+        # watermark does not go back.
+        late = projector.Projector(journal, StateMachine(), 0)
+        late.step()
+        assert journal.projected_through() == len(expected)
+        assert stored(journal) == expected
+
+
+def test_the_projector_refuses_a_machine_without_events(database_url: str) -> None:
+    with Journal(database_url) as journal, pytest.raises(ValueError, match="events"):
+        projector.Projector(journal, StateMachine(events=False), 0)
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone but for its exit status.
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"
+
+
+def test_a_server_killed_with_sigkill_leaves_no_projector_running(tmp_path: Path) -> None:
+    with server_process(f"sqlite:///{tmp_path / 'journal.db'}") as (process, _):
+        (child,) = children(process.pid)
+        assert "callcredit_server.projector" in Path(f"/proc/{child}/cmdline").read_text()
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        deadline = time.monotonic() + 5
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(child)
+
+
+async def test_a_killed_projector_is_restarted_and_the_feed_goes_on(harness: Harness) -> None:
+    h = harness
+    await h.funded_account("acme", 100)
+    feed = watch(h)
+    await collect(feed, 2)
+    process = h.running.projector
+    assert process is not None and process.pid is not None
+    old = process.pid
+    os.kill(old, signal.SIGKILL)
+    live = asyncio.ensure_future(collect(feed, 3))
+    await top_ups(h, "acme", 0, 3)
+    more, _ = await live
+    feed.cancel()
+    assert [e.account.balance for e in more] == [101, 102, 103]
+    assert process.pid not in (None, old) and process.restarts == 1
+
+
+async def test_a_replay_waits_for_the_projector_then_says_it_is_behind(harness: Harness) -> None:
+    h = harness
+    await h.funded_account("acme", 100)
+    process = h.running.projector
+    assert process is not None
+    await asyncio.to_thread(process.stop)  # not restarted: it was stopped, not lost
+    await top_ups(h, "acme", 0, 1)
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async with asyncio.timeout(20):
+            async for _ in watch(h):
+                pass
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "projector" in (caught.value.details() or "")
+    assert time.monotonic() - started >= 4.5
+    # Following from the end needs no replay: it is accepted, and waits for events.
+    tail = watch(h, from_end=True)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await tail.read()
+    tail.cancel()
