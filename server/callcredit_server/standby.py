@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 
 from callcredit_server.auth import OPEN_SERVICES, Continuation, refusing
-from callcredit_server.core import InvariantViolation, StateMachine, Takeover
+from callcredit_server.core import StateMachine, Takeover
 from callcredit_server.errors import not_primary
 from callcredit_server.journal import Journal, JournalError
 from callcredit_server.lease import Action, Lease, LeaseRow, Role
