@@ -327,10 +327,14 @@ def prune_command(
     """Delete the journal records that the newest valid snapshot covers.
 
     Start-up then replays from that snapshot, so it must stay: keep the snapshot
-    folder with the database (backups included). Safe while the server runs.
+    folder with the database (backups included). Safe while the server runs. Never
+    past the changefeed's projection: the events of records it has not projected yet
+    are derived from those records (and the projector restarts from a snapshot at or
+    before its watermark), so only snapshots at or before the watermark count.
     """
     with _open(database_url) as journal:
         directory = _snapshot_dir(database_url, snapshot_dir, journal)
+        projected = journal.projected_through()
         covered = 0
         for found in list_snapshots(directory):
             try:
@@ -338,12 +342,13 @@ def prune_command(
             except SnapshotError as exc:
                 typer.echo(f"skipping damaged snapshot: {exc}", err=True)
                 continue
-            if covered <= journal.last_seq():
+            if covered <= min(journal.last_seq(), projected):
                 break
             covered = 0
         already = journal.pruned_through()
         if covered <= already:
-            typer.echo(f"nothing to prune: no valid snapshot beyond seq {already} in {directory}")
+            typer.echo(f"nothing to prune: no valid snapshot beyond seq {already} and at or "
+                       f"before the changefeed's projection (seq {projected}) in {directory}")  # fmt: skip
             return
         if not yes:
             typer.echo(f"would prune seq {already + 1}..{covered} (snapshot in {directory}); "

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from typer.testing import CliRunner
 
-from callcredit_server import projector
+from callcredit_server import cli, projector
 from callcredit_server.core import Command, CreateAccount, PutTariff, Release, StateMachine, TopUp
 from callcredit_server.core.events import Event
 from callcredit_server.core.model import Tariff
 from callcredit_server.journal import Journal, JournalRecord
+from callcredit_server.snapshot import write_snapshot
 from tests.changefeed.test_watch import collect, top_ups, watch
 from tests.core.helpers import fingerprint_of, rate, reserve
 from tests.service.conftest import Harness
@@ -175,3 +177,40 @@ async def test_a_replay_waits_for_the_projector_then_says_it_is_behind(harness: 
         async with asyncio.timeout(0.5):
             await tail.read()
     tail.cancel()
+
+
+def test_prune_never_goes_past_the_projection(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot beyond the projector's watermark does not count for `prune`: the
+    records the projector has yet to read must stay."""
+    monkeypatch.setattr(projector, "MAX_RECORDS_PER_STEP", 70)
+    commands = workload(300)
+    root = tmp_path / "snapshots"
+    with Journal(database_url) as journal:
+        expected = write_journal(journal, commands)
+        snapshots = root / journal.journal_id  # the server's folder for this journal
+        machine, seq = StateMachine(events=False), 0
+        for at_ms, command in commands:
+            if machine.apply(command, at_ms).changed:  # a refused command is no record
+                seq += 1
+                if seq in (100, 200):
+                    write_snapshot(snapshots, seq, machine.image(), at_ms)
+        assert journal.last_seq() == seq > 200
+        first = projector.open_projector(journal, snapshots)
+        while journal.projected_through() < 140:
+            first.step()
+        assert journal.projected_through() < 200
+
+        def prune() -> str:
+            args = ["prune", "--yes", "--database-url", database_url]
+            result = CliRunner().invoke(cli.app, [*args, "--snapshot-dir", str(root)])
+            assert result.exit_code == 0, result.output
+            return result.output
+
+        assert "pruned 100 journal records through seq 100" in prune()
+        assert "changefeed's projection" in prune()  # 200 is beyond it: nothing more
+        while first.step():
+            pass
+        assert "pruned 100 journal records through seq 200" in prune()
+        assert stored(journal) == expected
