@@ -347,8 +347,10 @@ def prune_command(
             covered = 0
         already = journal.pruned_through()
         if covered <= already:
-            typer.echo(f"nothing to prune: no valid snapshot beyond seq {already} and at or "
-                       f"before the changefeed's projection (seq {projected}) in {directory}")  # fmt: skip
+            typer.echo(
+                f"nothing to prune: no valid snapshot beyond seq {already} and at or "
+                f"before the changefeed's projection (seq {projected}) in {directory}"
+            )
             return
         if not yes:
             typer.echo(f"would prune seq {already + 1}..{covered} (snapshot in {directory}); "
