@@ -261,11 +261,12 @@ async def _read(
         await _abort(context, unavailable(str(exc)))
 
 
-def _live(machine: StateMachine, calls: list[CallRecord]) -> list[CallRecord]:
+def _live(machine: StateMachine, calls: list[CallRecord], active_only: bool) -> list[CallRecord]:
     """History rows with each open one replaced by the call as memory holds it now.
 
     An open call's row holds the deadline of its last Reserve or Renew: a `Takeover`
     restarts every open call's validity in memory only (one journal record, no row).
+    With `active_only`, a call that ended since its row was read is left out.
     """
     live = []
     for call in calls:
@@ -273,7 +274,8 @@ def _live(machine: StateMachine, calls: list[CallRecord]) -> list[CallRecord]:
             held = machine.calls.get(call.call_id)
             if held is not None and held.call_seq == call.call_seq:
                 call = held.record()
-        live.append(call)
+        if call.state is CallState.ACTIVE or not active_only:
+            live.append(call)
     return live
 
 
@@ -699,7 +701,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         token = str(calls[limit - 1].call_seq) if len(calls) > limit else ""
         page = calls[:limit]
         if any(c.state is CallState.ACTIVE for c in page):
-            page = await _read(self._writer, lambda m: _live(m, page), context)
+            page = await _read(self._writer, lambda m: _live(m, page, request.active_only), context)
         return admin_pb2.ListCallsResponse(
             calls=[convert.call_pb(c) for c in page], next_page_token=token
         )

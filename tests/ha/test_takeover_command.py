@@ -19,6 +19,7 @@ from callcredit_server.core.machine import Step
 from callcredit_server.core.model import EntryKind
 from callcredit_server.journal import Journal, JournalRecord
 from callcredit_server.recovery import verify
+from callcredit_server.service import _live
 from tests.core.helpers import VALIDITY_SECONDS, Sim, refusal, state_of
 
 VALIDITY_MS = VALIDITY_SECONDS * 1000
@@ -127,3 +128,21 @@ def test_verify_accepts_an_open_call_whose_row_predates_the_takeover(tmp_path: P
         journal.append([late])
         problems = verify(journal, None).problems
     assert problems == ["call c: history row differs from the replayed call"]
+
+
+def test_list_calls_shows_an_open_call_as_memory_holds_it_and_drops_one_ended_since() -> None:
+    """ListCalls reads rows, then swaps each open one for the live call (`service._live`):
+    with active_only, a call that ended between the two reads is left out."""
+    sim = world()
+    sim.open_account(balance=1_000)
+    sim.reserve("ends")
+    sim.reserve("stays")
+    rows = [sim.machine.calls[c].record() for c in ("ends", "stays")]  # as the history read
+    sim.advance(ms=5_000)
+    sim.apply(Takeover(epoch=2))
+    sim.release("ends", used_seconds=3)
+    live = _live(sim.machine, rows, active_only=True)
+    assert [c.call_id for c in live] == ["stays"]
+    assert live[0].expires_at_ms == sim.now_ms + VALIDITY_MS > rows[1].expires_at_ms
+    everything = _live(sim.machine, rows, active_only=False)
+    assert [c.state for c in everything] == [CallState.RELEASED, CallState.ACTIVE]
