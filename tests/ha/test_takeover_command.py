@@ -143,6 +143,7 @@ def test_list_calls_shows_an_open_call_as_memory_holds_it_and_drops_one_ended_si
     sim.release("ends", used_seconds=3)
     live = _live(sim.machine, rows, active_only=True)
     assert [c.call_id for c in live] == ["stays"]
+    assert rows[1].expires_at_ms is not None
     assert live[0].expires_at_ms == sim.now_ms + VALIDITY_MS > rows[1].expires_at_ms
     everything = _live(sim.machine, rows, active_only=False)
     assert [c.state for c in everything] == [CallState.RELEASED, CallState.ACTIVE]
