@@ -31,6 +31,7 @@ from callcredit_server.core.model import (
     AccountView,
     Call,
     CallState,
+    EntryKind,
     Grant,
     Rate,
     ReleaseResult,
@@ -49,6 +50,7 @@ _VIEW_V1_FIELDS = 10
 # Enum lookups by value through a dict: calling the enum costs ~10x more.
 _ACCOUNT_STATUS = {status.value: status for status in AccountStatus}
 _CALL_STATE = {state.value: state for state in CallState}
+_ENTRY_KIND = {kind.value: kind for kind in EntryKind}
 
 
 class RateRow(NamedTuple):
@@ -275,10 +277,8 @@ def account_of(row: list[Any], names: dict[str, str]) -> Account:
         _ACCOUNT_STATUS[status],
         balance,
         reserved,
-        {},
-        {},
-        low_balance_threshold,
-        low,
+        low_balance_threshold=low_balance_threshold,
+        low=low,
     )
 
 
@@ -393,29 +393,35 @@ def view_row(view: AccountView) -> list[Any]:
     ]
 
 
-def view_of(row: list[Any]) -> AccountView:
+def view_of(row: list[Any], names: dict[str, str]) -> AccountView:
+    """An AccountView; its currency and tariff shared through `names` as account_of does."""
     if len(row) == _VIEW_V1_FIELDS:
         row = [*row, 0, 0]
     (account_id, currency, status, tariff_id, balance, reserved, available, credit_limit,
      max_concurrent_calls, active_calls, low_balance_threshold, burn_micros) = row  # fmt: skip
     return _new(
         AccountView,
-        (account_id, currency, _ACCOUNT_STATUS[status], tariff_id, balance, reserved,
-         available, credit_limit, max_concurrent_calls, active_calls, low_balance_threshold,
-         burn_micros),
+        (account_id, names.setdefault(currency, currency), _ACCOUNT_STATUS[status],
+         names.setdefault(tariff_id, tariff_id), balance, reserved, available, credit_limit,
+         max_concurrent_calls, active_calls, low_balance_threshold, burn_micros),
     )  # fmt: skip
 
 
 def key_row(
-    at_ms: int, account_id: str, key: str, fingerprint: tuple[str, int, str], answer: AccountView
+    at_ms: int,
+    account_id: str,
+    key: str,
+    kind: EntryKind,
+    amount: int,
+    text: str,
+    answer: AccountView,
 ) -> list[Any]:
-    kind, amount, text = fingerprint
     return [
         *KeyRow(
             at_ms=at_ms,
             account_id=account_id,
             key=key,
-            kind=kind,
+            kind=kind.value,
             amount=amount,
             text=text,
             answer=view_row(answer),
@@ -423,7 +429,9 @@ def key_row(
     ]
 
 
-def key_of(row: list[Any]) -> tuple[int, str, str, tuple[str, int, str], AccountView]:
-    """(at_ms, account_id, key, what was asked, what was answered)."""
+def key_of(
+    row: list[Any], names: dict[str, str]
+) -> tuple[int, str, str, EntryKind, int, str, AccountView]:
+    """(at_ms, account_id, key, what was asked: kind, amount, text; what was answered)."""
     at_ms, account_id, key, kind, amount, text, answer = row
-    return at_ms, account_id, key, (kind, amount, text), view_of(answer)
+    return at_ms, account_id, key, _ENTRY_KIND[kind], amount, text, view_of(answer, names)
