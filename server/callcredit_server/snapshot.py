@@ -52,9 +52,6 @@ READABLE_FORMATS = (1, 2)
 SECTIONS = ("accounts", "calls", "keys")
 ROWS_PER_LINE = 10_000  # bounds what a reader holds decoded beyond the state it builds
 KEEP_SNAPSHOTS = 2  # the newest ones; older files are deleted once a new one is done
-# The child's niceness: it serialises the whole state (~15 s of CPU at 1M accounts) on
-# the cores the writer serves from; on a busy machine the writer goes first.
-SNAPSHOT_NICENESS = 10
 _NAME = re.compile(r"snapshot-(\d{20})\.json\.gz")
 _PR_SET_PDEATHSIG = 1
 
@@ -281,7 +278,6 @@ def fork_snapshot(machine: StateMachine, seq: int, directory: Path, created_at_m
     code = 1  # the child: never return into the parent's code
     try:
         _die_with(parent)
-        os.nice(SNAPSHOT_NICENESS)
         gc.disable()  # touching every object would copy every page
         write_snapshot(directory, seq, machine.image(), created_at_ms, publish=False)
         code = 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import os
 from collections.abc import Callable
 from hashlib import sha256
 from pathlib import Path
@@ -189,20 +188,3 @@ def test_a_damaged_snapshot_is_refused(
         read_snapshot(path)
     with pytest.raises((SnapshotError, InvariantViolation)):
         load_snapshot(path)
-
-
-def test_the_snapshot_child_yields_the_cpu_to_the_writer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The forked child runs at SNAPSHOT_NICENESS more than the server (snapshot.py)."""
-    seen = tmp_path / "niceness"
-
-    def write(directory: Path, seq: int, *args: object, **kwargs: object) -> Path:
-        seen.write_text(str(os.nice(0)))  # in the child: its niceness
-        return directory
-
-    monkeypatch.setattr(snapshot, "write_snapshot", write)
-    pid = snapshot.fork_snapshot(StateMachine(), 1, tmp_path, 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert int(seen.read_text()) == min(os.nice(0) + snapshot.SNAPSHOT_NICENESS, 19)  # 19: the most
