@@ -67,7 +67,6 @@ def test_a_broken_image_is_refused() -> None:
         (image_format.rate_of, image_format.RateRow, 4),  # after row, shared, key, rate
         (image_format.account_of, image_format.AccountRow, 2),
         (image_format.call_of, image_format.CallRow, 2),
-        (image_format.view_of, image_format.ViewRow, 2),
         (image_format.key_of, image_format.KeyRow, 2),
     ],
 )

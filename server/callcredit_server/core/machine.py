@@ -44,11 +44,13 @@ from callcredit_server.core.model import (
     CallRecord,
     CallState,
     EntryKind,
+    KeyRecord,
     LedgerEntry,
     Rate,
     ReleaseResult,
     Tariff,
-    _new,
+    key_answer,
+    new_key_record,
     new_ledger_entry,
     new_release_result,
 )
@@ -92,53 +94,6 @@ class Step(NamedTuple):
     events: list[Event]  # in the order they happened
 
 
-class _KeyRecord(NamedTuple):
-    """A remembered TopUp/Adjust: when, what was asked, and what was answered.
-
-    One flat tuple: the answer's fields (an AccountView) but its account_id, which is
-    the key's, and its available, which _answer() derives. A start from a snapshot
-    rebuilds one per key still in the window, a million at 1M accounts; a fingerprint
-    tuple, an AccountView, a time-queue tuple and their copies of the account's
-    strings took ~960 bytes a key (docs/benchmarks.md, issue 12).
-    """
-
-    at_ms: int
-    kind: EntryKind
-    amount: int
-    text: str  # the TopUp's reference, the Adjust's reason
-    currency: str
-    status: AccountStatus
-    tariff_id: str
-    balance: int
-    reserved: int
-    credit_limit: int
-    max_concurrent_calls: int
-    active_calls: int
-    low_balance_threshold: int
-    burn_micros: int
-
-
-def _key_record(
-    at_ms: int, kind: EntryKind, amount: int, text: str, answer: AccountView
-) -> _KeyRecord:
-    return _new(
-        _KeyRecord,
-        (at_ms, kind, amount, text, answer.currency, answer.status, answer.tariff_id,
-         answer.balance, answer.reserved, answer.credit_limit, answer.max_concurrent_calls,
-         answer.active_calls, answer.low_balance_threshold, answer.burn_micros),
-    )  # fmt: skip
-
-
-def _answer(account_id: str, r: _KeyRecord) -> AccountView:
-    """The AccountView `r` was built from: the first answer, given again to a repeat."""
-    return _new(
-        AccountView,
-        (account_id, r.currency, r.status, r.tariff_id, r.balance, r.reserved,
-         r.balance + r.credit_limit - r.reserved, r.credit_limit, r.max_concurrent_calls,
-         r.active_calls, r.low_balance_threshold, r.burn_micros),
-    )  # fmt: skip
-
-
 def _refuse(reason: Reason, message: str) -> Refused:
     return Refused(reason, message)
 
@@ -172,7 +127,7 @@ class StateMachine:
         self.open_call_count = 0  # calls ACTIVE now (metrics read it: O(1), not O(accounts))
         self._expiries: list[tuple[int, int, str]] = []  # (expires_at_ms, call_seq, call_id)
         self._ended: deque[tuple[int, str]] = deque()  # (ended_at_ms, call_id)
-        self._keys: dict[tuple[str, str], _KeyRecord] = {}
+        self._keys: dict[tuple[str, str], KeyRecord] = {}
         self._key_times: deque[tuple[str, str]] = deque()  # _keys' keys, oldest first
         # Effects of the step in progress.
         self._changed = False
@@ -358,7 +313,7 @@ class StateMachine:
         remembered = self._keys.get((account_id, key))
         if remembered is not None:
             if (remembered.kind, remembered.amount, remembered.text) == (kind, amount, text):
-                return AccountResult(_answer(account_id, remembered))
+                return AccountResult(key_answer(account_id, remembered))
             return _refuse(
                 Reason.IDEMPOTENCY_KEY_CONFLICT,
                 f"idempotency key {key!r} was used with different fields",
@@ -382,10 +337,10 @@ class StateMachine:
         if amount > 0:
             self._regrant(account)
         answer = account.view()
-        self._remember(account, key, _key_record(self.now_ms, kind, amount, text, answer))
+        self._remember(account, key, new_key_record(self.now_ms, kind, amount, text, answer))
         return AccountResult(answer)
 
-    def _remember(self, account: Account, key: str, record: _KeyRecord) -> None:
+    def _remember(self, account: Account, key: str, record: KeyRecord) -> None:
         """Remember a TopUp/Adjust under (the account's own id string, key), the tuple
         the dict and the time queue share."""
         account_key = (account.account_id, key)
@@ -929,13 +884,11 @@ class StateMachine:
             tariffs=[image_format.tariff_row(t) for t in self.tariffs.values()],
             accounts=[image_format.account_row(a) for a in self.accounts.values()],
             calls=[image_format.call_row(c) for c in self.calls.values()],
-            keys=[self._key_row(account_id, key) for account_id, key in self._key_times],
+            keys=[
+                image_format.key_row(account_id, key, self._keys[(account_id, key)])
+                for account_id, key in self._key_times
+            ],
         )
-
-    def _key_row(self, account_id: str, key: str) -> list[Any]:
-        r = self._keys[(account_id, key)]
-        answer = _answer(account_id, r)
-        return image_format.key_row(r.at_ms, account_id, key, r.kind, r.amount, r.text, answer)
 
     @classmethod
     def from_image(cls, image: dict[str, Any]) -> StateMachine:
@@ -989,10 +942,7 @@ class StateMachine:
         ended = [c for c in calls if c.ended_at_ms is not None]
         machine._ended.extend((c.ended_at_ms or 0, c.call_id) for c in sorted(ended, key=_by_end))
         for row in image["keys"]:
-            at_ms, account_id, key, kind, amount, text, answer = image_format.key_of(row, names)
-            record = _key_record(at_ms, kind, amount, text, answer)
-            if _answer(account_id, record) != answer:
-                raise InvariantViolation(f"state image is broken: key {key!r}: {answer}")
+            account_id, key, record = image_format.key_of(row, names)
             machine._remember(machine.accounts[account_id], key, record)
         problems = machine.audit()
         if problems:

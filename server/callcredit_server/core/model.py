@@ -348,6 +348,54 @@ class Account:
         )
 
 
+class KeyRecord(NamedTuple):
+    """A remembered TopUp/Adjust (StateMachine._keys): when, what was asked, and what was
+    answered.
+
+    One flat tuple: the answer's fields (an AccountView) but its account_id, which is
+    the key's, and its available, which key_answer() derives. A start from a snapshot
+    rebuilds one per key still in the window, a million at 1M accounts; a fingerprint
+    tuple, an AccountView, a time-queue tuple and their copies of the account's
+    strings took ~960 bytes a key (docs/benchmarks.md, issue 12).
+    """
+
+    at_ms: int
+    kind: EntryKind
+    amount: int
+    text: str  # the TopUp's reference, the Adjust's reason
+    currency: str
+    status: AccountStatus
+    tariff_id: str
+    balance: int
+    reserved: int
+    credit_limit: int
+    max_concurrent_calls: int
+    active_calls: int
+    low_balance_threshold: int
+    burn_micros: int
+
+
+def new_key_record(
+    at_ms: int, kind: EntryKind, amount: int, text: str, answer: AccountView
+) -> KeyRecord:
+    return _new(
+        KeyRecord,
+        (at_ms, kind, amount, text, answer.currency, answer.status, answer.tariff_id,
+         answer.balance, answer.reserved, answer.credit_limit, answer.max_concurrent_calls,
+         answer.active_calls, answer.low_balance_threshold, answer.burn_micros),
+    )  # fmt: skip
+
+
+def key_answer(account_id: str, r: KeyRecord) -> AccountView:
+    """The AccountView `r` was built from: the first answer, given again to a repeat."""
+    return _new(
+        AccountView,
+        (account_id, r.currency, r.status, r.tariff_id, r.balance, r.reserved,
+         r.balance + r.credit_limit - r.reserved, r.credit_limit, r.max_concurrent_calls,
+         r.active_calls, r.low_balance_threshold, r.burn_micros),
+    )  # fmt: skip
+
+
 def burn_rate_per_minute(burn_micros: int) -> int:
     """Minor units per minute that open calls priced at `burn_micros` spend (rounded up)."""
     return -(-burn_micros // 1_000_000)
