@@ -216,7 +216,9 @@ def serving(url: str, snapshot_root: Path, grant_seconds: int, log: Path) -> Ite
     with launch.serving(
         args,
         log,
-        env={"PYTHONPATH": str(REPO)},
+        env={
+            "PYTHONPATH": os.pathsep.join(filter(None, (os.environ.get("PYTHONPATH"), str(REPO))))
+        },
         cwd=REPO,
         start_timeout_seconds=START_TIMEOUT_SECONDS,
         stop_timeout_seconds=STOP_TIMEOUT_SECONDS,

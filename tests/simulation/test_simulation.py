@@ -218,6 +218,7 @@ class ForgetsIdempotencyKeys(StateMachine):
 
     def _move_money(self, account_id: str, *args: Any) -> Outcome:
         self._keys.clear()
+        self._key_times.clear()
         return super()._move_money(account_id, *args)
 
 

@@ -28,14 +28,16 @@ from typing import Any, NamedTuple
 from callcredit_server.core.model import (
     Account,
     AccountStatus,
-    AccountView,
     Call,
     CallState,
+    EntryKind,
     Grant,
+    KeyRecord,
     Rate,
     ReleaseResult,
     Tariff,
     _new,
+    key_answer,
 )
 
 # 2: accounts carry their low-balance threshold and whether it fired (AccountRow), and
@@ -49,6 +51,7 @@ _VIEW_V1_FIELDS = 10
 # Enum lookups by value through a dict: calling the enum costs ~10x more.
 _ACCOUNT_STATUS = {status.value: status for status in AccountStatus}
 _CALL_STATE = {state.value: state for state in CallState}
+_ENTRY_KIND = {kind.value: kind for kind in EntryKind}
 
 
 class RateRow(NamedTuple):
@@ -275,10 +278,8 @@ def account_of(row: list[Any], names: dict[str, str]) -> Account:
         _ACCOUNT_STATUS[status],
         balance,
         reserved,
-        {},
-        {},
-        low_balance_threshold,
-        low,
+        low_balance_threshold=low_balance_threshold,
+        low=low,
     )
 
 
@@ -374,56 +375,51 @@ def call_of(row: list[Any], shared: dict[tuple[Any, ...], Rate]) -> Call:
     )
 
 
-def view_row(view: AccountView) -> list[Any]:
-    return [
-        *ViewRow(
-            account_id=view.account_id,
-            currency=view.currency,
-            status=view.status.value,
-            tariff_id=view.tariff_id,
-            balance=view.balance,
-            reserved=view.reserved,
-            available=view.available,
-            credit_limit=view.credit_limit,
-            max_concurrent_calls=view.max_concurrent_calls,
-            active_calls=view.active_calls,
-            low_balance_threshold=view.low_balance_threshold,
-            burn_micros=view.burn_micros,
-        )
-    ]
-
-
-def view_of(row: list[Any]) -> AccountView:
-    if len(row) == _VIEW_V1_FIELDS:
-        row = [*row, 0, 0]
-    (account_id, currency, status, tariff_id, balance, reserved, available, credit_limit,
-     max_concurrent_calls, active_calls, low_balance_threshold, burn_micros) = row  # fmt: skip
-    return _new(
-        AccountView,
-        (account_id, currency, _ACCOUNT_STATUS[status], tariff_id, balance, reserved,
-         available, credit_limit, max_concurrent_calls, active_calls, low_balance_threshold,
-         burn_micros),
-    )  # fmt: skip
-
-
-def key_row(
-    at_ms: int, account_id: str, key: str, fingerprint: tuple[str, int, str], answer: AccountView
-) -> list[Any]:
-    kind, amount, text = fingerprint
+def key_row(account_id: str, key: str, r: KeyRecord) -> list[Any]:
+    answer = key_answer(account_id, r)
     return [
         *KeyRow(
-            at_ms=at_ms,
+            at_ms=r.at_ms,
             account_id=account_id,
             key=key,
-            kind=kind,
-            amount=amount,
-            text=text,
-            answer=view_row(answer),
+            kind=r.kind.value,
+            amount=r.amount,
+            text=r.text,
+            answer=[
+                *ViewRow(
+                    account_id=account_id,
+                    currency=answer.currency,
+                    status=answer.status.value,
+                    tariff_id=answer.tariff_id,
+                    balance=answer.balance,
+                    reserved=answer.reserved,
+                    available=answer.available,
+                    credit_limit=answer.credit_limit,
+                    max_concurrent_calls=answer.max_concurrent_calls,
+                    active_calls=answer.active_calls,
+                    low_balance_threshold=answer.low_balance_threshold,
+                    burn_micros=answer.burn_micros,
+                )
+            ],
         )
     ]
 
 
-def key_of(row: list[Any]) -> tuple[int, str, str, tuple[str, int, str], AccountView]:
-    """(at_ms, account_id, key, what was asked, what was answered)."""
+def key_of(row: list[Any], names: dict[str, str]) -> tuple[str, str, KeyRecord]:
+    """(account_id, key, what was asked and answered), the answer's currency and tariff
+    shared through `names` as account_of does. The answer must be a view of an account:
+    its available is balance + credit_limit - reserved (a KeyRecord derives it)."""
     at_ms, account_id, key, kind, amount, text, answer = row
-    return at_ms, account_id, key, (kind, amount, text), view_of(answer)
+    if len(answer) == _VIEW_V1_FIELDS:
+        answer = [*answer, 0, 0]
+    (_, currency, status, tariff_id, balance, reserved, available, credit_limit,
+     max_concurrent_calls, active_calls, low_balance_threshold, burn_micros) = answer  # fmt: skip
+    if available != balance + credit_limit - reserved:
+        raise ValueError(f"key {key!r}: available {available} != balance + limit - reserved")
+    record = _new(
+        KeyRecord,
+        (at_ms, _ENTRY_KIND[kind], amount, text, names.setdefault(currency, currency),
+         _ACCOUNT_STATUS[status], names.setdefault(tariff_id, tariff_id), balance, reserved,
+         credit_limit, max_concurrent_calls, active_calls, low_balance_threshold, burn_micros),
+    )  # fmt: skip
+    return account_id, key, record

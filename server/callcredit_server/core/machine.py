@@ -44,10 +44,13 @@ from callcredit_server.core.model import (
     CallRecord,
     CallState,
     EntryKind,
+    KeyRecord,
     LedgerEntry,
     Rate,
     ReleaseResult,
     Tariff,
+    key_answer,
+    new_key_record,
     new_ledger_entry,
     new_release_result,
 )
@@ -91,16 +94,6 @@ class Step(NamedTuple):
     events: list[Event]  # in the order they happened; empty if the machine's events are off
 
 
-class _KeyRecord(NamedTuple):
-    """A remembered TopUp/Adjust: what was asked and what was answered.
-
-    A NamedTuple: a start from a snapshot rebuilds one per key still in the window.
-    """
-
-    fingerprint: tuple[str, int, str]
-    answer: AccountView
-
-
 def _refuse(reason: Reason, message: str) -> Refused:
     return Refused(reason, message)
 
@@ -138,8 +131,8 @@ class StateMachine:
         self.open_call_count = 0  # calls ACTIVE now (metrics read it: O(1), not O(accounts))
         self._expiries: list[tuple[int, int, str]] = []  # (expires_at_ms, call_seq, call_id)
         self._ended: deque[tuple[int, str]] = deque()  # (ended_at_ms, call_id)
-        self._keys: dict[tuple[str, str], _KeyRecord] = {}
-        self._key_times: deque[tuple[int, str, str]] = deque()  # (at_ms, account_id, key)
+        self._keys: dict[tuple[str, str], KeyRecord] = {}
+        self._key_times: deque[tuple[str, str]] = deque()  # _keys' keys, oldest first
         # Effects of the step in progress.
         self._changed = False
         self._entries: list[LedgerEntry] = []
@@ -195,15 +188,13 @@ class StateMachine:
         )
 
     def _top_up(self, c: TopUp) -> Outcome:
-        fingerprint = ("TOP_UP", c.amount, c.reference)
         return self._move_money(
-            c.account_id, c.amount, c.idempotency_key, c.reference, EntryKind.TOP_UP, fingerprint
+            c.account_id, c.amount, c.idempotency_key, c.reference, EntryKind.TOP_UP
         )
 
     def _adjust(self, c: Adjust) -> Outcome:
-        fingerprint = ("ADJUSTMENT", c.amount, c.reason)
         return self._move_money(
-            c.account_id, c.amount, c.idempotency_key, c.reason, EntryKind.ADJUSTMENT, fingerprint
+            c.account_id, c.amount, c.idempotency_key, c.reason, EntryKind.ADJUSTMENT
         )
 
     # ------------------------------------------------------------- accounts
@@ -227,12 +218,7 @@ class StateMachine:
             c.tariff_id,
             c.credit_limit,
             c.max_concurrent_calls,
-            AccountStatus.ACTIVE,
-            0,
-            0,
-            {},
-            {},
-            c.low_balance_threshold,
+            low_balance_threshold=c.low_balance_threshold,
         )
         self.accounts[c.account_id] = account
         self._touch(account)
@@ -315,7 +301,7 @@ class StateMachine:
     def _suspend_calls(self, account: Account) -> None:
         """Order every open call to hang up; their grants are final from now on."""
         for call in account.open_calls.values():
-            self._set_final(account, call, True)
+            account.set_final(call, True)
             self._touched[call.call_id] = call
             self._pushes.append(Termination(call.call_id, Reason.ACCOUNT_SUSPENDED.value))
 
@@ -326,15 +312,14 @@ class StateMachine:
         key: str,
         text: str,
         kind: EntryKind,
-        fingerprint: tuple[str, int, str],
     ) -> Outcome:
         account = self.accounts.get(account_id)
         if account is None:
             return _refuse(Reason.ACCOUNT_NOT_FOUND, f"no account {account_id!r}")
         remembered = self._keys.get((account_id, key))
         if remembered is not None:
-            if remembered.fingerprint == fingerprint:
-                return AccountResult(remembered.answer)
+            if (remembered.kind, remembered.amount, remembered.text) == (kind, amount, text):
+                return AccountResult(key_answer(account_id, remembered))
             return _refuse(
                 Reason.IDEMPOTENCY_KEY_CONFLICT,
                 f"idempotency key {key!r} was used with different fields",
@@ -358,9 +343,15 @@ class StateMachine:
         if amount > 0:
             self._regrant(account)
         answer = account.view()
-        self._keys[(account_id, key)] = _KeyRecord(fingerprint, answer)
-        self._key_times.append((self.now_ms, account_id, key))
+        self._remember(account, key, new_key_record(self.now_ms, kind, amount, text, answer))
         return AccountResult(answer)
+
+    def _remember(self, account: Account, key: str, record: KeyRecord) -> None:
+        """Remember a TopUp/Adjust under (the account's own id string, key), the tuple
+        the dict and the time queue share."""
+        account_key = (account.account_id, key)
+        self._keys[account_key] = record
+        self._key_times.append(account_key)
 
     def _put_tariff(self, c: PutTariff) -> Outcome:
         existing = self.tariffs.get(c.tariff.tariff_id)
@@ -452,12 +443,10 @@ class StateMachine:
             None,  # release
         )
         self.calls[call_id] = call
-        account.open_calls[call_id] = call
+        account.open_call(call)
         self.open_call_count += 1
         account.reserved += hold
         account.burn_micros += rate.price_per_minute_micros
-        if final:
-            account.final_calls[call_seq] = call
         self._push_expiry(call)
         self._touched[call_id] = call
         self._call_event(EventKind.CALL_STARTED, account, call)
@@ -493,7 +482,7 @@ class StateMachine:
         if account.status is AccountStatus.ACTIVE:
             self._extend(account, call)
         else:
-            self._set_final(account, call, True)
+            account.set_final(call, True)
         self._refresh_validity(call)
         grant = call.last_renew = call.grant()
         self._touched[call.call_id] = call
@@ -576,9 +565,10 @@ class StateMachine:
             _, call_id = self._ended.popleft()
             del self.calls[call_id]
             forgotten += 1
-        while self._key_times and self._key_times[0][0] <= cutoff_ms:
-            _, account_id, key = self._key_times.popleft()
-            del self._keys[(account_id, key)]
+        keys = self._keys
+        key_times = self._key_times
+        while key_times and keys[key_times[0]].at_ms <= cutoff_ms:
+            del keys[key_times.popleft()]
             forgotten += 1
         if forgotten:
             self._changed = True
@@ -626,7 +616,7 @@ class StateMachine:
         account.reserved += hold - held
         call.held = hold
         call.allowed_seconds = allowed
-        self._set_final(account, call, allowed < wanted)
+        account.set_final(call, allowed < wanted)
 
     def _regrant(self, account: Account, *, resumed: bool = False) -> None:
         """Extend final grants, oldest call first, now that `available` grew.
@@ -649,13 +639,6 @@ class StateMachine:
                 self._refresh_validity(call)
                 self._touched[call.call_id] = call
                 self._pushes.append(GrantPush(call.grant()))
-
-    def _set_final(self, account: Account, call: Call, final: bool) -> None:
-        call.final = final
-        if final:
-            account.final_calls[call.call_seq] = call
-        elif account.final_calls:
-            account.final_calls.pop(call.call_seq, None)
 
     def _refresh_validity(self, call: Call) -> None:
         """Move the call's deadline to one validity from now.
@@ -725,8 +708,7 @@ class StateMachine:
         call.held = 0
         call.state = state
         call.ended_at_ms = self.now_ms
-        self._set_final(account, call, False)
-        del account.open_calls[call.call_id]
+        account.close_call(call)
         self.open_call_count -= 1
         self._ended.append((self.now_ms, call.call_id))
         self._touched[call.call_id] = call
@@ -855,7 +837,7 @@ class StateMachine:
         account = self.accounts.get(account_id)
         if account is None:
             return []
-        return [call.record() for call in reversed(account.open_calls.values())]
+        return [call.record() for call in account.open_calls.values()][::-1]
 
     def next_expiry_ms(self) -> int | None:
         """When the earliest open call may expire (possibly a stale, earlier time)."""
@@ -924,8 +906,8 @@ class StateMachine:
             accounts=[image_format.account_row(a) for a in self.accounts.values()],
             calls=[image_format.call_row(c) for c in self.calls.values()],
             keys=[
-                image_format.key_row(at_ms, account_id, key, *self._keys[(account_id, key)])
-                for at_ms, account_id, key in self._key_times
+                image_format.key_row(account_id, key, self._keys[(account_id, key)])
+                for account_id, key in self._key_times
             ],
         )
 
@@ -973,19 +955,16 @@ class StateMachine:
             machine.calls[call.call_id] = call
             if call.state is CallState.ACTIVE:
                 account = machine.accounts[call.account_id]
-                account.open_calls[call.call_id] = call
+                account.open_call(call)
                 account.burn_micros += call.rate.price_per_minute_micros
                 machine.open_call_count += 1
-                if call.final:
-                    account.final_calls[call.call_seq] = call
                 machine._expiries.append((call.expires_at_ms, call.call_seq, call.call_id))
         heapq.heapify(machine._expiries)
         ended = [c for c in calls if c.ended_at_ms is not None]
         machine._ended.extend((c.ended_at_ms or 0, c.call_id) for c in sorted(ended, key=_by_end))
         for row in image["keys"]:
-            at_ms, account_id, key, fingerprint, answer = image_format.key_of(row)
-            machine._keys[(account_id, key)] = _KeyRecord(fingerprint, answer)
-            machine._key_times.append((at_ms, account_id, key))
+            account_id, key, record = image_format.key_of(row, names)
+            machine._remember(machine.accounts[account_id], key, record)
         problems = machine.audit()
         if problems:
             raise InvariantViolation("state image is broken: " + "; ".join(problems))

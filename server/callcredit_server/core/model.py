@@ -6,6 +6,7 @@ int milliseconds since the Unix epoch (`*_ms`), given by the caller.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple, TypeVar
@@ -223,6 +224,62 @@ class Call:
         )
 
 
+class _NoCalls(Mapping[Any, "Call"]):
+    """What an account with no open call holds for its open and final calls: one
+    shared, read-only, empty mapping.
+
+    A million accounts, most of them idle, held two empty dicts each (~160 MB,
+    docs/benchmarks.md). Read-only, so a write that bypasses Account's methods fails
+    instead of filling every idle account at once; a deep copy of the state shares it.
+    """
+
+    __slots__ = ()
+
+    def __getitem__(self, key: Any) -> Call:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __contains__(self, key: object) -> bool:
+        return False
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _NoCalls:
+        return self
+
+
+_NO_CALLS = _NoCalls()
+
+
+def _no_calls() -> Mapping[Any, Call]:
+    return _NO_CALLS
+
+
+_K = TypeVar("_K")
+
+
+def _with(calls: Mapping[_K, Call], key: _K, call: Call) -> Mapping[_K, Call]:
+    """`calls` with `key` -> `call`: changed in place, or a new dict for the first one."""
+    if isinstance(calls, dict):
+        calls[key] = call
+        return calls
+    return {key: call}
+
+
+def _without(calls: Mapping[_K, Call], key: _K) -> Mapping[_K, Call]:
+    """`calls` without `key` (KeyError if it is not there); the shared empty one when
+    none is left, so an account's memory does not depend on the calls it once had."""
+    if len(calls) == 1 and key in calls:
+        return _NO_CALLS
+    if not isinstance(calls, dict):
+        raise KeyError(key)
+    del calls[key]
+    return calls
+
+
 @dataclass(slots=True)
 class Account:
     """A prepaid balance. `reserved` is the sum of the holds of its open calls."""
@@ -235,9 +292,11 @@ class Account:
     status: AccountStatus = AccountStatus.ACTIVE
     balance: int = 0
     reserved: int = 0
-    open_calls: dict[str, Call] = field(default_factory=dict)
-    # Open calls whose grant is final, by call_seq: candidates for a re-grant.
-    final_calls: dict[int, Call] = field(default_factory=dict)
+    # Its open calls by call_id, in reservation order, and those of them whose grant is
+    # final by call_seq (candidates for a re-grant). Read them freely; change them only
+    # through open_call, close_call and set_final (an idle account shares _NO_CALLS).
+    open_calls: Mapping[str, Call] = field(default_factory=_no_calls)
+    final_calls: Mapping[int, Call] = field(default_factory=_no_calls)
     low_balance_threshold: int = 0  # 0: off
     # A LOW_BALANCE event was sent and no BALANCE_RESTORED since: the threshold is
     # disarmed. Always `threshold and available < threshold` at the end of a step.
@@ -249,6 +308,25 @@ class Account:
     @property
     def available(self) -> int:
         return self.balance + self.credit_limit - self.reserved
+
+    def open_call(self, call: Call) -> None:
+        """Add `call` to the open calls (and to the final ones if its grant is final)."""
+        self.open_calls = _with(self.open_calls, call.call_id, call)
+        if call.final:
+            self.final_calls = _with(self.final_calls, call.call_seq, call)
+
+    def close_call(self, call: Call) -> None:
+        """Remove the open `call` (not final any more)."""
+        self.set_final(call, False)
+        self.open_calls = _without(self.open_calls, call.call_id)
+
+    def set_final(self, call: Call, final: bool) -> None:
+        """Set whether the open `call`'s grant is final, and the final calls with it."""
+        call.final = final
+        if final:
+            self.final_calls = _with(self.final_calls, call.call_seq, call)
+        elif call.call_seq in self.final_calls:
+            self.final_calls = _without(self.final_calls, call.call_seq)
 
     def view(self) -> AccountView:
         return _new(
@@ -268,6 +346,54 @@ class Account:
                 self.burn_micros,
             ),
         )
+
+
+class KeyRecord(NamedTuple):
+    """A remembered TopUp/Adjust (StateMachine._keys): when, what was asked, and what was
+    answered.
+
+    One flat tuple: the answer's fields (an AccountView) but its account_id, which is
+    the key's, and its available, which key_answer() derives. A start from a snapshot
+    rebuilds one per key still in the window, a million at 1M accounts; a fingerprint
+    tuple, an AccountView, a time-queue tuple and their copies of the account's
+    strings took ~960 bytes a key (docs/benchmarks.md, issue 12).
+    """
+
+    at_ms: int
+    kind: EntryKind
+    amount: int
+    text: str  # the TopUp's reference, the Adjust's reason
+    currency: str
+    status: AccountStatus
+    tariff_id: str
+    balance: int
+    reserved: int
+    credit_limit: int
+    max_concurrent_calls: int
+    active_calls: int
+    low_balance_threshold: int
+    burn_micros: int
+
+
+def new_key_record(
+    at_ms: int, kind: EntryKind, amount: int, text: str, answer: AccountView
+) -> KeyRecord:
+    return _new(
+        KeyRecord,
+        (at_ms, kind, amount, text, answer.currency, answer.status, answer.tariff_id,
+         answer.balance, answer.reserved, answer.credit_limit, answer.max_concurrent_calls,
+         answer.active_calls, answer.low_balance_threshold, answer.burn_micros),
+    )  # fmt: skip
+
+
+def key_answer(account_id: str, r: KeyRecord) -> AccountView:
+    """The AccountView `r` was built from: the first answer, given again to a repeat."""
+    return _new(
+        AccountView,
+        (account_id, r.currency, r.status, r.tariff_id, r.balance, r.reserved,
+         r.balance + r.credit_limit - r.reserved, r.credit_limit, r.max_concurrent_calls,
+         r.active_calls, r.low_balance_threshold, r.burn_micros),
+    )  # fmt: skip
 
 
 def burn_rate_per_minute(burn_micros: int) -> int:
