@@ -840,9 +840,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if follower is None:
             await _abort(context, unavailable("too many WatchEvents streams; retry later"))
         try:
+            sent = False
             async for response, read_to in self._stored_events(cursor, wanted, context):
                 yield response
                 cursor = read_to
+                sent = True
+            if request.from_end and not sent:
+                # Its position at once, as a cursor: a client that must reconnect before
+                # any event came resumes from here rather than from a later end.
+                yield _events_response([], cursor)
             while True:
                 await follower.wake.wait()
                 if follower.cut:

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from typer.testing import CliRunner
 
+from callcredit.v1 import admin_pb2
 from callcredit_server import cli, projector
 from callcredit_server.core import Command, CreateAccount, PutTariff, Release, StateMachine, TopUp
 from callcredit_server.core.events import Event
@@ -171,8 +172,12 @@ async def test_a_replay_waits_for_the_projector_then_says_it_is_behind(harness: 
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     assert "projector" in (caught.value.details() or "")
     assert time.monotonic() - started >= 4.5
-    # Following from the end needs no replay: it is accepted, and waits for events.
+    # Following from the end needs no replay: it is accepted (its position comes at
+    # once), and waits for events.
     tail = watch(h, from_end=True)
+    async with asyncio.timeout(5):
+        position = await tail.read()
+    assert isinstance(position, admin_pb2.WatchEventsResponse) and not position.events
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.5):
             await tail.read()

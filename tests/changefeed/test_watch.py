@@ -94,6 +94,26 @@ async def test_from_end_sends_only_new_events_and_filters_apply(harness: Harness
     assert [(e.account_id, e.account.balance) for e in events] == [("a2", 101), ("a2", 102)]
 
 
+async def test_from_end_answers_its_position_at_once_and_a_reconnect_resumes_there(
+    harness: Harness,
+) -> None:
+    """A from_end stream cut before any event came (a takeover) resumes from the cursor
+    of its first response: the events made meanwhile are not skipped."""
+    h = harness
+    await h.funded_account("acme", 100)
+    feed = watch(h, from_end=True)
+    async with asyncio.timeout(10):
+        first = await feed.read()
+    feed.cancel()
+    assert isinstance(first, admin_pb2.WatchEventsResponse)
+    assert list(first.events) == [] and first.cursor
+    await top_ups(h, "acme", 0, 2)  # while the client reconnects
+    resumed = watch(h, after=first.cursor)
+    events, _ = await collect(resumed, 2)
+    resumed.cancel()
+    assert [e.account.balance for e in events] == [101, 102]
+
+
 async def test_a_filtered_replay_still_moves_the_cursor(harness: Harness) -> None:
     h = harness
     await h.funded_account("quiet", 100)
@@ -175,7 +195,8 @@ async def test_a_slow_consumer_is_cut_and_resumes_from_its_cursor(
     got: list[admin_pb2.Event] = []
     cursor = start
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async with asyncio.timeout(5):
+        # The projector derives the 20,000 events first: a few seconds on a busy machine.
+        async with asyncio.timeout(30):
             async for response in feed:
                 got.extend(response.events)
                 cursor = response.cursor or cursor

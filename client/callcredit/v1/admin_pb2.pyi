@@ -1151,7 +1151,10 @@ class WatchEventsRequest(_message.Message):
     oldest event kept is refused with INVALID_ARGUMENT.
     """
     from_end: _builtins.bool
-    """Start at the journal's end, sending only new events (after must be empty)."""
+    """Start at the journal's end, sending only new events (after must be empty).
+    The first response then carries the cursor of that end (and no event
+    unless one already followed): a reconnection resumes from it.
+    """
     stored_only: _builtins.bool
     """End the stream once the stored events up to the journal's end, as it
     stood when the request arrived, are sent, instead of following new ones:
