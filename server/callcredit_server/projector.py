@@ -53,6 +53,9 @@ MAX_RECORDS_PER_STEP = 2_000  # records applied and stored per transaction
 ERROR_PAUSE_SECONDS = 1.0  # after a database error, the projector waits this long
 FEED_POLL_SECONDS = 0.05  # the server reads the watermark (and new events) this often
 RESTART_SECONDS = 1.0  # a projector child that exited is started again after this
+# The projector yields the cores to the writer (and, on a shared machine, to its
+# clients): it catches up when they leave CPU free, and the feed lags meanwhile.
+NICENESS = 10
 STOP_TIMEOUT_SECONDS = 5.0  # a child that has not exited this long after its pipe closed is killed
 
 
@@ -119,6 +122,7 @@ def main() -> None:
     pipe ends (the server closed it, or died)."""
     settings = orjson.loads(sys.stdin.buffer.readline())
     logs.configure(settings["log_level"], settings["log_format"])
+    os.nice(NICENESS)
     stop = threading.Event()
 
     def watch_pipe() -> None:
