@@ -98,7 +98,10 @@ def recover(
             f"after it is in {snapshot_dir}: the state cannot be rebuilt"
         )
     replayed = _apply_all(journal, machine, snapshot_seq, through_seq=through_seq)
-    problems = machine.audit()
+    # A snapshot's state was audited whole as it was built (StateMachine.from_image);
+    # with nothing replayed after it, auditing it again would only repeat that
+    # (1.4 s at 1M accounts, a sixth of such a start).
+    problems = machine.audit() if replayed or not snapshot_seq else []
     if problems:
         raise InvariantViolation("the rebuilt state is broken: " + "; ".join(problems))
     recovered = Recovered(machine, snapshot_seq, replayed, time.perf_counter() - started)

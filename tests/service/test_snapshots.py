@@ -14,6 +14,7 @@ import pytest
 from callcredit.v1 import admin_pb2
 from callcredit_server import snapshot
 from callcredit_server.core import (
+    Command,
     CreateAccount,
     InvariantViolation,
     PutTariff,
@@ -22,7 +23,7 @@ from callcredit_server.core import (
     Tariff,
     TopUp,
 )
-from callcredit_server.journal import Journal
+from callcredit_server.journal import Journal, JournalRecord
 from callcredit_server.recovery import recover, verify
 from callcredit_server.snapshot import (
     SnapshotError,
@@ -188,3 +189,38 @@ def test_a_damaged_snapshot_is_refused(
         read_snapshot(path)
     with pytest.raises((SnapshotError, InvariantViolation)):
         load_snapshot(path)
+
+
+def test_a_start_audits_a_snapshot_once_and_again_after_records_replayed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state a snapshot builds is audited whole as it is built; recover() audits it
+    again only if records were replayed after it."""
+    audits: list[int] = []
+    audit = StateMachine.audit
+
+    def counted(machine: StateMachine) -> list[str]:
+        audits.append(len(machine.accounts))
+        return audit(machine)
+
+    monkeypatch.setattr(StateMachine, "audit", counted)
+    commands: list[Command] = [
+        PutTariff(Tariff("T", "VND", (rate(),))),
+        CreateAccount("A", "VND", "T", 0, 0),
+        TopUp("A", 1_000, "k1", ""),
+        TopUp("A", 5, "k2", ""),
+    ]
+    machine = StateMachine()
+    with Journal(f"sqlite:///{tmp_path / 'journal.db'}") as journal:
+        for seq, command in enumerate(commands, start=1):
+            step = machine.apply(command, 1_000 * seq)
+            journal.append([JournalRecord(seq, 1_000 * seq, command, step.entries, step.calls)])
+            if seq == 3:
+                write_snapshot(tmp_path / "snapshots", seq, machine.image(), 1_000 * seq)
+        assert recover(journal, tmp_path / "snapshots").replayed == 1
+        assert len(audits) == 2  # the build, then after the record replayed
+        journal.prune(3)
+        del audits[:]
+        write_snapshot(tmp_path / "snapshots", 4, machine.image(), 4_000)
+        assert recover(journal, tmp_path / "snapshots").replayed == 0
+        assert len(audits) == 1  # the build only
