@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,12 +272,19 @@ class Lab:
 
 @contextmanager
 def running(argv: list[str], log: Path, what: str) -> Iterator[subprocess.Popen[bytes]]:
+    """The process in a session of its own; on the way out it is stopped, and whatever
+    it forked and left (Kamailio's workers, when its main process had to be killed) is
+    killed with its process group."""
     with open(log, "wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         yield process
     finally:
         stop(process)
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 @contextmanager
