@@ -335,6 +335,7 @@ def prune_command(
     with _open(database_url) as journal:
         directory = _snapshot_dir(database_url, snapshot_dir, journal)
         projected = journal.projected_through()
+        usable_through = min(journal.last_seq(), projected)
         covered = 0
         for found in list_snapshots(directory):
             try:
@@ -342,7 +343,7 @@ def prune_command(
             except SnapshotError as exc:
                 typer.echo(f"skipping damaged snapshot: {exc}", err=True)
                 continue
-            if covered <= min(journal.last_seq(), projected):
+            if covered <= usable_through:
                 break
             covered = 0
         already = journal.pruned_through()
