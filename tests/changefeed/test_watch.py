@@ -11,6 +11,7 @@ from callcredit.v1 import admin_pb2, credit_control_pb2
 from callcredit_server import changefeed
 from tests.security.conftest import ACME_TOKEN, ADMIN_TOKEN, Secured, bearer, reason_of
 from tests.service.conftest import Harness
+from tests.service.streams import reserve_op
 
 Feed = grpc.aio.UnaryStreamCall[admin_pb2.WatchEventsRequest, admin_pb2.WatchEventsResponse]
 
@@ -176,12 +177,7 @@ async def test_a_slow_consumer_is_cut_and_resumes_from_its_cursor(
     feed = watch(h, after=start)
     # Reads nothing while 20,000 events happen: gRPC's windows fill, then the buffer.
     reserves = [
-        credit_control_pb2.Operation(
-            request_id=f"r{m}-{i}",
-            reserve=credit_control_pb2.ReserveRequest(
-                call_id=f"c{m}-{i}", account_id="acme", destination="84901"
-            ),
-        )
+        reserve_op(f"r{m}-{i}", f"c{m}-{i}", "acme", destination="84901")
         for m in range(2)
         for i in range(10_000)
     ]
@@ -243,13 +239,7 @@ async def test_a_record_with_more_events_than_a_response_holds(harness: Harness)
     await stream.write(
         credit_control_pb2.ControlRequest(
             operations=[
-                credit_control_pb2.Operation(
-                    request_id=f"r{i}",
-                    reserve=credit_control_pb2.ReserveRequest(
-                        call_id=f"c{i}", account_id="acme", destination="84901"
-                    ),
-                )
-                for i in range(600)
+                reserve_op(f"r{i}", f"c{i}", "acme", destination="84901") for i in range(600)
             ]
         )
     )
