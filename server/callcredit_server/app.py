@@ -15,7 +15,6 @@ import importlib.util
 import ipaddress
 import logging
 import os
-import time
 import tomllib
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from sqlalchemy.engine import make_url
 from callcredit.v1 import admin_pb2, credit_control_pb2
 from callcredit_server.auth import Authenticator, AuthInterceptor, Token, tokens_from_config
 from callcredit_server.changefeed import Changefeed
+from callcredit_server.clock import wall_clock_ms
 from callcredit_server.convert import GrantPolicy
 from callcredit_server.core import COMPILED
 from callcredit_server.handlers import register
@@ -292,10 +292,6 @@ def run_loop(event_loop: str, main: Coroutine[Any, Any, T]) -> T:
 
         return uvloop.run(main)
     return asyncio.run(main)
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(slots=True)

@@ -18,7 +18,6 @@ import contextlib
 import datetime
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from callcredit.admin import AdminClient
 from callcredit.errors import CallcreditError
 from callcredit.money import format_amount, format_price
 from callcredit.v1 import admin_pb2
+from callcredit_server.clock import wall_clock_ms
 from callcredit_server.console import forms
 from callcredit_server.console.burndown import History, burndown_chart
 from callcredit_server.console.feed import Changes, Feed, Replays
@@ -83,10 +83,6 @@ _HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 503,
 }
 """The page's HTTP status for a server's refusal; any other refusal is 409 Conflict."""
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _status_name(status: admin_pb2.AccountStatus.ValueType) -> str:
@@ -178,7 +174,7 @@ def create_app(
         )
         state.admin = admin
         state.replays_ = replays = Replays(admin, state.history, state.changes)
-        feed = Feed(admin, state.history, state.changes, clock_ms=_now_ms)
+        feed = Feed(admin, state.history, state.changes, clock_ms=wall_clock_ms)
         follower = asyncio.create_task(feed.run(), name="changefeed")
         try:
             on_started()
@@ -219,7 +215,7 @@ def create_app(
         )
 
     async def guard(request: Request, call_next: RequestResponseEndpoint) -> Response:
-        now_ms = _now_ms()
+        now_ms = wall_clock_ms()
         session_id = request.cookies.get(SESSION_COOKIE)
         fresh = session_id is None
         if session_id is None:
@@ -295,7 +291,7 @@ def create_app(
         version = state.changes.version  # before reading: a change while reading is told
         account = await client.get_account(account_id)
         open_calls = await client.list_calls(account_id, active_only=True, limit=OPEN_CALLS_SHOWN)
-        now_ms = _now_ms()
+        now_ms = wall_clock_ms()
         state.replays.ensure(account_id, now_ms)
         chart = burndown_chart(
             state.history.points(account_id, now_ms),
@@ -480,7 +476,7 @@ def create_app(
         )
 
     async def login(request: Request) -> Response:
-        now_ms = _now_ms()
+        now_ms = wall_clock_ms()
         wait_ms = state.brake.wait_ms(now_ms)
         if wait_ms:
             message = f"Too many failed logins; try again in {wait_ms // 1000 + 1} s."

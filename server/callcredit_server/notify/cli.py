@@ -20,8 +20,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from callcredit_server.clock import wall_clock_ms
 from callcredit_server.notify.config import ConfigError, NotifyConfig, load
-from callcredit_server.notify.runner import Notifier, now_ms
+from callcredit_server.notify.runner import Notifier
 from callcredit_server.notify.store import Store
 
 MAX_LISTED = 1_000
@@ -70,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{dead.last_error}"
                     )
             return 0
-        if not store.requeue(args.event_id, args.endpoint, now_ms()):
+        if not store.requeue(args.event_id, args.endpoint, wall_clock_ms()):
             print(f"error: no dead letter {args.event_id} for {args.endpoint}", file=sys.stderr)
             return 1
         return 0

@@ -14,13 +14,13 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Callable
 
 import httpx
 
 from callcredit.admin import AdminClient
 from callcredit.errors import CallcreditError
+from callcredit_server.clock import wall_clock_ms
 from callcredit_server.notify import delivery
 from callcredit_server.notify.config import NotifyConfig
 from callcredit_server.notify.store import Pending, Store
@@ -33,12 +33,10 @@ RECONNECT_MAX_SECONDS = 30.0
 IDLE_POLL_SECONDS = 1.0  # the deliverer looks at the outbox at least this often
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class Notifier:
-    def __init__(self, config: NotifyConfig, store: Store, clock_ms: Callable[[], int] = now_ms):
+    def __init__(
+        self, config: NotifyConfig, store: Store, clock_ms: Callable[[], int] = wall_clock_ms
+    ):
         self.config = config
         self.store = store
         self._clock_ms = clock_ms
