@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from callcredit.errors import CallcreditError
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
 from callcredit_server import launch
+from callcredit_server.clock import wall_clock_ms
 from callcredit_server.core import Command, CreateAccount, PutTariff, Rate, StateMachine, Tariff
 from callcredit_server.core import TopUp as TopUpCommand
 from callcredit_server.journal import Journal, JournalRecord
@@ -127,7 +128,7 @@ def build(url: str, accounts: int, snapshot_root: Path) -> None:
     if journal.last_seq():
         raise SystemExit(f"{url} already holds a journal; use --reuse or a new --workdir")
     machine = StateMachine()
-    base_ms = time.time_ns() // 1_000_000
+    base_ms = wall_clock_ms()
     batch: list[JournalRecord] = []
     seq = 0
     for n, command in enumerate(_build_commands(accounts)):
@@ -562,7 +563,7 @@ async def run_state(
         if not args.quiet:
             print(text, flush=True)
 
-    tag = f"{result.name}{time.time_ns() // 1_000_000 % 10**10}"
+    tag = f"{result.name}{wall_clock_ms() % 10**10}"
     with serving(url, snapshot_root, args.grant_seconds, log) as server:
         pid = server.process.pid
         result.start_seconds = server.start_seconds

@@ -54,6 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `loadtest`, `tests`
 
 from callcredit_server import launch
+from callcredit_server.clock import wall_clock_ms
 from callcredit_server.core import (
     Command,
     CreateAccount,
@@ -207,7 +208,7 @@ async def takeover_record(options: argparse.Namespace) -> str:
     async with bench_compare._journal_schema(options.database_url) as url:
         journal = Journal(url)
         machine = StateMachine()
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = wall_clock_ms()
         seq = 0
         commands = _scale_commands(options.takeover_calls)
         built = time.perf_counter()

@@ -51,6 +51,7 @@ from callcredit.admin import AdminClient
 from callcredit.errors import CallcreditError
 from callcredit.v1 import admin_pb2
 from callcredit_server import launch
+from callcredit_server.clock import wall_clock_ms
 from callcredit_server.journal import Journal
 from callcredit_server.snapshot import write_snapshot
 from loadtest.baselines.procs import free_port
@@ -77,7 +78,7 @@ def build_state(url: str, accounts: int, open_calls: int, snapshot_root: Path) -
     """The child: bench_recovery's state, its records at this wall-clock time (so the
     calls' validity and the top-ups' keys hold when the servers start), and a snapshot."""
     started = time.perf_counter()
-    machine = build(url, accounts, open_calls, 0, start_ms=time.time_ns() // 1_000_000)
+    machine = build(url, accounts, open_calls, 0, start_ms=wall_clock_ms())
     with Journal(url) as journal:
         seq, journal_id = journal.last_seq(), journal.journal_id
     write_snapshot(snapshot_root / journal_id, seq, machine.image(), machine.now_ms)
