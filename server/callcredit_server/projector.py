@@ -17,9 +17,10 @@ redoes records, or two at once (each server of a hot-standby pair runs one), sto
 each record's events once. Nothing acknowledged, and no recovery, depends on it: if it
 dies or lags, the feed lags (`callcredit_changefeed_lag_records`), nothing else.
 
-The child dies with the server: it reads its settings from its stdin, then waits
-for that pipe's end, which comes when the server closes it or dies (even by SIGKILL),
-and exits at once. The server restarts a child that exited, after RESTART_SECONDS.
+The child dies with the server: a server that stops kills it (at once: it may still be
+starting up, and nothing is lost), and one that dies (even by SIGKILL) closes the pipe
+the child read its settings from, whose end it waits for, and exits at once. The server
+restarts a child that exited, after RESTART_SECONDS.
 
 The server's side (`FeedPoller`): one task per server reads the watermark every
 `FEED_POLL_SECONDS` and, while streams follow, the events up to it, and hands them to
@@ -29,7 +30,6 @@ the changefeed (changefeed.py) once for every follower.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import subprocess
@@ -56,7 +56,6 @@ RESTART_SECONDS = 1.0  # a projector child that exited is started again after th
 # The projector yields the cores to the writer (and, on a shared machine, to its
 # clients): it catches up when they leave CPU free, and the feed lags meanwhile.
 NICENESS = 10
-STOP_TIMEOUT_SECONDS = 5.0  # a child that has not exited this long after its pipe closed is killed
 
 
 class Projector:
@@ -182,18 +181,16 @@ class ProjectorProcess:
         self.start()
 
     def stop(self) -> None:
-        """Close its pipe (it exits), wait a little, then kill it. Blocking."""
+        """Kill the child and reap it. Blocking, briefly. Killing loses nothing: its
+        end of pipe does the same (os._exit), a transaction in flight is rolled back and
+        redone by the next projector, and a child still starting up is not waited for."""
         child, self._child = self._child, None
         if child is None:
             return
+        child.kill()
+        child.wait()
         if child.stdin is not None:
-            with contextlib.suppress(OSError):
-                child.stdin.close()
-        try:
-            child.wait(STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+            child.stdin.close()
 
 
 class FeedPoller:
