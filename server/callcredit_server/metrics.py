@@ -24,7 +24,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -232,27 +232,30 @@ class Metrics(Collector):
         (time.perf_counter()). `kinds`: each operation's; `noted`: the answers that are
         not plain successes (refusals, releases that overran), with their kind.
 
-        Counted per message, not per operation: every answer not noted is OK."""
-        per_kind = Counter(kinds)
-        ok = per_kind.copy()
+        Counted per message: every answer not noted is OK."""
+        per_kind: dict[str, int] = {}
+        for kind in kinds:
+            per_kind[kind] = per_kind.get(kind, 0) + 1
+        not_ok: dict[str, int] = {}
         refused = self.refused
         for kind, outcome in noted:
             cls = outcome.__class__
             if cls is Refused:
                 refused[kind, cast(Refused, outcome).reason] += 1
-                ok[kind] -= 1
+                not_ok[kind] = not_ok.get(kind, 0) + 1
             elif cls is _Status:
                 code = cast(status_pb2.Status, outcome).code
                 refused[kind, _STATUS_OUTCOME.get(code, OTHER_ERROR)] += 1
-                ok[kind] -= 1
+                not_ok[kind] = not_ok.get(kind, 0) + 1
             elif cls is ReleaseOutcome:
                 self._overran(cast(ReleaseOutcome, outcome))
         if per_kind:
             seconds = time.perf_counter() - started
-            answered_ok = self.ok
+            ok = self.ok
             for kind, count in per_kind.items():
-                if ok[kind]:
-                    answered_ok[kind] += ok[kind]
+                answered_ok = count - not_ok.get(kind, 0)
+                if answered_ok:
+                    ok[kind] += answered_ok
                 self._latency(kind).observe(seconds, count)
 
     def _latency(self, kind: str) -> Histogram:
