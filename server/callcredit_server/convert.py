@@ -39,9 +39,11 @@ class GrantPolicy:
     max_grant_seconds: int
     validity_seconds: int
 
-    # The grant a request gets, min(requested_seconds or grant_seconds,
-    # max_grant_seconds), is worked out inline by reserve() and renew(): a method call
-    # and min() were a quarter of building the command.
+    def grant_for(self, requested_seconds: int) -> int:
+        """min(requested_seconds or grant_seconds, max_grant_seconds), without min():
+        one per Reserve and Renew, where min() was a sixth of building the command."""
+        grant = requested_seconds or self.grant_seconds
+        return grant if grant <= self.max_grant_seconds else self.max_grant_seconds
 
 
 _STATUS_TO_PB = {
@@ -81,9 +83,7 @@ _new_tuple = tuple.__new__
 
 def reserve(msg: credit_control_pb2.ReserveRequest, policy: GrantPolicy) -> Reserve:
     requested = msg.requested_seconds
-    grant = requested or policy.grant_seconds
-    if grant > policy.max_grant_seconds:
-        grant = policy.max_grant_seconds
+    grant = policy.grant_for(requested)
     return _new_tuple(
         Reserve,
         (msg.call_id, msg.account_id, msg.destination, requested, grant, policy.validity_seconds),
@@ -92,9 +92,7 @@ def reserve(msg: credit_control_pb2.ReserveRequest, policy: GrantPolicy) -> Rese
 
 def renew(msg: credit_control_pb2.RenewRequest, policy: GrantPolicy) -> Renew:
     requested = msg.requested_seconds
-    grant = requested or policy.grant_seconds
-    if grant > policy.max_grant_seconds:
-        grant = policy.max_grant_seconds
+    grant = policy.grant_for(requested)
     return _new_tuple(
         Renew,
         (msg.call_id, msg.sequence, msg.used_seconds, requested, grant, policy.validity_seconds),
