@@ -40,7 +40,10 @@ class GrantPolicy:
     validity_seconds: int
 
     def grant_for(self, requested_seconds: int) -> int:
-        return min(requested_seconds or self.grant_seconds, self.max_grant_seconds)
+        """min(requested_seconds or grant_seconds, max_grant_seconds), without min():
+        one per Reserve and Renew, where min() was a sixth of building the command."""
+        grant = requested_seconds or self.grant_seconds
+        return grant if grant <= self.max_grant_seconds else self.max_grant_seconds
 
 
 _STATUS_TO_PB = {
@@ -72,30 +75,32 @@ def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
 # --------------------------------------------------------------- to commands
 
 
+# The dialer's commands are built from all of their fields in order with tuple.__new__,
+# skipping the NamedTuple's keyword-parsing __new__ (a sixth of its cost): one per
+# operation on the Control stream.
+_new_tuple = tuple.__new__
+
+
 def reserve(msg: credit_control_pb2.ReserveRequest, policy: GrantPolicy) -> Reserve:
-    return Reserve(
-        call_id=msg.call_id,
-        account_id=msg.account_id,
-        destination=msg.destination,
-        requested_seconds=msg.requested_seconds,
-        grant_seconds=policy.grant_for(msg.requested_seconds),
-        validity_seconds=policy.validity_seconds,
+    requested = msg.requested_seconds
+    grant = policy.grant_for(requested)
+    return _new_tuple(
+        Reserve,
+        (msg.call_id, msg.account_id, msg.destination, requested, grant, policy.validity_seconds),
     )
 
 
 def renew(msg: credit_control_pb2.RenewRequest, policy: GrantPolicy) -> Renew:
-    return Renew(
-        call_id=msg.call_id,
-        sequence=msg.sequence,
-        used_seconds=msg.used_seconds,
-        requested_seconds=msg.requested_seconds,
-        grant_seconds=policy.grant_for(msg.requested_seconds),
-        validity_seconds=policy.validity_seconds,
+    requested = msg.requested_seconds
+    grant = policy.grant_for(requested)
+    return _new_tuple(
+        Renew,
+        (msg.call_id, msg.sequence, msg.used_seconds, requested, grant, policy.validity_seconds),
     )
 
 
 def release(msg: credit_control_pb2.ReleaseRequest) -> Release:
-    return Release(call_id=msg.call_id, used_seconds=msg.used_seconds)
+    return _new_tuple(Release, (msg.call_id, msg.used_seconds))
 
 
 def rate_from_pb(msg: admin_pb2.Rate) -> Rate:

@@ -46,6 +46,7 @@ AccountFilter = Callable[[str], bool]
 """May a submission act on this account id? (a dialer token's tenant, auth.py)"""
 
 _CALL_COMMANDS = (Reserve, Renew, Release)  # the commands that name a call
+_new_tuple = tuple.__new__
 
 
 class WriterCore(Generic[Target, Answer]):
@@ -89,6 +90,7 @@ class WriterCore(Generic[Target, Answer]):
         routes = self.routes
         on_step = self.on_step
         seq = self.next_seq
+        active = CallState.ACTIVE
         outcomes: list[Outcome] = []
         pushes: list[tuple[Target, Push]] = []
         try:
@@ -101,24 +103,26 @@ class WriterCore(Generic[Target, Answer]):
                 step = apply(command, now_ms)
                 if on_step is not None:
                     on_step(command, step)
-                outcome = step.outcome
-                if step.changed:
-                    records.append(JournalRecord(seq, now_ms, command, step.entries, step.calls))
+                outcome, changed, entries, touched, step_pushes, _ = step
+                if changed:  # the record's fields in order, without NamedTuple's __new__
+                    records.append(
+                        _new_tuple(JournalRecord, (seq, now_ms, command, entries, touched))
+                    )
                     seq += 1
                 if (
                     target is not None
-                    and not isinstance(outcome, Refused)  # a refusal changes nothing
+                    and outcome.__class__ is not Refused  # a refusal changes nothing
                     and isinstance(command, _CALL_COMMANDS)
                 ):
                     call = calls.get(command.call_id)
-                    if call is not None and call.state is CallState.ACTIVE:
+                    if call is not None and call.state is active:
                         routes[command.call_id] = target  # pushes follow the stream that spoke
-                for push in step.pushes:
+                for push in step_pushes:
                     routed = routes.get(push.call_id)
                     if routed is not None:
                         pushes.append((routed, push))
-                for record in step.calls:
-                    if record.state is not CallState.ACTIVE:
+                for record in touched:
+                    if record.state is not active:
                         routes.pop(record.call_id, None)
                 outcomes.append(outcome)
         finally:

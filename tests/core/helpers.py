@@ -45,6 +45,7 @@ from callcredit_server.core import (
     TopUp,
     UpdateAccount,
 )
+from callcredit_server.core.model import Call
 
 T0_MS = 1_750_000_000_000  # any instant; tests move forward from here
 DEFAULT_GRANT_SECONDS = 60  # --grant-seconds
@@ -125,10 +126,11 @@ def _rebuilt(value: Any) -> tuple[type[Any], tuple[Any, ...]]:
 
 
 # Compiled by mypyc, a frozen dataclass cannot be deep-copied field by field (its
-# __setstate__ assigns them): state_of copies the ones the state holds by constructor.
+# __setstate__ assigns them), nor can a Call (its compiled __init__ runs on creation
+# and wants every field): state_of copies the ones the state holds by constructor.
 if COMPILED:
-    for frozen in (Rate, Tariff):
-        copyreg.pickle(frozen, _rebuilt)
+    for built in (Rate, Tariff, Call):
+        copyreg.pickle(built, _rebuilt)
 
 
 def state_of(machine: StateMachine) -> dict[str, object]:

@@ -49,6 +49,7 @@ from callcredit_server.core.model import (
     Rate,
     ReleaseResult,
     Tariff,
+    _new,
     key_answer,
     new_key_record,
     new_ledger_entry,
@@ -178,13 +179,18 @@ class StateMachine:
         if self._changed:
             self._cross_thresholds()
         self._check_step()
-        return Step(
-            outcome,
-            self._changed,
-            entries,
-            [call.record() for call in touched.values()],
-            pushes,
-            events,
+        # Every command builds a Step: from its fields in order, without the NamedTuple's
+        # keyword-parsing __new__ (which stays interpreted Python when compiled).
+        return _new(
+            Step,
+            (
+                outcome,
+                self._changed,
+                entries,
+                [call.record() for call in touched.values()],
+                pushes,
+                events,
+            ),
         )
 
     def _top_up(self, c: TopUp) -> Outcome:

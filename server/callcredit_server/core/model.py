@@ -167,9 +167,13 @@ class CallRecord(NamedTuple):
     last_sequence: int
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Call:
-    """A call the state machine still remembers (open, or ended within the window)."""
+    """A call the state machine still remembers (open, or ended within the window).
+
+    Its `__init__` is written out (`init=False`): mypyc compiles it, where it would keep
+    the one `dataclasses` generates as interpreted Python (each Reserve builds a Call).
+    """
 
     call_id: str
     call_seq: int  # order of reservation across the server: "oldest first"
@@ -192,6 +196,52 @@ class Call:
     shortfall: int = 0
     ended_at_ms: int | None = None
     release: ReleaseResult | None = None
+
+    def __init__(
+        self,
+        call_id: str,
+        call_seq: int,
+        account_id: str,
+        destination: str,
+        requested_seconds: int,
+        rate: Rate,
+        grant_seconds: int,
+        validity_seconds: int,
+        started_at_ms: int,
+        expires_at_ms: int,
+        state: CallState = CallState.ACTIVE,
+        allowed_seconds: int = 0,
+        used_seconds: int = 0,
+        held: int = 0,
+        final: bool = False,
+        last_sequence: int = 0,
+        last_renew: Grant | None = None,
+        charged: int = 0,
+        shortfall: int = 0,
+        ended_at_ms: int | None = None,
+        release: ReleaseResult | None = None,
+    ) -> None:
+        self.call_id = call_id
+        self.call_seq = call_seq
+        self.account_id = account_id
+        self.destination = destination
+        self.requested_seconds = requested_seconds
+        self.rate = rate
+        self.grant_seconds = grant_seconds
+        self.validity_seconds = validity_seconds
+        self.started_at_ms = started_at_ms
+        self.expires_at_ms = expires_at_ms
+        self.state = state
+        self.allowed_seconds = allowed_seconds
+        self.used_seconds = used_seconds
+        self.held = held
+        self.final = final
+        self.last_sequence = last_sequence
+        self.last_renew = last_renew
+        self.charged = charged
+        self.shortfall = shortfall
+        self.ended_at_ms = ended_at_ms
+        self.release = release
 
     def grant(self) -> Grant:
         """The call's current grant."""
