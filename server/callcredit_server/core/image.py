@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from callcredit_server.core.model import (
+    _NO_CALLS,
     Account,
     AccountStatus,
     Call,
@@ -278,6 +279,9 @@ def account_of(row: list[Any], names: dict[str, str]) -> Account:
         _ACCOUNT_STATUS[status],
         balance,
         reserved,
+        # given, not left to their default factories: two calls fewer per account
+        open_calls=_NO_CALLS,
+        final_calls=_NO_CALLS,
         low_balance_threshold=low_balance_threshold,
         low=low,
     )
