@@ -5,11 +5,25 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
+from enum import Enum
 
 import pytest
 
 from callcredit_server.core import COMPILED, InvariantViolation, Rate, StateMachine
 from callcredit_server.core import image as image_format
+from callcredit_server.core.model import (
+    Account,
+    AccountStatus,
+    AccountView,
+    Call,
+    CallState,
+    EntryKind,
+    Grant,
+    ReleaseResult,
+    Tariff,
+    key_answer,
+    new_key_record,
+)
 from tests.core.helpers import rate
 from tests.core.test_properties import OP_CODES, command_of, decode, two_accounts
 
@@ -76,3 +90,43 @@ def test_the_readers_unpack_each_row_into_its_fields_in_order(
     fields: tuple[str, ...] = row._fields  # type: ignore[attr-defined]
     names = reader.__code__.co_varnames[first_local : first_local + len(fields)]
     assert names == fields
+
+
+def _by_name(row: type[tuple[object, ...]], source: object, **given: object) -> list[object]:
+    """`row` built by name from `source`'s attributes of the same names (enums by value),
+    but the fields `given`."""
+    fields: tuple[str, ...] = row._fields  # type: ignore[attr-defined]
+    values = {f: given[f] if f in given else getattr(source, f) for f in fields}
+    return [v.value if isinstance(v, Enum) else v for v in row(**values)]
+
+
+def test_the_writers_list_each_row_s_fields_in_order() -> None:
+    """Every field of every row a distinct value: a writer that lists two fields out of
+    order fails here."""
+    price = Rate("84", 21, 22, 23, 24)
+    assert image_format.rate_row(price) == _by_name(image_format.RateRow, price)
+    tariff = Tariff("T", "VND", (price,))
+    rates = [image_format.rate_row(price)]
+    assert image_format.tariff_row(tariff) == _by_name(image_format.TariffRow, tariff, rates=rates)
+    account = Account("a", "VND", "T", 11, 12, AccountStatus.SUSPENDED, 13, 14)
+    account.low_balance_threshold, account.low = 15, True
+    assert image_format.account_row(account) == _by_name(image_format.AccountRow, account)
+    grant = Grant("c", 31, True, 32, 33)
+    ended = ReleaseResult("c", 41, 42, 43, 44, 45)
+    call = Call("c", 1, "a", "84901", 2, price, 3, 4, 5, 6, CallState.RELEASED, 7, 8, 9, True,
+                10, grant, 16, 17, 18, ended)  # fmt: skip
+    assert image_format.call_row(call) == _by_name(
+        image_format.CallRow,
+        call,
+        rate=image_format.rate_row(price),
+        last_renew=_by_name(image_format.GrantRow, grant),
+        release=_by_name(image_format.ReleaseRow, ended),
+    )
+    view = AccountView("a", "USD", AccountStatus.CLOSED, "T2", 51, 52, 53 - 52 + 51, 53, 54, 55,
+                       56, 57)  # fmt: skip
+    record = new_key_record(61, EntryKind.ADJUSTMENT, 62, "why", view)
+    assert image_format.key_row("a", "k", record) == [
+        *image_format.KeyRow(61, "a", "k", "ADJUSTMENT", 62, "why",
+                             _by_name(image_format.ViewRow, key_answer("a", record))),
+    ]  # fmt: skip
+    assert image_format.key_row("a", "k", record)[-1] == _by_name(image_format.ViewRow, view)

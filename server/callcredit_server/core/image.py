@@ -3,12 +3,14 @@
 An image is a JSON object: the version, five scalars, and a list of rows per record
 kind (tariffs, accounts, calls, idempotency keys). A row is a JSON array, not an
 object: a snapshot holds millions of them, and field names would double its size.
-Each row's fields, in order, are those of its NamedTuple below. Writers build rows by
-name through these types. The readers of the rows a start reads by the million
-(`<kind>_of`) unpack a row into locals named as the fields, in the fields' order (the
-NamedTuple's attribute access made a start from a snapshot 1.7x slower,
-scripts/bench_core.py --mix from-image); tests/core/test_image.py checks that those
-names are the NamedTuple's fields.
+Each row's fields, in order, are those of its NamedTuple below. A snapshot writes and
+a start reads them by the million, so neither goes through these types: the writers
+(`<kind>_row`) list the fields in order (building the NamedTuple by name made the
+snapshot child ~4x slower at it: docs/benchmarks.md, "Start-up and the snapshot's tail,
+again"), and the readers (`<kind>_of`) unpack a row into locals named as the fields, in
+the fields' order (the NamedTuple's attribute access made a start from a snapshot 1.7x
+slower, scripts/bench_core.py --mix from-image). tests/core/test_image.py checks both
+against the NamedTuples by name.
 
 Compatibility: every image a released version wrote must load in every later one.
 A change to any row below (a field added, removed, reordered or re-encoded) bumps
@@ -38,7 +40,6 @@ from callcredit_server.core.model import (
     ReleaseResult,
     Tariff,
     _new,
-    key_answer,
 )
 
 # 2: accounts carry their low-balance threshold and whether it fired (AccountRow), and
@@ -207,15 +208,9 @@ def decode_header(image: dict[str, Any]) -> Header:
 
 
 def rate_row(rate: Rate) -> list[Any]:
-    return [
-        *RateRow(
-            prefix=rate.prefix,
-            price_per_minute_micros=rate.price_per_minute_micros,
-            first_increment_seconds=rate.first_increment_seconds,
-            next_increment_seconds=rate.next_increment_seconds,
-            connect_fee=rate.connect_fee,
-        )
-    ]
+    r = rate
+    return [r.prefix, r.price_per_minute_micros, r.first_increment_seconds,
+            r.next_increment_seconds, r.connect_fee]  # fmt: skip
 
 
 def rate_of(row: list[Any], shared: dict[tuple[Any, ...], Rate]) -> Rate:
@@ -236,8 +231,7 @@ def rate_of(row: list[Any], shared: dict[tuple[Any, ...], Rate]) -> Rate:
 
 
 def tariff_row(tariff: Tariff) -> list[Any]:
-    rates = [rate_row(r) for r in tariff.rates]
-    return [*TariffRow(tariff_id=tariff.tariff_id, currency=tariff.currency, rates=rates)]
+    return [tariff.tariff_id, tariff.currency, [rate_row(r) for r in tariff.rates]]
 
 
 def tariff_of(row: list[Any], shared: dict[tuple[Any, ...], Rate]) -> Tariff:
@@ -247,20 +241,9 @@ def tariff_of(row: list[Any], shared: dict[tuple[Any, ...], Rate]) -> Tariff:
 
 
 def account_row(account: Account) -> list[Any]:
-    return [
-        *AccountRow(
-            account_id=account.account_id,
-            currency=account.currency,
-            tariff_id=account.tariff_id,
-            credit_limit=account.credit_limit,
-            max_concurrent_calls=account.max_concurrent_calls,
-            status=account.status.value,
-            balance=account.balance,
-            reserved=account.reserved,
-            low_balance_threshold=account.low_balance_threshold,
-            low=account.low,
-        )
-    ]
+    a = account
+    return [a.account_id, a.currency, a.tariff_id, a.credit_limit, a.max_concurrent_calls,
+            a.status.value, a.balance, a.reserved, a.low_balance_threshold, a.low]  # fmt: skip
 
 
 def account_of(row: list[Any], names: dict[str, str]) -> Account:
@@ -288,52 +271,21 @@ def account_of(row: list[Any], names: dict[str, str]) -> Account:
 
 
 def call_row(call: Call) -> list[Any]:
-    renew = call.last_renew
-    release = call.release
+    c = call
+    renew = c.last_renew
+    ended = c.release
     return [
-        *CallRow(
-            call_id=call.call_id,
-            call_seq=call.call_seq,
-            account_id=call.account_id,
-            destination=call.destination,
-            requested_seconds=call.requested_seconds,
-            rate=rate_row(call.rate),
-            grant_seconds=call.grant_seconds,
-            validity_seconds=call.validity_seconds,
-            started_at_ms=call.started_at_ms,
-            expires_at_ms=call.expires_at_ms,
-            state=call.state.value,
-            allowed_seconds=call.allowed_seconds,
-            used_seconds=call.used_seconds,
-            held=call.held,
-            final=call.final,
-            last_sequence=call.last_sequence,
-            last_renew=None
-            if renew is None
-            else [
-                *GrantRow(
-                    allowed_seconds=renew.allowed_seconds,
-                    final=renew.final,
-                    validity_seconds=renew.validity_seconds,
-                    held=renew.held,
-                )
-            ],
-            charged=call.charged,
-            shortfall=call.shortfall,
-            ended_at_ms=call.ended_at_ms,
-            release=None
-            if release is None
-            else [
-                *ReleaseRow(
-                    used_seconds=release.used_seconds,
-                    billed_seconds=release.billed_seconds,
-                    charged=release.charged,
-                    shortfall=release.shortfall,
-                    balance=release.balance,
-                )
-            ],
-        )
-    ]
+        c.call_id, c.call_seq, c.account_id, c.destination, c.requested_seconds,
+        rate_row(c.rate), c.grant_seconds, c.validity_seconds, c.started_at_ms,
+        c.expires_at_ms, c.state.value, c.allowed_seconds, c.used_seconds, c.held, c.final,
+        c.last_sequence,
+        None if renew is None  # GrantRow
+        else [renew.allowed_seconds, renew.final, renew.validity_seconds, renew.held],
+        c.charged, c.shortfall, c.ended_at_ms,
+        None if ended is None  # ReleaseRow
+        else [ended.used_seconds, ended.billed_seconds, ended.charged, ended.shortfall,
+              ended.balance],
+    ]  # fmt: skip
 
 
 def call_of(row: list[Any], shared: dict[tuple[Any, ...], Rate]) -> Call:
@@ -380,33 +332,12 @@ def call_of(row: list[Any], shared: dict[tuple[Any, ...], Rate]) -> Call:
 
 
 def key_row(account_id: str, key: str, r: KeyRecord) -> list[Any]:
-    answer = key_answer(account_id, r)
-    return [
-        *KeyRow(
-            at_ms=r.at_ms,
-            account_id=account_id,
-            key=key,
-            kind=r.kind.value,
-            amount=r.amount,
-            text=r.text,
-            answer=[
-                *ViewRow(
-                    account_id=account_id,
-                    currency=answer.currency,
-                    status=answer.status.value,
-                    tariff_id=answer.tariff_id,
-                    balance=answer.balance,
-                    reserved=answer.reserved,
-                    available=answer.available,
-                    credit_limit=answer.credit_limit,
-                    max_concurrent_calls=answer.max_concurrent_calls,
-                    active_calls=answer.active_calls,
-                    low_balance_threshold=answer.low_balance_threshold,
-                    burn_micros=answer.burn_micros,
-                )
-            ],
-        )
-    ]
+    answer = [  # ViewRow: what key_answer() gives, its available derived the same way
+        account_id, r.currency, r.status.value, r.tariff_id, r.balance, r.reserved,
+        r.balance + r.credit_limit - r.reserved, r.credit_limit, r.max_concurrent_calls,
+        r.active_calls, r.low_balance_threshold, r.burn_micros,
+    ]  # fmt: skip
+    return [r.at_ms, account_id, key, r.kind.value, r.amount, r.text, answer]
 
 
 def key_of(row: list[Any], names: dict[str, str]) -> tuple[str, str, KeyRecord]:
