@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -268,6 +269,7 @@ class Dialer:
         self.idle.set()
         self.counts = Counts()
         self.renew_latency = Histogram()
+        self.renewed: list[tuple[float, float]] = []  # (due, latency) of each renewal
         self.phase_latency = Histogram()
         self.lanes: list[Lane[int]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -361,6 +363,7 @@ class Dialer:
             counts.final_grants += grant.final
             counts.ok[RENEW] += 1
             self.renew_latency.add(now - self.due[i])
+            self.renewed.append((self.due[i], now - self.due[i]))
         else:
             charged = outcome.release.charged
             self.charged[i] = charged
@@ -518,6 +521,50 @@ def verify_journal(url: str, snapshot_root: Path) -> tuple[bool, float, str]:
     return out.returncode == 0, time.perf_counter() - started, text[-1] if text else ""
 
 
+# ------------------------------------------------------------------ the snapshot's share
+
+_LOG_TIME = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO callcredit_server\.writer: "
+_CHILD_STARTED = re.compile(_LOG_TIME + r"snapshot at seq (\d+): child \d+ started, writer paused ([\d.]+) ms")
+_CHILD_DONE = re.compile(_LOG_TIME + r"snapshot at seq (\d+) (?:written|dropped|failed)")
+
+
+def _log_seconds(stamp: str) -> float:
+    """A server log line's time (local, ms) as this process's perf_counter()."""
+    wall = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return wall - time.time() + time.perf_counter()
+
+
+def snapshot_windows(log_text: str) -> list[tuple[float, float]]:
+    """(from, to) in perf_counter() seconds of each snapshot: the fork's pause, then the
+    child's run until the writer reaped it (a child still running: until now)."""
+    done = {m.group(2): _log_seconds(m.group(1)) for m in _CHILD_DONE.finditer(log_text)}
+    return [
+        (
+            _log_seconds(m.group(1)) - float(m.group(3)) / 1e3,
+            done.get(m.group(2), time.perf_counter()),
+        )
+        for m in _CHILD_STARTED.finditer(log_text)
+    ]
+
+
+def split_by_snapshots(
+    result: Result, renewed: list[tuple[float, float]], windows: list[tuple[float, float]]
+) -> None:
+    """Renew p99 of the renewals due while a snapshot was taken, and of the others: what
+    the snapshot child costs the tail, under the same background load in the same run."""
+    during, other = Histogram(), Histogram()
+    first = renewed[0][0] if renewed else 0.0
+    for due, latency in renewed:
+        hit = any(start <= due <= end for start, end in windows)
+        (during if hit else other).add(latency)
+    result.renewals_snapshot = during.total
+    result.p99_snapshot = during.quantile_ms(0.99) if during.total else 0.0
+    result.p99_other = other.quantile_ms(0.99) if other.total else 0.0
+    result.snapshot_child_seconds = sum(
+        max(0.0, end - max(start, first)) for start, end in windows if end >= first
+    )
+
+
 # ------------------------------------------------------------------ one state
 
 
@@ -550,6 +597,10 @@ class Result:
     machine_cpu: float = 0.0
     snapshots_steady: int = 0
     snapshot_lines: list[str] = field(default_factory=list)
+    snapshot_child_seconds: float = 0.0  # steady phase: how long a snapshot child ran
+    p99_snapshot: float = 0.0  # renewals due while a snapshot child ran (or the fork)
+    p99_other: float = 0.0  # the rest
+    renewals_snapshot: int = 0
     release_seconds: float = 0.0
     scrape_ms: float = 0.0
     problems: list[str] = field(default_factory=list)
@@ -620,6 +671,7 @@ async def run_state(
             steady_log = server.log_text()[log_before:]
             result.snapshot_lines = re.findall(r"snapshot at seq \d+: .*", steady_log)
             result.snapshots_steady = len(result.snapshot_lines)
+            split_by_snapshots(result, dialer.renewed, snapshot_windows(server.log_text()))
             say(
                 f"[{result.name}] {renewals:,} renewals in {took:.1f} s: p50 {result.p50:.2f} ms, "
                 f"p99 {result.p99:.2f} ms, max {result.max_ms:.2f} ms; server CPU "
@@ -695,6 +747,17 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
             [f"{r.client_cpu:.0%} / {r.machine_cpu:.0%}" for r in results],
         ),
         ("snapshots during steady", [str(r.snapshots_steady) for r in results]),
+        (
+            "snapshot child running (steady)",
+            [f"{r.snapshot_child_seconds:.1f} s" for r in results],
+        ),
+        (
+            "renew p99 with a snapshot running / not (renewals)",
+            [
+                f"{r.p99_snapshot:.2f} / {r.p99_other:.2f} ms ({r.renewals_snapshot:,})"
+                for r in results
+            ],
+        ),
         ("RSS max during steady", [f"{r.rss_steady_max:,.0f} MiB" for r in results]),
         (
             "RSS at the end / peak (VmHWM)",
