@@ -15,7 +15,11 @@ memory is that of the start alone):
     python scripts/bench_recovery.py --accounts 1000 --open-calls 1000 --renewals 10000000
 
 The journal goes to a SQLite file in --workdir (kept, so a rerun can skip building
-with --reuse).
+with --reuse). One measure alone, in this process, on what a run left:
+
+    python scripts/bench_recovery.py --measure sqlite:///DIR/journal.db --snapshots DIR/snapshots
+    python scripts/bench_recovery.py --measure sqlite:///DIR/journal.db --snapshots DIR/snapshots \
+        --take-snapshot     # then the fork's pause and the snapshot child's CPU time
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -125,6 +130,30 @@ def measure_recovery(url: str, snapshots: str) -> None:
     }))  # fmt: skip
 
 
+def measure_snapshot(url: str, snapshots: str) -> None:
+    """Runs in its own process: start from the snapshot, then take one the way the
+    server does (fork_snapshot) into a scratch folder; print the fork's pause and what
+    the child cost (its CPU time from wait4, steadier than the wall clock) as one line."""
+    journal = Journal(url)
+    recovered = recover(journal, Path(snapshots))
+    seq = journal.last_seq()
+    journal.close()
+    with tempfile.TemporaryDirectory(dir=Path(snapshots).parent) as scratch:
+        started = time.perf_counter()
+        pid = fork_snapshot(recovered.machine, seq, Path(scratch), recovered.machine.now_ms)
+        paused = time.perf_counter() - started
+        _, status, usage = os.wait4(pid, 0)
+        took = time.perf_counter() - started
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit("snapshot child failed")
+    print(json.dumps({
+        "fork_pause_ms": round(paused * 1e3, 1),
+        "child_seconds": round(took, 2),
+        "child_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+        "child_user_seconds": round(usage.ru_utime, 2),
+    }))  # fmt: skip
+
+
 def _recover_in_child(url: str, snapshots: str) -> dict[str, object]:
     out = subprocess.run(
         [sys.executable, __file__, "--measure", url, "--snapshots", snapshots],
@@ -145,7 +174,11 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="the journal is already built")
     parser.add_argument("--measure", default="", help=argparse.SUPPRESS)
     parser.add_argument("--snapshots", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--take-snapshot", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure and args.take_snapshot:
+        measure_snapshot(args.measure, args.snapshots)
+        return
     if args.measure:
         measure_recovery(args.measure, args.snapshots)
         return
