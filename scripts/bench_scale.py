@@ -524,7 +524,9 @@ def verify_journal(url: str, snapshot_root: Path) -> tuple[bool, float, str]:
 # ------------------------------------------------------------------ the snapshot's share
 
 _LOG_TIME = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO callcredit_server\.writer: "
-_CHILD_STARTED = re.compile(_LOG_TIME + r"snapshot at seq (\d+): child \d+ started, writer paused ([\d.]+) ms")
+_CHILD_STARTED = re.compile(
+    _LOG_TIME + r"snapshot at seq (\d+): child \d+ started, writer paused ([\d.]+) ms"
+)
 _CHILD_DONE = re.compile(_LOG_TIME + r"snapshot at seq (\d+) (?:written|dropped|failed)")
 
 
