@@ -521,6 +521,15 @@ def verify_journal(url: str, snapshot_root: Path) -> tuple[bool, float, str]:
     return out.returncode == 0, time.perf_counter() - started, text[-1] if text else ""
 
 
+def _commits(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """(seconds, commits) of the journal's commits between two scrapes."""
+    name = "callcredit_journal_commit_duration_seconds"
+    seconds, commits = (
+        after.get(name + s, 0.0) - before.get(name + s, 0.0) for s in ("_sum", "_count")
+    )
+    return seconds, commits
+
+
 # ------------------------------------------------------------------ the snapshot's share
 
 _LOG_TIME = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO callcredit_server\.writer: "
@@ -603,6 +612,8 @@ class Result:
     p99_snapshot: float = 0.0  # renewals due while a snapshot child ran (or the fork)
     p99_other: float = 0.0  # the rest
     renewals_snapshot: int = 0
+    commit_ms: float = 0.0  # steady phase: mean journal commit (the server's histogram)
+    commits_per_second: float = 0.0
     release_seconds: float = 0.0
     scrape_ms: float = 0.0
     problems: list[str] = field(default_factory=list)
@@ -640,6 +651,7 @@ async def run_state(
 
             # the steady phase, with the server's memory sampled every second
             log_before = len(server.log_text())
+            metrics0 = server.metrics()
             cpu0 = process_cpu_seconds([pid]), self_cpu_seconds(), machine_cpu_seconds()
             sent0 = sum(lane.messages for lane in dialer.lanes)
             sampling = True
@@ -653,6 +665,9 @@ async def run_state(
             renewals, took = await dialer.steady(rate, args.seconds)
             sampling = False
             await sampler
+            commit_seconds, commits = _commits(metrics0, server.metrics())
+            result.commit_ms = commit_seconds / max(commits, 1) * 1000
+            result.commits_per_second = commits / took
             cpu1 = process_cpu_seconds([pid]), self_cpu_seconds(), machine_cpu_seconds()
             result.renewals = renewals
             messages = sum(lane.messages for lane in dialer.lanes) - sent0
@@ -747,6 +762,10 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
         (
             "client CPU / machine CPU",
             [f"{r.client_cpu:.0%} / {r.machine_cpu:.0%}" for r in results],
+        ),
+        (
+            "journal commits (steady): mean, per s",
+            [f"{r.commit_ms:.2f} ms, {r.commits_per_second:,.0f}/s" for r in results],
         ),
         ("snapshots during steady", [str(r.snapshots_steady) for r in results]),
         (
