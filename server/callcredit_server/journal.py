@@ -1,18 +1,24 @@
-"""The write-ahead journal: every state change, in order, and the history reads need.
+"""The write-ahead journal: every state change, in order, and its projections.
 
 The journal is command-sourced. Each command that changed state (`Step.changed`)
 is stored under a gap-free `seq` with the time the state machine was given
 (`at_ms`); replaying them in order through a fresh `StateMachine` rebuilds the
-identical state, because the machine reads no clock of its own. Memory does not
-keep history, so the same transaction also stores what history reads need: the
-ledger entries of each step and the latest snapshot of every call it touched.
-A reply is released only after `append` returns, so history is never behind an
-answer.
+identical state, because the machine reads no clock of its own. A reply is released
+only after `append` returns. `append` writes nothing else: the writer's path is the
+journal rows only.
+
+Memory does not keep history. What history reads need (the ledger entries of each
+step, the latest snapshot of every call) and the changefeed's events are derived
+from the durable journal by the projector (projector.py), a process of its own that
+re-applies the records, and stored by `project` in its transactions, each with its
+watermark (`projected_through`). A history read first waits until the watermark
+covers what it must see (service.py); nothing acknowledged, and no recovery, reads
+these tables.
 
 The interface is narrow on purpose (exchange-core's journal is the model):
-`append` (one transaction per batch: group commit), `replay`, `last_seq`, and
-three history reads. It runs on any SQLAlchemy database; SQLite (the default)
-and PostgreSQL (production) are tuned and tested.
+`append` (one transaction per batch: group commit), `replay`, `last_seq`, `project`,
+and the reads of the projection. It runs on any SQLAlchemy database; SQLite (the
+default) and PostgreSQL (production) are tuned and tested.
 
 Threads: one writer thread calls `append`, other threads call the reads. Each
 checkout gets its own connection from the pool. On SQLite, WAL lets readers run
@@ -112,6 +118,7 @@ __all__ = [
     "Journal",
     "JournalError",
     "JournalRecord",
+    "Projected",
     "StoredEvent",
     "calls_table",
     "engine_url",
@@ -136,13 +143,12 @@ POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_MS = 10_000  # the server ends such a sessi
 _SCHEMA_LOCK = 0x63616C6C  # PostgreSQL advisory lock key ("call") around table creation
 APPLICATION_NAME_PREFIX = "callcredit:"  # + the server's owner id: whose sessions to end
 POSTGRES_TERMINATE_WAIT_MS = 1_000  # end_sessions waits this long for each to be gone
-_DELETE_CHUNK = 500  # ids per DELETE ... IN (...) in the portable upsert
 # PostgreSQL: an upsert of this many rows or more goes through COPY into a temporary
 # table (several times faster than executemany): a new primary's Takeover rewrites
-# the history row of every open call, 100,000 of them at scale, in one commit.
+# the history row of every open call, 100,000 of them at scale, in one projection.
 POSTGRES_COPY_MIN_ROWS = 2_000
 
-# Dialects whose INSERT ... ON CONFLICT DO UPDATE is used; others delete + insert.
+# Dialects whose INSERT ... ON CONFLICT is used: the projection runs on these only.
 _NATIVE_UPSERT = frozenset({"sqlite", "postgresql"})
 
 # Execution option marking the writer's connections: on SQLite they BEGIN IMMEDIATE.
@@ -158,7 +164,7 @@ class Fenced(JournalError):
 
 
 class JournalRecord(NamedTuple):
-    """One applied command and the history it produced, as the writer hands it over.
+    """One applied command, as the writer hands it over.
 
     A NamedTuple: the writer builds one per operation, and a tuple is the cheapest
     immutable record Python has."""
@@ -166,6 +172,14 @@ class JournalRecord(NamedTuple):
     seq: int  # 1, 2, 3, ... gap-free, assigned by the writer
     at_ms: int  # the time the state machine was given
     command: Command
+
+
+class Projected(NamedTuple):
+    """What the projector derived from one journal record, for `project` to store."""
+
+    seq: int
+    at_ms: int
+    events: Sequence[Event]
     entries: Sequence[LedgerEntry]  # the step's own lists, never changed after
     calls: Sequence[CallRecord]
 
@@ -224,6 +238,7 @@ entries_table = Table(
     Column("created_at_ms", BigInteger, nullable=False),
     Column("seq", BigInteger, nullable=False),  # the journal record that posted it
     Index("ix_ledger_entries_account", "account_id", "entry_id"),
+    # Written by the projector (`project`), not the writer, like calls and events.
 )
 
 calls_table = Table(
@@ -275,12 +290,13 @@ lease_table = Table(
 )
 
 # The changefeed (changefeed.py): the events a record produced, as one row per record
-# with events (a JSON list of core.events images, in order). Written by the projector
-# (projector.py), not the writer: derived from the journal after it is durable, in the
-# projector's own transactions, each with its watermark (projection_table). Written
-# idempotently (a row per seq, ON CONFLICT DO NOTHING), so two projectors, or one
-# redoing records after a restart, store the same rows once. Kept like entries and
-# calls: a prune of the journal leaves it.
+# with events (a JSON list of core.events images, in order). Like entries and calls,
+# written by the projector (projector.py), not the writer: derived from the journal
+# after it is durable, in the projector's own transactions, each with its watermark
+# (projection_table). Written idempotently (entries and events: a row per key, ON
+# CONFLICT DO NOTHING; calls: replaced only by a snapshot of a later seq), so two
+# projectors, or one redoing records after a restart, store the same rows once. All
+# three are kept when the journal is pruned.
 events_table = Table(
     "events",
     metadata,
@@ -289,15 +305,16 @@ events_table = Table(
     Column("body", Text, nullable=False),
 )
 
-# How far each projection has gone: the journal seq up to which its rows are written
-# (one row, name "events"). Only moves forward.
+# How far the projection has gone: the journal seq up to which its rows (events,
+# entries, calls) are written. One row, named "events" since the projection began with
+# the changefeed alone. Only moves forward.
 projection_table = Table(
     "projection",
     metadata,
     Column("name", String(64), primary_key=True),
     Column("seq", BigInteger, nullable=False),
 )
-EVENTS_PROJECTION = "events"
+PROJECTION = "events"
 EVENT_RECORDS_PER_READ = 100  # records per read_events query (each may hold many events)
 
 _CALL_COLUMNS = [c for c in calls_table.c if c.name != "seq"]
@@ -489,13 +506,14 @@ if tuple(entries_table.c.keys()) != _ENTRY_ROW or tuple(calls_table.c.keys()) !=
     raise ImportError("journal row tuples do not follow their tables' column order")
 
 
-def _insert_sql(connection: Connection, table: Table, upsert_key: str = "") -> str:
-    """INSERT (or, with upsert_key, INSERT ... ON CONFLICT DO UPDATE) in driver SQL."""
-    return _driver_sql(connection.dialect, table, upsert_key)
+def _insert_sql(connection: Connection, table: Table, key: str = "", newer: bool = False) -> str:
+    """INSERT in driver SQL; with `key`, a row with that key already there is kept
+    (ON CONFLICT DO NOTHING) or, with `newer`, replaced by one of a later seq."""
+    return _driver_sql(connection.dialect, table, key, newer)
 
 
 @functools.cache
-def _driver_sql(dialect: Dialect, table: Table, upsert_key: str) -> str:
+def _driver_sql(dialect: Dialect, table: Table, key: str, newer: bool) -> str:
     quote = dialect.identifier_preparer.quote
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
     names = [quote(c.name) for c in table.c]
@@ -503,9 +521,14 @@ def _driver_sql(dialect: Dialect, table: Table, upsert_key: str) -> str:
         f"INSERT INTO {quote(table.name)} ({', '.join(names)}) "
         f"VALUES ({', '.join([mark] * len(names))})"
     )
-    if upsert_key:
-        updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != quote(upsert_key))
-        sql += f" ON CONFLICT ({quote(upsert_key)}) DO UPDATE SET {updates}"
+    if key and newer:
+        updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != quote(key))
+        sql += (
+            f" ON CONFLICT ({quote(key)}) DO UPDATE SET {updates} "
+            f"WHERE {quote(table.name)}.seq < excluded.seq"
+        )
+    elif key:
+        sql += f" ON CONFLICT ({quote(key)}) DO NOTHING"
     return sql
 
 
@@ -560,16 +583,10 @@ def chain_after(previous: str, seq: int, at_ms: int, kind: str, body: str) -> st
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _Rows]:
-    """The journal, entry and call rows of a batch, checked before any I/O.
-
-    Seqs must run on without a gap and times must not go back; a call touched
-    several times in the batch keeps only its last snapshot (one row per call,
-    which ON CONFLICT DO UPDATE needs within one statement on PostgreSQL).
-    """
+def _rows(records: Sequence[JournalRecord], span: str) -> _Rows:
+    """The journal rows of a batch, checked before any I/O: seqs must run on without
+    a gap and times must not go back."""
     journal_rows: _Rows = []
-    entry_rows: _Rows = []
-    call_rows: dict[str, tuple[object, ...]] = {}
     previous: JournalRecord | None = None
     for record in records:
         if previous is not None:
@@ -587,52 +604,60 @@ def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _R
         except CodecError as exc:
             raise JournalError(f"journal seq {record.seq}: cannot encode: {exc}") from exc
         journal_rows.append((record.seq, record.at_ms, kind, body, ""))  # chained later
-        entry_rows.extend(_entry_row(entry, record.seq) for entry in record.entries)
-        for call in record.calls:
-            call_rows[call.call_id] = _call_row(call, record.seq)  # the last one wins
         previous = record
-    return journal_rows, entry_rows, list(call_rows.values())
+    return journal_rows
 
 
-def _insert(connection: Connection, table: Table, rows: _Rows, upsert_key: str = "") -> None:
-    """Insert `rows` (tuples in column order); with upsert_key, replace rows with that key.
+def _projected_rows(records: Sequence[Projected]) -> tuple[_Rows, _Rows, _Rows]:
+    """The event, entry and call rows of a projection. A call touched several times
+    keeps only its last snapshot (one row per call, which ON CONFLICT DO UPDATE needs
+    within one statement on PostgreSQL)."""
+    event_rows: _Rows = []
+    entry_rows: _Rows = []
+    call_rows: dict[str, tuple[object, ...]] = {}
+    for seq, at_ms, events, entries, calls in records:
+        if events:
+            body = orjson.dumps([event_image(e) for e in events]).decode()
+            event_rows.append((seq, at_ms, body))
+        entry_rows.extend(_entry_row(entry, seq) for entry in entries)
+        for call in calls:
+            call_rows[call.call_id] = _call_row(call, seq)  # the last one wins
+    return event_rows, entry_rows, list(call_rows.values())
+
+
+def _insert(
+    connection: Connection, table: Table, rows: _Rows, key: str = "", newer: bool = False
+) -> None:
+    """Insert `rows` (tuples in column order); with `key`, as `_insert_sql` says.
 
     SQLite and PostgreSQL take the driver's own executemany, on the transaction's
-    connection, with a native upsert: per commit this saves SQLAlchemy's statement
-    handling, which cost more than the database did for small group commits. Other
-    databases go through SQLAlchemy Core; there, inside the batch's transaction,
-    delete + insert is the upsert.
+    connection: per commit this saves SQLAlchemy's statement handling, which cost
+    more than the database did for small group commits. Other databases (the journal
+    rows only: the projection needs ON CONFLICT) go through SQLAlchemy Core.
     """
-    if (
-        connection.dialect.name == "postgresql"
-        and upsert_key
-        and len(rows) >= (POSTGRES_COPY_MIN_ROWS)
-    ):
-        _copy_upsert(connection, table, rows, upsert_key)
+    if connection.dialect.name == "postgresql" and newer and len(rows) >= POSTGRES_COPY_MIN_ROWS:
+        _copy_upsert(connection, table, rows, key)
         return
     if connection.dialect.name in _NATIVE_UPSERT:
         cursor = connection.connection.cursor()
         try:
-            cursor.executemany(_insert_sql(connection, table, upsert_key), rows)
+            cursor.executemany(_insert_sql(connection, table, key, newer), rows)
         finally:
             cursor.close()
         return
+    if key:
+        raise JournalError(f"no ON CONFLICT on {connection.dialect.name}")
     names = table.c.keys()
-    if upsert_key:
-        key = table.c[upsert_key]
-        ids = [row[names.index(upsert_key)] for row in rows]
-        for start in range(0, len(ids), _DELETE_CHUNK):
-            connection.execute(delete(table).where(key.in_(ids[start : start + _DELETE_CHUNK])))
     connection.execute(insert(table), [dict(zip(names, row, strict=True)) for row in rows])
 
 
-def _copy_upsert(connection: Connection, table: Table, rows: _Rows, upsert_key: str) -> None:
+def _copy_upsert(connection: Connection, table: Table, rows: _Rows, key: str) -> None:
     """PostgreSQL: COPY `rows` into a temporary twin of `table` (emptied at commit), then
     one INSERT ... SELECT ... ON CONFLICT DO UPDATE: the same rows as executemany."""
     quote = connection.dialect.identifier_preparer.quote
     names = ", ".join(quote(c.name) for c in table.c)
     staging = quote(f"_staging_{table.name}")
-    upsert = _insert_sql(connection, table, upsert_key)
+    upsert = _insert_sql(connection, table, key, newer=True)
     conflict = upsert[upsert.index(" ON CONFLICT") :]
     cursor = connection.connection.cursor()
     try:
@@ -702,6 +727,12 @@ def _chain_before(connection: Connection, seq: int) -> str:
     if int(meta.get("pruned_through_seq", "0")) == seq - 1:
         return meta["pruned_chain"]
     raise JournalError(f"journal seq {seq - 1} is missing: cannot verify the records after it")
+
+
+def _projected_through(connection: Connection) -> int:
+    query = select(projection_table.c.seq).where(projection_table.c.name == PROJECTION)
+    found = connection.execute(query).scalar()
+    return 0 if found is None else int(found)
 
 
 def _check_epoch(connection: Connection, epoch: int) -> None:
@@ -783,8 +814,7 @@ class Journal:
 
         Their seqs must continue the journal without a gap and their times must not
         go back: anything else means memory and journal disagree, and replay would
-        not rebuild what was acknowledged. Calls touched several times in the batch
-        are stored once, as their last snapshot.
+        not rebuild what was acknowledged.
         """
         if not records:
             return
@@ -796,7 +826,7 @@ class Journal:
         first = records[0]
         span = f"journal seq {first.seq}..{records[-1].seq}"
         with _failing_as(f"preparing {span}"):
-            journal_rows, entry_rows, call_rows = _rows(records, span)
+            journal_rows = _rows(records, span)
         try:
             with _failing_as(f"append of {span}"), self._writer.begin() as connection:
                 if self._epoch is not None:
@@ -817,10 +847,6 @@ class Journal:
                     chain = chain_after(chain, seq, at_ms, kind, body)  # type: ignore[arg-type]
                     journal_rows[i] = (seq, at_ms, kind, body, chain)
                 _insert(connection, journal_table, journal_rows)
-                if entry_rows:
-                    _insert(connection, entries_table, entry_rows)
-                if call_rows:
-                    _insert(connection, calls_table, call_rows, upsert_key="call_id")
         except BaseException:
             self._tail = None  # what reached the database is unknown: read it next time
             raise
@@ -1000,7 +1026,8 @@ class Journal:
 
         Only for records a snapshot covers (the caller checks): replay then starts
         from that snapshot. The chain value of the last pruned record is kept, so
-        the records after it are still verified. History (entries, calls) stays.
+        the records after it are still verified. The projection (history, events)
+        stays, and is never passed: the records it has not projected yet are refused.
         """
         self._check_open()
         self._tail = None
@@ -1011,6 +1038,12 @@ class Journal:
             if through_seq > last_seq:
                 raise JournalError(
                     f"cannot prune through {through_seq}: the journal ends at {last_seq}"
+                )
+            projected = _projected_through(connection)
+            if through_seq > projected:
+                raise JournalError(
+                    f"cannot prune through {through_seq}: the projection (history, events) "
+                    f"is at seq {projected}, and derives the rest from those records"
                 )
             chain = _chain_before(connection, through_seq + 1)
             deleted = connection.execute(
@@ -1046,6 +1079,9 @@ class Journal:
             start = int(rows[-1].seq) + 1
 
     # ------------------------------------------------------------- history
+
+    # The reads of the projection see what the projector has stored: the caller waits
+    # for `projected_through` to cover what it must see first (service.py).
 
     def list_entries(
         self, account_id: str, after_entry_id: int, limit: int, *, newest_first: bool = False
@@ -1119,34 +1155,31 @@ class Journal:
         last = int(rows[-1].seq) if rows else None
         return events, last, len(rows) == EVENT_RECORDS_PER_READ
 
-    def project_events(
-        self, events: Sequence[tuple[int, int, Sequence[Event]]], through_seq: int
-    ) -> None:
-        """Store the events of records (seq, at_ms, events), and move the events
-        projection's watermark to `through_seq`, in one transaction (the projector's).
+    def project(self, records: Sequence[Projected], through_seq: int) -> None:
+        """Store what the projector derived from records (their events, ledger entries
+        and call snapshots), and move the watermark to `through_seq`, in one transaction
+        (the projector's).
 
-        Idempotent: a record's row already stored is left as it is, and the watermark
-        never goes back, so a projector redoing records, or two at once, is harmless.
+        Idempotent: an event or entry row already stored is left as it is, a call row is
+        replaced only by a snapshot from a later seq, and the watermark never goes back,
+        so a projector redoing records, or two at once, is harmless.
         """
         self._check_open()
-        rows = [
-            {
-                "seq": seq,
-                "at_ms": at_ms,
-                "body": orjson.dumps([event_image(e) for e in ev]).decode(),
-            }
-            for seq, at_ms, ev in events
-            if ev
-        ]
-        mark = {"name": EVENTS_PROJECTION, "seq": through_seq}
-        with _failing_as("storing events"), self._writer.begin() as connection:
+        with _failing_as("preparing the projection"):
+            event_rows, entry_rows, call_rows = _projected_rows(records)
+        mark = {"name": PROJECTION, "seq": through_seq}
+        with _failing_as("storing the projection"), self._writer.begin() as connection:
             if connection.dialect.name not in _NATIVE_UPSERT:
-                raise JournalError(f"events cannot be projected on {connection.dialect.name}")
+                raise JournalError(f"the journal cannot be projected on {connection.dialect.name}")
+            if event_rows:
+                _insert(connection, events_table, event_rows, key="seq")
+            if entry_rows:
+                _insert(connection, entries_table, entry_rows, key="entry_id")
+            if call_rows:
+                _insert(connection, calls_table, call_rows, key="call_id", newer=True)
             dialect_insert = (
                 postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
             )
-            if rows:
-                connection.execute(dialect_insert(events_table).on_conflict_do_nothing(), rows)
             upsert = dialect_insert(projection_table).values(mark)
             connection.execute(
                 upsert.on_conflict_do_update(
@@ -1157,12 +1190,11 @@ class Journal:
             )
 
     def projected_through(self) -> int:
-        """The journal seq up to which the events are stored (0: none projected yet)."""
+        """The journal seq up to which the projection (events, entries, calls) is stored
+        (0: none projected yet)."""
         self._check_open()
-        query = select(projection_table.c.seq).where(projection_table.c.name == EVENTS_PROJECTION)
         with _failing_as("reading the projection"), self._engine.connect() as connection:
-            found = connection.execute(query).scalar()
-        return 0 if found is None else int(found)
+            return _projected_through(connection)
 
     def last_seq_before(self, at_ms: int, through_seq: int) -> int:
         """The last record with events before `at_ms`, up to seq `through_seq` (0 if none):

@@ -103,7 +103,7 @@ class WriterCore(Generic[Target, Answer]):
                     on_step(command, step)
                 outcome = step.outcome
                 if step.changed:
-                    records.append(JournalRecord(seq, now_ms, command, step.entries, step.calls))
+                    records.append(JournalRecord(seq, now_ms, command))
                     seq += 1
                 if (
                     target is not None
