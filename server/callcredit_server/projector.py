@@ -90,18 +90,20 @@ class Projector:
 
 
 def open_projector(journal: Journal, snapshot_dir: Path | None) -> Projector:
-    """The projector at its watermark: the state rebuilt as it was at that seq."""
+    """The projector at its watermark: the state rebuilt as it was at that seq.
+
+    If it cannot be (the journal was pruned, and the snapshots between the prune and the
+    watermark are gone: a projector stopped for longer than KEEP_SNAPSHOTS snapshots),
+    JournalError: the projection stops there rather than leave a hole in the ledger's
+    history, and history reads answer UNAVAILABLE until a snapshot is restored."""
     watermark = journal.projected_through()
     try:
         recovered = recover(journal, snapshot_dir, through_seq=watermark)
-    except JournalError as exc:  # pruned beyond the watermark (before prune refused it)
-        recovered = recover(journal, snapshot_dir, through_seq=None)
-        log.error(
-            "the rows after seq %d cannot be derived (%s): projecting from seq %d on",
-            watermark,
-            exc,
-            recovered.snapshot_seq + recovered.replayed,
-        )
+    except JournalError as exc:
+        raise JournalError(
+            f"the projection cannot resume at seq {watermark}: {exc} (restore a snapshot "
+            f"taken at or before seq {watermark}, after the prune, to {snapshot_dir})"
+        ) from exc
     applied = recovered.snapshot_seq + recovered.replayed
     log.info("projector: rows stored through seq %d, state rebuilt at %d", watermark, applied)
     return Projector(journal, recovered.machine, applied)

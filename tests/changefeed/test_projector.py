@@ -20,8 +20,8 @@ from callcredit_server import cli, projector, service
 from callcredit_server.core import Command, CreateAccount, PutTariff, Release, StateMachine, TopUp
 from callcredit_server.core.events import Event
 from callcredit_server.core.model import Tariff
-from callcredit_server.journal import Journal, JournalRecord
-from callcredit_server.snapshot import write_snapshot
+from callcredit_server.journal import Journal, JournalError, JournalRecord
+from callcredit_server.snapshot import list_snapshots, write_snapshot
 from tests.changefeed.test_watch import collect, top_ups, watch
 from tests.core.helpers import fingerprint_of, rate, reserve
 from tests.service.conftest import Harness
@@ -275,3 +275,30 @@ def test_prune_never_goes_past_the_projection(
             pass
         assert "pruned 100 journal records through seq 200" in prune()
         assert stored(journal) == expected
+
+
+def test_a_projection_that_cannot_resume_stops_rather_than_skip(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pruned through a snapshot that was deleted since (only the newest KEEP_SNAPSHOTS
+    stay) and none left between the prune and the watermark: the history after the
+    watermark cannot be derived, and the projector says so instead of leaving a hole."""
+    monkeypatch.setattr(projector, "MAX_RECORDS_PER_STEP", 150)
+    commands = workload(300)
+    snapshots = tmp_path / "snapshots"
+    with Journal(database_url) as journal:
+        write_journal(journal, commands)
+        machine, seq = StateMachine(events=False), 0
+        for at_ms, command in commands:
+            if machine.apply(command, at_ms).changed:
+                seq += 1
+                if seq in (100, 200):
+                    write_snapshot(snapshots, seq, machine.image(), at_ms)
+        assert projector.open_projector(journal, snapshots).step() == 150
+        assert journal.prune(100) == 100
+        oldest = list_snapshots(snapshots)[-1]
+        assert oldest.seq == 100
+        oldest.path.unlink()  # as discard_older does once two newer ones are written
+        with pytest.raises(JournalError, match="cannot resume at seq 150"):
+            projector.open_projector(journal, snapshots)
+        assert journal.projected_through() == 150
