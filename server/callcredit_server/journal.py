@@ -1,11 +1,14 @@
 """The write-ahead journal: every state change, in order, and its projections.
 
 The journal is command-sourced. Each command that changed state (`Step.changed`)
-is stored under a gap-free `seq` with the time the state machine was given
+is a record with a gap-free `seq` and the time the state machine was given
 (`at_ms`); replaying them in order through a fresh `StateMachine` rebuilds the
-identical state, because the machine reads no clock of its own. A reply is released
-only after `append` returns. `append` writes nothing else: the writer's path is the
-journal rows only.
+identical state, because the machine reads no clock of its own. A group commit
+(`append`) stores its records as ONE row, keyed by its first seq and holding the
+records' times and commands, with one checksum; the seqs stay per record (cursors,
+the projection's watermark and a standby's tail count records, not rows). A reply is
+released only after `append` returns. `append` writes nothing else: the writer's path
+is that one row.
 
 Memory does not keep history. What history reads need (the ledger entries of each
 step, the latest snapshot of every call) and the changefeed's events are derived
@@ -40,8 +43,9 @@ Limits (TigerStyle: a bound on everything):
 
 - `MAX_RECORDS_PER_APPEND` records in one transaction (writer.py commits at most
   MAX_RECORDS_PER_COMMIT = 20,000, well inside it);
-- `REPLAY_PAGE_SIZE` rows read per query while replaying, so replay memory does not
-  grow with the journal and no connection is held while the caller works;
+- `REPLAY_PAGE_SIZE` seqs per replay query (the rows starting in them: at most that
+  many records plus one row's), so replay memory does not grow with the journal and no
+  connection is held while the caller works;
 - `MAX_READ_ROWS` rows per history read (`limit` must be 1..MAX_READ_ROWS);
 - the pool: `POOL_SIZE` + `POOL_MAX_OVERFLOW` connections, a checkout waits at most
   `POOL_TIMEOUT_SECONDS`; SQLite waits at most `SQLITE_BUSY_TIMEOUT_MS` for a lock;
@@ -130,7 +134,7 @@ __all__ = [
 ]
 
 MAX_RECORDS_PER_APPEND = 50_000  # one transaction; bounds the memory of one append
-REPLAY_PAGE_SIZE = 1_000  # rows per replay query: flat memory, short connections
+REPLAY_PAGE_SIZE = 1_000  # seqs per replay query: flat memory, short connections
 MAX_READ_ROWS = 10_000  # rows per history read (the API pages at 1,000, asks limit + 1)
 POOL_SIZE = 5  # connections kept: the writer plus a few history readers
 POOL_MAX_OVERFLOW = 10  # more under a burst of reads, closed when returned
@@ -205,13 +209,15 @@ _Id = String(128)  # the contract's id limit: 1-128 characters
 journal_table = Table(
     "journal",
     metadata,
-    Column("seq", _Key, primary_key=True, autoincrement=False),
-    Column("at_ms", BigInteger, nullable=False),
-    Column("kind", String(32), nullable=False),
-    Column("body", Text, nullable=False),  # the command, compact JSON (codec.py)
-    # Hash chain: blake2b-128 of the previous record's chain and this record's
-    # seq, at_ms, kind and body. Any altered, lost or reordered record breaks
-    # every chain value after it; replay recomputes and compares each.
+    Column("seq", _Key, primary_key=True, autoincrement=False),  # its first record's
+    Column("last_seq", BigInteger, nullable=False),  # its last record's
+    Column("at_ms", BigInteger, nullable=False),  # its last record's time
+    # The records, in seq order: a JSON list of [at_ms, kind, body], body being the
+    # command as codec.py writes it (compact JSON).
+    Column("body", Text, nullable=False),
+    # Hash chain: blake2b-128 of the previous row's chain and this row's seq,
+    # last_seq, at_ms and body. Any altered, lost or reordered row breaks every
+    # chain value after it; replay recomputes and compares each.
     Column("chain", String(32), nullable=False),
 )
 
@@ -221,7 +227,9 @@ meta_table = Table(
     Column("name", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
-SCHEMA_VERSION = "2"  # 2: records carry a hash chain; pruning is recorded in journal_meta
+# 2: records carry a hash chain; pruning is recorded in journal_meta.
+# 3: one row per group commit (its records' commands), one chain value per row.
+SCHEMA_VERSION = "3"
 GENESIS_CHAIN = "0" * 32  # the chain value "before" seq 1
 
 entries_table = Table(
@@ -576,17 +584,17 @@ def _call(row: Row[Any]) -> CallRecord:
 _Rows = list[tuple[object, ...]]
 
 
-def chain_after(previous: str, seq: int, at_ms: int, kind: str, body: str) -> str:
-    """The chain value of a record: binds it to its place and to all before it."""
+def chain_after(previous: str, seq: int, last_seq: int, at_ms: int, body: str) -> str:
+    """The chain value of a row: binds it to its place and to all before it."""
     # One update of the joined text hashes the same bytes as updating part by part.
-    text = f"{previous}|{seq}|{at_ms}|{kind}|{body}"
+    text = f"{previous}|{seq}|{last_seq}|{at_ms}|{body}"
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def _rows(records: Sequence[JournalRecord], span: str) -> _Rows:
-    """The journal rows of a batch, checked before any I/O: seqs must run on without
-    a gap and times must not go back."""
-    journal_rows: _Rows = []
+def _body(records: Sequence[JournalRecord], span: str) -> str:
+    """The body of a batch's row, checked before any I/O: seqs must run on without a
+    gap and times must not go back."""
+    items: list[tuple[int, str, str]] = []
     previous: JournalRecord | None = None
     for record in records:
         if previous is not None:
@@ -603,9 +611,33 @@ def _rows(records: Sequence[JournalRecord], span: str) -> _Rows:
             kind, body = encode_command(record.command)
         except CodecError as exc:
             raise JournalError(f"journal seq {record.seq}: cannot encode: {exc}") from exc
-        journal_rows.append((record.seq, record.at_ms, kind, body, ""))  # chained later
+        items.append((record.at_ms, kind, body))
         previous = record
-    return journal_rows
+    return orjson.dumps(items).decode()
+
+
+def _records(seq: int, last_seq: int, at_ms: int, body: str) -> list[tuple[int, int, Command]]:
+    """The (seq, at_ms, command) records of a row whose checksum matched."""
+    span = f"journal seq {seq}..{last_seq}"
+    try:
+        items = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise JournalError(f"{span}: the row is not JSON: {exc}") from exc
+    if not isinstance(items, list) or len(items) != last_seq - seq + 1:
+        raise JournalError(f"{span}: the row does not hold {last_seq - seq + 1} records")
+    records = []
+    for n, item in enumerate(items):
+        match item:
+            case [int(time), str(kind), str(text)]:
+                try:
+                    records.append((seq + n, time, decode_command(kind, text)))
+                except CodecError as exc:
+                    raise JournalError(f"journal seq {seq + n}: {exc}") from exc
+            case _:
+                raise JournalError(f"journal seq {seq + n}: not [at_ms, kind, body]")
+    if records[-1][1] != at_ms:
+        raise JournalError(f"{span}: the row's time is not its last record's")
+    return records
 
 
 def _projected_rows(records: Sequence[Projected]) -> tuple[_Rows, _Rows, _Rows]:
@@ -689,6 +721,12 @@ def _check_schema(connection: Connection) -> None:
     version = _meta(connection).get("schema_version")
     if version == SCHEMA_VERSION:
         return
+    if version == "2":
+        raise JournalError(
+            f"the journal has schema version 2 (one row per record); this server reads "
+            f"{SCHEMA_VERSION} (one row per group commit) and does not convert it: keep "
+            "serving it with the release that wrote it (docs/durability.md, 'Journal format')"
+        )
     if version is not None:
         raise JournalError(
             f"the journal has schema version {version}; this server reads {SCHEMA_VERSION}"
@@ -704,29 +742,44 @@ def _check_schema(connection: Connection) -> None:
 def _tail(connection: Connection) -> tuple[int, int, str]:
     """(seq, at_ms, chain) of the last record; the pruned point if none is left."""
     last = connection.execute(
-        select(journal_table.c.seq, journal_table.c.at_ms, journal_table.c.chain)
+        select(journal_table.c.last_seq, journal_table.c.at_ms, journal_table.c.chain)
         .order_by(journal_table.c.seq.desc())
         .limit(1)
     ).first()
     if last is not None:
-        return int(last.seq), int(last.at_ms), str(last.chain)
+        return int(last.last_seq), int(last.at_ms), str(last.chain)
     meta = _meta(connection)
     return int(meta.get("pruned_through_seq", "0")), 0, meta.get("pruned_chain", GENESIS_CHAIN)
 
 
 def _chain_before(connection: Connection, seq: int) -> str:
-    """The chain value that record `seq` must extend."""
+    """The chain value that the row starting at record `seq` must extend."""
     if seq <= 1:
         return GENESIS_CHAIN
     previous = connection.execute(
-        select(journal_table.c.chain).where(journal_table.c.seq == seq - 1)
-    ).scalar()
-    if previous is not None:
-        return str(previous)
+        select(journal_table.c.last_seq, journal_table.c.chain)
+        .where(journal_table.c.seq < seq)
+        .order_by(journal_table.c.seq.desc())
+        .limit(1)
+    ).first()
+    if previous is not None and previous.last_seq == seq - 1:
+        return str(previous.chain)
     meta = _meta(connection)
     if int(meta.get("pruned_through_seq", "0")) == seq - 1:
         return meta["pruned_chain"]
     raise JournalError(f"journal seq {seq - 1} is missing: cannot verify the records after it")
+
+
+def _row_holding(connection: Connection, seq: int) -> int:
+    """The first seq of the row holding record `seq` (`seq` itself if none does: the
+    journal ends, or was pruned, before it)."""
+    found = connection.execute(
+        select(journal_table.c.seq, journal_table.c.last_seq)
+        .where(journal_table.c.seq <= seq)
+        .order_by(journal_table.c.seq.desc())
+        .limit(1)
+    ).first()
+    return int(found.seq) if found is not None and found.last_seq >= seq else seq
 
 
 def _projected_through(connection: Connection) -> int:
@@ -825,8 +878,9 @@ class Journal:
         self._check_open()
         first = records[0]
         span = f"journal seq {first.seq}..{records[-1].seq}"
+        last = records[-1]
         with _failing_as(f"preparing {span}"):
-            journal_rows = _rows(records, span)
+            body = _body(records, span)
         try:
             with _failing_as(f"append of {span}"), self._writer.begin() as connection:
                 if self._epoch is not None:
@@ -843,14 +897,12 @@ class Journal:
                         f"{span} starts at {first.at_ms} ms, "
                         f"before seq {last_seq} at {last_at_ms} ms"
                     )
-                for i, (seq, at_ms, kind, body, _) in enumerate(journal_rows):
-                    chain = chain_after(chain, seq, at_ms, kind, body)  # type: ignore[arg-type]
-                    journal_rows[i] = (seq, at_ms, kind, body, chain)
-                _insert(connection, journal_table, journal_rows)
+                chain = chain_after(chain, first.seq, last.seq, last.at_ms, body)
+                _insert(connection, journal_table, [(first.seq, last.seq, last.at_ms, body, chain)])
         except BaseException:
             self._tail = None  # what reached the database is unknown: read it next time
             raise
-        self._tail = (records[-1].seq, records[-1].at_ms, chain)
+        self._tail = (last.seq, last.at_ms, chain)
 
     # ------------------------------------------------------------- the lease
 
@@ -961,41 +1013,40 @@ class Journal:
 
     def _replay(self, expected: int) -> Iterator[tuple[int, int, Command]]:
         with _failing_as(f"replay from seq {expected}"), self._engine.connect() as connection:
-            chain = _chain_before(connection, expected)
+            row_start = _row_holding(connection, expected)
+            chain = _chain_before(connection, row_start)
+        columns = [journal_table.c[name] for name in ("seq", "last_seq", "at_ms", "body", "chain")]
         while True:
+            seq = journal_table.c.seq
             query = (
-                select(
-                    journal_table.c.seq,
-                    journal_table.c.at_ms,
-                    journal_table.c.kind,
-                    journal_table.c.body,
-                    journal_table.c.chain,
-                )
-                .where(journal_table.c.seq >= expected)
-                .order_by(journal_table.c.seq)
-                .limit(REPLAY_PAGE_SIZE)
+                select(*columns)
+                .where(seq >= row_start, seq < row_start + REPLAY_PAGE_SIZE)
+                .order_by(seq)
             )
-            with _failing_as(f"replay from seq {expected}"), self._engine.connect() as connection:
+            with _failing_as(f"replay from seq {row_start}"), self._engine.connect() as connection:
                 rows = connection.execute(query).all()
+                if not rows:
+                    after = connection.execute(select(func.min(seq)).where(seq > row_start))
+                    following = after.scalar()
+            if not rows:
+                if following is not None:
+                    raise JournalError(f"journal seq {row_start} is missing (next is {following})")
+                return
             for row in rows:
-                seq = int(row.seq)
-                if seq != expected:
-                    raise JournalError(f"journal seq {expected} is missing (next is {seq})")
-                chain = chain_after(chain, seq, int(row.at_ms), row.kind, row.body)
+                first, last = int(row.seq), int(row.last_seq)
+                if first != row_start:
+                    raise JournalError(f"journal seq {row_start} is missing (next is {first})")
+                chain = chain_after(chain, first, last, int(row.at_ms), row.body)
                 if chain != row.chain:
                     raise JournalError(
-                        f"journal record seq {seq} is corrupt: its checksum does not match "
-                        "(this record, or one before it, was altered or lost); "
+                        f"journal records seq {first}..{last} are corrupt: their checksum does "
+                        "not match (these records, or ones before them, were altered or lost); "
                         "the server will not start from a journal it cannot trust"
                     )
-                try:
-                    command = decode_command(row.kind, row.body)
-                except CodecError as exc:
-                    raise JournalError(f"journal seq {seq}: {exc}") from exc
-                yield seq, int(row.at_ms), command
-                expected += 1
-            if len(rows) < REPLAY_PAGE_SIZE:
-                return
+                for record in _records(first, last, int(row.at_ms), row.body):
+                    if record[0] >= expected:
+                        yield record
+                row_start = last + 1
 
     def tail(self, after_seq: int, limit: int) -> list[tuple[int, int, Command]]:
         """At most `limit` records after `after_seq`, checked as replay checks them:
@@ -1022,17 +1073,19 @@ class Journal:
             return int(_meta(connection).get("pruned_through_seq", "0"))
 
     def prune(self, through_seq: int) -> int:
-        """Delete the records up to `through_seq`; how many were deleted.
+        """Delete the records up to `through_seq`, in whole rows (a group commit's row
+        that reaches past it stays); how many were deleted.
 
         Only for records a snapshot covers (the caller checks): replay then starts
-        from that snapshot. The chain value of the last pruned record is kept, so
-        the records after it are still verified. The projection (history, events)
+        from that snapshot. The chain value of the last pruned row is kept, so the
+        rows after it are still verified. The projection (history, events)
         stays, and is never passed: the records it has not projected yet are refused.
         """
         self._check_open()
         self._tail = None
         with _failing_as(f"pruning through seq {through_seq}"), self._writer.begin() as connection:
-            if through_seq <= int(_meta(connection).get("pruned_through_seq", "0")):
+            already = int(_meta(connection).get("pruned_through_seq", "0"))
+            if through_seq <= already:
                 return 0
             last_seq = _tail(connection)[0]
             if through_seq > last_seq:
@@ -1045,29 +1098,27 @@ class Journal:
                     f"cannot prune through {through_seq}: the projection (history, events) "
                     f"is at seq {projected}, and derives the rest from those records"
                 )
-            chain = _chain_before(connection, through_seq + 1)
-            deleted = connection.execute(
-                delete(journal_table).where(journal_table.c.seq <= through_seq)
-            ).rowcount
-            _set_meta(connection, "pruned_through_seq", str(through_seq))
+            through = _row_holding(connection, through_seq + 1) - 1  # whole rows only
+            if through <= already:
+                return 0
+            chain = _chain_before(connection, through + 1)
+            connection.execute(delete(journal_table).where(journal_table.c.seq <= through))
+            _set_meta(connection, "pruned_through_seq", str(through))
             _set_meta(connection, "pruned_chain", chain)
-            return int(deleted)
+            return through - already
 
-    def records(self, after_seq: int, through_seq: int) -> Iterator[tuple[int, int, str, str, str]]:
-        """Raw (seq, at_ms, kind, body, chain) rows, for archiving before a prune."""
+    def records(self, after_seq: int, through_seq: int) -> Iterator[tuple[int, int, int, str, str]]:
+        """Raw (seq, last_seq, at_ms, body, chain) rows wholly after `after_seq` and up to
+        `through_seq`, for archiving before a prune."""
         self._check_open()
         start = after_seq + 1
+        columns = [journal_table.c[name] for name in ("seq", "last_seq", "at_ms", "body", "chain")]
         while start <= through_seq:
+            seq = journal_table.c.seq
             query = (
-                select(
-                    journal_table.c.seq,
-                    journal_table.c.at_ms,
-                    journal_table.c.kind,
-                    journal_table.c.body,
-                    journal_table.c.chain,
-                )
-                .where(journal_table.c.seq >= start, journal_table.c.seq <= through_seq)
-                .order_by(journal_table.c.seq)
+                select(*columns)
+                .where(seq >= start, journal_table.c.last_seq <= through_seq)
+                .order_by(seq)
                 .limit(REPLAY_PAGE_SIZE)
             )
             with _failing_as(f"reading from seq {start}"), self._engine.connect() as connection:
@@ -1075,8 +1126,8 @@ class Journal:
             if not rows:
                 return
             for row in rows:
-                yield int(row.seq), int(row.at_ms), row.kind, row.body, row.chain
-            start = int(rows[-1].seq) + 1
+                yield int(row.seq), int(row.last_seq), int(row.at_ms), row.body, row.chain
+            start = int(rows[-1].last_seq) + 1
 
     # ------------------------------------------------------------- history
 

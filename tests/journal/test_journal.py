@@ -62,6 +62,7 @@ from callcredit_server.journal import (
     chain_after,
     engine_url,
     journal_table,
+    meta_table,
 )
 from callcredit_server.projector import open_projector
 
@@ -414,13 +415,15 @@ def test_empty_append_changes_nothing(journal: Journal) -> None:
 
 def test_replay_reads_page_by_page(journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(journal_module, "REPLAY_PAGE_SIZE", 7)
-    journal.append([record(seq) for seq in range(1, 31)])
+    for seq in range(1, 31):
+        journal.append([record(seq)])  # a row each
     selects: list[str] = []
 
     def count(*args: object) -> None:
-        statement = str(args[2])
-        if statement.lstrip().upper().startswith("SELECT") and "ORDER BY" in statement:
-            selects.append(statement)  # a page of records (not the chain lookup)
+        statement = str(args[2]).upper()
+        page = "ORDER BY" in statement and "DESC" not in statement  # not a lookup of one row
+        if statement.lstrip().startswith("SELECT") and page:
+            selects.append(statement)
 
     event.listen(journal.engine, "before_cursor_execute", count)
     stream = journal.replay(after_seq=2)
@@ -848,16 +851,41 @@ def test_replay_names_the_seq_of_a_bad_record(journal: Journal, kind: str, body:
     journal.append([record(1)])
     with journal.engine.begin() as connection:  # as if written by another version
         previous = connection.execute(select(journal_table.c.chain)).scalar_one()
-        chain = chain_after(previous, 2, 2_000, kind, body)
+        row = json.dumps([[2_000, "Tick", '{"retention_ms":1}'], [2_000, kind, body]])
+        chain = chain_after(previous, 2, 3, 2_000, row)
         connection.execute(
             insert(journal_table),
-            [{"seq": 2, "at_ms": 2_000, "kind": kind, "body": body, "chain": chain}],
+            [{"seq": 2, "last_seq": 3, "at_ms": 2_000, "body": row, "chain": chain}],
         )
     stream = journal.replay()
-    assert next(stream) == (1, 1_000, Tick(retention_ms=1))  # streamed up to the bad one
-    with pytest.raises(JournalError, match="journal seq 2") as raised:
+    assert next(stream) == (1, 1_000, Tick(retention_ms=1))  # streamed up to the bad row
+    with pytest.raises(JournalError, match="journal seq 3") as raised:
         next(stream)
     assert isinstance(raised.value.__cause__, CodecError)
+
+
+@pytest.mark.parametrize(
+    ("row", "last_seq", "message"),
+    [
+        pytest.param("garbage", 2, "seq 2..2: the row is not JSON", id="not-json"),
+        pytest.param('[[2000,"Tick","{}"]]', 3, "does not hold 2 records", id="too-few"),
+        pytest.param('[[2000,"Tick"]]', 2, r"seq 2: not \[at_ms, kind, body\]", id="short"),
+        pytest.param('[[1000,"Tick","{\\"retention_ms\\":1}"]]', 2, "not its last", id="time"),
+    ],
+)
+def test_replay_refuses_a_row_that_does_not_hold_its_records(
+    journal: Journal, row: str, last_seq: int, message: str
+) -> None:
+    journal.append([record(1)])
+    with journal.engine.begin() as connection:  # checksummed, but not as append writes
+        previous = connection.execute(select(journal_table.c.chain)).scalar_one()
+        chain = chain_after(previous, 2, last_seq, 2_000, row)
+        connection.execute(
+            insert(journal_table),
+            [{"seq": 2, "last_seq": last_seq, "at_ms": 2_000, "body": row, "chain": chain}],
+        )
+    with pytest.raises(JournalError, match=message):
+        replayed(journal)
 
 
 def test_append_refuses_to_follow_a_record_another_writer_added(journal: Journal) -> None:
@@ -867,7 +895,7 @@ def test_append_refuses_to_follow_a_record_another_writer_added(journal: Journal
     with journal.engine.begin() as connection:
         connection.execute(
             insert(journal_table),
-            [{"seq": 2, "at_ms": 2_000, "kind": "Tick", "body": "{}", "chain": "x"}],
+            [{"seq": 2, "last_seq": 2, "at_ms": 2_000, "body": "[]", "chain": "x"}],
         )
     with pytest.raises(JournalError, match=r"append of journal seq 2\.\.2 failed"):
         journal.append([record(2)])
@@ -877,7 +905,8 @@ def test_append_refuses_to_follow_a_record_another_writer_added(journal: Journal
 
 
 def test_replay_refuses_a_missing_seq(journal: Journal) -> None:
-    journal.append([record(seq) for seq in range(1, 6)])
+    for seq in range(1, 6):
+        journal.append([record(seq)])
     with journal.engine.begin() as connection:
         connection.execute(delete(journal_table).where(journal_table.c.seq == 3))
     with pytest.raises(JournalError, match="seq 3 is missing"):
@@ -892,34 +921,50 @@ def test_replay_refuses_a_missing_seq(journal: Journal) -> None:
         pytest.param("body", '{"retention_ms":2}', id="altered-body"),
         pytest.param("at_ms", 2_500, id="altered-time"),
         pytest.param("chain", "f" * 32, id="altered-checksum"),
+        pytest.param("last_seq", 4, id="altered-span"),
     ],
 )
 def test_replay_stops_at_a_corrupt_record_and_names_it(
     journal: Journal, column: str, value: object
 ) -> None:
-    journal.append([record(seq) for seq in range(1, 6)])
+    journal.append([record(1), record(2)])
+    journal.append([record(3)])
+    journal.append([record(4), record(5)])
     with journal.engine.begin() as connection:
         connection.execute(
             update(journal_table).where(journal_table.c.seq == 3).values({column: value})
         )
     stream = journal.replay()
     assert [next(stream)[0], next(stream)[0]] == [1, 2]
-    with pytest.raises(JournalError, match="journal record seq 3 is corrupt"):
+    with pytest.raises(JournalError, match=r"journal records seq 3\.\.\d are corrupt"):
         next(stream)
 
 
 def test_pruned_records_are_gone_and_the_rest_still_verifies(journal: Journal) -> None:
-    store(journal, [history(seq) for seq in range(1, 11)])
+    for seq in range(1, 11):
+        store(journal, [history(seq)])  # a row each
     assert journal.prune(4) == 4
     assert (journal.pruned_through(), journal.last_seq()) == (4, 10)
     assert [seq for seq, _, _ in journal.replay(after_seq=4)] == list(range(5, 11))
     with pytest.raises(JournalError, match="journal seq 1 is missing"):
         replayed(journal)
-    store(journal, [history(11)])  # appends go on after a prune
-    assert journal.prune(11) == 7  # everything: the journal table is empty now
-    assert journal.last_seq() == 11
-    journal.append([record(12)])
-    assert [seq for seq, _, _ in journal.replay(after_seq=11)] == [12]
+    store(journal, [history(11), history(12), history(13)])  # appends go on: one row
+    assert journal.prune(12) == 6  # whole rows only: 5..10, not into the row 11..13
+    assert (journal.pruned_through(), journal.last_seq()) == (10, 13)
+    assert [seq for seq, _, _ in journal.replay(after_seq=11)] == [12, 13]  # mid-row
+    assert journal.prune(13) == 3  # everything: the journal table is empty now
+    assert journal.last_seq() == 13
+    journal.append([record(14)])
+    assert [seq for seq, _, _ in journal.replay(after_seq=13)] == [14]
+
+
+def test_a_journal_of_the_previous_format_is_refused_by_name(url: str) -> None:
+    with Journal(url) as journal, journal.engine.begin() as connection:
+        connection.execute(
+            update(meta_table).where(meta_table.c.name == "schema_version").values(value="2")
+        )
+    with pytest.raises(JournalError, match="schema version 2 \\(one row per record\\)"):
+        Journal(url)
 
 
 # ---------------------------------------------------------------- threads
