@@ -236,6 +236,7 @@ async def test_a_stopped_projector_makes_history_reads_fail_not_answer_stale(
         lambda: h.admin.ListCalls(admin_pb2.ListCallsRequest(account_id="acme", limit=10))
     )
     assert (await h.account("acme")).balance == 101  # memory's answers do not wait
+    monkeypatch.undo()  # the usual wait: a new projector process takes a while to start
     process.start()  # back: the history reads are answered, up to date
     entries = await h.admin.ListEntries(admin_pb2.ListEntriesRequest(account_id="acme", limit=10))
     assert [e.balance_after for e in entries.entries] == [100, 101]
