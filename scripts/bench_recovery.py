@@ -87,7 +87,7 @@ def build(
         if not step.changed:
             raise SystemExit(f"command {n} changed nothing: {command}")
         seq += 1
-        batch.append(JournalRecord(seq, at_ms, command, tuple(step.entries), tuple(step.calls)))
+        batch.append(JournalRecord(seq, at_ms, command))
         if len(batch) == BATCH_RECORDS:
             journal.append(batch)
             batch = []

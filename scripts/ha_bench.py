@@ -217,13 +217,13 @@ async def takeover_record(options: argparse.Namespace) -> str:
             for command in batch:
                 step = machine.apply(command, now_ms)
                 seq += 1
-                records.append(JournalRecord(seq, now_ms, command, step.entries, step.calls))
+                records.append(JournalRecord(seq, now_ms, command))
             await asyncio.to_thread(journal.append, records)
         built_s = time.perf_counter() - built
         started = time.perf_counter()
         step = machine.apply(Takeover(epoch=2), now_ms + 5_000)
         applied_s = time.perf_counter() - started
-        record = JournalRecord(seq + 1, now_ms + 5_000, Takeover(epoch=2), step.entries, step.calls)
+        record = JournalRecord(seq + 1, now_ms + 5_000, Takeover(epoch=2))
         started = time.perf_counter()
         await asyncio.to_thread(journal.append, [record])
         committed_s = time.perf_counter() - started

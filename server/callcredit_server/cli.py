@@ -359,8 +359,8 @@ def prune_command(
             return
         if archive:
             with gzip.open(archive, "wt") as out:
-                for seq, at_ms, kind, body, chain in journal.records(already, covered):
-                    out.write(json.dumps([seq, at_ms, kind, body, chain]) + "\n")
+                for row in journal.records(already, covered):  # seq, last_seq, at_ms, body, chain
+                    out.write(json.dumps(row) + "\n")
         deleted = journal.prune(covered)
     typer.echo(f"pruned {deleted} journal records through seq {covered}")
 

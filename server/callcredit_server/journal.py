@@ -1,18 +1,27 @@
-"""The write-ahead journal: every state change, in order, and the history reads need.
+"""The write-ahead journal: every state change, in order, and its projections.
 
 The journal is command-sourced. Each command that changed state (`Step.changed`)
-is stored under a gap-free `seq` with the time the state machine was given
+is a record with a gap-free `seq` and the time the state machine was given
 (`at_ms`); replaying them in order through a fresh `StateMachine` rebuilds the
-identical state, because the machine reads no clock of its own. Memory does not
-keep history, so the same transaction also stores what history reads need: the
-ledger entries of each step and the latest snapshot of every call it touched.
-A reply is released only after `append` returns, so history is never behind an
-answer.
+identical state, because the machine reads no clock of its own. A group commit
+(`append`) stores its records as ONE row, keyed by its first seq and holding the
+records' times and commands, with one checksum; the seqs stay per record (cursors,
+the projection's watermark and a standby's tail count records, not rows). A reply is
+released only after `append` returns. `append` writes nothing else: the writer's path
+is that one row.
+
+Memory does not keep history. What history reads need (the ledger entries of each
+step, the latest snapshot of every call) and the changefeed's events are derived
+from the durable journal by the projector (projector.py), a process of its own that
+re-applies the records, and stored by `project` in its transactions, each with its
+watermark (`projected_through`). A history read first waits until the watermark
+covers what it must see (service.py); nothing acknowledged, and no recovery, reads
+these tables.
 
 The interface is narrow on purpose (exchange-core's journal is the model):
-`append` (one transaction per batch: group commit), `replay`, `last_seq`, and
-three history reads. It runs on any SQLAlchemy database; SQLite (the default)
-and PostgreSQL (production) are tuned and tested.
+`append` (one transaction per batch: group commit), `replay`, `last_seq`, `project`,
+and the reads of the projection. It runs on any SQLAlchemy database; SQLite (the
+default) and PostgreSQL (production) are tuned and tested.
 
 Threads: one writer thread calls `append`, other threads call the reads. Each
 checkout gets its own connection from the pool. On SQLite, WAL lets readers run
@@ -34,8 +43,9 @@ Limits (TigerStyle: a bound on everything):
 
 - `MAX_RECORDS_PER_APPEND` records in one transaction (writer.py commits at most
   MAX_RECORDS_PER_COMMIT = 20,000, well inside it);
-- `REPLAY_PAGE_SIZE` rows read per query while replaying, so replay memory does not
-  grow with the journal and no connection is held while the caller works;
+- `REPLAY_PAGE_SIZE` seqs per replay query (the rows starting in them: at most that
+  many records plus one row's), so replay memory does not grow with the journal and no
+  connection is held while the caller works;
 - `MAX_READ_ROWS` rows per history read (`limit` must be 1..MAX_READ_ROWS);
 - the pool: `POOL_SIZE` + `POOL_MAX_OVERFLOW` connections, a checkout waits at most
   `POOL_TIMEOUT_SECONDS`; SQLite waits at most `SQLITE_BUSY_TIMEOUT_MS` for a lock;
@@ -112,6 +122,7 @@ __all__ = [
     "Journal",
     "JournalError",
     "JournalRecord",
+    "Projected",
     "StoredEvent",
     "calls_table",
     "engine_url",
@@ -123,7 +134,7 @@ __all__ = [
 ]
 
 MAX_RECORDS_PER_APPEND = 50_000  # one transaction; bounds the memory of one append
-REPLAY_PAGE_SIZE = 1_000  # rows per replay query: flat memory, short connections
+REPLAY_PAGE_SIZE = 1_000  # seqs per replay query: flat memory, short connections
 MAX_READ_ROWS = 10_000  # rows per history read (the API pages at 1,000, asks limit + 1)
 POOL_SIZE = 5  # connections kept: the writer plus a few history readers
 POOL_MAX_OVERFLOW = 10  # more under a burst of reads, closed when returned
@@ -136,13 +147,12 @@ POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_MS = 10_000  # the server ends such a sessi
 _SCHEMA_LOCK = 0x63616C6C  # PostgreSQL advisory lock key ("call") around table creation
 APPLICATION_NAME_PREFIX = "callcredit:"  # + the server's owner id: whose sessions to end
 POSTGRES_TERMINATE_WAIT_MS = 1_000  # end_sessions waits this long for each to be gone
-_DELETE_CHUNK = 500  # ids per DELETE ... IN (...) in the portable upsert
 # PostgreSQL: an upsert of this many rows or more goes through COPY into a temporary
 # table (several times faster than executemany): a new primary's Takeover rewrites
-# the history row of every open call, 100,000 of them at scale, in one commit.
+# the history row of every open call, 100,000 of them at scale, in one projection.
 POSTGRES_COPY_MIN_ROWS = 2_000
 
-# Dialects whose INSERT ... ON CONFLICT DO UPDATE is used; others delete + insert.
+# Dialects whose INSERT ... ON CONFLICT is used: the projection runs on these only.
 _NATIVE_UPSERT = frozenset({"sqlite", "postgresql"})
 
 # Execution option marking the writer's connections: on SQLite they BEGIN IMMEDIATE.
@@ -158,7 +168,7 @@ class Fenced(JournalError):
 
 
 class JournalRecord(NamedTuple):
-    """One applied command and the history it produced, as the writer hands it over.
+    """One applied command, as the writer hands it over.
 
     A NamedTuple: the writer builds one per operation, and a tuple is the cheapest
     immutable record Python has."""
@@ -166,6 +176,14 @@ class JournalRecord(NamedTuple):
     seq: int  # 1, 2, 3, ... gap-free, assigned by the writer
     at_ms: int  # the time the state machine was given
     command: Command
+
+
+class Projected(NamedTuple):
+    """What the projector derived from one journal record, for `project` to store."""
+
+    seq: int
+    at_ms: int
+    events: Sequence[Event]
     entries: Sequence[LedgerEntry]  # the step's own lists, never changed after
     calls: Sequence[CallRecord]
 
@@ -191,13 +209,15 @@ _Id = String(128)  # the contract's id limit: 1-128 characters
 journal_table = Table(
     "journal",
     metadata,
-    Column("seq", _Key, primary_key=True, autoincrement=False),
-    Column("at_ms", BigInteger, nullable=False),
-    Column("kind", String(32), nullable=False),
-    Column("body", Text, nullable=False),  # the command, compact JSON (codec.py)
-    # Hash chain: blake2b-128 of the previous record's chain and this record's
-    # seq, at_ms, kind and body. Any altered, lost or reordered record breaks
-    # every chain value after it; replay recomputes and compares each.
+    Column("seq", _Key, primary_key=True, autoincrement=False),  # its first record's
+    Column("last_seq", BigInteger, nullable=False),  # its last record's
+    Column("at_ms", BigInteger, nullable=False),  # its last record's time
+    # The records, in seq order: a JSON list of [at_ms, kind, body], body being the
+    # command as codec.py writes it (compact JSON).
+    Column("body", Text, nullable=False),
+    # Hash chain: blake2b-128 of the previous row's chain and this row's seq,
+    # last_seq, at_ms and body. Any altered, lost or reordered row breaks every
+    # chain value after it; replay recomputes and compares each.
     Column("chain", String(32), nullable=False),
 )
 
@@ -207,7 +227,9 @@ meta_table = Table(
     Column("name", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
-SCHEMA_VERSION = "2"  # 2: records carry a hash chain; pruning is recorded in journal_meta
+# 2: records carry a hash chain; pruning is recorded in journal_meta.
+# 3: one row per group commit (its records' commands), one chain value per row.
+SCHEMA_VERSION = "3"
 GENESIS_CHAIN = "0" * 32  # the chain value "before" seq 1
 
 entries_table = Table(
@@ -224,6 +246,7 @@ entries_table = Table(
     Column("created_at_ms", BigInteger, nullable=False),
     Column("seq", BigInteger, nullable=False),  # the journal record that posted it
     Index("ix_ledger_entries_account", "account_id", "entry_id"),
+    # Written by the projector (`project`), not the writer, like calls and events.
 )
 
 calls_table = Table(
@@ -275,12 +298,13 @@ lease_table = Table(
 )
 
 # The changefeed (changefeed.py): the events a record produced, as one row per record
-# with events (a JSON list of core.events images, in order). Written by the projector
-# (projector.py), not the writer: derived from the journal after it is durable, in the
-# projector's own transactions, each with its watermark (projection_table). Written
-# idempotently (a row per seq, ON CONFLICT DO NOTHING), so two projectors, or one
-# redoing records after a restart, store the same rows once. Kept like entries and
-# calls: a prune of the journal leaves it.
+# with events (a JSON list of core.events images, in order). Like entries and calls,
+# written by the projector (projector.py), not the writer: derived from the journal
+# after it is durable, in the projector's own transactions, each with its watermark
+# (projection_table). Written idempotently (entries and events: a row per key, ON
+# CONFLICT DO NOTHING; calls: replaced only by a snapshot of a later seq), so two
+# projectors, or one redoing records after a restart, store the same rows once. All
+# three are kept when the journal is pruned.
 events_table = Table(
     "events",
     metadata,
@@ -289,15 +313,16 @@ events_table = Table(
     Column("body", Text, nullable=False),
 )
 
-# How far each projection has gone: the journal seq up to which its rows are written
-# (one row, name "events"). Only moves forward.
+# How far the projection has gone: the journal seq up to which its rows (events,
+# entries, calls) are written. One row, named "events" since the projection began with
+# the changefeed alone. Only moves forward.
 projection_table = Table(
     "projection",
     metadata,
     Column("name", String(64), primary_key=True),
     Column("seq", BigInteger, nullable=False),
 )
-EVENTS_PROJECTION = "events"
+PROJECTION = "events"
 EVENT_RECORDS_PER_READ = 100  # records per read_events query (each may hold many events)
 
 _CALL_COLUMNS = [c for c in calls_table.c if c.name != "seq"]
@@ -489,13 +514,14 @@ if tuple(entries_table.c.keys()) != _ENTRY_ROW or tuple(calls_table.c.keys()) !=
     raise ImportError("journal row tuples do not follow their tables' column order")
 
 
-def _insert_sql(connection: Connection, table: Table, upsert_key: str = "") -> str:
-    """INSERT (or, with upsert_key, INSERT ... ON CONFLICT DO UPDATE) in driver SQL."""
-    return _driver_sql(connection.dialect, table, upsert_key)
+def _insert_sql(connection: Connection, table: Table, key: str = "", newer: bool = False) -> str:
+    """INSERT in driver SQL; with `key`, a row with that key already there is kept
+    (ON CONFLICT DO NOTHING) or, with `newer`, replaced by one of a later seq."""
+    return _driver_sql(connection.dialect, table, key, newer)
 
 
 @functools.cache
-def _driver_sql(dialect: Dialect, table: Table, upsert_key: str) -> str:
+def _driver_sql(dialect: Dialect, table: Table, key: str, newer: bool) -> str:
     quote = dialect.identifier_preparer.quote
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
     names = [quote(c.name) for c in table.c]
@@ -503,9 +529,14 @@ def _driver_sql(dialect: Dialect, table: Table, upsert_key: str) -> str:
         f"INSERT INTO {quote(table.name)} ({', '.join(names)}) "
         f"VALUES ({', '.join([mark] * len(names))})"
     )
-    if upsert_key:
-        updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != quote(upsert_key))
-        sql += f" ON CONFLICT ({quote(upsert_key)}) DO UPDATE SET {updates}"
+    if key and newer:
+        updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != quote(key))
+        sql += (
+            f" ON CONFLICT ({quote(key)}) DO UPDATE SET {updates} "
+            f"WHERE {quote(table.name)}.seq < excluded.seq"
+        )
+    elif key:
+        sql += f" ON CONFLICT ({quote(key)}) DO NOTHING"
     return sql
 
 
@@ -553,23 +584,17 @@ def _call(row: Row[Any]) -> CallRecord:
 _Rows = list[tuple[object, ...]]
 
 
-def chain_after(previous: str, seq: int, at_ms: int, kind: str, body: str) -> str:
-    """The chain value of a record: binds it to its place and to all before it."""
+def chain_after(previous: str, seq: int, last_seq: int, at_ms: int, body: str) -> str:
+    """The chain value of a row: binds it to its place and to all before it."""
     # One update of the joined text hashes the same bytes as updating part by part.
-    text = f"{previous}|{seq}|{at_ms}|{kind}|{body}"
+    text = f"{previous}|{seq}|{last_seq}|{at_ms}|{body}"
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _Rows]:
-    """The journal, entry and call rows of a batch, checked before any I/O.
-
-    Seqs must run on without a gap and times must not go back; a call touched
-    several times in the batch keeps only its last snapshot (one row per call,
-    which ON CONFLICT DO UPDATE needs within one statement on PostgreSQL).
-    """
-    journal_rows: _Rows = []
-    entry_rows: _Rows = []
-    call_rows: dict[str, tuple[object, ...]] = {}
+def _body(records: Sequence[JournalRecord], span: str) -> str:
+    """The body of a batch's row, checked before any I/O: seqs must run on without a
+    gap and times must not go back."""
+    items: list[tuple[int, str, str]] = []
     previous: JournalRecord | None = None
     for record in records:
         if previous is not None:
@@ -586,53 +611,85 @@ def _rows(records: Sequence[JournalRecord], span: str) -> tuple[_Rows, _Rows, _R
             kind, body = encode_command(record.command)
         except CodecError as exc:
             raise JournalError(f"journal seq {record.seq}: cannot encode: {exc}") from exc
-        journal_rows.append((record.seq, record.at_ms, kind, body, ""))  # chained later
-        entry_rows.extend(_entry_row(entry, record.seq) for entry in record.entries)
-        for call in record.calls:
-            call_rows[call.call_id] = _call_row(call, record.seq)  # the last one wins
+        items.append((record.at_ms, kind, body))
         previous = record
-    return journal_rows, entry_rows, list(call_rows.values())
+    return orjson.dumps(items).decode()
 
 
-def _insert(connection: Connection, table: Table, rows: _Rows, upsert_key: str = "") -> None:
-    """Insert `rows` (tuples in column order); with upsert_key, replace rows with that key.
+def _records(seq: int, last_seq: int, at_ms: int, body: str) -> list[tuple[int, int, Command]]:
+    """The (seq, at_ms, command) records of a row whose checksum matched."""
+    span = f"journal seq {seq}..{last_seq}"
+    try:
+        items = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise JournalError(f"{span}: the row is not JSON: {exc}") from exc
+    if not isinstance(items, list) or len(items) != last_seq - seq + 1:
+        raise JournalError(f"{span}: the row does not hold {last_seq - seq + 1} records")
+    records = []
+    for n, item in enumerate(items):
+        match item:
+            case [int(time), str(kind), str(text)]:
+                try:
+                    records.append((seq + n, time, decode_command(kind, text)))
+                except CodecError as exc:
+                    raise JournalError(f"journal seq {seq + n}: {exc}") from exc
+            case _:
+                raise JournalError(f"journal seq {seq + n}: not [at_ms, kind, body]")
+    if records[-1][1] != at_ms:
+        raise JournalError(f"{span}: the row's time is not its last record's")
+    return records
+
+
+def _projected_rows(records: Sequence[Projected]) -> tuple[_Rows, _Rows, _Rows]:
+    """The event, entry and call rows of a projection. A call touched several times
+    keeps only its last snapshot (one row per call, which ON CONFLICT DO UPDATE needs
+    within one statement on PostgreSQL)."""
+    event_rows: _Rows = []
+    entry_rows: _Rows = []
+    call_rows: dict[str, tuple[object, ...]] = {}
+    for seq, at_ms, events, entries, calls in records:
+        if events:
+            body = orjson.dumps([event_image(e) for e in events]).decode()
+            event_rows.append((seq, at_ms, body))
+        entry_rows.extend(_entry_row(entry, seq) for entry in entries)
+        for call in calls:
+            call_rows[call.call_id] = _call_row(call, seq)  # the last one wins
+    return event_rows, entry_rows, list(call_rows.values())
+
+
+def _insert(
+    connection: Connection, table: Table, rows: _Rows, key: str = "", newer: bool = False
+) -> None:
+    """Insert `rows` (tuples in column order); with `key`, as `_insert_sql` says.
 
     SQLite and PostgreSQL take the driver's own executemany, on the transaction's
-    connection, with a native upsert: per commit this saves SQLAlchemy's statement
-    handling, which cost more than the database did for small group commits. Other
-    databases go through SQLAlchemy Core; there, inside the batch's transaction,
-    delete + insert is the upsert.
+    connection: per commit this saves SQLAlchemy's statement handling, which cost
+    more than the database did for small group commits. Other databases (the journal
+    rows only: the projection needs ON CONFLICT) go through SQLAlchemy Core.
     """
-    if (
-        connection.dialect.name == "postgresql"
-        and upsert_key
-        and len(rows) >= (POSTGRES_COPY_MIN_ROWS)
-    ):
-        _copy_upsert(connection, table, rows, upsert_key)
+    if connection.dialect.name == "postgresql" and newer and len(rows) >= POSTGRES_COPY_MIN_ROWS:
+        _copy_upsert(connection, table, rows, key)
         return
     if connection.dialect.name in _NATIVE_UPSERT:
         cursor = connection.connection.cursor()
         try:
-            cursor.executemany(_insert_sql(connection, table, upsert_key), rows)
+            cursor.executemany(_insert_sql(connection, table, key, newer), rows)
         finally:
             cursor.close()
         return
+    if key:
+        raise JournalError(f"no ON CONFLICT on {connection.dialect.name}")
     names = table.c.keys()
-    if upsert_key:
-        key = table.c[upsert_key]
-        ids = [row[names.index(upsert_key)] for row in rows]
-        for start in range(0, len(ids), _DELETE_CHUNK):
-            connection.execute(delete(table).where(key.in_(ids[start : start + _DELETE_CHUNK])))
     connection.execute(insert(table), [dict(zip(names, row, strict=True)) for row in rows])
 
 
-def _copy_upsert(connection: Connection, table: Table, rows: _Rows, upsert_key: str) -> None:
+def _copy_upsert(connection: Connection, table: Table, rows: _Rows, key: str) -> None:
     """PostgreSQL: COPY `rows` into a temporary twin of `table` (emptied at commit), then
     one INSERT ... SELECT ... ON CONFLICT DO UPDATE: the same rows as executemany."""
     quote = connection.dialect.identifier_preparer.quote
     names = ", ".join(quote(c.name) for c in table.c)
     staging = quote(f"_staging_{table.name}")
-    upsert = _insert_sql(connection, table, upsert_key)
+    upsert = _insert_sql(connection, table, key, newer=True)
     conflict = upsert[upsert.index(" ON CONFLICT") :]
     cursor = connection.connection.cursor()
     try:
@@ -664,6 +721,12 @@ def _check_schema(connection: Connection) -> None:
     version = _meta(connection).get("schema_version")
     if version == SCHEMA_VERSION:
         return
+    if version == "2":
+        raise JournalError(
+            f"the journal has schema version 2 (one row per record); this server reads "
+            f"{SCHEMA_VERSION} (one row per group commit) and does not convert it: keep "
+            "serving it with the release that wrote it (docs/durability.md, 'Journal format')"
+        )
     if version is not None:
         raise JournalError(
             f"the journal has schema version {version}; this server reads {SCHEMA_VERSION}"
@@ -679,29 +742,50 @@ def _check_schema(connection: Connection) -> None:
 def _tail(connection: Connection) -> tuple[int, int, str]:
     """(seq, at_ms, chain) of the last record; the pruned point if none is left."""
     last = connection.execute(
-        select(journal_table.c.seq, journal_table.c.at_ms, journal_table.c.chain)
+        select(journal_table.c.last_seq, journal_table.c.at_ms, journal_table.c.chain)
         .order_by(journal_table.c.seq.desc())
         .limit(1)
     ).first()
     if last is not None:
-        return int(last.seq), int(last.at_ms), str(last.chain)
+        return int(last.last_seq), int(last.at_ms), str(last.chain)
     meta = _meta(connection)
     return int(meta.get("pruned_through_seq", "0")), 0, meta.get("pruned_chain", GENESIS_CHAIN)
 
 
 def _chain_before(connection: Connection, seq: int) -> str:
-    """The chain value that record `seq` must extend."""
+    """The chain value that the row starting at record `seq` must extend."""
     if seq <= 1:
         return GENESIS_CHAIN
     previous = connection.execute(
-        select(journal_table.c.chain).where(journal_table.c.seq == seq - 1)
-    ).scalar()
-    if previous is not None:
-        return str(previous)
+        select(journal_table.c.last_seq, journal_table.c.chain)
+        .where(journal_table.c.seq < seq)
+        .order_by(journal_table.c.seq.desc())
+        .limit(1)
+    ).first()
+    if previous is not None and previous.last_seq == seq - 1:
+        return str(previous.chain)
     meta = _meta(connection)
     if int(meta.get("pruned_through_seq", "0")) == seq - 1:
         return meta["pruned_chain"]
     raise JournalError(f"journal seq {seq - 1} is missing: cannot verify the records after it")
+
+
+def _row_holding(connection: Connection, seq: int) -> int:
+    """The first seq of the row holding record `seq` (`seq` itself if none does: the
+    journal ends, or was pruned, before it)."""
+    found = connection.execute(
+        select(journal_table.c.seq, journal_table.c.last_seq)
+        .where(journal_table.c.seq <= seq)
+        .order_by(journal_table.c.seq.desc())
+        .limit(1)
+    ).first()
+    return int(found.seq) if found is not None and found.last_seq >= seq else seq
+
+
+def _projected_through(connection: Connection) -> int:
+    query = select(projection_table.c.seq).where(projection_table.c.name == PROJECTION)
+    found = connection.execute(query).scalar()
+    return 0 if found is None else int(found)
 
 
 def _check_epoch(connection: Connection, epoch: int) -> None:
@@ -783,8 +867,7 @@ class Journal:
 
         Their seqs must continue the journal without a gap and their times must not
         go back: anything else means memory and journal disagree, and replay would
-        not rebuild what was acknowledged. Calls touched several times in the batch
-        are stored once, as their last snapshot.
+        not rebuild what was acknowledged.
         """
         if not records:
             return
@@ -795,8 +878,9 @@ class Journal:
         self._check_open()
         first = records[0]
         span = f"journal seq {first.seq}..{records[-1].seq}"
+        last = records[-1]
         with _failing_as(f"preparing {span}"):
-            journal_rows, entry_rows, call_rows = _rows(records, span)
+            body = _body(records, span)
         try:
             with _failing_as(f"append of {span}"), self._writer.begin() as connection:
                 if self._epoch is not None:
@@ -813,18 +897,12 @@ class Journal:
                         f"{span} starts at {first.at_ms} ms, "
                         f"before seq {last_seq} at {last_at_ms} ms"
                     )
-                for i, (seq, at_ms, kind, body, _) in enumerate(journal_rows):
-                    chain = chain_after(chain, seq, at_ms, kind, body)  # type: ignore[arg-type]
-                    journal_rows[i] = (seq, at_ms, kind, body, chain)
-                _insert(connection, journal_table, journal_rows)
-                if entry_rows:
-                    _insert(connection, entries_table, entry_rows)
-                if call_rows:
-                    _insert(connection, calls_table, call_rows, upsert_key="call_id")
+                chain = chain_after(chain, first.seq, last.seq, last.at_ms, body)
+                _insert(connection, journal_table, [(first.seq, last.seq, last.at_ms, body, chain)])
         except BaseException:
             self._tail = None  # what reached the database is unknown: read it next time
             raise
-        self._tail = (records[-1].seq, records[-1].at_ms, chain)
+        self._tail = (last.seq, last.at_ms, chain)
 
     # ------------------------------------------------------------- the lease
 
@@ -935,41 +1013,40 @@ class Journal:
 
     def _replay(self, expected: int) -> Iterator[tuple[int, int, Command]]:
         with _failing_as(f"replay from seq {expected}"), self._engine.connect() as connection:
-            chain = _chain_before(connection, expected)
+            row_start = _row_holding(connection, expected)
+            chain = _chain_before(connection, row_start)
+        columns = [journal_table.c[name] for name in ("seq", "last_seq", "at_ms", "body", "chain")]
         while True:
+            seq = journal_table.c.seq
             query = (
-                select(
-                    journal_table.c.seq,
-                    journal_table.c.at_ms,
-                    journal_table.c.kind,
-                    journal_table.c.body,
-                    journal_table.c.chain,
-                )
-                .where(journal_table.c.seq >= expected)
-                .order_by(journal_table.c.seq)
-                .limit(REPLAY_PAGE_SIZE)
+                select(*columns)
+                .where(seq >= row_start, seq < row_start + REPLAY_PAGE_SIZE)
+                .order_by(seq)
             )
-            with _failing_as(f"replay from seq {expected}"), self._engine.connect() as connection:
+            with _failing_as(f"replay from seq {row_start}"), self._engine.connect() as connection:
                 rows = connection.execute(query).all()
+                if not rows:
+                    after = connection.execute(select(func.min(seq)).where(seq > row_start))
+                    following = after.scalar()
+            if not rows:
+                if following is not None:
+                    raise JournalError(f"journal seq {row_start} is missing (next is {following})")
+                return
             for row in rows:
-                seq = int(row.seq)
-                if seq != expected:
-                    raise JournalError(f"journal seq {expected} is missing (next is {seq})")
-                chain = chain_after(chain, seq, int(row.at_ms), row.kind, row.body)
+                first, last = int(row.seq), int(row.last_seq)
+                if first != row_start:
+                    raise JournalError(f"journal seq {row_start} is missing (next is {first})")
+                chain = chain_after(chain, first, last, int(row.at_ms), row.body)
                 if chain != row.chain:
                     raise JournalError(
-                        f"journal record seq {seq} is corrupt: its checksum does not match "
-                        "(this record, or one before it, was altered or lost); "
+                        f"journal records seq {first}..{last} are corrupt: their checksum does "
+                        "not match (these records, or ones before them, were altered or lost); "
                         "the server will not start from a journal it cannot trust"
                     )
-                try:
-                    command = decode_command(row.kind, row.body)
-                except CodecError as exc:
-                    raise JournalError(f"journal seq {seq}: {exc}") from exc
-                yield seq, int(row.at_ms), command
-                expected += 1
-            if len(rows) < REPLAY_PAGE_SIZE:
-                return
+                for record in _records(first, last, int(row.at_ms), row.body):
+                    if record[0] >= expected:
+                        yield record
+                row_start = last + 1
 
     def tail(self, after_seq: int, limit: int) -> list[tuple[int, int, Command]]:
         """At most `limit` records after `after_seq`, checked as replay checks them:
@@ -996,45 +1073,52 @@ class Journal:
             return int(_meta(connection).get("pruned_through_seq", "0"))
 
     def prune(self, through_seq: int) -> int:
-        """Delete the records up to `through_seq`; how many were deleted.
+        """Delete the records up to `through_seq`, in whole rows (a group commit's row
+        that reaches past it stays); how many were deleted.
 
         Only for records a snapshot covers (the caller checks): replay then starts
-        from that snapshot. The chain value of the last pruned record is kept, so
-        the records after it are still verified. History (entries, calls) stays.
+        from that snapshot. The chain value of the last pruned row is kept, so the
+        rows after it are still verified. The projection (history, events)
+        stays, and is never passed: the records it has not projected yet are refused.
         """
         self._check_open()
         self._tail = None
         with _failing_as(f"pruning through seq {through_seq}"), self._writer.begin() as connection:
-            if through_seq <= int(_meta(connection).get("pruned_through_seq", "0")):
+            already = int(_meta(connection).get("pruned_through_seq", "0"))
+            if through_seq <= already:
                 return 0
             last_seq = _tail(connection)[0]
             if through_seq > last_seq:
                 raise JournalError(
                     f"cannot prune through {through_seq}: the journal ends at {last_seq}"
                 )
-            chain = _chain_before(connection, through_seq + 1)
-            deleted = connection.execute(
-                delete(journal_table).where(journal_table.c.seq <= through_seq)
-            ).rowcount
-            _set_meta(connection, "pruned_through_seq", str(through_seq))
+            projected = _projected_through(connection)
+            if through_seq > projected:
+                raise JournalError(
+                    f"cannot prune through {through_seq}: the projection (history, events) "
+                    f"is at seq {projected}, and derives the rest from those records"
+                )
+            through = _row_holding(connection, through_seq + 1) - 1  # whole rows only
+            if through <= already:
+                return 0
+            chain = _chain_before(connection, through + 1)
+            connection.execute(delete(journal_table).where(journal_table.c.seq <= through))
+            _set_meta(connection, "pruned_through_seq", str(through))
             _set_meta(connection, "pruned_chain", chain)
-            return int(deleted)
+            return through - already
 
-    def records(self, after_seq: int, through_seq: int) -> Iterator[tuple[int, int, str, str, str]]:
-        """Raw (seq, at_ms, kind, body, chain) rows, for archiving before a prune."""
+    def records(self, after_seq: int, through_seq: int) -> Iterator[tuple[int, int, int, str, str]]:
+        """Raw (seq, last_seq, at_ms, body, chain) rows wholly after `after_seq` and up to
+        `through_seq`, for archiving before a prune."""
         self._check_open()
         start = after_seq + 1
+        columns = [journal_table.c[name] for name in ("seq", "last_seq", "at_ms", "body", "chain")]
         while start <= through_seq:
+            seq = journal_table.c.seq
             query = (
-                select(
-                    journal_table.c.seq,
-                    journal_table.c.at_ms,
-                    journal_table.c.kind,
-                    journal_table.c.body,
-                    journal_table.c.chain,
-                )
-                .where(journal_table.c.seq >= start, journal_table.c.seq <= through_seq)
-                .order_by(journal_table.c.seq)
+                select(*columns)
+                .where(seq >= start, journal_table.c.last_seq <= through_seq)
+                .order_by(seq)
                 .limit(REPLAY_PAGE_SIZE)
             )
             with _failing_as(f"reading from seq {start}"), self._engine.connect() as connection:
@@ -1042,10 +1126,13 @@ class Journal:
             if not rows:
                 return
             for row in rows:
-                yield int(row.seq), int(row.at_ms), row.kind, row.body, row.chain
-            start = int(rows[-1].seq) + 1
+                yield int(row.seq), int(row.last_seq), int(row.at_ms), row.body, row.chain
+            start = int(rows[-1].last_seq) + 1
 
     # ------------------------------------------------------------- history
+
+    # The reads of the projection see what the projector has stored: the caller waits
+    # for `projected_through` to cover what it must see first (service.py).
 
     def list_entries(
         self, account_id: str, after_entry_id: int, limit: int, *, newest_first: bool = False
@@ -1119,34 +1206,31 @@ class Journal:
         last = int(rows[-1].seq) if rows else None
         return events, last, len(rows) == EVENT_RECORDS_PER_READ
 
-    def project_events(
-        self, events: Sequence[tuple[int, int, Sequence[Event]]], through_seq: int
-    ) -> None:
-        """Store the events of records (seq, at_ms, events), and move the events
-        projection's watermark to `through_seq`, in one transaction (the projector's).
+    def project(self, records: Sequence[Projected], through_seq: int) -> None:
+        """Store what the projector derived from records (their events, ledger entries
+        and call snapshots), and move the watermark to `through_seq`, in one transaction
+        (the projector's).
 
-        Idempotent: a record's row already stored is left as it is, and the watermark
-        never goes back, so a projector redoing records, or two at once, is harmless.
+        Idempotent: an event or entry row already stored is left as it is, a call row is
+        replaced only by a snapshot from a later seq, and the watermark never goes back,
+        so a projector redoing records, or two at once, is harmless.
         """
         self._check_open()
-        rows = [
-            {
-                "seq": seq,
-                "at_ms": at_ms,
-                "body": orjson.dumps([event_image(e) for e in ev]).decode(),
-            }
-            for seq, at_ms, ev in events
-            if ev
-        ]
-        mark = {"name": EVENTS_PROJECTION, "seq": through_seq}
-        with _failing_as("storing events"), self._writer.begin() as connection:
+        with _failing_as("preparing the projection"):
+            event_rows, entry_rows, call_rows = _projected_rows(records)
+        mark = {"name": PROJECTION, "seq": through_seq}
+        with _failing_as("storing the projection"), self._writer.begin() as connection:
             if connection.dialect.name not in _NATIVE_UPSERT:
-                raise JournalError(f"events cannot be projected on {connection.dialect.name}")
+                raise JournalError(f"the journal cannot be projected on {connection.dialect.name}")
+            if event_rows:
+                _insert(connection, events_table, event_rows, key="seq")
+            if entry_rows:
+                _insert(connection, entries_table, entry_rows, key="entry_id")
+            if call_rows:
+                _insert(connection, calls_table, call_rows, key="call_id", newer=True)
             dialect_insert = (
                 postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
             )
-            if rows:
-                connection.execute(dialect_insert(events_table).on_conflict_do_nothing(), rows)
             upsert = dialect_insert(projection_table).values(mark)
             connection.execute(
                 upsert.on_conflict_do_update(
@@ -1157,12 +1241,11 @@ class Journal:
             )
 
     def projected_through(self) -> int:
-        """The journal seq up to which the events are stored (0: none projected yet)."""
+        """The journal seq up to which the projection (events, entries, calls) is stored
+        (0: none projected yet)."""
         self._check_open()
-        query = select(projection_table.c.seq).where(projection_table.c.name == EVENTS_PROJECTION)
         with _failing_as("reading the projection"), self._engine.connect() as connection:
-            found = connection.execute(query).scalar()
-        return 0 if found is None else int(found)
+            return _projected_through(connection)
 
     def last_seq_before(self, at_ms: int, through_seq: int) -> int:
         """The last record with events before `at_ms`, up to seq `through_seq` (0 if none):

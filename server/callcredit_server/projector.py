@@ -1,21 +1,24 @@
-"""The changefeed's projector: the events of the durable journal, off the writer's path.
+"""The projector: the history tables and the changefeed's events, off the writer's path.
 
 The journal is deterministic: re-applying its commands to a state machine reproduces
-every step, its events included. So the primary's writer builds no events (its state
-machine runs with `events=False`) and stores none; the projector, a separate process
-(`python -m callcredit_server.projector`, started by `callcredit-server` as its child),
-tails the journal every `POLL_SECONDS` (at most `MAX_RECORDS_PER_STEP` records per read,
-applied with the standby's own `apply_record`), applies the records to its own state
-machine with events on, and stores their events (journal.project_events) with its
+every step, its ledger entries, call snapshots and events included. So the primary's
+writer stores its commands only (and builds no events: its state machine runs with
+`events=False`); the projector, a separate process (`python -m
+callcredit_server.projector`, started by `callcredit-server` as its child), tails the
+journal every `POLL_SECONDS` (at most `MAX_RECORDS_PER_STEP` records per read), applies
+the records to its own state machine with events on (the standby's own
+`apply_record`), and stores their entries, calls and events (journal.project) with its
 watermark, `projected_through`, in one transaction of its own per read. Its CPU is not
-the server's.
+the writer's.
 
 Restart: it rebuilds its state at its watermark as a start does (the newest snapshot
 at or before it, then the journal: recovery.recover) and goes on from there. Writes
-are idempotent by seq and the watermark only moves forward, so a projector that
-redoes records, or two at once (each server of a hot-standby pair runs one), store
-each record's events once. Nothing acknowledged, and no recovery, depends on it: if it
-dies or lags, the feed lags (`callcredit_changefeed_lag_records`), nothing else.
+are idempotent and the watermark only moves forward, so a projector that redoes
+records, or two at once (each server of a hot-standby pair runs one), store each
+record's rows once. Nothing acknowledged, and no recovery, depends on it: if it dies or
+lags, the feed lags (`callcredit_changefeed_lag_records`) and history reads wait for it
+(at most service.PROJECTION_WAIT_SECONDS, then UNAVAILABLE), nothing else. A prune
+never passes its watermark (journal.prune).
 
 The child dies with the server: a server that stops kills it (at once: it may still be
 starting up, and nothing is lost), and one that dies (even by SIGKILL) closes the pipe
@@ -23,8 +26,9 @@ the child read its settings from, whose end it waits for, and exits at once. The
 restarts a child that exited, after RESTART_SECONDS.
 
 The server's side (`FeedPoller`): one task per server reads the watermark every
-`FEED_POLL_SECONDS` and, while streams follow, the events up to it, and hands them to
-the changefeed (changefeed.py) once for every follower.
+`FEED_POLL_SECONDS` (Changefeed.projected_seq: history reads wait on it) and, while
+streams follow, the events up to it, and hands them to the changefeed (changefeed.py)
+once for every follower.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import orjson
 from callcredit_server import logs
 from callcredit_server.changefeed import END_OF_RECORD, Changefeed, FeedEvent
 from callcredit_server.core import InvariantViolation, StateMachine
-from callcredit_server.journal import Journal, JournalError
+from callcredit_server.journal import Journal, JournalError, Projected
 from callcredit_server.recovery import apply_record, recover
 
 log = logging.getLogger(__name__)
@@ -59,14 +63,14 @@ NICENESS = 10
 
 
 class Projector:
-    """The journal's records after `applied_seq`, applied to `machine`, their events stored."""
+    """The journal's records after `applied_seq`, applied to `machine`, what they did stored."""
 
     def __init__(self, journal: Journal, machine: StateMachine, applied_seq: int) -> None:
         if not machine.events:
             raise ValueError("the projector's state machine must build events")
         self._journal = journal
         self._machine = machine
-        self.applied_seq = applied_seq  # the last record applied, and its events stored
+        self.applied_seq = applied_seq  # the last record applied, and its rows stored
 
     def step(self) -> int:
         """Project the records after applied_seq: one bounded read, one transaction;
@@ -75,30 +79,32 @@ class Projector:
         if not records:
             return 0
         machine = self._machine
-        projected = [
-            (seq, at_ms, apply_record(machine, seq, at_ms, command).events)
-            for seq, at_ms, command in records
-        ]
-        self._journal.project_events(projected, records[-1][0])
+        projected: list[Projected] = []
+        for seq, at_ms, command in records:
+            step = apply_record(machine, seq, at_ms, command)
+            projected.append(Projected(seq, at_ms, step.events, step.entries, step.calls))
+        self._journal.project(projected, records[-1][0])
         self.applied_seq = records[-1][0]
         return len(records)
 
 
 def open_projector(journal: Journal, snapshot_dir: Path | None) -> Projector:
-    """The projector at its watermark: the state rebuilt as it was at that seq."""
+    """The projector at its watermark: the state rebuilt as it was at that seq.
+
+    If it cannot be (the journal was pruned, and the snapshots between the prune and the
+    watermark are gone: a projector stopped for longer than KEEP_SNAPSHOTS snapshots),
+    JournalError: the projection stops there rather than leave a hole in the ledger's
+    history, and history reads answer UNAVAILABLE until a snapshot is restored."""
     watermark = journal.projected_through()
     try:
         recovered = recover(journal, snapshot_dir, through_seq=watermark)
-    except JournalError as exc:  # pruned beyond the watermark: those events are lost
-        recovered = recover(journal, snapshot_dir, through_seq=None)
-        log.error(
-            "the events after seq %d cannot be derived (%s): projecting from seq %d on",
-            watermark,
-            exc,
-            recovered.snapshot_seq + recovered.replayed,
-        )
+    except JournalError as exc:
+        raise JournalError(
+            f"the projection cannot resume at seq {watermark}: {exc} (restore a snapshot "
+            f"taken at or before seq {watermark}, after the prune, to {snapshot_dir})"
+        ) from exc
     applied = recovered.snapshot_seq + recovered.replayed
-    log.info("projector: events stored through seq %d, state rebuilt at %d", watermark, applied)
+    log.info("projector: rows stored through seq %d, state rebuilt at %d", watermark, applied)
     return Projector(journal, recovered.machine, applied)
 
 
@@ -194,7 +200,8 @@ class ProjectorProcess:
 
 
 class FeedPoller:
-    """The server's one poll of the events table, shared by every follower."""
+    """The server's one poll of the projection's watermark (which history reads wait
+    for) and of the events table, shared by every follower."""
 
     def __init__(
         self,

@@ -121,6 +121,7 @@ def recover(
 class Verification:
     records: int = 0
     snapshots_checked: int = 0
+    history_checked: bool = False  # False: the projector had not reached the journal's end
     problems: list[str] = field(default_factory=list)
 
 
@@ -129,8 +130,9 @@ def verify(journal: Journal, snapshot_dir: Path | None) -> Verification:
 
     Every record's checksum and seq (replay), that each record still changes the
     state, audit() at intervals and at the end (holds, available >= 0, money
-    conserved), that every snapshot equals the state replayed to its seq, and that
-    the history tables agree with the replayed state.
+    conserved), that every snapshot equals the state replayed to its seq, and, if the
+    projector has reached the journal's end, that the history tables agree with the
+    replayed state (history behind the journal is not wrong, only not there yet).
     """
     result = Verification()
     pruned = journal.pruned_through()
@@ -170,7 +172,17 @@ def verify(journal: Journal, snapshot_dir: Path | None) -> Verification:
         result.problems.append(str(exc))
         return result
     result.problems.extend(machine.audit())
-    result.problems.extend(_history_problems(journal, machine))
+    last_seq = journal.last_seq()
+    projected = journal.projected_through()
+    if projected >= last_seq:
+        result.history_checked = True
+        result.problems.extend(_history_problems(journal, machine))
+    else:
+        log.warning(
+            "history not compared: projected through seq %d, the journal ends at %d",
+            projected,
+            last_seq,
+        )
     return result
 
 

@@ -578,6 +578,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         except JournalError as exc:
             await _abort(context, unavailable(f"history cannot be read: {exc}"))
 
+    async def _history_now(
+        self, read: Callable[[], T], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> T:
+        """`_history_read` once the projector has stored every record durable now, so
+        the read sees every answer given before it began (read-your-writes)."""
+        await self._projected(self._feed.durable_seq, context)
+        return await self._history_read(read, context)
+
     async def _require_account(
         self, account_id: str, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AccountView:
@@ -683,9 +691,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await _abort(context, invalid("call_id", ID_RULE))
         call = await _read(self._writer, lambda m: m.call(request.call_id), context)
         if call is None:  # ended and forgotten by memory: history has it
-            call = await self._history_read(
-                lambda: self._journal.get_call(request.call_id), context
-            )
+            call = await self._history_now(lambda: self._journal.get_call(request.call_id), context)
         if call is None:
             await _abort(
                 context, status_for(ErrorReason.CALL_NOT_FOUND, f"no call {request.call_id!r}")
@@ -711,7 +717,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 await _abort(context, invalid("page_token", "is not a token this server gave"))
             before = int(token)
         await self._require_account(request.account_id, context)
-        calls = await self._history_read(
+        calls = await self._history_now(
             lambda: self._journal.list_calls(
                 request.account_id,
                 active_only=request.active_only,
@@ -807,7 +813,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             limit,
             newest_first=request.newest_first,
         )
-        entries = await self._history_read(read, context)
+        entries = await self._history_now(read, context)
         return admin_pb2.ListEntriesResponse(entries=[convert.entry_pb(e) for e in entries])
 
     # ------------------------------------------------------------ changefeed
@@ -892,8 +898,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             feed.unsubscribe(follower)
 
     async def _projected(self, seq: int, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Wait until the changefeed's events are stored through `seq`; UNAVAILABLE after
-        PROJECTION_WAIT_SECONDS (the projector is down or far behind)."""
+        """Wait until the projection (history, events) is stored through `seq`;
+        UNAVAILABLE after PROJECTION_WAIT_SECONDS (the projector is down or far behind)."""
         try:
             async with asyncio.timeout(PROJECTION_WAIT_SECONDS):
                 await self._feed.projected(seq)
@@ -901,7 +907,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await _abort(
                 context,
                 unavailable(
-                    f"the changefeed's projector has stored events through seq "
+                    f"the projector has stored history and events through seq "
                     f"{self._feed.projected_seq} only, and the journal is at {seq} "
                     f"(waited {PROJECTION_WAIT_SECONDS:.0f} s): it is down or behind; retry"
                 ),
@@ -971,7 +977,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 return
 
 
-PROJECTION_WAIT_SECONDS = 5.0  # a replay waits this long for the projector to catch up
+PROJECTION_WAIT_SECONDS = 5.0  # a replay or history read waits this long for the projector
 _MAX_SINCE_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the end of Timestamp's range
 
 # WatchEventsResponse on the wire: field 1 (events) and field 2 (cursor), length-delimited.

@@ -103,11 +103,9 @@ class WriterCore(Generic[Target, Answer]):
                 step = apply(command, now_ms)
                 if on_step is not None:
                     on_step(command, step)
-                outcome, changed, entries, touched, step_pushes, _ = step
+                outcome, changed, _, touched, step_pushes, _ = step
                 if changed:  # the record's fields in order, without NamedTuple's __new__
-                    records.append(
-                        _new_tuple(JournalRecord, (seq, now_ms, command, entries, touched))
-                    )
+                    records.append(_new_tuple(JournalRecord, (seq, now_ms, command)))
                     seq += 1
                 if (
                     target is not None

@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -15,16 +16,17 @@ import pytest
 from typer.testing import CliRunner
 
 from callcredit.v1 import admin_pb2
-from callcredit_server import cli, projector
+from callcredit_server import cli, projector, service
 from callcredit_server.core import Command, CreateAccount, PutTariff, Release, StateMachine, TopUp
 from callcredit_server.core.events import Event
 from callcredit_server.core.model import Tariff
-from callcredit_server.journal import Journal, JournalRecord
-from callcredit_server.snapshot import write_snapshot
+from callcredit_server.journal import Journal, JournalError, JournalRecord
+from callcredit_server.snapshot import list_snapshots, write_snapshot
 from tests.changefeed.test_watch import collect, top_ups, watch
 from tests.core.helpers import fingerprint_of, rate, reserve
 from tests.service.conftest import Harness
 from tests.service.processes import server_process
+from tests.service.streams import RawStream, release_op, reserve_op
 
 
 def workload(count: int) -> list[tuple[int, Command]]:
@@ -60,12 +62,11 @@ def write_journal(journal: Journal, commands: list[tuple[int, Command]]) -> list
         step = writer.apply(command, at_ms)
         assert step.events == []
         if step.changed:
-            records.append(
-                JournalRecord(len(records) + 1, at_ms, command, step.entries, step.calls)
-            )
+            records.append(JournalRecord(len(records) + 1, at_ms, command))
             expected.append(reference.apply(command, at_ms).events)
     assert fingerprint_of(writer) == fingerprint_of(reference)  # the same state either way
-    journal.append(records)
+    for start in range(0, len(records), 10):  # group commits of 10: a row each
+        journal.append(records[start : start + 10])
     return expected
 
 
@@ -184,6 +185,63 @@ async def test_a_replay_waits_for_the_projector_then_says_it_is_behind(harness: 
     tail.cancel()
 
 
+async def test_a_history_read_sees_every_answer_given_before_it(harness: Harness) -> None:
+    """Read-your-writes: the history tables are the projector's, written after the
+    writer's commit, and a history read waits until they cover every change already
+    acknowledged (without the wait, each read here would race the projector's poll)."""
+    h = harness
+    await h.funded_account("acme", 100)
+    dialer = RawStream(h.dialer)
+    newest = admin_pb2.ListEntriesRequest(account_id="acme", limit=1, newest_first=True)
+    balance = 100
+    for i in range(15):
+        await top_ups(h, "acme", i, 1)
+        balance += 1
+        entries = (await h.admin.ListEntries(newest)).entries
+        assert [(e.balance_after, e.call_id) for e in entries] == [(balance, "")]
+        (granted,) = await dialer.ask(reserve_op(f"r{i}", f"c{i}", "acme"))
+        assert granted.reserve.HasField("grant")
+        listed = await h.admin.ListCalls(admin_pb2.ListCallsRequest(account_id="acme", limit=1))
+        assert [c.call_id for c in listed.calls] == [f"c{i}"]
+        (released,) = await dialer.ask(release_op(f"e{i}", f"c{i}", 5))
+        assert released.HasField("release")
+        balance -= 5  # one unit a second
+        entries = (await h.admin.ListEntries(newest)).entries
+        assert [(e.balance_after, e.call_id) for e in entries] == [(balance, f"c{i}")]
+
+
+async def test_a_stopped_projector_makes_history_reads_fail_not_answer_stale(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "PROJECTION_WAIT_SECONDS", 1.0)
+    h = harness
+    await h.funded_account("acme", 100)
+    process = h.running.projector
+    assert process is not None
+    await asyncio.to_thread(process.stop)  # not restarted: it was stopped, not lost
+    await top_ups(h, "acme", 0, 1)  # acknowledged, so durable; not projected
+
+    async def refused(read: Callable[[], Awaitable[object]]) -> None:
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read()
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "projector" in (caught.value.details() or "")
+        assert time.monotonic() - started >= 0.9
+
+    await refused(
+        lambda: h.admin.ListEntries(admin_pb2.ListEntriesRequest(account_id="acme", limit=10))
+    )
+    await refused(
+        lambda: h.admin.ListCalls(admin_pb2.ListCallsRequest(account_id="acme", limit=10))
+    )
+    assert (await h.account("acme")).balance == 101  # memory's answers do not wait
+    monkeypatch.undo()  # the usual wait: a new projector process takes a while to start
+    process.start()  # back: the history reads are answered, up to date
+    entries = await h.admin.ListEntries(admin_pb2.ListEntriesRequest(account_id="acme", limit=10))
+    assert [e.balance_after for e in entries.entries] == [100, 101]
+
+
 def test_prune_never_goes_past_the_projection(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,3 +277,30 @@ def test_prune_never_goes_past_the_projection(
             pass
         assert "pruned 100 journal records through seq 200" in prune()
         assert stored(journal) == expected
+
+
+def test_a_projection_that_cannot_resume_stops_rather_than_skip(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pruned through a snapshot that was deleted since (only the newest KEEP_SNAPSHOTS
+    stay) and none left between the prune and the watermark: the history after the
+    watermark cannot be derived, and the projector says so instead of leaving a hole."""
+    monkeypatch.setattr(projector, "MAX_RECORDS_PER_STEP", 150)
+    commands = workload(300)
+    snapshots = tmp_path / "snapshots"
+    with Journal(database_url) as journal:
+        write_journal(journal, commands)
+        machine, seq = StateMachine(events=False), 0
+        for at_ms, command in commands:
+            if machine.apply(command, at_ms).changed:
+                seq += 1
+                if seq in (100, 200):
+                    write_snapshot(snapshots, seq, machine.image(), at_ms)
+        assert projector.open_projector(journal, snapshots).step() == 150
+        assert journal.prune(100) == 100
+        oldest = list_snapshots(snapshots)[-1]
+        assert oldest.seq == 100
+        oldest.path.unlink()  # as discard_older does once two newer ones are written
+        with pytest.raises(JournalError, match="cannot resume at seq 150"):
+            projector.open_projector(journal, snapshots)
+        assert journal.projected_through() == 150

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
+from callcredit_server import projector
 from callcredit_server.core import (
     Command,
     CreateAccount,
@@ -37,7 +38,7 @@ LEASE_MS = 5_000
 
 
 def record(seq: int) -> JournalRecord:
-    return JournalRecord(seq, 1_000 * seq, Tick(retention_ms=1), (), ())
+    return JournalRecord(seq, 1_000 * seq, Tick(retention_ms=1))
 
 
 def expire(journal: Journal) -> None:
@@ -167,11 +168,13 @@ def test_the_journals_sessions_bound_their_waits(journals: tuple[Journal, Journa
 
 
 def test_many_renewals_rewrite_their_rows_through_copy_and_a_takeover_writes_none(
-    pg_url: str,
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Above POSTGRES_COPY_MIN_ROWS the call rows go through COPY (inserted, then
-    rewritten): the same rows result. Takeover restarts every open call's validity in
-    memory and writes no row: its record is O(1) however many calls are open."""
+    """Above POSTGRES_COPY_MIN_ROWS the projector's call rows go through COPY (inserted,
+    then rewritten): the same rows result, and a projector behind takes none back.
+    Takeover restarts every open call's validity in memory and writes no row: its
+    record is O(1) however many calls are open."""
+    monkeypatch.setattr(projector, "MAX_RECORDS_PER_STEP", 50_000)  # one step, one COPY
     calls = POSTGRES_COPY_MIN_ROWS + 10
     machine = StateMachine()
     commands: list[Command] = [PutTariff(Tariff("t", "VND", (Rate("", 60_000_000, 1, 1, 0),)))]
@@ -183,21 +186,27 @@ def test_many_renewals_rewrite_their_rows_through_copy_and_a_takeover_writes_non
         ]
     opened = []
     for seq, command in enumerate(commands, 1):
-        step = machine.apply(command, 1_000)
-        opened.append(JournalRecord(seq, 1_000, command, step.entries, step.calls))
+        machine.apply(command, 1_000)
+        opened.append(JournalRecord(seq, 1_000, command))
     renewed = []
     for n in range(calls):
         renew = Renew(f"c{n}", 1, 1, 60, 60, 120)
-        step = machine.apply(renew, 9_000)
-        renewed.append(JournalRecord(len(opened) + n + 1, 9_000, renew, step.entries, step.calls))
-    step = machine.apply(Takeover(epoch=2), 30_000)
+        machine.apply(renew, 9_000)
+        renewed.append(JournalRecord(len(opened) + n + 1, 9_000, renew))
+    machine.apply(Takeover(epoch=2), 30_000)
     takeover_seq = len(opened) + len(renewed) + 1
-    takeover = JournalRecord(takeover_seq, 30_000, Takeover(epoch=2), (), step.calls)
+    takeover = JournalRecord(takeover_seq, 30_000, Takeover(epoch=2))
     with Journal(pg_url) as journal:
         journal.append(opened)
+        projecting = projector.open_projector(journal, None)
+        assert projecting.step() == len(opened)
         journal.append(renewed)
+        assert projecting.step() == len(renewed)
         rows_renewed = [journal.get_call(f"c{n}") for n in range(calls)]
         journal.append([takeover])
+        assert projecting.step() == 1
+        late = projector.Projector(journal, StateMachine(), 0)  # redoes it all
+        assert late.step() == takeover_seq
         for n in (0, calls // 2, calls - 1):
             stored = journal.get_call(f"c{n}")
             assert stored == rows_renewed[n]

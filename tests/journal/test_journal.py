@@ -58,10 +58,13 @@ from callcredit_server.journal import (
     Journal,
     JournalError,
     JournalRecord,
+    Projected,
     chain_after,
     engine_url,
     journal_table,
+    meta_table,
 )
+from callcredit_server.projector import open_projector
 
 POSTGRES_URL_ENV = "CALLCREDIT_TEST_POSTGRES_URL"
 POSTGRES_SKIP = "CALLCREDIT_TEST_POSTGRES_URL not set: PostgreSQL journal tests skipped"
@@ -181,21 +184,26 @@ def call(
     )
 
 
-def record(
-    seq: int,
-    *,
-    at_ms: int | None = None,
-    command: Command | None = None,
-    entries: Sequence[LedgerEntry] = (),
-    calls: Sequence[CallRecord] = (),
-) -> JournalRecord:
+def record(seq: int, *, at_ms: int | None = None, command: Command | None = None) -> JournalRecord:
     return JournalRecord(
         seq=seq,
         at_ms=1_000 * seq if at_ms is None else at_ms,
         command=Tick(retention_ms=seq) if command is None else command,
-        entries=tuple(entries),
-        calls=tuple(calls),
     )
+
+
+def history(
+    seq: int, *, entries: Sequence[LedgerEntry] = (), calls: Sequence[CallRecord] = ()
+) -> Projected:
+    """What a projector derived from record `seq` (written here, not derived: the rows
+    are the test's)."""
+    return Projected(seq, 1_000 * seq, (), tuple(entries), tuple(calls))
+
+
+def store(journal: Journal, projected: Sequence[Projected]) -> None:
+    """Append a record for each, then project them, as the writer and projector do."""
+    journal.append([record(p.seq) for p in projected])
+    journal.project(projected, projected[-1].seq)
 
 
 def replayed(journal: Journal, after_seq: int = 0) -> list[tuple[int, int, Command]]:
@@ -407,13 +415,15 @@ def test_empty_append_changes_nothing(journal: Journal) -> None:
 
 def test_replay_reads_page_by_page(journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(journal_module, "REPLAY_PAGE_SIZE", 7)
-    journal.append([record(seq) for seq in range(1, 31)])
+    for seq in range(1, 31):
+        journal.append([record(seq)])  # a row each
     selects: list[str] = []
 
     def count(*args: object) -> None:
-        statement = str(args[2])
-        if statement.lstrip().upper().startswith("SELECT") and "ORDER BY" in statement:
-            selects.append(statement)  # a page of records (not the chain lookup)
+        statement = str(args[2]).upper()
+        page = "ORDER BY" in statement and "DESC" not in statement  # not a lookup of one row
+        if statement.lstrip().startswith("SELECT") and page:
+            selects.append(statement)
 
     event.listen(journal.engine, "before_cursor_execute", count)
     stream = journal.replay(after_seq=2)
@@ -424,15 +434,15 @@ def test_replay_reads_page_by_page(journal: Journal, monkeypatch: pytest.MonkeyP
 
 
 def test_reopening_sees_everything(url: str) -> None:
-    records = [
-        record(1, entries=[entry(1)], calls=[call("c1", 1)]),
-        record(2, entries=[entry(2, "beta")], calls=[call("c1", 1, state=CallState.RELEASED)]),
+    projected = [
+        history(1, entries=[entry(1)], calls=[call("c1", 1)]),
+        history(2, entries=[entry(2, "beta")], calls=[call("c1", 1, state=CallState.RELEASED)]),
     ]
     with Journal(url) as first:
-        first.append(records)
+        store(first, projected)
     with Journal(url) as second:  # a new engine, a new pool: only the database remembers
-        assert second.last_seq() == 2
-        assert replayed(second) == [(r.seq, r.at_ms, r.command) for r in records]
+        assert second.last_seq() == second.projected_through() == 2
+        assert replayed(second) == [(r.seq, r.at_ms, r.command) for r in map(record, (1, 2))]
         assert second.list_entries("acme", 0, 10) == [entry(1)]
         assert second.list_entries("beta", 0, 10) == [entry(2, "beta")]
         assert second.get_call("c1") == call("c1", 1, state=CallState.RELEASED)
@@ -444,17 +454,14 @@ def test_reopening_sees_everything(url: str) -> None:
 # ---------------------------------------------------------------- atomicity
 
 STORED = [
-    record(1, entries=[entry(1)], calls=[call("c1", 1)]),
-    record(2, entries=[entry(2)], calls=[call("c2", 2)]),
+    history(1, entries=[entry(1)], calls=[call("c1", 1)]),
+    history(2, entries=[entry(2)], calls=[call("c2", 2)]),
 ]
-GOOD = record(3, entries=[entry(3)], calls=[call("c3", 3), call("c1", 1, used_seconds=30)])
+GOOD = record(3)
+GOOD_HISTORY = history(3, entries=[entry(3)], calls=[call("c3", 3), call("c1", 1, used_seconds=30)])
 
 FAILING_BATCHES = [
-    pytest.param([GOOD, record(4, entries=[entry(3)])], True, id="entry-id-twice-in-batch"),
-    pytest.param([GOOD, record(4, entries=[entry(2)])], True, id="entry-id-already-stored"),
-    pytest.param([GOOD, record(4, calls=[call("other", 1)])], True, id="call-seq-taken"),
-    pytest.param([GOOD, record(4, entries=[entry(4, amount=2**63)])], True, id="beyond-int64"),
-    pytest.param([record(4, entries=[entry(3)])], False, id="gap-after-stored"),
+    pytest.param([record(4)], False, id="gap-after-stored"),
     pytest.param([GOOD, record(5)], False, id="gap-inside-batch"),
     pytest.param([record(2), GOOD], False, id="seq-repeated"),
     pytest.param([record(3, at_ms=1_999), record(4)], False, id="time-back-from-stored"),
@@ -467,27 +474,62 @@ FAILING_BATCHES = [
 def test_a_failed_batch_leaves_nothing_of_itself(
     journal: Journal, batch: list[JournalRecord], has_cause: bool
 ) -> None:
-    journal.append(STORED)
-    before = (
-        replayed(journal),
-        journal.list_entries("acme", 0, 100),
-        all_calls(journal, "acme"),
-    )
+    store(journal, STORED)
+    before = replayed(journal)
     with pytest.raises(JournalError) as raised:
         journal.append(batch)
     assert (raised.value.__cause__ is not None) == has_cause
     assert journal.last_seq() == 2
-    after = (
-        replayed(journal),
-        journal.list_entries("acme", 0, 100),
-        all_calls(journal, "acme"),
-    )
-    assert after == before
-    assert journal.get_call("c3") is None
+    assert replayed(journal) == before
     # The failed transaction is gone entirely: the right next batch goes through.
     journal.append([GOOD])
     assert journal.last_seq() == 3
+
+
+FAILING_PROJECTIONS = [
+    pytest.param(history(4, calls=[call("other", 1)]), id="call-seq-taken"),
+    pytest.param(history(4, entries=[entry(4, amount=2**63)]), id="beyond-int64"),
+]
+
+
+@pytest.mark.parametrize("bad", FAILING_PROJECTIONS)
+def test_a_failed_projection_leaves_nothing_of_itself(journal: Journal, bad: Projected) -> None:
+    store(journal, STORED)
+    journal.append([GOOD, record(4)])
+    before = (journal.list_entries("acme", 0, 100), all_calls(journal, "acme"))
+    with pytest.raises(JournalError) as raised:
+        journal.project([GOOD_HISTORY, bad], 4)
+    assert raised.value.__cause__ is not None
+    assert journal.projected_through() == 2
+    assert (journal.list_entries("acme", 0, 100), all_calls(journal, "acme")) == before
+    assert journal.get_call("c3") is None
+    # The failed transaction is gone entirely: the right projection goes through.
+    journal.project([GOOD_HISTORY], 3)
+    assert journal.projected_through() == 3
     assert journal.get_call("c1") == call("c1", 1, used_seconds=30)
+
+
+def test_a_projection_done_twice_or_late_stores_each_row_once(journal: Journal) -> None:
+    """Two projectors (a primary's and a standby's), or one redoing records after a
+    restart: entries are kept once, a call row only moves to a later snapshot, and the
+    watermark never goes back."""
+    store(journal, [*STORED, GOOD_HISTORY])
+    rows = (journal.list_entries("acme", 0, 100), all_calls(journal, "acme"))
+    journal.project([*STORED, GOOD_HISTORY], 3)  # the same again
+    journal.project(STORED, 2)  # a projector behind: c1's older snapshot, watermark 2
+    assert (journal.list_entries("acme", 0, 100), all_calls(journal, "acme")) == rows
+    assert journal.get_call("c1") == call("c1", 1, used_seconds=30)
+    assert journal.projected_through() == 3
+
+
+def test_a_prune_never_passes_the_projection(journal: Journal) -> None:
+    """The records the projector has not derived its rows from yet must stay."""
+    store(journal, STORED)
+    journal.append([record(3), record(4)])
+    with pytest.raises(JournalError, match=r"projection .* is at seq 2"):
+        journal.prune(3)
+    assert journal.pruned_through() == 0
+    assert journal.prune(2) == 2
 
 
 def test_seqs_must_start_at_one(journal: Journal) -> None:
@@ -501,7 +543,7 @@ def test_seqs_must_start_at_one(journal: Journal) -> None:
 
 def test_list_entries_pages_one_account_in_increasing_order(journal: Journal) -> None:
     entries = [entry(i, "acme" if i % 3 else "beta", at_ms=i) for i in range(1, 61)]
-    journal.append([record(1, entries=entries[:30]), record(2, entries=entries[30:])])
+    store(journal, [history(1, entries=entries[:30]), history(2, entries=entries[30:])])
     acme = [e for e in entries if e.account_id == "acme"]
     pages: list[list[LedgerEntry]] = []
     after = 0
@@ -519,7 +561,7 @@ def test_list_entries_pages_one_account_in_increasing_order(journal: Journal) ->
 
 def test_list_entries_newest_first_pages_back_from_the_newest(journal: Journal) -> None:
     entries = [entry(i, "acme" if i % 3 else "beta", at_ms=i) for i in range(1, 31)]
-    journal.append([record(1, entries=entries)])
+    store(journal, [history(1, entries=entries)])
     newest_first = [e for e in entries if e.account_id == "acme"][::-1]
     pages: list[list[LedgerEntry]] = []
     after = 0
@@ -536,7 +578,7 @@ def test_list_calls_newest_first_active_only_and_paged(journal: Journal) -> None
     states = [CallState.ACTIVE, CallState.RELEASED, CallState.EXPIRED]
     acme = [call(f"a{i}", i, state=states[i % 3]) for i in range(1, 11)]  # call_seq 1..10
     beta = [call(f"b{i}", 100 + i, "beta") for i in range(3)]
-    journal.append([record(1, calls=acme[:5] + beta), record(2, calls=acme[5:])])
+    store(journal, [history(1, calls=acme[:5] + beta), history(2, calls=acme[5:])])
     newest_first = acme[::-1]
     assert all_calls(journal, "acme") == newest_first
     assert (
@@ -561,29 +603,23 @@ def test_list_calls_newest_first_active_only_and_paged(journal: Journal) -> None
 
 def test_get_call(journal: Journal) -> None:
     ended = call("c1", 1, state=CallState.EXPIRED, used_seconds=61, last_sequence=4)
-    journal.append([record(1, calls=[ended])])
+    store(journal, [history(1, calls=[ended])])
     assert journal.get_call("c1") == ended
     assert journal.get_call("c2") is None
 
 
-@pytest.mark.parametrize(
-    "native", [pytest.param(True, id="on-conflict"), pytest.param(False, id="delete-insert")]
-)
-def test_call_upsert_keeps_the_latest_snapshot(
-    journal: Journal, native: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if not native:  # the path other dialects take, run on these two
-        monkeypatch.setattr(journal_module, "_NATIVE_UPSERT", frozenset())
-    journal.append(
+def test_call_upsert_keeps_the_latest_snapshot(journal: Journal) -> None:
+    store(
+        journal,
         [
-            record(1, calls=[call("c1", 1), call("c2", 2)]),
-            record(2, calls=[call("c1", 1, used_seconds=10, last_sequence=1)]),
-            record(3, calls=[call("c1", 1, used_seconds=20, last_sequence=2)]),
-        ]
+            history(1, calls=[call("c1", 1), call("c2", 2)]),
+            history(2, calls=[call("c1", 1, used_seconds=10, last_sequence=1)]),
+            history(3, calls=[call("c1", 1, used_seconds=20, last_sequence=2)]),
+        ],
     )
     assert journal.get_call("c1") == call("c1", 1, used_seconds=20, last_sequence=2)
     released = call("c1", 1, state=CallState.RELEASED, used_seconds=25, last_sequence=2)
-    journal.append([record(4, calls=[released])])
+    store(journal, [history(4, calls=[released])])
     assert journal.get_call("c1") == released
     assert journal.get_call("c2") == call("c2", 2)
     assert all_calls(journal, "acme") == [call("c2", 2), released]
@@ -598,19 +634,14 @@ class Recorder:
     def __init__(self) -> None:
         self.machine = StateMachine()
         self.records: list[JournalRecord] = []
+        self.history: list[Projected] = []  # what each record did, as the run saw it
 
     def apply(self, command: Command, at_ms: int) -> Step:
         step = self.machine.apply(command, at_ms)
         if step.changed:
-            self.records.append(
-                JournalRecord(
-                    seq=len(self.records) + 1,
-                    at_ms=at_ms,
-                    command=command,
-                    entries=tuple(step.entries),
-                    calls=tuple(step.calls),
-                )
-            )
+            seq = len(self.records) + 1
+            self.records.append(JournalRecord(seq, at_ms, command))
+            self.history.append(Projected(seq, at_ms, (), tuple(step.entries), tuple(step.calls)))
         return step
 
 
@@ -629,12 +660,14 @@ def assert_replay_rebuilds(url: str, run: Recorder) -> StateMachine:
     with Journal(url) as journal:
         replay = list(journal.replay())
         assert [seq for seq, _, _ in replay] == [r.seq for r in run.records]
-        for (seq, at_ms, command), expected in zip(replay, run.records, strict=True):
+        for (seq, at_ms, command), expected, did in zip(
+            replay, run.records, run.history, strict=True
+        ):
             assert (at_ms, command) == (expected.at_ms, expected.command)
             step = fresh.apply(command, at_ms)
             assert step.changed, f"seq {seq} changed nothing on replay"
-            assert tuple(step.entries) == expected.entries, f"seq {seq}"
-            assert tuple(step.calls) == expected.calls, f"seq {seq}"
+            assert tuple(step.entries) == did.entries, f"seq {seq}"
+            assert tuple(step.calls) == did.calls, f"seq {seq}"
         assert original.audit() == []
         assert fresh.audit() == []
         for account_id in original.accounts:
@@ -658,13 +691,17 @@ def assert_replay_rebuilds(url: str, run: Recorder) -> StateMachine:
         future_ms = original.now_ms + 7 * 86_400_000
         going_on = [copy.deepcopy(m).apply(Tick(86_400_000), future_ms) for m in (original, fresh)]
         assert going_on[0] == going_on[1]
-        # History: every entry, and each call's last snapshot, is in the database.
-        entries = [e for r in run.records for e in r.entries]
+        # History, once the projector has derived it from the journal: every entry, and
+        # each call's last snapshot, is in the database.
+        projector = open_projector(journal, None)
+        while projector.step():
+            pass
+        entries = [e for r in run.history for e in r.entries]
         for account_id in original.accounts:
             mine = [e for e in entries if e.account_id == account_id]
             assert journal.list_entries(account_id, 0, MAX_READ_ROWS) == mine
         latest: dict[str, CallRecord] = {}
-        for r in run.records:
+        for r in run.history:
             latest.update((c.call_id, c) for c in r.calls)
         for call_id, snapshot in latest.items():
             assert journal.get_call(call_id) == snapshot
@@ -715,7 +752,7 @@ def test_replay_rebuilds_a_scripted_run(url: str) -> None:
     assert run.machine.call("c1") is None  # memory forgot it; history did not
     run.apply(TopUp("acme", 100, "inv-3", "after the window"), 60_500)
 
-    kinds = {e.kind for r in run.records for e in r.entries}
+    kinds = {e.kind for r in run.history for e in r.entries}
     assert kinds == set(EntryKind)
 
     with Journal(url) as journal:
@@ -791,7 +828,7 @@ def random_run(seed: int, steps: int) -> Recorder:
 def test_replay_rebuilds_a_seeded_random_run(url: str, seed: int) -> None:
     run = random_run(seed, steps=400)
     assert len(run.records) > 150, f"seed {seed}: too little happened"
-    kinds = {e.kind for r in run.records for e in r.entries}
+    kinds = {e.kind for r in run.history for e in r.entries}
     assert {EntryKind.CALL_CHARGE, EntryKind.EXPIRY_CHARGE} <= kinds, f"seed {seed}"
     rng = random.Random(seed)
     with Journal(url) as journal:
@@ -814,16 +851,41 @@ def test_replay_names_the_seq_of_a_bad_record(journal: Journal, kind: str, body:
     journal.append([record(1)])
     with journal.engine.begin() as connection:  # as if written by another version
         previous = connection.execute(select(journal_table.c.chain)).scalar_one()
-        chain = chain_after(previous, 2, 2_000, kind, body)
+        row = json.dumps([[2_000, "Tick", '{"retention_ms":1}'], [2_000, kind, body]])
+        chain = chain_after(previous, 2, 3, 2_000, row)
         connection.execute(
             insert(journal_table),
-            [{"seq": 2, "at_ms": 2_000, "kind": kind, "body": body, "chain": chain}],
+            [{"seq": 2, "last_seq": 3, "at_ms": 2_000, "body": row, "chain": chain}],
         )
     stream = journal.replay()
-    assert next(stream) == (1, 1_000, Tick(retention_ms=1))  # streamed up to the bad one
-    with pytest.raises(JournalError, match="journal seq 2") as raised:
+    assert next(stream) == (1, 1_000, Tick(retention_ms=1))  # streamed up to the bad row
+    with pytest.raises(JournalError, match="journal seq 3") as raised:
         next(stream)
     assert isinstance(raised.value.__cause__, CodecError)
+
+
+@pytest.mark.parametrize(
+    ("row", "last_seq", "message"),
+    [
+        pytest.param("garbage", 2, "seq 2..2: the row is not JSON", id="not-json"),
+        pytest.param('[[2000,"Tick","{}"]]', 3, "does not hold 2 records", id="too-few"),
+        pytest.param('[[2000,"Tick"]]', 2, r"seq 2: not \[at_ms, kind, body\]", id="short"),
+        pytest.param('[[1000,"Tick","{\\"retention_ms\\":1}"]]', 2, "not its last", id="time"),
+    ],
+)
+def test_replay_refuses_a_row_that_does_not_hold_its_records(
+    journal: Journal, row: str, last_seq: int, message: str
+) -> None:
+    journal.append([record(1)])
+    with journal.engine.begin() as connection:  # checksummed, but not as append writes
+        previous = connection.execute(select(journal_table.c.chain)).scalar_one()
+        chain = chain_after(previous, 2, last_seq, 2_000, row)
+        connection.execute(
+            insert(journal_table),
+            [{"seq": 2, "last_seq": last_seq, "at_ms": 2_000, "body": row, "chain": chain}],
+        )
+    with pytest.raises(JournalError, match=message):
+        replayed(journal)
 
 
 def test_append_refuses_to_follow_a_record_another_writer_added(journal: Journal) -> None:
@@ -833,7 +895,7 @@ def test_append_refuses_to_follow_a_record_another_writer_added(journal: Journal
     with journal.engine.begin() as connection:
         connection.execute(
             insert(journal_table),
-            [{"seq": 2, "at_ms": 2_000, "kind": "Tick", "body": "{}", "chain": "x"}],
+            [{"seq": 2, "last_seq": 2, "at_ms": 2_000, "body": "[]", "chain": "x"}],
         )
     with pytest.raises(JournalError, match=r"append of journal seq 2\.\.2 failed"):
         journal.append([record(2)])
@@ -843,7 +905,8 @@ def test_append_refuses_to_follow_a_record_another_writer_added(journal: Journal
 
 
 def test_replay_refuses_a_missing_seq(journal: Journal) -> None:
-    journal.append([record(seq) for seq in range(1, 6)])
+    for seq in range(1, 6):
+        journal.append([record(seq)])
     with journal.engine.begin() as connection:
         connection.execute(delete(journal_table).where(journal_table.c.seq == 3))
     with pytest.raises(JournalError, match="seq 3 is missing"):
@@ -858,41 +921,58 @@ def test_replay_refuses_a_missing_seq(journal: Journal) -> None:
         pytest.param("body", '{"retention_ms":2}', id="altered-body"),
         pytest.param("at_ms", 2_500, id="altered-time"),
         pytest.param("chain", "f" * 32, id="altered-checksum"),
+        pytest.param("last_seq", 4, id="altered-span"),
     ],
 )
 def test_replay_stops_at_a_corrupt_record_and_names_it(
     journal: Journal, column: str, value: object
 ) -> None:
-    journal.append([record(seq) for seq in range(1, 6)])
+    journal.append([record(1), record(2)])
+    journal.append([record(3)])
+    journal.append([record(4), record(5)])
     with journal.engine.begin() as connection:
         connection.execute(
             update(journal_table).where(journal_table.c.seq == 3).values({column: value})
         )
     stream = journal.replay()
     assert [next(stream)[0], next(stream)[0]] == [1, 2]
-    with pytest.raises(JournalError, match="journal record seq 3 is corrupt"):
+    with pytest.raises(JournalError, match=r"journal records seq 3\.\.\d are corrupt"):
         next(stream)
 
 
 def test_pruned_records_are_gone_and_the_rest_still_verifies(journal: Journal) -> None:
-    journal.append([record(seq) for seq in range(1, 11)])
+    for seq in range(1, 11):
+        store(journal, [history(seq)])  # a row each
     assert journal.prune(4) == 4
     assert (journal.pruned_through(), journal.last_seq()) == (4, 10)
     assert [seq for seq, _, _ in journal.replay(after_seq=4)] == list(range(5, 11))
     with pytest.raises(JournalError, match="journal seq 1 is missing"):
         replayed(journal)
-    journal.append([record(11)])  # appends go on after a prune
-    assert journal.prune(11) == 7  # everything: the journal table is empty now
-    assert journal.last_seq() == 11
-    journal.append([record(12)])
-    assert [seq for seq, _, _ in journal.replay(after_seq=11)] == [12]
+    store(journal, [history(11), history(12), history(13)])  # appends go on: one row
+    assert journal.prune(12) == 6  # whole rows only: 5..10, not into the row 11..13
+    assert (journal.pruned_through(), journal.last_seq()) == (10, 13)
+    assert [seq for seq, _, _ in journal.replay(after_seq=11)] == [12, 13]  # mid-row
+    assert journal.prune(13) == 3  # everything: the journal table is empty now
+    assert journal.last_seq() == 13
+    journal.append([record(14)])
+    assert [seq for seq, _, _ in journal.replay(after_seq=13)] == [14]
+
+
+def test_a_journal_of_the_previous_format_is_refused_by_name(url: str) -> None:
+    with Journal(url) as journal, journal.engine.begin() as connection:
+        connection.execute(
+            update(meta_table).where(meta_table.c.name == "schema_version").values(value="2")
+        )
+    with pytest.raises(JournalError, match="schema version 2 \\(one row per record\\)"):
+        Journal(url)
 
 
 # ---------------------------------------------------------------- threads
 
 
 def test_readers_run_beside_the_writer(journal: Journal) -> None:
-    """One appending thread, four reading ones: no errors, and no half batch is seen."""
+    """One appending and projecting thread, four reading ones: no errors, and no half
+    batch is seen."""
     batches = 150
     done = threading.Event()
     errors: list[BaseException] = []
@@ -910,19 +990,21 @@ def test_readers_run_beside_the_writer(journal: Journal) -> None:
     def write() -> None:
         for seq in range(1, batches + 1):
             calls = [call(f"c{seq % 10}", seq % 10 + 1, used_seconds=seq)]
-            journal.append([record(seq, entries=[entry(2 * seq - 1), entry(2 * seq)], calls=calls)])
+            store(
+                journal, [history(seq, entries=[entry(2 * seq - 1), entry(2 * seq)], calls=calls)]
+            )
         done.set()
 
     def read() -> None:
         seen = 0
         while not done.is_set():
-            last = journal.last_seq()
+            last = journal.projected_through()
             assert last >= seen
             seen = last
             entries = journal.list_entries("acme", 0, MAX_READ_ROWS)
             assert len(entries) >= 2 * last
             assert len(entries) % 2 == 0  # both entries of a record, or neither
-            assert journal.last_seq() * 2 >= len(entries)
+            assert journal.projected_through() * 2 >= len(entries)
             for snapshot in all_calls(journal, "acme"):
                 assert snapshot.used_seconds % 10 == snapshot.call_seq - 1
 
