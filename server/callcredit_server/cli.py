@@ -4,6 +4,7 @@
     callcredit-server verify [--database-url URL] [--snapshot-dir DIR]
     callcredit-server prune  [--database-url URL] [--snapshot-dir DIR]
                              [--archive FILE] [--yes]
+    callcredit-server upgrade-journal [--database-url URL]
     callcredit-server hash-token [--generate]
 
 Every flag can also be given as an environment variable CALLCREDIT_<FLAG>
@@ -50,7 +51,7 @@ from callcredit_server.app import (
 )
 from callcredit_server.auth import MIN_TOKEN_LENGTH, hash_token, new_token
 from callcredit_server.core import InvariantViolation
-from callcredit_server.journal import Journal, JournalError
+from callcredit_server.journal import SCHEMA_VERSION, Journal, JournalError, upgrade_journal
 from callcredit_server.launch import write_ready_file
 from callcredit_server.recovery import verify
 from callcredit_server.snapshot import SnapshotError, list_snapshots, read_snapshot
@@ -363,6 +364,31 @@ def prune_command(
                     out.write(json.dumps(row) + "\n")
         deleted = journal.prune(covered)
     typer.echo(f"pruned {deleted} journal records through seq {covered}")
+
+
+@app.command("upgrade-journal")
+def upgrade_journal_command(database_url: str = DATABASE_URL) -> None:
+    """Convert a version-2 journal (one row per record) to version 3; exit 1 on a problem.
+
+    Offline: stop every server on the journal first (a hot standby setup's lease must
+    have expired). Every record's checksum is verified while it is copied; the
+    version-2 journal is replaced only at the end, in one transaction, so a failed or
+    interrupted conversion leaves it as it was (run it again). A journal already at
+    version 3 is left as it is.
+    """
+    try:
+        result = upgrade_journal(database_url)
+    except JournalError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    if result.found_version == SCHEMA_VERSION:
+        typer.echo(f"the journal is already at schema version {SCHEMA_VERSION}: nothing to do")
+        return
+    last = result.first_seq + result.records - 1
+    typer.echo(
+        f"verified and converted {result.records} journal records (seq {result.first_seq}.."
+        f"{last}) into {result.rows} rows: the journal is at schema version {SCHEMA_VERSION}"
+    )
 
 
 @app.command("hash-token")

@@ -98,6 +98,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy import inspect as sqlalchemy_inspect
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, Dialect, make_url
@@ -118,12 +119,14 @@ __all__ = [
     "MAX_READ_ROWS",
     "MAX_RECORDS_PER_APPEND",
     "REPLAY_PAGE_SIZE",
+    "UPGRADE_RECORDS_PER_ROW",
     "Fenced",
     "Journal",
     "JournalError",
     "JournalRecord",
     "Projected",
     "StoredEvent",
+    "Upgraded",
     "calls_table",
     "engine_url",
     "entries_table",
@@ -131,6 +134,8 @@ __all__ = [
     "journal_table",
     "metadata",
     "projection_table",
+    "upgrade_journal",
+    "v2_chain_after",
 ]
 
 MAX_RECORDS_PER_APPEND = 50_000  # one transaction; bounds the memory of one append
@@ -724,8 +729,9 @@ def _check_schema(connection: Connection) -> None:
     if version == "2":
         raise JournalError(
             f"the journal has schema version 2 (one row per record); this server reads "
-            f"{SCHEMA_VERSION} (one row per group commit) and does not convert it: keep "
-            "serving it with the release that wrote it (docs/durability.md, 'Journal format')"
+            f"{SCHEMA_VERSION} (one row per group commit): stop every server and convert it "
+            "with `callcredit-server upgrade-journal --database-url URL` "
+            "(docs/durability.md, 'Journal format')"
         )
     if version is not None:
         raise JournalError(
@@ -1271,3 +1277,174 @@ class Journal:
         with _failing_as("reading a call"), self._engine.connect() as connection:
             row = connection.execute(query).first()
         return None if row is None else _call(row)
+
+
+# ------------------------------------------------------------------ upgrade
+
+# Converting a version-2 journal (one row per record, a chain value per record) to this
+# format, offline (`callcredit-server upgrade-journal`). The version-3 rows are built in
+# a table of their own, in bounded transactions; only the last transaction swaps the
+# tables and stamps the version, so until then the version-2 journal is untouched and
+# still served by the release that wrote it, and a conversion cut short runs again.
+UPGRADE_RECORDS_PER_ROW = 1_000  # version-2 records per version-3 row, one transaction each
+_UPGRADE_TABLE = "journal_upgrade"  # the version-3 rows until the swap
+_upgrade_metadata = MetaData()
+_upgrade_table = journal_table.to_metadata(_upgrade_metadata, name=_UPGRADE_TABLE)
+_v2_journal_table = Table(
+    "journal",
+    MetaData(),
+    Column("seq", _Key, primary_key=True, autoincrement=False),
+    Column("at_ms", BigInteger, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("chain", String(32), nullable=False),
+)
+
+
+class Upgraded(NamedTuple):
+    """What `upgrade_journal` did."""
+
+    found_version: str  # the journal's schema version before: "2", or SCHEMA_VERSION
+    records: int  # version-2 records verified and converted (0 if it was already current)
+    rows: int  # version-3 rows written
+    first_seq: int  # the first record converted (the one after the pruned point)
+
+
+def v2_chain_after(previous: str, seq: int, at_ms: int, kind: str, body: str) -> str:
+    """The chain value of a version-2 record (the old release's `chain_after`)."""
+    text_ = f"{previous}|{seq}|{at_ms}|{kind}|{body}"
+    return hashlib.blake2b(text_.encode(), digest_size=16).hexdigest()
+
+
+def upgrade_journal(url: str) -> Upgraded:
+    """Convert the version-2 journal at `url` to this version, with no server running.
+
+    Every record's version-2 chain value is recomputed (from the pruned point's, if it
+    was pruned) and compared, its command decoded and its time checked, while the
+    records are copied, UPGRADE_RECORDS_PER_ROW to a version-3 row chained anew from the
+    same point, one transaction per row. The last transaction checks that the version-2
+    journal has not moved (else a server is writing it), then swaps the tables and
+    stamps the version. A journal already at this version is left as it is. Any
+    problem raises JournalError (naming the record) and leaves the version-2 journal as
+    it was. The history tables (ledger entries, calls, events, the projection's
+    watermark) are kept: the projector re-derives, idempotently, what lies after its
+    watermark.
+    """
+    with _failing_as("opening the journal"):
+        engine = _open_engine(engine_url(url), "")
+    writer = engine.execution_options(**{_WRITE_OPTION: True})
+    try:
+        with _failing_as("reading the journal metadata"), engine.connect() as connection:
+            if not sqlalchemy_inspect(connection).has_table(meta_table.name):
+                raise JournalError("there is no journal at this URL (no journal_meta table)")
+            meta = _meta(connection)
+            _check_offline(connection)
+        version = meta.get("schema_version")
+        if version == SCHEMA_VERSION:
+            return Upgraded(SCHEMA_VERSION, 0, 0, 0)
+        if version != "2":
+            raise JournalError(
+                f"the journal has schema version {version}; only version 2 is converted"
+            )
+        pruned = int(meta.get("pruned_through_seq", "0"))
+        chain = meta.get("pruned_chain", GENESIS_CHAIN)
+        with _failing_as("preparing the conversion"), writer.begin() as connection:
+            _upgrade_table.drop(connection, checkfirst=True)  # a conversion cut short
+            _upgrade_table.create(connection)
+        try:
+            records, rows, v2_tail = _copy_v2(engine, writer, pruned, chain)
+            with _failing_as("swapping in the converted journal"), writer.begin() as connection:
+                _swap(connection, meta, v2_tail)
+        except BaseException as exc:
+            with contextlib.suppress(Exception), writer.begin() as connection:
+                _upgrade_table.drop(connection, checkfirst=True)
+            if isinstance(exc, JournalError):
+                raise JournalError(f"{exc}; nothing was converted") from exc
+            raise
+        return Upgraded("2", records, rows, pruned + 1)
+    finally:
+        engine.dispose()
+
+
+def _check_offline(connection: Connection) -> None:
+    """Refuse while a hot standby setup's primary holds the lease (PostgreSQL)."""
+    if connection.dialect.name != "postgresql":
+        return
+    if not sqlalchemy_inspect(connection).has_table(lease_table.name):
+        return
+    holder = connection.execute(
+        text("SELECT owner FROM journal_lease WHERE id = 1 AND expires_at > now()")
+    ).scalar()
+    if holder is not None:
+        raise JournalError(
+            f"server {holder!r} holds the journal's lease: stop every server first "
+            "(the conversion is offline)"
+        )
+
+
+def _copy_v2(
+    engine: Engine, writer: Engine, pruned: int, chain: str
+) -> tuple[int, int, tuple[int, str]]:
+    """Verify the version-2 records after `pruned` and write them as version-3 rows;
+    (records, rows, (last seq, its version-2 chain value))."""
+    old = _v2_journal_table.c
+    v2_chain = v3_chain = chain
+    expected, at_ms, rows = pruned + 1, 0, 0
+    while True:
+        query = select(old.seq, old.at_ms, old.kind, old.body, old.chain)
+        query = query.where(old.seq >= expected).order_by(old.seq).limit(UPGRADE_RECORDS_PER_ROW)
+        with _failing_as(f"reading version-2 records from seq {expected}"), engine.connect() as c:
+            page = c.execute(query).all()
+        if not page:
+            return expected - 1 - pruned, rows, (expected - 1, v2_chain)
+        items: list[tuple[int, str, str]] = []
+        for row in page:
+            seq = int(row.seq)
+            if seq != expected:
+                raise JournalError(f"journal seq {expected} is missing (next is {seq})")
+            v2_chain = v2_chain_after(v2_chain, seq, int(row.at_ms), row.kind, row.body)
+            if v2_chain != row.chain:
+                raise JournalError(
+                    f"journal record seq {seq} is corrupt: its checksum does not match (this "
+                    "record, or one before it, was altered or lost)"
+                )
+            try:
+                decode_command(row.kind, row.body)
+            except CodecError as exc:
+                raise JournalError(f"journal seq {seq}: {exc}") from exc
+            if row.at_ms < at_ms:
+                raise JournalError(
+                    f"journal seq {seq} at {row.at_ms} ms is earlier than the record before "
+                    f"it at {at_ms} ms"
+                )
+            at_ms = int(row.at_ms)
+            items.append((at_ms, row.kind, row.body))
+            expected += 1
+        first, last = int(page[0].seq), expected - 1
+        body = orjson.dumps(items).decode()
+        v3_chain = chain_after(v3_chain, first, last, at_ms, body)
+        with _failing_as(f"writing records {first}..{last}"), writer.begin() as connection:
+            _insert(connection, _upgrade_table, [(first, last, at_ms, body, v3_chain)])
+        rows += 1
+
+
+def _swap(connection: Connection, meta: dict[str, str], v2_tail: tuple[int, str]) -> None:
+    """The conversion's last transaction: the version-2 journal must be as it was read
+    (no server wrote it meanwhile); then it is replaced and the version stamped."""
+    old = _v2_journal_table.c
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("LOCK TABLE journal, journal_meta IN ACCESS EXCLUSIVE MODE"))
+    last = connection.execute(select(old.seq, old.chain).order_by(old.seq.desc()).limit(1)).first()
+    now = (int(last.seq), str(last.chain)) if last is not None else None
+    pruned = int(meta.get("pruned_through_seq", "0"))
+    expected = None if v2_tail[0] == pruned else v2_tail  # nothing left after a prune
+    if now != expected or _meta(connection) != meta:
+        raise JournalError(
+            "the version-2 journal changed during the conversion: a server is writing it; "
+            "stop it and run upgrade-journal again"
+        )
+    connection.execute(text("DROP TABLE journal"))
+    connection.execute(text(f"ALTER TABLE {_UPGRADE_TABLE} RENAME TO journal"))
+    if connection.dialect.name == "postgresql":
+        connection.execute(text(f"ALTER INDEX {_UPGRADE_TABLE}_pkey RENAME TO journal_pkey"))
+    _set_meta(connection, "schema_version", SCHEMA_VERSION)
