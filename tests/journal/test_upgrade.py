@@ -284,7 +284,7 @@ def test_a_damaged_v2_journal_is_refused_and_left_as_it_was(
     assert re.search(message, output), output
     assert {table: rows(url, table) for table in before} == before
     assert "journal_upgrade" not in tables(url)
-    with pytest.raises(JournalError, match="schema version 2.*callcredit-server upgrade-journal"):
+    with pytest.raises(JournalError, match=r"schema version 2.*callcredit-server upgrade-journal"):
         Journal(url)
 
 
