@@ -92,7 +92,8 @@ def open_projector(journal: Journal, snapshot_dir: Path | None) -> Projector:
     """The projector at its watermark: the state rebuilt as it was at that seq.
 
     If it cannot be (the journal was pruned, and the snapshots between the prune and the
-    watermark are gone: a projector stopped for longer than KEEP_SNAPSHOTS snapshots),
+    watermark are gone: the server keeps the newest one at or before the watermark, so
+    only a snapshot folder damaged or trimmed by hand gets here),
     JournalError: the projection stops there rather than leave a hole in the ledger's
     history, and history reads answer UNAVAILABLE until a snapshot is restored."""
     watermark = journal.projected_through()

@@ -52,7 +52,9 @@ READABLE_FORMATS = (1, 2)
 # The image's row lists, in the order StateMachine.from_image reads them.
 SECTIONS = ("accounts", "calls", "keys")
 ROWS_PER_LINE = 10_000  # bounds what a reader holds decoded beyond the state it builds
-KEEP_SNAPSHOTS = 2  # the newest ones; older files are deleted once a new one is done
+# The newest ones, and the newest at or before the projection's watermark (discard_older);
+# older files are deleted once a new one is done.
+KEEP_SNAPSHOTS = 2
 # The child yields the cores to the writer (and to its clients on a shared machine): with
 # 1M accounts it works for seconds, and at full priority it took a core from a server
 # that had two. A later snapshot only means a longer replay at the next start.
@@ -275,9 +277,16 @@ def discard_beyond(directory: Path, last_seq: int) -> list[Path]:
     return gone
 
 
-def discard_older(directory: Path, keep: int = KEEP_SNAPSHOTS) -> None:
-    for found in list_snapshots(directory)[keep:]:
-        found.path.unlink(missing_ok=True)
+def discard_older(directory: Path, projected_through: int, keep: int = KEEP_SNAPSHOTS) -> None:
+    """Delete all but the newest `keep` snapshots and the newest one at or before
+    `projected_through`, the projection's watermark: a restarted projector rebuilds its
+    state from that one (projector.open_projector), and once the journal is pruned no
+    other snapshot can stand in for it while the projection is behind the newest ones."""
+    found = list_snapshots(directory)  # newest first
+    projectors = next((f for f in found if f.seq <= projected_through), None)
+    for older in found[keep:]:
+        if older is not projectors:
+            older.path.unlink(missing_ok=True)
     for stale in directory.glob(".snapshot-*.tmp"):  # a child killed mid-write
         with contextlib.suppress(OSError):
             if not _pid_alive(int(stale.name.rsplit(".", 2)[-2])):

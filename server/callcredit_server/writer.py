@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from callcredit_server.core import Command, Outcome, Push, StateMachine, Tick
-from callcredit_server.journal import Journal
+from callcredit_server.journal import Journal, JournalError
 from callcredit_server.snapshot import discard_older, fork_snapshot, publish_snapshot
 from callcredit_server.writer_core import AccountFilter, WriterCore
 
@@ -322,7 +322,7 @@ class Writer:
             if code == 0 and await self._durable_through(seq):
                 await asyncio.to_thread(publish_snapshot, directory, seq, pid)
                 log.info("snapshot at seq %d written", seq)
-                await asyncio.to_thread(discard_older, directory)
+                await self._discard_older(directory)
             elif code == 0:  # left unpublished: discard_older deletes its file
                 log.warning("snapshot at seq %d dropped: the journal failed before it", seq)
             else:
@@ -330,6 +330,16 @@ class Writer:
                 log.error("snapshot at seq %d failed (child %s)", seq, how)
         finally:
             self._snapshot_child = None
+
+    async def _discard_older(self, directory: Path) -> None:
+        """The snapshots no start and no projector restart needs, deleted; all kept if
+        the projection's watermark cannot be read (the next snapshot tries again)."""
+        try:
+            projected = await asyncio.to_thread(self._journal.projected_through)
+        except JournalError as exc:
+            log.warning("older snapshots kept: %s", exc)
+            return
+        await asyncio.to_thread(discard_older, directory, projected)
 
     async def _durable_through(self, seq: int) -> bool:
         """Wait until the journal holds `seq` (True), or the writer failed (False)."""

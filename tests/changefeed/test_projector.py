@@ -21,7 +21,7 @@ from callcredit_server.core import Command, CreateAccount, PutTariff, Release, S
 from callcredit_server.core.events import Event
 from callcredit_server.core.model import Tariff
 from callcredit_server.journal import Journal, JournalError, JournalRecord
-from callcredit_server.snapshot import list_snapshots, write_snapshot
+from callcredit_server.snapshot import discard_older, list_snapshots, write_snapshot
 from tests.changefeed.test_watch import collect, top_ups, watch
 from tests.core.helpers import fingerprint_of, rate, reserve
 from tests.service.conftest import Harness
@@ -277,6 +277,33 @@ def test_prune_never_goes_past_the_projection(
             pass
         assert "pruned 100 journal records through seq 200" in prune()
         assert stored(journal) == expected
+
+
+def test_the_snapshot_a_projector_behind_resumes_from_outlives_newer_ones(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's clean-up after each snapshot (discard_older, given the watermark)
+    keeps the newest snapshot at or before the projection, beside the newest two: a
+    projector behind them resumes after a prune instead of stopping (the case below)."""
+    monkeypatch.setattr(projector, "MAX_RECORDS_PER_STEP", 150)
+    commands = workload(300)
+    snapshots = tmp_path / "snapshots"
+    with Journal(database_url) as journal:
+        write_journal(journal, commands)
+        assert projector.open_projector(journal, snapshots).step() == 150
+        machine, seq = StateMachine(events=False), 0
+        for at_ms, command in commands:
+            if machine.apply(command, at_ms).changed:
+                seq += 1
+                if seq in (100, 200, 250, 300):
+                    write_snapshot(snapshots, seq, machine.image(), at_ms)
+                    discard_older(snapshots, journal.projected_through())
+        assert [found.seq for found in list_snapshots(snapshots)] == [300, 250, 100]
+        assert journal.prune(100) == 100
+        resumed = projector.open_projector(journal, snapshots)
+        assert resumed.applied_seq == 150
+        assert resumed.step() == 150
+        assert journal.projected_through() == 300
 
 
 def test_a_projection_that_cannot_resume_stops_rather_than_skip(

@@ -38,5 +38,5 @@ def test_an_unpublished_snapshot_of_a_dead_child_is_cleaned_up(tmp_path: Path) -
     pid = fork_snapshot(machine, 7, tmp_path, 1)
     os.waitpid(pid, 0)
     assert [p.name for p in tmp_path.iterdir()] == [f".snapshot-{7:020d}.json.gz.{pid}.tmp"]
-    discard_older(tmp_path)  # what the writer runs after each published snapshot
+    discard_older(tmp_path, 0)  # what the writer runs after each published snapshot
     assert list(tmp_path.iterdir()) == []

@@ -769,7 +769,7 @@ class Simulation:
             del self.snapshots[old]
         if self.real is not None:
             write_snapshot(self._snapshot_dir(), seq, image, self.machine.now_ms)
-            discard_older(self._snapshot_dir(), KEEP_SNAPSHOTS)
+            discard_older(self._snapshot_dir(), self.real.projected_through(), KEEP_SNAPSHOTS)
         self.snapshot_seq = seq
         self.summary.snapshots += 1
 
