@@ -27,6 +27,7 @@ from callcredit_server.core import TopUp
 from callcredit_server.journal import Journal, JournalError, JournalRecord, engine_url
 from callcredit_server.projector import open_projector
 from callcredit_server.recovery import recover
+from tests.conftest import postgres_schema_url
 
 OLD_RELEASE = "cc29d1b"  # the last commit writing schema version 2
 REPO = Path(__file__).resolve().parents[2]
@@ -318,10 +319,13 @@ def test_a_conversion_cut_short_leaves_a_working_v2_journal(
     assert replayed[-1][2] == TopUp("a0", 5, "after-crash", "")
 
 
-def test_a_journal_whose_lease_is_held_is_refused(database_url: str, old_release: Path) -> None:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("the lease is PostgreSQL's (hot standby)")
-    url = database_url
+def test_a_journal_whose_lease_is_held_is_refused(old_release: Path) -> None:
+    """PostgreSQL only: the lease is the hot standby's, which needs PostgreSQL."""
+    with postgres_schema_url("cc_upgrade", "the hot standby's lease needs PostgreSQL") as url:
+        _refused_while_leased(old_release, url)
+
+
+def _refused_while_leased(old_release: Path, url: str) -> None:
     write_v2(old_release, url, projected=0)
     engine = create_engine(engine_url(url))
     with engine.begin() as connection:
