@@ -825,6 +825,11 @@ class Journal:
         self._closed = False
         self._tail: tuple[int, int, str] | None = None  # (seq, at_ms, chain) once known
         self._epoch: int | None = None  # set by fence(): every append checks it
+        # The last row replay decoded: (its seq, its chain value, its records). A tail
+        # that stops inside a group commit's row (up to MAX_RECORDS_PER_APPEND records)
+        # reads that row again on its next poll; the chain value binds the row's content,
+        # so an equal one is the same row, and it is decoded once, not on every poll.
+        self._decoded: tuple[int, str, list[tuple[int, int, Command]]] | None = None
         with _failing_as("opening the journal"):
             self._engine = _open_engine(engine_url(url), owner)
         # Same pool and events; marks connections as the writer's (BEGIN IMMEDIATE).
@@ -1049,7 +1054,11 @@ class Journal:
                         "not match (these records, or ones before them, were altered or lost); "
                         "the server will not start from a journal it cannot trust"
                     )
-                for record in _records(first, last, int(row.at_ms), row.body):
+                decoded = self._decoded
+                if decoded is None or decoded[0] != first or decoded[1] != row.chain:
+                    decoded = (first, row.chain, _records(first, last, int(row.at_ms), row.body))
+                    self._decoded = decoded
+                for record in decoded[2]:
                     if record[0] >= expected:
                         yield record
                 row_start = last + 1

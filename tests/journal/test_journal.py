@@ -864,6 +864,21 @@ def test_replay_names_the_seq_of_a_bad_record(journal: Journal, kind: str, body:
     assert isinstance(raised.value.__cause__, CodecError)
 
 
+def test_a_tail_in_small_steps_through_a_group_commit_reads_every_record_once(
+    journal: Journal,
+) -> None:
+    """A tail stopping inside one row reads it again on its next call (the projector's
+    and the standby's polls); what it returns is the row's records, in order, once."""
+    journal.append([record(seq) for seq in range(1, 51)])
+    journal.append([record(51)])
+    stepped: list[tuple[int, int, Command]] = []
+    while batch := journal.tail(stepped[-1][0] if stepped else 0, 7):
+        stepped.extend(batch)
+    assert stepped == replayed(journal)
+    assert [seq for seq, _, _ in stepped] == list(range(1, 52))
+    assert journal.tail(30, 3) == replayed(journal, 30)[:3]  # back inside the first row
+
+
 @pytest.mark.parametrize(
     ("row", "last_seq", "message"),
     [
