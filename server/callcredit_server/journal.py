@@ -1026,11 +1026,10 @@ class Journal:
         with _failing_as(f"replay from seq {expected}"), self._engine.connect() as connection:
             row_start = _row_holding(connection, expected)
             chain = _chain_before(connection, row_start)
-        columns = [journal_table.c[name] for name in ("seq", "last_seq", "at_ms", "body", "chain")]
+        seq = journal_table.c.seq
         while True:
-            seq = journal_table.c.seq
             query = (
-                select(*columns)
+                select(journal_table)
                 .where(seq >= row_start, seq < row_start + REPLAY_PAGE_SIZE)
                 .order_by(seq)
             )
@@ -1127,11 +1126,10 @@ class Journal:
         `through_seq`, for archiving before a prune."""
         self._check_open()
         start = after_seq + 1
-        columns = [journal_table.c[name] for name in ("seq", "last_seq", "at_ms", "body", "chain")]
+        seq = journal_table.c.seq
         while start <= through_seq:
-            seq = journal_table.c.seq
             query = (
-                select(*columns)
+                select(journal_table)
                 .where(seq >= start, journal_table.c.last_seq <= through_seq)
                 .order_by(seq)
                 .limit(REPLAY_PAGE_SIZE)
