@@ -245,10 +245,12 @@ class _Fields:
         return f"{self._where}.{key}" if self._where else key
 
     def _get(self, key: str) -> object:
-        if key not in self._obj:
-            raise CodecError(f"{self._name(key)}: missing")
+        try:
+            value = self._obj[key]
+        except KeyError:
+            raise CodecError(f"{self._name(key)}: missing") from None
         self._read.add(key)
-        return self._obj[key]
+        return value
 
     def has(self, key: str) -> bool:
         return key in self._obj
@@ -282,6 +284,8 @@ class _Fields:
             raise CodecError(f"{self._name(key)}: unknown status {value!r}") from None
 
     def done(self) -> None:
+        if len(self._read) == len(self._obj):  # every key read (_read holds only keys)
+            return
         extra = sorted(set(self._obj) - self._read)
         if extra:
             raise CodecError(f"{self._where or 'body'}: unexpected keys {extra}")
@@ -422,16 +426,35 @@ def _reject_constant(name: str) -> object:
     raise CodecError(f"not a JSON number: {name}")
 
 
+# The strict decoder: one for all bodies (json.loads would build one per call).
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+
+
+def _loads(kind: str, body: str) -> object:
+    """The JSON value of `body`, strictly. The mirror of _dumps: orjson reads it ~5x
+    faster, and a body that orjson writes back as the same text is exactly what
+    _dumps wrote: no repeated key (which orjson would drop), no constant such as NaN
+    (which orjson refuses), nothing but compact ASCII JSON. Any other body (non-ASCII
+    text escaped, a body not written by this codec) goes through _DECODER."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        if orjson.dumps(obj) == body.encode():
+            return obj
+    try:
+        return _DECODER.decode(body)
+    except (json.JSONDecodeError, TypeError, RecursionError) as exc:
+        raise CodecError(f"{kind}: body is not JSON: {exc}") from exc
+
+
 def decode_command(kind: str, body: str) -> Command:
     """The command journaled as (kind, body); CodecError if either is not ours."""
     decoder = _DECODERS.get(kind)
     if decoder is None:
         raise CodecError(f"unknown command kind {kind!r}")
-    try:
-        obj = json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, TypeError, RecursionError) as exc:
-        raise CodecError(f"{kind}: body is not JSON: {exc}") from exc
-    fields = _Fields(obj, "")
+    fields = _Fields(_loads(kind, body), "")
     command = decoder(fields)
     fields.done()
     return command

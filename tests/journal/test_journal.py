@@ -308,6 +308,20 @@ def test_codec_round_trips_any_command(command: Command) -> None:
     assert decode_command(kind, body) == command
 
 
+def test_codec_reads_a_body_it_did_not_write_byte_for_byte() -> None:
+    """The fast path takes only the exact text the encoder writes; other spacing, key
+    orders and escapes go through the strict decoder, to the same command."""
+    command = TopUp("acme", 5, "k", "caf\u00e9 \u0000")
+    kind, body = encode_command(command)
+    fields = json.loads(body)
+    spaced = json.dumps(fields, indent=1)
+    reordered = json.dumps(dict(reversed(fields.items())), separators=(",", ":"))
+    utf8 = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+    assert len({body, spaced, reordered, utf8}) == 4
+    for text in (body, spaced, reordered, utf8):
+        assert decode_command(kind, text) == command
+
+
 @pytest.mark.parametrize(
     ("kind", "body", "message"),
     [
@@ -322,6 +336,12 @@ def test_codec_round_trips_any_command(command: Command) -> None:
         pytest.param("Tick", '{"retention_ms":NaN}', "not a JSON number", id="nan"),
         pytest.param(
             "Tick", '{"retention_ms":1,"retention_ms":2}', "duplicate key", id="duplicate-key"
+        ),
+        pytest.param(
+            "PutTariff",
+            '{"tariff":{"tariff_id":"t","tariff_id":"u","currency":"VND","rates":[]}}',
+            "duplicate key",
+            id="nested-duplicate-key",
         ),
         pytest.param(
             "Release", '{"call_id":7,"used_seconds":1}', "expected a string", id="int-for-string"
