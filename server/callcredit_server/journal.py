@@ -631,15 +631,18 @@ def _records(seq: int, last_seq: int, at_ms: int, body: str) -> list[tuple[int, 
     if not isinstance(items, list) or len(items) != last_seq - seq + 1:
         raise JournalError(f"{span}: the row does not hold {last_seq - seq + 1} records")
     records = []
-    for n, item in enumerate(items):
-        match item:
-            case [int(time), str(kind), str(text)]:
-                try:
-                    records.append((seq + n, time, decode_command(kind, text)))
-                except CodecError as exc:
-                    raise JournalError(f"journal seq {seq + n}: {exc}") from exc
-            case _:
-                raise JournalError(f"journal seq {seq + n}: not [at_ms, kind, body]")
+    for n, item in enumerate(items, seq):
+        # Type checks written out: a `match` on a sequence pattern cost more than the
+        # decoding of the command it guards.
+        if type(item) is not list or len(item) != 3:
+            raise JournalError(f"journal seq {n}: not [at_ms, kind, body]")
+        time, kind, text = item
+        if type(time) is not int or type(kind) is not str or type(text) is not str:
+            raise JournalError(f"journal seq {n}: not [at_ms, kind, body]")
+        try:
+            records.append((n, time, decode_command(kind, text)))
+        except CodecError as exc:
+            raise JournalError(f"journal seq {n}: {exc}") from exc
     if records[-1][1] != at_ms:
         raise JournalError(f"{span}: the row's time is not its last record's")
     return records
