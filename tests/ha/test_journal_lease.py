@@ -170,8 +170,9 @@ def test_the_journals_sessions_bound_their_waits(journals: tuple[Journal, Journa
 def test_many_renewals_rewrite_their_rows_through_copy_and_a_takeover_writes_none(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Above POSTGRES_COPY_MIN_ROWS the projector's call rows go through COPY (inserted,
-    then rewritten): the same rows result, and a projector behind takes none back.
+    """Above POSTGRES_COPY_MIN_ROWS the projector's rows go through COPY (call rows
+    inserted, then rewritten; entries and events inserted): the same rows result, and
+    a projector behind takes none back and stores no entry or event twice.
     Takeover restarts every open call's validity in memory and writes no row: its
     record is O(1) however many calls are open."""
     monkeypatch.setattr(projector, "MAX_RECORDS_PER_STEP", 50_000)  # one step, one COPY
@@ -205,8 +206,14 @@ def test_many_renewals_rewrite_their_rows_through_copy_and_a_takeover_writes_non
         rows_renewed = [journal.get_call(f"c{n}") for n in range(calls)]
         journal.append([takeover])
         assert projecting.step() == 1
+        history = "SELECT (SELECT count(*) FROM ledger_entries), (SELECT count(*) FROM events)"
+        with journal.engine.connect() as conn:
+            stored_history = tuple(conn.execute(text(history)).one())
+        assert min(stored_history) >= POSTGRES_COPY_MIN_ROWS  # they went through COPY too
         late = projector.Projector(journal, StateMachine(), 0)  # redoes it all
         assert late.step() == takeover_seq
+        with journal.engine.connect() as conn:
+            assert tuple(conn.execute(text(history)).one()) == stored_history  # none twice
         for n in (0, calls // 2, calls - 1):
             stored = journal.get_call(f"c{n}")
             assert stored == rows_renewed[n]
