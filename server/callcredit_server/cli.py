@@ -29,7 +29,6 @@ reporting NOT_SERVING on the health service, until it is restarted.
 from __future__ import annotations
 
 import asyncio
-import gc
 import getpass
 import gzip
 import json
@@ -53,7 +52,7 @@ from callcredit_server.auth import MIN_TOKEN_LENGTH, hash_token, new_token
 from callcredit_server.core import InvariantViolation
 from callcredit_server.journal import SCHEMA_VERSION, Journal, JournalError, upgrade_journal
 from callcredit_server.launch import write_ready_file
-from callcredit_server.recovery import verify
+from callcredit_server.recovery import settle_heap, verify
 from callcredit_server.snapshot import SnapshotError, list_snapshots, read_snapshot
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
@@ -234,7 +233,6 @@ def _source(context: typer.Context, name: str) -> str:
     return source.name if source is not None else ""
 
 
-GC_THRESHOLDS = (50_000, 20, 10)  # the collector's generations (defaults: 700, 10, 10)
 _SETTING_NAMES = frozenset(Settings.__dataclass_fields__) - {"tokens"}
 
 
@@ -243,16 +241,7 @@ EXIT_DEPOSED = 3  # --ha: this server lost the lease; restarted, it comes back a
 
 async def _serve(settings: Settings, log_format: str, ready_file: str) -> int:
     running = await start(settings)
-    # The recovered state (millions of objects at scale) lives as long as the process:
-    # moved out of the collector's generations, it is not rescanned by every full
-    # collection that request traffic triggers. (Here, not in start(): a test process
-    # starts and stops many servers, whose frozen cycles would never be collected.)
-    gc.collect()
-    gc.freeze()
-    # Request traffic allocates millions of short-lived objects (commands, records,
-    # messages): with the default thresholds the collector's pauses were the p99 of a
-    # steady 16,000 ops/s (74 ms -> 15 ms with these; scripts/bench_latency.py).
-    gc.set_threshold(*GC_THRESHOLDS)
+    settle_heap()  # here, not in start(): a test process starts and stops many servers
     message = f"callcredit-server listening on port {running.port}"
     logs.announce(log_format, message, port=running.port)
     if ready_file:

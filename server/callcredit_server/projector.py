@@ -48,7 +48,7 @@ from callcredit_server import logs
 from callcredit_server.changefeed import END_OF_RECORD, Changefeed, FeedEvent
 from callcredit_server.core import InvariantViolation, StateMachine
 from callcredit_server.journal import Journal, JournalError, Projected
-from callcredit_server.recovery import apply_record, recover
+from callcredit_server.recovery import apply_record, recover, settle_heap
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ def open_projector(journal: Journal, snapshot_dir: Path | None) -> Projector:
 def run(journal: Journal, snapshot_dir: Path | None, stop: threading.Event) -> None:
     """Project until `stop` is set. A database error pauses it; a broken state ends it."""
     projector = open_projector(journal, snapshot_dir)
+    settle_heap()
     while not stop.is_set():
         try:
             applied = projector.step()
