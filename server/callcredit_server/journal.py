@@ -351,11 +351,14 @@ def engine_url(url: str) -> URL:
     return parsed
 
 
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_on_connect(durable: bool, dbapi_connection: Any, _record: Any) -> None:
     """Make every SQLite connection durable, patient, and ours to BEGIN.
 
     synchronous=FULL: in WAL mode NORMAL may lose the last commits on power loss,
-    and a reply must never outlive its record. `isolation_level = None` stops the
+    and a reply must never outlive its record. A journal opened with durable=False
+    (the projector's) takes NORMAL: its commits do not wait for the disk while they
+    hold SQLite's one write lock, which the writer's next append waits for; the WAL
+    stays consistent, and a later durable commit syncs them too. `isolation_level = None` stops the
     sqlite3 module from issuing its own BEGIN (it skips SELECTs and DDL); SQLAlchemy's
     "begin" event issues it instead (`_sqlite_on_begin`), as its SQLite docs advise.
     """
@@ -367,7 +370,7 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         if str(mode).lower() != "wal":
             # e.g. a file system without shared memory: readers would block the writer.
             raise JournalError(f"SQLite would not use WAL (journal_mode is {mode!r})")
-        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
     finally:
         cursor.close()
 
@@ -378,11 +381,13 @@ def _sqlite_on_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
-def _postgresql_on_connect(dbapi_connection: Any, _record: Any) -> None:
+def _postgresql_on_connect(durable: bool, dbapi_connection: Any, _record: Any) -> None:
     """Refuse to run with synchronous_commit=off: a commit must be on disk; bound waits.
 
     Only "off" is raised (to "on"); stronger settings a DBA chose for replication
-    (remote_write, remote_apply) are kept. No statement waits for a lock longer
+    (remote_write, remote_apply) are kept. A journal opened with durable=False (the
+    projector's) sets it off instead: a crash may lose its last commits, never mix
+    them up, and what it wrote it writes again. No statement waits for a lock longer
     than POSTGRES_LOCK_TIMEOUT_MS, and a session of a paused process that sits in
     a transaction is ended by the database (a standby taking over ends it sooner).
     """
@@ -392,7 +397,9 @@ def _postgresql_on_connect(dbapi_connection: Any, _record: Any) -> None:
         with dbapi_connection.cursor() as cursor:
             cursor.execute("SHOW synchronous_commit")
             row = cursor.fetchone()
-            if row is not None and row[0] == "off":
+            if not durable:
+                cursor.execute("SET synchronous_commit TO off")
+            elif row is not None and row[0] == "off":
                 cursor.execute("SET synchronous_commit TO on")
             cursor.execute(f"SET lock_timeout = {POSTGRES_LOCK_TIMEOUT_MS}")
             cursor.execute(
@@ -403,7 +410,7 @@ def _postgresql_on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.autocommit = autocommit
 
 
-def _open_engine(url: URL, owner: str) -> Engine:
+def _open_engine(url: URL, owner: str, durable: bool = True) -> Engine:
     pool: dict[str, Any] = {
         "pool_size": POOL_SIZE,
         "max_overflow": POOL_MAX_OVERFLOW,
@@ -419,7 +426,7 @@ def _open_engine(url: URL, owner: str) -> Engine:
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         # A file database gets a QueuePool; connections move between threads.
         engine = create_engine(url, connect_args={"check_same_thread": False}, **pool)
-        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "connect", functools.partial(_sqlite_on_connect, durable))
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
     # pre_ping: a connection the database dropped while idle (restart, failover)
@@ -440,7 +447,7 @@ def _open_engine(url: URL, owner: str) -> Engine:
             connect_args["application_name"] = APPLICATION_NAME_PREFIX + owner
     engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args, **pool)
     if backend == "postgresql":
-        event.listen(engine, "connect", _postgresql_on_connect)
+        event.listen(engine, "connect", functools.partial(_postgresql_on_connect, durable))
     return engine
 
 
@@ -821,13 +828,17 @@ def _check_limit(limit: int) -> None:
 class Journal:
     """The journal on one database. Safe to share between threads (one appender)."""
 
-    def __init__(self, url: str, *, owner: str = "") -> None:
+    def __init__(self, url: str, *, owner: str = "", durable: bool = True) -> None:
         """Open the database at `url` (any SQLAlchemy URL) and create missing tables.
 
         `owner` names this server's PostgreSQL sessions (application_name), so that a
-        standby taking over from it can end them (`end_sessions`).
+        standby taking over from it can end them (`end_sessions`). `durable=False` is
+        for the projector, which writes nothing that it cannot derive again from the
+        journal: its commits do not wait for the disk (`_sqlite_on_connect`,
+        `_postgresql_on_connect`), and `append` refuses to run on it.
         """
         self._closed = False
+        self.durable = durable
         self._tail: tuple[int, int, str] | None = None  # (seq, at_ms, chain) once known
         self._epoch: int | None = None  # set by fence(): every append checks it
         # The last row replay decoded: (its seq, its chain value, its records). A tail
@@ -836,7 +847,7 @@ class Journal:
         # so an equal one is the same row, and it is decoded once, not on every poll.
         self._decoded: tuple[int, str, list[tuple[int, int, Command]]] | None = None
         with _failing_as("opening the journal"):
-            self._engine = _open_engine(engine_url(url), owner)
+            self._engine = _open_engine(engine_url(url), owner, durable)
         # Same pool and events; marks connections as the writer's (BEGIN IMMEDIATE).
         self._writer = self._engine.execution_options(**{_WRITE_OPTION: True})
         try:
@@ -876,6 +887,13 @@ class Journal:
         if self._closed:
             raise JournalError("the journal is closed")
 
+    def _check_durable(self, what: str) -> None:
+        """Appends and the lease are what answers and takeovers rest on: never on a
+        journal whose commits do not wait for the disk."""
+        self._check_open()
+        if not self.durable:
+            raise JournalError(f"{what} on a journal opened with durable=False (the projector's)")
+
     # ------------------------------------------------------------- writing
 
     def append(self, records: Sequence[JournalRecord]) -> None:
@@ -891,7 +909,7 @@ class Journal:
             raise ValueError(
                 f"{len(records)} records in one append; at most {MAX_RECORDS_PER_APPEND}"
             )
-        self._check_open()
+        self._check_durable("an append")
         first = records[0]
         span = f"journal seq {first.seq}..{records[-1].seq}"
         last = records[-1]
@@ -945,7 +963,7 @@ class Journal:
     ) -> bool:
         """Become the lease's holder at `new_epoch` if it is still at `seen_epoch` and
         expired (or absent, at epoch 0). Of servers racing, exactly one gets True."""
-        self._check_open()
+        self._check_durable("taking the lease")
         with _failing_as("taking the lease"), self._writer.begin() as connection:
             connection.execute(
                 text(
@@ -972,7 +990,7 @@ class Journal:
 
     def renew_lease(self, owner: str, epoch: int, lease_ms: int) -> bool:
         """Extend our own lease; False: it is no longer ours (deposed)."""
-        self._check_open()
+        self._check_durable("renewing the lease")
         with _failing_as("renewing the lease"), self._writer.begin() as connection:
             renewed = connection.execute(
                 text(

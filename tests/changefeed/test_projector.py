@@ -109,6 +109,19 @@ def test_the_projection_resumes_from_its_watermark_and_is_idempotent(
         assert stored(journal) == expected
 
 
+def test_on_sqlite_a_step_holds_the_write_lock_for_fewer_records(database_url: str) -> None:
+    """SQLite has one write lock, which the writer's appends wait for while a step
+    stores its rows: a step there takes SQLITE_RECORDS_PER_STEP records at most."""
+    with Journal(database_url) as journal:
+        write_journal(journal, workload(600))
+        first = projector.open_projector(journal, None)
+        sqlite = journal.engine.dialect.name == "sqlite"
+        expected = projector.SQLITE_RECORDS_PER_STEP if sqlite else journal.last_seq()
+        assert expected < journal.last_seq() or not sqlite
+        assert first.step() == expected
+        assert journal.projected_through() == expected
+
+
 def test_the_projector_refuses_a_machine_without_events(database_url: str) -> None:
     with Journal(database_url) as journal, pytest.raises(ValueError, match="events"):
         projector.Projector(journal, StateMachine(events=False), 0)

@@ -1108,6 +1108,24 @@ def test_sqlite_connections_use_wal_and_synchronous_full(sqlite_journal: Journal
             assert busy_ms == journal_module.SQLITE_BUSY_TIMEOUT_MS
 
 
+def test_the_projectors_journal_does_not_wait_for_the_disk_and_cannot_append(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'journal.db'}"
+    with Journal(url) as journal:
+        journal.append([record(1)])
+    with Journal(url, durable=False) as projecting:
+        with projecting.engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        with pytest.raises(JournalError, match="an append on a journal opened with durable"):
+            projecting.append([record(2)])
+        with pytest.raises(JournalError, match="taking the lease on a journal opened"):
+            projecting.take_lease("a", "", 0, 1, 5_000)
+        with pytest.raises(JournalError, match="renewing the lease on a journal opened"):
+            projecting.renew_lease("a", 1, 5_000)
+        assert projecting.last_seq() == 1
+
+
 def test_sqlite_writer_takes_the_write_lock_first(sqlite_journal: Journal) -> None:
     statements: list[str] = []
 
@@ -1159,3 +1177,14 @@ def test_postgresql_synchronous_commit_off_is_raised_to_on() -> None:
         journal.engine.connect() as connection,
     ):
         assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+
+
+def test_postgresql_the_projectors_journal_commits_asynchronously() -> None:
+    with (
+        _postgres_schema(_postgres_base_url()) as url,
+        Journal(url, durable=False) as projecting,
+        projecting.engine.connect() as connection,
+    ):
+        assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
+        with pytest.raises(JournalError, match="an append on a journal opened with durable"):
+            projecting.append([record(1)])
