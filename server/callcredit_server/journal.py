@@ -99,8 +99,6 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy import inspect as sqlalchemy_inspect
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, Dialect, make_url
 
 from callcredit_server.codec import CodecError, decode_command, encode_command
@@ -841,11 +839,12 @@ class Journal:
         self.durable = durable
         self._tail: tuple[int, int, str] | None = None  # (seq, at_ms, chain) once known
         self._epoch: int | None = None  # set by fence(): every append checks it
-        # The last row replay decoded: (its seq, its chain value, its records). A tail
-        # that stops inside a group commit's row (up to MAX_RECORDS_PER_APPEND records)
-        # reads that row again on its next poll; the chain value binds the row's content,
-        # so an equal one is the same row, and it is decoded once, not on every poll.
-        self._decoded: tuple[int, str, list[tuple[int, int, Command]]] | None = None
+        # The last row replay checked and decoded: (its seq, the chain value before it,
+        # its own, its records). A tail that stops inside a group commit's row (up to
+        # MAX_RECORDS_PER_APPEND records) reads that row again on its next poll: the
+        # same place between the same chain values is the row already checked, so it is
+        # hashed and decoded once, not on every poll, and its records come from here.
+        self._decoded: tuple[int, str, str, list[tuple[int, int, Command]]] | None = None
         with _failing_as("opening the journal"):
             self._engine = _open_engine(engine_url(url), owner, durable)
         # Same pool and events; marks connections as the writer's (BEGIN IMMEDIATE).
@@ -1046,9 +1045,16 @@ class Journal:
         return self._replay(after_seq + 1)
 
     def _replay(self, expected: int) -> Iterator[tuple[int, int, Command]]:
-        with _failing_as(f"replay from seq {expected}"), self._engine.connect() as connection:
-            row_start = _row_holding(connection, expected)
-            chain = _chain_before(connection, row_start)
+        decoded = self._decoded
+        if decoded is not None and decoded[0] <= expected <= decoded[3][-1][0] + 1:
+            # In the row checked last, or right after it (a tail's next poll): where its
+            # row starts, and the chain value that row must extend, are known.
+            inside = expected <= decoded[3][-1][0]
+            row_start, chain = (decoded[0], decoded[1]) if inside else (expected, decoded[2])
+        else:
+            with _failing_as(f"replay from seq {expected}"), self._engine.connect() as connection:
+                row_start = _row_holding(connection, expected)
+                chain = _chain_before(connection, row_start)
         seq = journal_table.c.seq
         while True:
             query = (
@@ -1069,18 +1075,19 @@ class Journal:
                 first, last = int(row.seq), int(row.last_seq)
                 if first != row_start:
                     raise JournalError(f"journal seq {row_start} is missing (next is {first})")
-                chain = chain_after(chain, first, last, int(row.at_ms), row.body)
-                if chain != row.chain:
-                    raise JournalError(
-                        f"journal records seq {first}..{last} are corrupt: their checksum does "
-                        "not match (these records, or ones before them, were altered or lost); "
-                        "the server will not start from a journal it cannot trust"
-                    )
                 decoded = self._decoded
-                if decoded is None or decoded[0] != first or decoded[1] != row.chain:
-                    decoded = (first, row.chain, _records(first, last, int(row.at_ms), row.body))
+                if decoded is None or decoded[:3] != (first, chain, row.chain):
+                    if chain_after(chain, first, last, int(row.at_ms), row.body) != row.chain:
+                        raise JournalError(
+                            f"journal records seq {first}..{last} are corrupt: their checksum "
+                            "does not match (these records, or ones before them, were altered "
+                            "or lost); the server will not start from a journal it cannot trust"
+                        )
+                    records = _records(first, last, int(row.at_ms), row.body)
+                    decoded = (first, chain, row.chain, records)
                     self._decoded = decoded
-                for record in decoded[2]:
+                chain = row.chain
+                for record in decoded[3]:
                     if record[0] >= expected:
                         yield record
                 row_start = last + 1
@@ -1254,7 +1261,6 @@ class Journal:
         self._check_open()
         with _failing_as("preparing the projection"):
             event_rows, entry_rows, call_rows = _projected_rows(records)
-        mark = {"name": PROJECTION, "seq": through_seq}
         with _failing_as("storing the projection"), self._writer.begin() as connection:
             if connection.dialect.name not in _NATIVE_UPSERT:
                 raise JournalError(f"the journal cannot be projected on {connection.dialect.name}")
@@ -1264,17 +1270,8 @@ class Journal:
                 _insert(connection, entries_table, entry_rows, key="entry_id")
             if call_rows:
                 _insert(connection, calls_table, call_rows, key="call_id", newer=True)
-            dialect_insert = (
-                postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
-            )
-            upsert = dialect_insert(projection_table).values(mark)
-            connection.execute(
-                upsert.on_conflict_do_update(
-                    index_elements=[projection_table.c.name],
-                    set_={"seq": upsert.excluded.seq},
-                    where=projection_table.c.seq < upsert.excluded.seq,
-                )
-            )
+            # The watermark, only forward: the same upsert as a call row's (by seq).
+            _insert(connection, projection_table, [(PROJECTION, through_seq)], "name", newer=True)
 
     def projected_through(self) -> int:
         """The journal seq up to which the projection (events, entries, calls) is stored
