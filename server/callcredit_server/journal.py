@@ -1047,10 +1047,11 @@ class Journal:
     def _replay(self, expected: int) -> Iterator[tuple[int, int, Command]]:
         decoded = self._decoded
         if decoded is not None and decoded[0] <= expected <= decoded[3][-1][0] + 1:
-            # In the row checked last, or right after it (a tail's next poll): where its
-            # row starts, and the chain value that row must extend, are known.
-            inside = expected <= decoded[3][-1][0]
-            row_start, chain = (decoded[0], decoded[1]) if inside else (expected, decoded[2])
+            # In the row checked last, or right after it (a tail's next poll): its records
+            # from `expected` on come from memory, not from reading it again, and the
+            # next row must start right after it and extend its chain value.
+            yield from decoded[3][expected - decoded[0] :]
+            row_start, chain = decoded[3][-1][0] + 1, decoded[2]
         else:
             with _failing_as(f"replay from seq {expected}"), self._engine.connect() as connection:
                 row_start = _row_holding(connection, expected)
