@@ -29,43 +29,38 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from callcredit_server import projector, recovery
-from callcredit_server.core import (
-    Command,
-    CreateAccount,
-    PutTariff,
-    Rate,
-    Release,
-    Renew,
-    Reserve,
-    StateMachine,
-    Tariff,
-    TopUp,
-)
+from callcredit_server import core, projector, recovery
 from callcredit_server.journal import Journal, JournalRecord
 
 START_MS = 1_790_000_000_000
 WAVE = 500  # calls open at once
 
 
-def commands(accounts: int, calls: int, renews: int) -> tuple[list[Command], int]:
+def commands(accounts: int, calls: int, renews: int) -> tuple[list[core.Command], int]:
     """The journal's commands, and how many of them are the set-up."""
-    out: list[Command] = [PutTariff(Tariff("t", "VND", (Rate("", 1_179_600_000, 6, 6, 0),)))]
+    out: list[core.Command] = [
+        core.PutTariff(core.Tariff("t", "VND", (core.Rate("", 1_179_600_000, 6, 6, 0),)))
+    ]
     for n in range(accounts):
-        out += [CreateAccount(f"acc-{n}", "VND", "t", 0, 0), TopUp(f"acc-{n}", 10**13, "s", "")]
+        out += [
+            core.CreateAccount(f"acc-{n}", "VND", "t", 0, 0),
+            core.TopUp(f"acc-{n}", 10**13, "s", ""),
+        ]
     setup = len(out)
     for wave in range(0, calls, WAVE):
         ids = [(n, f"call-{n}") for n in range(wave, min(wave + WAVE, calls))]
         for n, call_id in ids:
-            out.append(Reserve(call_id, f"acc-{n * 7919 % accounts}", f"+8490{n:07d}", 0, 60, 120))
+            out.append(
+                core.Reserve(call_id, f"acc-{n * 7919 % accounts}", f"+8490{n:07d}", 0, 60, 120)
+            )
         for sequence in range(1, renews + 1):
-            out += [Renew(call_id, sequence, 25 * sequence, 0, 60, 120) for _, call_id in ids]
-        out += [Release(call_id, 70 + n % 40) for n, call_id in ids]
+            out += [core.Renew(call_id, sequence, 25 * sequence, 0, 60, 120) for _, call_id in ids]
+        out += [core.Release(call_id, 70 + n % 40) for n, call_id in ids]
     return out, setup
 
 
-def build(url: str, journal_commands: list[Command], row: int) -> None:
-    machine = StateMachine(events=False)
+def build(url: str, journal_commands: list[core.Command], row: int) -> None:
+    machine = core.StateMachine(events=False)
     records: list[JournalRecord] = []
     at_ms = START_MS
     for seq, command in enumerate(journal_commands, 1):
@@ -87,7 +82,7 @@ def projector_journal(url: str) -> Journal:
 def measure(url: str, setup: int) -> tuple[float, int]:
     """CPU seconds to project the records after the set-up, and how many there were."""
     with projector_journal(url) as journal:
-        machine = StateMachine()  # the set-up, untimed: what a start rebuilds
+        machine = core.StateMachine()  # the set-up, untimed: what a start rebuilds
         for seq, at_ms, command in journal.replay():
             if seq > setup:
                 break
