@@ -683,7 +683,7 @@ def _insert(
     rows only: the projection needs ON CONFLICT) go through SQLAlchemy Core.
     """
     if connection.dialect.name == "postgresql" and key and len(rows) >= POSTGRES_COPY_MIN_ROWS:
-        _copy_upsert(connection, table, rows, key)
+        _copy_upsert(connection, table, rows, key, newer)
         return
     if connection.dialect.name in _NATIVE_UPSERT:
         cursor = connection.connection.cursor()
@@ -698,13 +698,13 @@ def _insert(
     connection.execute(insert(table), [dict(zip(names, row, strict=True)) for row in rows])
 
 
-def _copy_upsert(connection: Connection, table: Table, rows: _Rows, key: str) -> None:
+def _copy_upsert(connection: Connection, table: Table, rows: _Rows, key: str, newer: bool) -> None:
     """PostgreSQL: COPY `rows` into a temporary twin of `table` (emptied at commit), then
-    one INSERT ... SELECT ... ON CONFLICT DO UPDATE: the same rows as executemany."""
+    one INSERT ... SELECT with `_insert_sql`'s ON CONFLICT: the same rows as executemany."""
     quote = connection.dialect.identifier_preparer.quote
     names = ", ".join(quote(c.name) for c in table.c)
     staging = quote(f"_staging_{table.name}")
-    upsert = _insert_sql(connection, table, key, newer=True)
+    upsert = _insert_sql(connection, table, key, newer)
     conflict = upsert[upsert.index(" ON CONFLICT") :]
     cursor = connection.connection.cursor()
     try:

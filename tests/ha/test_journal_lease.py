@@ -32,6 +32,8 @@ from callcredit_server.journal import (
     Journal,
     JournalError,
     JournalRecord,
+    _insert,
+    entries_table,
 )
 
 LEASE_MS = 5_000
@@ -223,3 +225,23 @@ def test_many_renewals_rewrite_their_rows_through_copy_and_a_takeover_writes_non
         with journal.engine.connect() as conn:
             rows = conn.execute(text("SELECT count(*), min(seq), max(seq) FROM calls")).one()
     assert tuple(rows) == (calls, len(opened) + 1, takeover_seq - 1)
+
+
+def test_through_copy_an_entry_already_stored_is_kept_as_it_is(pg_url: str) -> None:
+    """Entries are inserted once (ON CONFLICT DO NOTHING), through COPY as through
+    executemany: a row for the same entry from a later seq (other amounts) does not
+    replace it."""
+    rows: list[tuple[object, ...]] = [
+        (n, "a", "TOP_UP", 5, 5 * n, "", "", f"k{n}", 1_000, 1)
+        for n in range(1, POSTGRES_COPY_MIN_ROWS + 1)
+    ]
+    later: list[tuple[object, ...]] = [(*row[:3], 7, 7, *row[5:9], 2) for row in rows]
+    with Journal(pg_url) as journal:
+        for batch in (rows, later):
+            with journal.engine.begin() as connection:
+                _insert(connection, entries_table, batch, key="entry_id")
+        with journal.engine.connect() as connection:
+            stored = connection.execute(
+                text("SELECT amount, seq FROM ledger_entries ORDER BY entry_id")
+            ).all()
+    assert [tuple(row) for row in stored] == [(5, 1)] * len(rows)
