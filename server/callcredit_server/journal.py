@@ -356,9 +356,11 @@ def _sqlite_on_connect(durable: bool, dbapi_connection: Any, _record: Any) -> No
     and a reply must never outlive its record. A journal opened with durable=False
     (the projector's) takes NORMAL: its commits do not wait for the disk while they
     hold SQLite's one write lock, which the writer's next append waits for; the WAL
-    stays consistent, and a later durable commit syncs them too. `isolation_level = None` stops the
-    sqlite3 module from issuing its own BEGIN (it skips SELECTs and DDL); SQLAlchemy's
-    "begin" event issues it instead (`_sqlite_on_begin`), as its SQLite docs advise.
+    stays consistent, and a later durable commit syncs them too.
+
+    `isolation_level = None` stops the sqlite3 module from issuing its own BEGIN (it
+    skips SELECTs and DDL); SQLAlchemy's "begin" event issues it instead
+    (`_sqlite_on_begin`), as its SQLite docs advise.
     """
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
@@ -393,12 +395,13 @@ def _postgresql_on_connect(durable: bool, dbapi_connection: Any, _record: Any) -
     dbapi_connection.autocommit = True
     try:
         with dbapi_connection.cursor() as cursor:
-            cursor.execute("SHOW synchronous_commit")
-            row = cursor.fetchone()
-            if not durable:
+            if durable:
+                cursor.execute("SHOW synchronous_commit")
+                row = cursor.fetchone()
+                if row is not None and row[0] == "off":
+                    cursor.execute("SET synchronous_commit TO on")
+            else:
                 cursor.execute("SET synchronous_commit TO off")
-            elif row is not None and row[0] == "off":
-                cursor.execute("SET synchronous_commit TO on")
             cursor.execute(f"SET lock_timeout = {POSTGRES_LOCK_TIMEOUT_MS}")
             cursor.execute(
                 "SET idle_in_transaction_session_timeout = "
