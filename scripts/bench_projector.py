@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from callcredit_server import core, projector, recovery
-from callcredit_server.journal import Journal, JournalRecord
+from callcredit_server.journal import Journal, JournalRecord, metadata
 
 START_MS = 1_790_000_000_000
 WAVE = 500  # calls open at once
@@ -130,8 +130,6 @@ def main() -> None:
 
 def _reset(url: str) -> None:
     """Drop the journal's tables in a database given by URL (a PostgreSQL run)."""
-    from callcredit_server.journal import metadata
-
     with Journal(url) as journal:
         metadata.drop_all(journal.engine)
 
