@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from callcredit_server import core, projector, recovery
-from callcredit_server.journal import Journal, JournalRecord, metadata
+from callcredit_server.journal import Journal, JournalRecord, history_metadata, metadata
 
 START_MS = 1_790_000_000_000
 WAVE = 500  # calls open at once
@@ -132,6 +132,7 @@ def _reset(url: str) -> None:
     """Drop the journal's tables in a database given by URL (a PostgreSQL run)."""
     with Journal(url) as journal:
         metadata.drop_all(journal.engine)
+        history_metadata.drop_all(journal.history_engine)
 
 
 if __name__ == "__main__":

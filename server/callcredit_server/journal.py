@@ -16,7 +16,11 @@ from the durable journal by the projector (projector.py), a process of its own t
 re-applies the records, and stored by `project` in its transactions, each with its
 watermark (`projected_through`). A history read first waits until the watermark
 covers what it must see (service.py); nothing acknowledged, and no recovery, reads
-these tables.
+these tables. On SQLite they are in a file of their own beside the journal's
+(`history_url`: journal.db -> journal.db-history): SQLite has one write lock per file,
+and the projector's transactions must not hold the one the writer's appends take. A
+journal file from an earlier release, which held them itself, has them moved there
+when the server opens it (`_move_history`).
 
 The interface is narrow on purpose (exchange-core's journal is the model):
 `append` (one transaction per batch: group commit), `replay`, `last_seq`, `project`,
@@ -129,6 +133,8 @@ __all__ = [
     "engine_url",
     "entries_table",
     "events_table",
+    "history_metadata",
+    "history_url",
     "journal_table",
     "metadata",
     "projection_table",
@@ -204,7 +210,13 @@ class StoredEvent(NamedTuple):
 
 # ------------------------------------------------------------------ schema
 
+# The journal: what the writer writes, and recovery reads.
 metadata = MetaData()
+# The projection (history and changefeed): written by the projector only, derived from
+# the journal. On SQLite it is a database file of its own beside the journal's
+# (`history_url`), so that the projector's transactions never hold the journal file's
+# one write lock, which the writer's appends need; elsewhere the same database.
+history_metadata = MetaData()
 
 # INTEGER PRIMARY KEY on SQLite is the rowid itself: the table is stored in key
 # order with no second index. Elsewhere a plain BIGINT, never auto-generated.
@@ -239,7 +251,7 @@ GENESIS_CHAIN = "0" * 32  # the chain value "before" seq 1
 
 entries_table = Table(
     "ledger_entries",
-    metadata,
+    history_metadata,
     Column("entry_id", _Key, primary_key=True, autoincrement=False),
     Column("account_id", _Id, nullable=False),
     Column("kind", String(16), nullable=False),
@@ -256,7 +268,7 @@ entries_table = Table(
 
 calls_table = Table(
     "calls",
-    metadata,
+    history_metadata,
     Column("call_id", _Id, primary_key=True),
     Column("call_seq", BigInteger, nullable=False, unique=True),
     Column("account_id", _Id, nullable=False),
@@ -312,7 +324,7 @@ lease_table = Table(
 # three are kept when the journal is pruned.
 events_table = Table(
     "events",
-    metadata,
+    history_metadata,
     Column("seq", _Key, primary_key=True, autoincrement=False),
     Column("at_ms", BigInteger, nullable=False),
     Column("body", Text, nullable=False),
@@ -323,11 +335,20 @@ events_table = Table(
 # the changefeed alone. Only moves forward.
 projection_table = Table(
     "projection",
-    metadata,
+    history_metadata,
     Column("name", String(64), primary_key=True),
     Column("seq", BigInteger, nullable=False),
 )
 PROJECTION = "events"
+
+# The journal the projection was derived from: its journal_id, stamped when the tables
+# are created. A history file left beside another journal is refused, not mixed in.
+history_meta_table = Table(
+    "history_meta",
+    history_metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
 EVENT_RECORDS_PER_READ = 100  # records per read_events query (each may hold many events)
 
 _CALL_COLUMNS = [c for c in calls_table.c if c.name != "seq"]
@@ -347,6 +368,21 @@ def engine_url(url: str) -> URL:
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed
+
+
+HISTORY_SUFFIX = "-history"  # a SQLite journal's history file: the journal file's name + this
+MOVE_ROWS_PER_INSERT = 10_000  # rows per executemany when the history moves to its file
+
+
+def history_url(url: URL) -> URL | None:
+    """Where the projection is stored when it has a database of its own: for a SQLite
+    journal, the file beside the journal's named as it is plus HISTORY_SUFFIX
+    (journal.db -> journal.db-history, the way SQLite names its -wal and -shm files);
+    None when it shares the journal's database (PostgreSQL, and any other)."""
+    if url.get_backend_name() != "sqlite":
+        return None
+    path, sep, parameters = (url.database or "").partition("?")  # a URI filename's (uri=true)
+    return url.set(database=path + HISTORY_SUFFIX + sep + parameters)
 
 
 def _sqlite_on_connect(durable: bool, dbapi_connection: Any, _record: Any) -> None:
@@ -758,6 +794,20 @@ def _check_schema(connection: Connection) -> None:
     _set_meta(connection, "journal_id", uuid.uuid4().hex)
 
 
+def _check_history(connection: Connection, journal_id: str, where: str) -> None:
+    """Stamp new history tables with the journal they derive from; refuse another's."""
+    stamp = history_meta_table.c
+    found = connection.execute(select(stamp.value).where(stamp.name == "journal_id")).scalar()
+    if found is None:
+        connection.execute(insert(history_meta_table).values(name="journal_id", value=journal_id))
+    elif found != journal_id:
+        raise JournalError(
+            f"the history in {where} was derived from another journal ({found}), not from "
+            f"this one ({journal_id}): move it away, and the projector derives this "
+            "journal's history again"
+        )
+
+
 def _tail(connection: Connection) -> tuple[int, int, str]:
     """(seq, at_ms, chain) of the last record; the pruned point if none is left."""
     last = connection.execute(
@@ -849,9 +899,14 @@ class Journal:
         # hashed and decoded once, not on every poll, and its records come from here.
         self._decoded: tuple[int, str, str, list[tuple[int, int, Command]]] | None = None
         with _failing_as("opening the journal"):
-            self._engine = _open_engine(engine_url(url), owner, durable)
+            parsed = engine_url(url)
+            self._engine = _open_engine(parsed, owner, durable)
         # Same pool and events; marks connections as the writer's (BEGIN IMMEDIATE).
         self._writer = self._engine.execution_options(**{_WRITE_OPTION: True})
+        # The projection's database: the journal's, or on SQLite a file of its own.
+        self._history = self._engine
+        self._history_writer = self._writer
+        apart = history_url(parsed)
         try:
             with _failing_as("creating the journal tables"), self._writer.begin() as connection:
                 if connection.dialect.name == "postgresql":
@@ -860,14 +915,68 @@ class Journal:
                     connection.execute(text(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})"))
                 metadata.create_all(connection)
                 _check_schema(connection)
+                journal_id = _meta(connection)["journal_id"]
+                if apart is None:
+                    history_metadata.create_all(connection)
+                    _check_history(connection, journal_id, "the history tables")
+            if apart is not None:
+                self._open_history_file(apart, owner, journal_id)
         except JournalError:
-            self._engine.dispose()
+            self.close()
             raise
+
+    def _open_history_file(self, url: URL, owner: str, journal_id: str) -> None:
+        """SQLite: open (and create) the history file, check that it is this journal's,
+        and move into it the history an earlier release kept in the journal's file."""
+        with _failing_as("opening the history file"):
+            self._history = _open_engine(url, owner, self.durable)
+        self._history_writer = self._history.execution_options(**{_WRITE_OPTION: True})
+        with (
+            _failing_as("creating the history tables"),
+            self._history_writer.begin() as connection,
+        ):
+            history_metadata.create_all(connection)
+            _check_history(connection, journal_id, url.database or "")
+        with _failing_as("reading the journal's tables"), self._engine.connect() as connection:
+            names = set(sqlalchemy_inspect(connection).get_table_names())
+        earlier = [table for table in history_metadata.sorted_tables if table.name in names]
+        if earlier:
+            self._move_history(earlier)
+
+    def _move_history(self, tables: Sequence[Table]) -> None:
+        """Move `tables` (the projection, as releases before the history file kept it in
+        the journal's SQLite file) into the history file: copied in ONE transaction of
+        the history file's (a row already there is kept, so a move cut short runs
+        again), then dropped from the journal's file in one of its own. Only a durable
+        journal (the server's) moves them: the copy must be on disk before the drop."""
+        if not self.durable:
+            raise JournalError(
+                "the history is still in the journal's file, where an earlier release "
+                "kept it: the server moves it into its own file when it starts"
+            )
+        keys = {table.name: table.primary_key.columns.values()[0].name for table in tables}
+        with (
+            _failing_as("moving the history into its own file"),
+            self._history_writer.begin() as target,
+            self._engine.connect() as source,
+        ):
+            for table in tables:
+                for rows in source.execute(select(table)).partitions(MOVE_ROWS_PER_INSERT):
+                    _insert(target, table, [tuple(row) for row in rows], key=keys[table.name])
+        with _failing_as("dropping the moved history"), self._writer.begin() as connection:
+            for table in reversed(tables):
+                table.drop(connection, checkfirst=True)
 
     @property
     def engine(self) -> Engine:
-        """The engine, for tests and tooling. Never write through it."""
+        """The journal's engine, for tests and tooling. Never write through it."""
         return self._engine
+
+    @property
+    def history_engine(self) -> Engine:
+        """The projection's engine (the journal's, or on SQLite the history file's), for
+        tests and tooling. Never write through it."""
+        return self._history
 
     def __enter__(self) -> Journal:
         return self
@@ -884,6 +993,7 @@ class Journal:
         """Close every pooled connection. Later calls raise JournalError."""
         self._closed = True
         self._engine.dispose()
+        self._history.dispose()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1129,7 +1239,7 @@ class Journal:
         rows after it are still verified. The projection (history, events)
         stays, and is never passed: the records it has not projected yet are refused.
         """
-        self._check_open()
+        projected = self.projected_through()  # only moves forward: read before is safe
         self._tail = None
         with _failing_as(f"pruning through seq {through_seq}"), self._writer.begin() as connection:
             already = int(_meta(connection).get("pruned_through_seq", "0"))
@@ -1140,7 +1250,6 @@ class Journal:
                 raise JournalError(
                     f"cannot prune through {through_seq}: the journal ends at {last_seq}"
                 )
-            projected = _projected_through(connection)
             if through_seq > projected:
                 raise JournalError(
                     f"cannot prune through {through_seq}: the projection (history, events) "
@@ -1197,7 +1306,7 @@ class Journal:
         else:
             query = query.where(entry_id > after_entry_id).order_by(entry_id)
         query = query.limit(limit)
-        with _failing_as("listing entries"), self._engine.connect() as connection:
+        with _failing_as("listing entries"), self._history.connect() as connection:
             return [_entry(row) for row in connection.execute(query)]
 
     def list_calls(
@@ -1221,7 +1330,7 @@ class Journal:
         if before_call_seq is not None:
             query = query.where(calls_table.c.call_seq < before_call_seq)
         query = query.order_by(calls_table.c.call_seq.desc()).limit(limit)
-        with _failing_as("listing calls"), self._engine.connect() as connection:
+        with _failing_as("listing calls"), self._history.connect() as connection:
             return [_call(row) for row in connection.execute(query)]
 
     def read_events(
@@ -1239,7 +1348,7 @@ class Journal:
             .order_by(seq)
             .limit(EVENT_RECORDS_PER_READ)
         )
-        with _failing_as("reading events"), self._engine.connect() as connection:
+        with _failing_as("reading events"), self._history.connect() as connection:
             rows = connection.execute(query).all()
         events: list[StoredEvent] = []
         for row in rows:
@@ -1265,7 +1374,10 @@ class Journal:
         self._check_open()
         with _failing_as("preparing the projection"):
             event_rows, entry_rows, call_rows = _projected_rows(records)
-        with _failing_as("storing the projection"), self._writer.begin() as connection:
+        with (
+            _failing_as("storing the projection"),
+            self._history_writer.begin() as connection,
+        ):
             if connection.dialect.name not in _NATIVE_UPSERT:
                 raise JournalError(f"the journal cannot be projected on {connection.dialect.name}")
             if event_rows:
@@ -1281,7 +1393,7 @@ class Journal:
         """The journal seq up to which the projection (events, entries, calls) is stored
         (0: none projected yet)."""
         self._check_open()
-        with _failing_as("reading the projection"), self._engine.connect() as connection:
+        with _failing_as("reading the projection"), self._history.connect() as connection:
             return _projected_through(connection)
 
     def last_seq_before(self, at_ms: int, through_seq: int) -> int:
@@ -1297,7 +1409,7 @@ class Journal:
             .order_by(seq.desc())
             .limit(1)
         )
-        with _failing_as("reading events"), self._engine.connect() as connection:
+        with _failing_as("reading events"), self._history.connect() as connection:
             found = connection.execute(query).scalar()
         return 0 if found is None else int(found)
 
@@ -1305,7 +1417,7 @@ class Journal:
         """The latest snapshot of the call, or None if it was never journaled."""
         self._check_open()
         query = select(*_CALL_COLUMNS).where(calls_table.c.call_id == call_id)
-        with _failing_as("reading a call"), self._engine.connect() as connection:
+        with _failing_as("reading a call"), self._history.connect() as connection:
             row = connection.execute(query).first()
         return None if row is None else _call(row)
 
@@ -1358,8 +1470,8 @@ def upgrade_journal(url: str) -> Upgraded:
     stamps the version. A journal already at this version is left as it is. Any
     problem raises JournalError (naming the record) and leaves the version-2 journal as
     it was. The history tables (ledger entries, calls, events, the projection's
-    watermark) are kept: the projector re-derives, idempotently, what lies after its
-    watermark.
+    watermark) are kept (on SQLite the server's next start moves them into the history
+    file): the projector re-derives, idempotently, what lies after its watermark.
     """
     with _failing_as("opening the journal"):
         engine = _open_engine(engine_url(url), "")

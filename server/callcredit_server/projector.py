@@ -5,12 +5,13 @@ every step, its ledger entries, call snapshots and events included. So the prima
 writer stores its commands only (and builds no events: its state machine runs with
 `events=False`); the projector, a separate process (`python -m
 callcredit_server.projector`, started by `callcredit-server` as its child), tails the
-journal every `POLL_SECONDS` (at most `MAX_RECORDS_PER_STEP` records per read, fewer on
-SQLite), applies the records to its own state machine with events on (the standby's
-own `apply_record`), and stores their entries, calls and events (journal.project) with
-its watermark, `projected_through`, in one transaction of its own per read. Its CPU is
-not the writer's, and its commits do not wait for the disk (`Journal(durable=False)`):
-they can be derived again.
+journal every `POLL_SECONDS` (at most `MAX_RECORDS_PER_STEP` records per read),
+applies the records to its own state machine with events on (the standby's own
+`apply_record`), and stores their entries, calls and events (journal.project) with its
+watermark, `projected_through`, in one transaction of its own per read. Its CPU is not
+the writer's, its commits do not wait for the disk (`Journal(durable=False)`): they
+can be derived again, and on SQLite they lock the history's file, not the journal's
+(journal.history_url).
 
 Restart: it rebuilds its state at its watermark as a start does (the newest snapshot
 at or before it, then the journal: recovery.recover) and goes on from there. Writes
@@ -55,10 +56,6 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05  # the projector reads new journal records this often (at once while behind)
 MAX_RECORDS_PER_STEP = 2_000  # records applied and stored per transaction
-# On SQLite a step's transaction holds the database's one write lock, which the writer's
-# next append waits for (in sleeps of 1, 2, 5, ... ms): a step of 2,000 records held it
-# ~20 ms, which set the answers' p99 and, with 1,000 calls in flight, their rate.
-SQLITE_RECORDS_PER_STEP = 250
 ERROR_PAUSE_SECONDS = 1.0  # after a database error, the projector waits this long
 FEED_POLL_SECONDS = 0.05  # the server reads the watermark (and new events) this often
 RESTART_SECONDS = 1.0  # a projector child that exited is started again after this
@@ -77,16 +74,10 @@ class Projector:
         self._machine = machine
         self.applied_seq = applied_seq  # the last record applied, and its rows stored
 
-    def limit(self) -> int:
-        """The most records one step reads and stores."""
-        if self._journal.engine.dialect.name == "sqlite":
-            return min(MAX_RECORDS_PER_STEP, SQLITE_RECORDS_PER_STEP)
-        return MAX_RECORDS_PER_STEP
-
     def step(self) -> int:
-        """Project the records after applied_seq: one bounded read (`limit`), one
-        transaction; how many there were."""
-        records = self._journal.tail(self.applied_seq, self.limit())
+        """Project the records after applied_seq: one bounded read (MAX_RECORDS_PER_STEP),
+        one transaction; how many there were."""
+        records = self._journal.tail(self.applied_seq, MAX_RECORDS_PER_STEP)
         if not records:
             return 0
         machine = self._machine
@@ -131,7 +122,7 @@ def run(journal: Journal, snapshot_dir: Path | None, stop: threading.Event) -> N
             log.warning("projector: %s", exc)
             stop.wait(ERROR_PAUSE_SECONDS)
             continue
-        if applied < projector.limit():
+        if applied < MAX_RECORDS_PER_STEP:
             stop.wait(POLL_SECONDS)
 
 

@@ -13,7 +13,10 @@ import copy
 import json
 import os
 import random
+import shutil
+import sqlite3
 import threading
+import time
 import typing
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +25,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, delete, event, insert, select, update
+from sqlalchemy import Engine, create_engine, delete, event, insert, select, update
+from sqlalchemy import inspect as sqlalchemy_inspect
+from sqlalchemy.engine import make_url
 
 from callcredit_server import journal as journal_module
 from callcredit_server.codec import KINDS, CodecError, decode_command, encode_command
@@ -61,6 +66,8 @@ from callcredit_server.journal import (
     Projected,
     chain_after,
     engine_url,
+    history_metadata,
+    history_url,
     journal_table,
     meta_table,
 )
@@ -1145,6 +1152,110 @@ def test_sqlite_creates_the_parent_directory(tmp_path: Path) -> None:
     with Journal(f"sqlite:///{path}") as journal:
         journal.append([record(1)])
     assert path.is_file()
+
+
+def _tables(engine: Engine) -> set[str]:
+    with engine.connect() as connection:
+        return set(sqlalchemy_inspect(connection).get_table_names())
+
+
+HISTORY_TABLES = {t.name for t in history_metadata.sorted_tables}
+
+
+def test_sqlite_the_history_is_a_file_of_its_own_whose_lock_appends_never_take(
+    tmp_path: Path,
+) -> None:
+    """SQLite has one write lock per file: the projector's transactions lock the history
+    file, and the writer's appends go on beside one that holds it."""
+    with Journal(f"sqlite:///{tmp_path / 'journal.db'}") as journal:
+        store(journal, STORED)
+        assert (tmp_path / "journal.db-history").is_file()
+        assert not HISTORY_TABLES & _tables(journal.engine)
+        assert _tables(journal.history_engine) >= HISTORY_TABLES
+        projecting = sqlite3.connect(tmp_path / "journal.db-history", isolation_level=None)
+        try:
+            projecting.execute("BEGIN IMMEDIATE")  # as a projector's step holds it
+            projecting.execute("DELETE FROM ledger_entries")
+            started = time.monotonic()
+            journal.append([record(3), record(4)])  # would wait SQLITE_BUSY_TIMEOUT_MS
+            assert time.monotonic() - started < 1.0
+        finally:
+            projecting.execute("ROLLBACK")
+            projecting.close()
+        assert journal.last_seq() == 4
+        assert [e.entry_id for e in journal.list_entries("acme", 0, 10)] == [1, 2]
+
+
+def test_history_url_names_the_file_beside_the_journal() -> None:
+    assert history_url(make_url("sqlite:////var/lib/cc/journal.db")) == make_url(
+        "sqlite:////var/lib/cc/journal.db-history"
+    )
+    uri = make_url("sqlite:///file:/var/lib/cc/j.db?mode=rwc&uri=true")
+    assert history_url(uri) == make_url("sqlite:///file:/var/lib/cc/j.db-history?mode=rwc&uri=true")
+    assert history_url(make_url("postgresql+psycopg://h/db")) is None
+
+
+def test_sqlite_a_history_file_left_by_another_journal_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with Journal(f"sqlite:///{tmp_path / 'a' / 'journal.db'}") as journal:
+        store(journal, STORED)
+    shutil.copyfile(tmp_path / "a" / "journal.db-history", tmp_path / "b" / "journal.db-history")
+    with pytest.raises(JournalError, match=r"derived from another journal .* move it away"):
+        Journal(f"sqlite:///{tmp_path / 'b' / 'journal.db'}")
+    (tmp_path / "b" / "journal.db-history").unlink()
+    with Journal(f"sqlite:///{tmp_path / 'b' / 'journal.db'}") as fresh:
+        assert fresh.projected_through() == 0
+
+
+def _as_an_earlier_release_left_it(tmp_path: Path, keep_history_file: bool) -> str:
+    """A SQLite journal whose projection (STORED, GOOD_HISTORY through seq 3) is in the
+    journal's own file, as releases before the history file kept it; with
+    `keep_history_file`, also (in part) in the history file, as a move cut short
+    between its copy and its drop leaves it."""
+    url = f"sqlite:///{tmp_path / 'journal.db'}"
+    with Journal(url) as journal:
+        store(journal, [*STORED, GOOD_HISTORY])
+        with journal.history_engine.connect() as source:
+            rows = {t.name: source.execute(select(t)).all() for t in history_metadata.sorted_tables}
+        with journal.engine.begin() as target:
+            for table in history_metadata.sorted_tables:
+                if table.name != "history_meta":
+                    table.create(target)
+                    if rows[table.name]:  # STORED has no events
+                        target.execute(insert(table), [row._asdict() for row in rows[table.name]])
+    if keep_history_file:  # not through Journal, which would move the history now
+        with contextlib.closing(sqlite3.connect(tmp_path / "journal.db-history")) as history:
+            history.execute("DELETE FROM calls WHERE call_id = 'c3'")
+            history.execute("DELETE FROM projection")
+            history.commit()
+    else:
+        for leftover in tmp_path.glob("journal.db-history*"):
+            leftover.unlink()
+    return url
+
+
+@pytest.mark.parametrize("cut_short", [False, True], ids=["first-start", "move-cut-short"])
+def test_sqlite_the_history_an_earlier_release_kept_in_the_journal_file_is_moved(
+    tmp_path: Path, cut_short: bool
+) -> None:
+    url = _as_an_earlier_release_left_it(tmp_path, keep_history_file=cut_short)
+    with Journal(url) as journal:
+        assert not HISTORY_TABLES & _tables(journal.engine)
+        assert journal.projected_through() == 3
+        assert [e.entry_id for e in journal.list_entries("acme", 0, 10)] == [1, 2, 3]
+        assert sorted(c.call_id for c in all_calls(journal, "acme")) == ["c1", "c2", "c3"]
+        assert journal.get_call("c1") == call("c1", 1, used_seconds=30)
+        assert [seq for seq, _, _ in replayed(journal)] == [1, 2, 3]
+
+
+def test_sqlite_the_projectors_journal_does_not_move_the_history(tmp_path: Path) -> None:
+    """The copy must be on disk before the drop: only a durable journal moves it."""
+    url = _as_an_earlier_release_left_it(tmp_path, keep_history_file=False)
+    with pytest.raises(JournalError, match="the server moves it into its own file"):
+        Journal(url, durable=False)
+    with Journal(url) as journal:
+        assert journal.projected_through() == 3
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,13 @@ from callcredit_server import cli
 from callcredit_server import journal as journal_module
 from callcredit_server.codec import encode_command
 from callcredit_server.core import TopUp
-from callcredit_server.journal import Journal, JournalError, JournalRecord, engine_url
+from callcredit_server.journal import (
+    Journal,
+    JournalError,
+    JournalRecord,
+    engine_url,
+    history_url,
+)
 from callcredit_server.projector import open_projector
 from callcredit_server.recovery import recover
 from tests.conftest import postgres_schema_url
@@ -144,6 +150,13 @@ def rows(url: str, table: str) -> list[tuple[Any, ...]]:
         engine.dispose()
 
 
+def history_of(url: str) -> str:
+    """Where the server keeps the history once it opened the journal: on SQLite the
+    file beside it (it moves the version-2 history there), else the same database."""
+    apart = history_url(engine_url(url))
+    return url if apart is None else apart.render_as_string(hide_password=False)
+
+
 def tables(url: str) -> set[str]:
     engine = create_engine(engine_url(url))
     try:
@@ -212,9 +225,10 @@ def test_a_converted_journal_serves_the_old_state(database_url: str, old_release
         # The server goes on: the chain continues from the converted rows.
         at_ms = old["records"][-1][1]
         journal.append([JournalRecord(last + 1, at_ms, TopUp("a0", 5, "after-upgrade", ""))])
-    assert rows(url, "ledger_entries") == entries
-    assert rows(url, "calls") == calls
-    after = rows(url, "events")
+    history = history_of(url)
+    assert rows(history, "ledger_entries") == entries
+    assert rows(history, "calls") == calls
+    after = rows(history, "events")
     assert after[: len(events)] == events
     assert len(after) > len(events) and after[-1][0] > projected
     with Journal(url) as journal:

@@ -21,6 +21,7 @@ import sqlalchemy
 from callcredit.admin import AdminClient
 from callcredit.errors import CallcreditError
 from callcredit_server.app import Settings, start
+from callcredit_server.journal import engine_url, history_url
 from callcredit_server.launch import serving
 from tests.conftest import missing_component
 from tests.service.conftest import FakeClock
@@ -103,15 +104,18 @@ async def test_an_empty_database_gets_its_tables_on_the_first_start(
         tables = sorted(sqlalchemy.inspect(engine).get_table_names())
     finally:
         engine.dispose()
-    assert tables == [
-        "calls",
-        "events",
-        "journal",
-        "journal_lease",
-        "journal_meta",
-        "ledger_entries",
-        "projection",
-    ]
+    journal = ["journal", "journal_lease", "journal_meta"]
+    history = ["calls", "events", "history_meta", "ledger_entries", "projection"]
+    apart = history_url(engine_url(database_url))
+    if apart is None:  # PostgreSQL: one database
+        assert tables == sorted(journal + history)
+        return
+    assert tables == journal  # SQLite: the history in the file beside the journal's
+    engine = sqlalchemy.create_engine(apart)
+    try:
+        assert sorted(sqlalchemy.inspect(engine).get_table_names()) == history
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.parametrize(
