@@ -149,6 +149,11 @@ POOL_SIZE = 5  # connections kept: the writer plus a few history readers
 POOL_MAX_OVERFLOW = 10  # more under a burst of reads, closed when returned
 POOL_TIMEOUT_SECONDS = 30.0  # a checkout waits this long, then fails (JournalError)
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # a locked SQLite file is retried this long
+# A durable connection's commit checkpoints the WAL itself only past this many pages
+# (4 KiB each): a backstop that bounds the WAL. The writer checkpoints it off its commit
+# path (`checkpoint`, writer.py) long before, since a checkpoint run by a commit holds
+# every answer that waits for that commit.
+SQLITE_AUTOCHECKPOINT_PAGES = 10_000
 POSTGRES_CONNECT_TIMEOUT_SECONDS = 10  # libpq's connect_timeout
 POSTGRES_TCP_USER_TIMEOUT_MS = 15_000  # unacknowledged data this old fails the connection
 POSTGRES_LOCK_TIMEOUT_MS = 2_000  # a statement waiting this long for a lock fails
@@ -407,6 +412,8 @@ def _sqlite_on_connect(durable: bool, dbapi_connection: Any, _record: Any) -> No
             # e.g. a file system without shared memory: readers would block the writer.
             raise JournalError(f"SQLite would not use WAL (journal_mode is {mode!r})")
         cursor.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+        if durable:
+            cursor.execute(f"PRAGMA wal_autocheckpoint = {SQLITE_AUTOCHECKPOINT_PAGES}")
     finally:
         cursor.close()
 
@@ -1049,6 +1056,22 @@ class Journal:
             self._tail = None  # what reached the database is unknown: read it next time
             raise
         self._tail = (last.seq, last.at_ms, chain)
+
+    def checkpoint(self) -> None:
+        """SQLite: copy the journal's committed WAL pages into its file (PASSIVE: it
+        waits for no reader and no writer), on a connection of its own; the writer runs
+        it on a thread of its own, off the commit path. Elsewhere, nothing."""
+        self._check_open()
+        if self._engine.dialect.name != "sqlite":
+            return
+        with _failing_as("checkpointing the journal's WAL"):
+            connection = self._engine.raw_connection()  # autocommit: no BEGIN around it
+            try:
+                cursor = connection.cursor()
+                cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                cursor.close()
+            finally:
+                connection.close()
 
     # ------------------------------------------------------------- the lease
 

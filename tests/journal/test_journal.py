@@ -1186,6 +1186,32 @@ def test_sqlite_the_history_is_a_file_of_its_own_whose_lock_appends_never_take(
         assert [e.entry_id for e in journal.list_entries("acme", 0, 10)] == [1, 2]
 
 
+def rows_in_the_file(path: Path) -> int:
+    """The journal rows in the database file itself, not in its WAL (immutable: SQLite
+    then reads no WAL): what checkpoints have copied there."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as raw:
+        if not raw.execute("SELECT 1 FROM sqlite_master WHERE name = 'journal'").fetchall():
+            return 0
+        return int(raw.execute("SELECT count(*) FROM journal").fetchone()[0])
+
+
+def test_sqlite_a_commit_leaves_the_checkpoint_to_checkpoint(tmp_path: Path) -> None:
+    """A checkpoint run by a commit holds every answer waiting for it: commits run one
+    only past the backstop, and `checkpoint` (the writer's, off its commit path) copies
+    the WAL into the file."""
+    path = tmp_path / "journal.db"
+    with Journal(f"sqlite:///{path}") as journal:
+        with journal.engine.connect() as connection:
+            pages = connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar()
+        assert pages == journal_module.SQLITE_AUTOCHECKPOINT_PAGES
+        for seq in range(1, 51):
+            journal.append([record(seq)])
+        assert rows_in_the_file(path) == 0
+        journal.checkpoint()
+        assert rows_in_the_file(path) == 50
+        assert journal.last_seq() == 50
+
+
 def test_history_url_names_the_file_beside_the_journal() -> None:
     assert history_url(make_url("sqlite:////var/lib/cc/journal.db")) == make_url(
         "sqlite:////var/lib/cc/journal.db-history"
