@@ -173,6 +173,8 @@ def test_suspend_and_resume_from_the_page(server: str, console: str, browser: An
     browser.find_element(_by().ID, "confirm-button").click()
     wait_for(browser, 5, lambda b: text_of(b, "account-status") == "suspended")
     submit_form(browser, "status")
+    # The confirmation replaces the page: wait for it, as for the first one above.
+    wait_for(browser, 5, lambda b: text_of(b, "question") == "Resume status-1?")
     browser.find_element(_by().ID, "confirm-button").click()
     wait_for(browser, 5, lambda b: text_of(b, "account-status") == "active")
 
