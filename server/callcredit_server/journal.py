@@ -347,13 +347,9 @@ projection_table = Table(
 PROJECTION = "events"
 
 # The journal the projection was derived from: its journal_id, stamped when the tables
-# are created. A history file left beside another journal is refused, not mixed in.
-history_meta_table = Table(
-    "history_meta",
-    history_metadata,
-    Column("name", String(64), primary_key=True),
-    Column("value", Text, nullable=False),
-)
+# are created (journal_meta's twin). A history file left beside another journal is
+# refused, not mixed in.
+history_meta_table = meta_table.to_metadata(history_metadata, name="history_meta")
 EVENT_RECORDS_PER_READ = 100  # records per read_events query (each may hold many events)
 
 _CALL_COLUMNS = [c for c in calls_table.c if c.name != "seq"]
