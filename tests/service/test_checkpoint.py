@@ -28,7 +28,9 @@ async def test_the_writer_checkpoints_the_wal_on_a_thread_of_its_own(
 
     monkeypatch.setattr(Journal, "checkpoint", recorded)
     path = tmp_path / "journal.db"
-    settings = writer_settings(f"sqlite:///{path}", tmp_path)
+    settings = Settings(
+        listen="127.0.0.1:0", database_url=f"sqlite:///{path}", snapshot_dir=str(tmp_path / "s")
+    )
     h = await open_harness(settings, FakeClock())
     try:
         await h.funded_account("acme", 1_000)
@@ -41,9 +43,3 @@ async def test_the_writer_checkpoints_the_wal_on_a_thread_of_its_own(
     finally:
         await h.channel.close()
         await h.running.stop(grace_seconds=0.5)
-
-
-def writer_settings(database_url: str, tmp_path: Path) -> Settings:
-    return Settings(
-        listen="127.0.0.1:0", database_url=database_url, snapshot_dir=str(tmp_path / "s")
-    )
