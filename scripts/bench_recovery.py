@@ -1,5 +1,5 @@
 """Start-up and snapshot figures at scale: how long a start takes, how much memory,
-and how long a snapshot pauses the writer.
+and how long taking a snapshot pauses the process that forks (the projector, on a server).
 
 Builds a journal of `--accounts` accounts (each created and topped up) and
 `--open-calls` open calls, then `--renewals` renewals of those calls (to reach a
@@ -48,7 +48,7 @@ from callcredit_server.core import (
 )
 from callcredit_server.journal import Journal, JournalRecord
 from callcredit_server.recovery import recover
-from callcredit_server.snapshot import fork_snapshot, list_snapshots, publish_snapshot
+from callcredit_server.snapshot import fork_snapshot, list_snapshots
 
 BATCH_RECORDS = 20_000
 START_MS = 1_790_000_000_000
@@ -132,7 +132,7 @@ def measure_recovery(url: str, snapshots: str) -> None:
 
 def measure_snapshot(url: str, snapshots: str) -> None:
     """Runs in its own process: start from the snapshot, then take one the way the
-    server does (fork_snapshot) into a scratch folder; print the fork's pause and what
+    projector does (fork_snapshot) into a scratch folder; print the fork's pause and what
     the child cost (its CPU time from wait4, steadier than the wall clock) as one line."""
     journal = Journal(url)
     recovered = recover(journal, Path(snapshots))
@@ -205,10 +205,9 @@ def main() -> None:
     written_seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit("snapshot child failed")
-    publish_snapshot(snapshots, seq, pid)  # the journal holds seq: the writer would too
     (newest,) = list_snapshots(snapshots)[:1]
     print(
-        f"snapshot at seq {seq:,}: writer paused {stall_ms:.1f} ms (the fork), child wrote "
+        f"snapshot at seq {seq:,}: parent paused {stall_ms:.1f} ms (the fork), child wrote "
         f"{newest.path.stat().st_size / 2**20:.0f} MiB in {written_seconds:.1f} s; "
         f"this process's peak RSS {_peak_rss_mib():.0f} MiB",
         flush=True,

@@ -545,9 +545,11 @@ def _commits(before: dict[str, float], after: dict[str, float]) -> tuple[float, 
 
 # ------------------------------------------------------------------ the snapshot's share
 
-_LOG_TIME = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO callcredit_server\.writer: "
+# The projector forks the snapshot child; before 2026-12-07 the writer did (either is read,
+# so that an older server can be measured with this script).
+_LOG_TIME = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO callcredit_server\.(?:writer|projector): "
 _CHILD_STARTED = re.compile(
-    _LOG_TIME + r"snapshot at seq (\d+): child \d+ started, writer paused ([\d.]+) ms"
+    _LOG_TIME + r"snapshot at seq (\d+): child \d+ started, (?:writer|projector) paused ([\d.]+) ms"
 )
 _CHILD_DONE = re.compile(_LOG_TIME + r"snapshot at seq (\d+) (?:written|dropped|failed)")
 
@@ -560,7 +562,7 @@ def _log_seconds(stamp: str) -> float:
 
 def snapshot_windows(log_text: str) -> list[tuple[float, float]]:
     """(from, to) in perf_counter() seconds of each snapshot: the fork's pause, then the
-    child's run until the writer reaped it (a child still running: until now)."""
+    child's run until its parent reaped it (a child still running: until now)."""
     done = {m.group(2): _log_seconds(m.group(1)) for m in _CHILD_DONE.finditer(log_text)}
     return [
         (

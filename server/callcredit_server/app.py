@@ -43,7 +43,7 @@ from callcredit_server.projector import FeedPoller, ProjectorProcess
 from callcredit_server.recovery import recover
 from callcredit_server.service import AdminServicer, CreditControlServicer
 from callcredit_server.standby import HotStandby, PrimaryGate, new_owner
-from callcredit_server.writer import SnapshotPolicy, Writer
+from callcredit_server.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -406,17 +406,12 @@ async def start(
     except BaseException:
         journal.close()
         raise
-    snapshots = None
-    if settings.snapshot_every_records:
-        snapshots = SnapshotPolicy(snapshot_dir, settings.snapshot_every_records)
     writer = Writer(
         recovered.machine,
         journal,
         clock_ms=clock_ms,
         retention_ms=settings.retention_seconds * 1000,
         tick_interval_seconds=settings.tick_interval_ms / 1000,
-        snapshots=snapshots,
-        snapshot_seq=recovered.snapshot_seq,
     )
     health = HealthServicer()
     history = ThreadPoolExecutor(HISTORY_READ_THREADS, thread_name_prefix="history")
@@ -462,7 +457,11 @@ async def start(
     await server.start()
     loop = asyncio.get_running_loop()
     projector = ProjectorProcess(
-        settings.database_url, snapshot_dir, settings.log_level, _log_format()
+        settings.database_url,
+        snapshot_dir,
+        settings.snapshot_every_records,
+        settings.log_level,
+        _log_format(),
     )
     projector.start()
     feed_task = loop.create_task(

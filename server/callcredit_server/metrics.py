@@ -77,7 +77,6 @@ LATENCY_BUCKETS_SECONDS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 COMMIT_RECORDS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000)
-SNAPSHOT_PAUSE_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 KIND_OF_COMMAND: dict[type[Command], str] = {
     Reserve: "reserve",
@@ -183,7 +182,6 @@ class Metrics(Collector):
         self.latency: dict[str, Histogram] = {}  # kind -> durations
         self.commit_records = Histogram(COMMIT_RECORDS_BUCKETS)
         self.commit_latency = Histogram(LATENCY_BUCKETS_SECONDS)
-        self.snapshot_pause = Histogram(SNAPSHOT_PAUSE_BUCKETS_SECONDS)
         self.grant_updates_pushed = 0
         self.terminations_pushed = 0
         self.streams_open = 0
@@ -301,9 +299,6 @@ class Metrics(Collector):
         self.commit_records.observe(records)
         self.commit_latency.observe(seconds)
 
-    def snapshot_paused(self, seconds: float) -> None:
-        self.snapshot_pause.observe(seconds)
-
     def _overran(self, outcome: ReleaseOutcome) -> None:
         result = outcome.result
         log.warning(
@@ -372,9 +367,6 @@ class Metrics(Collector):
         )
         yield self.commit_latency.family(
             "callcredit_journal_commit_duration_seconds", "Time one journal commit took."
-        )
-        yield self.snapshot_pause.family(
-            "callcredit_snapshot_pause_seconds", "How long a snapshot's fork paused the writer."
         )
         pushes = CounterMetricFamily(
             "callcredit_pushes", "Pushes sent on Control streams.", labels=["kind"]

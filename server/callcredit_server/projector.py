@@ -13,6 +13,13 @@ the writer's, its commits do not wait for the disk (`Journal(durable=False)`): t
 can be derived again, and on SQLite they lock the history's file, not the journal's
 (journal.history_url).
 
+Snapshots are the projector's too (snapshot.py): every `--snapshot-every-records`
+records it applied, it forks a child that writes its state at that seq. Its state is
+the committed journal's, so a snapshot never holds a record a crash could take back,
+and the writer never forks or pauses for one (a fork of a 1 GiB writer paused it and
+then slowed it with copy-on-write faults while the child worked). A snapshot follows
+the projection: a projector behind takes it late, and a start then replays more.
+
 Restart: it rebuilds its state at its watermark as a start does (the newest snapshot
 at or before it, then the journal: recovery.recover) and goes on from there. Writes
 are idempotent and the watermark only moves forward, so a projector that redoes
@@ -41,7 +48,9 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -51,6 +60,7 @@ from callcredit_server.changefeed import END_OF_RECORD, Changefeed, FeedEvent
 from callcredit_server.core import InvariantViolation, StateMachine
 from callcredit_server.journal import Journal, JournalError, Projected
 from callcredit_server.recovery import apply_record, recover, settle_heap
+from callcredit_server.snapshot import discard_older, fork_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +74,41 @@ RESTART_SECONDS = 1.0  # a projector child that exited is started again after th
 NICENESS = 10
 
 
-class Projector:
-    """The journal's records after `applied_seq`, applied to `machine`, what they did stored."""
+@dataclass(frozen=True, slots=True)
+class SnapshotPolicy:
+    """Write a snapshot to `directory` every `every_records` journal records."""
 
-    def __init__(self, journal: Journal, machine: StateMachine, applied_seq: int) -> None:
+    directory: Path
+    every_records: int
+
+
+class Projector:
+    """The journal's records after `applied_seq`, applied to `machine`, what they did
+    stored; with `snapshots`, the state written every so many records by a forked child
+    (`snapshot_seq`: the newest one taken, or the one the state was rebuilt from)."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        machine: StateMachine,
+        applied_seq: int,
+        snapshots: SnapshotPolicy | None = None,
+        snapshot_seq: int = 0,
+    ) -> None:
         if not machine.events:
             raise ValueError("the projector's state machine must build events")
         self._journal = journal
         self._machine = machine
         self.applied_seq = applied_seq  # the last record applied, and its rows stored
+        self._snapshots = snapshots
+        self.snapshot_seq = snapshot_seq
+        self._child: tuple[int, int] | None = None  # (pid, seq) of the snapshot at work
 
     def step(self) -> int:
         """Project the records after applied_seq: one bounded read (MAX_RECORDS_PER_STEP),
-        one transaction; how many there were."""
+        one transaction; how many there were. Then a snapshot child is reaped, or
+        started if one is due."""
+        self.reap_snapshot()
         records = self._journal.tail(self.applied_seq, MAX_RECORDS_PER_STEP)
         if not records:
             return 0
@@ -87,11 +119,59 @@ class Projector:
             projected.append(Projected(seq, at_ms, step.events, step.entries, step.calls))
         self._journal.project(projected, records[-1][0])
         self.applied_seq = records[-1][0]
+        self._maybe_snapshot()
         return len(records)
 
+    def _maybe_snapshot(self) -> None:
+        """Fork a child to write the state at applied_seq, if one is due and none is at
+        work. The fork is the projector's only pause; the writer's is none."""
+        policy = self._snapshots
+        if policy is None or self._child is not None:
+            return
+        if self.applied_seq - self.snapshot_seq < policy.every_records:
+            return
+        seq = self.applied_seq
+        started = time.perf_counter()
+        pid = fork_snapshot(self._machine, seq, policy.directory, self._machine.now_ms)
+        log.info(
+            "snapshot at seq %d: child %d started, projector paused %.1f ms",
+            seq,
+            pid,
+            (time.perf_counter() - started) * 1e3,
+        )
+        self._child = (pid, seq)
+        self.snapshot_seq = seq
 
-def open_projector(journal: Journal, snapshot_dir: Path | None) -> Projector:
-    """The projector at its watermark: the state rebuilt as it was at that seq.
+    def reap_snapshot(self, *, wait: bool = False) -> None:
+        """If the snapshot child exited (with `wait`: once it does), say how; after a
+        snapshot written, delete the ones no start and no projector restart needs (all
+        kept if the watermark cannot be read: the next snapshot tries again)."""
+        if self._child is None or self._snapshots is None:
+            return
+        pid, seq = self._child
+        done, status = os.waitpid(pid, 0 if wait else os.WNOHANG)
+        if not done:
+            return
+        self._child = None
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            how = f"killed by signal {-code}" if code < 0 else f"exit {code}"
+            log.error("snapshot at seq %d failed (child %s)", seq, how)
+            return
+        log.info("snapshot at seq %d written", seq)
+        try:
+            projected = self._journal.projected_through()
+        except JournalError as exc:
+            log.warning("older snapshots kept: %s", exc)
+            return
+        discard_older(self._snapshots.directory, projected)
+
+
+def open_projector(
+    journal: Journal, snapshot_dir: Path | None, snapshot_every_records: int = 0
+) -> Projector:
+    """The projector at its watermark: the state rebuilt as it was at that seq; it
+    writes a snapshot to `snapshot_dir` every `snapshot_every_records` records (0: never).
 
     If it cannot be (the journal was pruned, and the snapshots between the prune and the
     watermark are gone: the server keeps the newest one at or before the watermark, so
@@ -108,12 +188,20 @@ def open_projector(journal: Journal, snapshot_dir: Path | None) -> Projector:
         ) from exc
     applied = recovered.snapshot_seq + recovered.replayed
     log.info("projector: rows stored through seq %d, state rebuilt at %d", watermark, applied)
-    return Projector(journal, recovered.machine, applied)
+    snapshots = None
+    if snapshot_dir is not None and snapshot_every_records:
+        snapshots = SnapshotPolicy(snapshot_dir, snapshot_every_records)
+    return Projector(journal, recovered.machine, applied, snapshots, recovered.snapshot_seq)
 
 
-def run(journal: Journal, snapshot_dir: Path | None, stop: threading.Event) -> None:
+def run(
+    journal: Journal,
+    snapshot_dir: Path | None,
+    snapshot_every_records: int,
+    stop: threading.Event,
+) -> None:
     """Project until `stop` is set. A database error pauses it; a broken state ends it."""
-    projector = open_projector(journal, snapshot_dir)
+    projector = open_projector(journal, snapshot_dir, snapshot_every_records)
     settle_heap()
     while not stop.is_set():
         try:
@@ -142,7 +230,7 @@ def main() -> None:
     snapshot_dir = Path(settings["snapshot_dir"]) if settings["snapshot_dir"] else None
     try:
         with Journal(settings["database_url"], durable=False) as journal:
-            run(journal, snapshot_dir, stop)
+            run(journal, snapshot_dir, settings["snapshot_every_records"], stop)
     except (JournalError, InvariantViolation) as exc:
         log.critical("projector stopped: %s", exc)
         sys.exit(1)
@@ -155,12 +243,18 @@ class ProjectorProcess:
     """The projector child of one server: started, restarted if it exits, stopped."""
 
     def __init__(
-        self, database_url: str, snapshot_dir: Path, log_level: str, log_format: str
+        self,
+        database_url: str,
+        snapshot_dir: Path,
+        snapshot_every_records: int,
+        log_level: str,
+        log_format: str,
     ) -> None:
         self._settings = orjson.dumps(
             {
                 "database_url": database_url,
                 "snapshot_dir": str(snapshot_dir),
+                "snapshot_every_records": snapshot_every_records,
                 "log_level": log_level,
                 "log_format": log_format,
             }

@@ -12,18 +12,16 @@ JSON document took ~2.1 GiB at its peak, of which ~0.8 was the parser's own). Fo
 written to a temporary name, fsynced, and renamed, so a crash leaves either the whole
 file or none.
 
-The writer takes a snapshot without stalling: it forks. The child holds a
-copy-on-write view of the state at that instant, serialises it and exits; the
-parent's only pause is the fork() itself. The child runs at the lowest priority
-(NICENESS), touches nothing but the state and its file (no gRPC, no database, no
-logging locks), dies with its parent (PR_SET_PDEATHSIG), and leaves via os._exit.
-
-A snapshot at seq S may include records that were applied but not yet
-committed when it was taken. So the child leaves it under its temporary name, and
-the writer publishes it (`publish_snapshot`: the rename) only once the journal
-holds S: a snapshot of a timeline a crash cut short is never published, even if
-another server (a hot standby taking over) writes other records under the same
-seqs. On start, snapshots beyond the journal's end are deleted too.
+The projector takes the snapshots (projector.py), not the writer: its state is the
+journal's committed records re-applied, so a snapshot never holds a record a crash could
+take back, and no server ever pauses for one. The projector forks: the child holds a
+copy-on-write view of the projector's state at that instant, serialises it, renames it
+into place and exits; the projector's only pause is the fork() itself. The child runs at
+the lowest priority (NICENESS), touches nothing but the state and its file (no
+database, no logging locks), dies with its parent (PR_SET_PDEATHSIG), and leaves via
+os._exit; a child killed mid-write leaves its temporary file, which `discard_older`
+deletes. Snapshots beyond the journal's end (a database restored from an older backup
+than its snapshot folder) are deleted on start.
 """
 
 from __future__ import annotations
@@ -93,11 +91,9 @@ def _temporary_path(directory: Path, seq: int, pid: int) -> Path:
     return directory / f".{snapshot_path(directory, seq).name}.{pid}.tmp"
 
 
-def write_snapshot(
-    directory: Path, seq: int, image: dict[str, Any], created_at_ms: int, *, publish: bool = True
-) -> Path:
-    """Write the image durably as the snapshot at `seq` (left under its temporary name,
-    for `publish_snapshot`, unless `publish`)."""
+def write_snapshot(directory: Path, seq: int, image: dict[str, Any], created_at_ms: int) -> Path:
+    """Write the image durably as the snapshot at `seq`: to a temporary name, fsynced,
+    then renamed, the folder fsynced."""
     header = {"format": SNAPSHOT_FORMAT, "seq": seq, "created_at_ms": created_at_ms}
     directory.mkdir(parents=True, exist_ok=True)
     temporary = _temporary_path(directory, seq, os.getpid())
@@ -111,13 +107,8 @@ def write_snapshot(
             packed.write(orjson.dumps({"sha256": digest.hexdigest()}) + b"\n")
         raw.flush()
         os.fsync(raw.fileno())
-    return publish_snapshot(directory, seq, os.getpid()) if publish else temporary
-
-
-def publish_snapshot(directory: Path, seq: int, pid: int) -> Path:
-    """Give the snapshot at `seq` that process `pid` wrote its final name, durably."""
     final = snapshot_path(directory, seq)
-    os.replace(_temporary_path(directory, seq, pid), final)
+    os.replace(temporary, final)
     descriptor = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -314,7 +305,7 @@ def fork_snapshot(machine: StateMachine, seq: int, directory: Path, created_at_m
         _die_with(parent)
         os.nice(NICENESS)
         gc.disable()  # touching every object would copy every page
-        write_snapshot(directory, seq, machine.image(), created_at_ms, publish=False)
+        write_snapshot(directory, seq, machine.image(), created_at_ms)
         code = 0
     except BaseException as exc:  # the parent learns from the exit code; say why on stderr
         with contextlib.suppress(Exception):

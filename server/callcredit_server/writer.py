@@ -8,7 +8,8 @@ it in order at one instant. The commit task writes all records gathered so far i
 ONE transaction (group commit) on a dedicated thread while the apply task goes on
 with the next round, then tells the core what is durable and resolves the futures
 and pushes it hands back: nothing leaves the server that a crash could take back.
-A tick task lets time pass; after a commit, a forked child may write a snapshot.
+A tick task lets time pass. Snapshots are not the writer's: the projector takes them
+(projector.py), so nothing here ever forks or pauses for one.
 
 If the journal cannot be written, or the state machine reports a broken
 invariant, the writer fails: every waiting and later request gets
@@ -21,17 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from callcredit_server.core import Command, Outcome, Push, StateMachine, Tick
-from callcredit_server.journal import Journal, JournalError
-from callcredit_server.snapshot import discard_older, fork_snapshot, publish_snapshot
+from callcredit_server.journal import Journal
 from callcredit_server.writer_core import AccountFilter, WriterCore
 
 log = logging.getLogger(__name__)
@@ -55,20 +53,10 @@ class Unavailable(Exception):
     """The writer cannot take work: the journal failed, or the server is stopping."""
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotPolicy:
-    """Write a snapshot to `directory` every `every_records` journal records."""
-
-    directory: Path
-    every_records: int
-
-
 class WriterObserver(Protocol):
     """Metrics of the writer (metrics.py): called on the event loop, once per commit."""
 
     def committed(self, records: int, seconds: float) -> None: ...
-
-    def snapshot_paused(self, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +106,6 @@ class Writer:
         clock_ms: Callable[[], int],
         retention_ms: int,
         tick_interval_seconds: float = 0.25,
-        snapshots: SnapshotPolicy | None = None,
-        snapshot_seq: int = 0,
     ) -> None:
         self._core: WriterCore[PushTarget, _Reply] = WriterCore(machine, journal.last_seq())
         self._journal = journal
@@ -137,10 +123,6 @@ class Writer:
         self._checkpoint: Future[None] | None = None
         self._checkpoint_at = 0.0  # time.monotonic() when the last checkpoint started
         self._tasks: list[asyncio.Task[None]] = []
-        self._snapshots = snapshots
-        self._snapshot_seq = snapshot_seq  # the newest snapshot taken (or recovered from)
-        self._snapshot_child: asyncio.Task[None] | None = None
-        self.snapshot_stall_seconds_max = 0.0  # the longest pause a snapshot caused the writer
         self.observer: WriterObserver | None = None  # metrics, set by app.py
         # The changefeed (app.py): told the last seq of each batch once it is durable.
         self.on_durable: Callable[[int], None] | None = None
@@ -164,7 +146,6 @@ class Writer:
             with contextlib.suppress(Unavailable):
                 await self.read(lambda _: None)  # a barrier behind everything queued
         self._fail(Unavailable("server stopping"), log_it=False)
-        await self.wait_for_snapshot()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -288,7 +269,6 @@ class Writer:
                         self.on_durable(records[-1].seq)
                     self._committed.set()
                     self._maybe_checkpoint()
-                    self._maybe_snapshot()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the journal failed: fail-stop
@@ -306,76 +286,6 @@ class Writer:
         self._checkpoint_at = now
         self._checkpoint = self._checkpointer.submit(self._journal.checkpoint)
         self._checkpoint.add_done_callback(_log_checkpoint_failure)
-
-    # -------------------------------------------------------------- snapshots
-
-    def _maybe_snapshot(self) -> None:
-        """Fork a child to write the state once enough records have passed.
-
-        Runs on the event loop between apply rounds, so the state is whole: it
-        reflects every record up to next_seq - 1 (some maybe not durable yet; see
-        snapshot.py for why that is safe). The fork is the only pause.
-        """
-        policy = self._snapshots
-        if policy is None or self._snapshot_child is not None:
-            return
-        if self._core.durable_seq - self._snapshot_seq < policy.every_records:
-            return
-        seq = self._core.next_seq - 1
-        started = time.perf_counter()
-        pid = fork_snapshot(self._core.machine, seq, policy.directory, self._core.machine.now_ms)
-        stall_seconds = time.perf_counter() - started
-        self.snapshot_stall_seconds_max = max(self.snapshot_stall_seconds_max, stall_seconds)
-        if self.observer is not None:
-            self.observer.snapshot_paused(stall_seconds)
-        log.info(
-            "snapshot at seq %d: child %d started, writer paused %.1f ms",
-            seq,
-            pid,
-            stall_seconds * 1e3,
-        )
-        self._snapshot_seq = seq
-        self._snapshot_child = asyncio.create_task(self._reap(pid, seq, policy.directory))
-
-    async def _reap(self, pid: int, seq: int, directory: Path) -> None:
-        try:
-            _, status = await asyncio.to_thread(os.waitpid, pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-            if code == 0 and await self._durable_through(seq):
-                await asyncio.to_thread(publish_snapshot, directory, seq, pid)
-                log.info("snapshot at seq %d written", seq)
-                await self._discard_older(directory)
-            elif code == 0:  # left unpublished: discard_older deletes its file
-                log.warning("snapshot at seq %d dropped: the journal failed before it", seq)
-            else:
-                how = f"killed by signal {-code}" if code < 0 else f"exit {code}"
-                log.error("snapshot at seq %d failed (child %s)", seq, how)
-        finally:
-            self._snapshot_child = None
-
-    async def _discard_older(self, directory: Path) -> None:
-        """The snapshots no start and no projector restart needs, deleted; all kept if
-        the projection's watermark cannot be read (the next snapshot tries again)."""
-        try:
-            projected = await asyncio.to_thread(self._journal.projected_through)
-        except JournalError as exc:
-            log.warning("older snapshots kept: %s", exc)
-            return
-        await asyncio.to_thread(discard_older, directory, projected)
-
-    async def _durable_through(self, seq: int) -> bool:
-        """Wait until the journal holds `seq` (True), or the writer failed (False)."""
-        while self._core.durable_seq < seq:
-            if self._failure is not None:
-                return False
-            self._committed.clear()
-            await self._committed.wait()
-        return True
-
-    async def wait_for_snapshot(self) -> None:
-        """Tests and tools: wait until the snapshot in progress, if any, is done."""
-        if self._snapshot_child is not None:
-            await asyncio.shield(self._snapshot_child)
 
     # ------------------------------------------------------------- tick task
 
@@ -407,7 +317,6 @@ class Writer:
         if self._failure is not None:
             return
         self._failure = exc
-        self._committed.set()  # a snapshot waiting to be published learns it never will be
         if log_it:
             log.critical("writer stopped taking work: %r", exc, exc_info=exc)
         error = Unavailable(f"journal unavailable: {exc}" if log_it else str(exc))

@@ -22,7 +22,8 @@ from callcredit_server.core import Command, CreateAccount, PutTariff, Release, S
 from callcredit_server.core.events import Event
 from callcredit_server.core.model import Tariff
 from callcredit_server.journal import Journal, JournalError, JournalRecord
-from callcredit_server.snapshot import discard_older, list_snapshots, write_snapshot
+from callcredit_server.recovery import recover
+from callcredit_server.snapshot import discard_older, list_snapshots, read_snapshot, write_snapshot
 from tests.changefeed.test_watch import collect, top_ups, watch
 from tests.core.helpers import fingerprint_of, rate, reserve
 from tests.service.conftest import Harness
@@ -300,6 +301,32 @@ def test_prune_never_goes_past_the_projection(
             pass
         assert "pruned 100 journal records through seq 200" in prune()
         assert stored(journal) == expected
+
+
+def test_the_projector_snapshots_the_journals_state_every_so_many_records(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every `snapshot_every_records` records it applied, a forked child writes the
+    projector's state at that seq: exactly the committed journal's there (its clock
+    included: nothing unjournaled moves it). The newest two are kept."""
+    monkeypatch.setattr(projector, "MAX_RECORDS_PER_STEP", 70)
+    snapshots = tmp_path / "snapshots"
+    with Journal(database_url) as journal:
+        write_journal(journal, workload(300))
+        assert journal.last_seq() > 280
+        projecting = projector.open_projector(journal, snapshots, 100)
+        taken = []
+        while projecting.step():
+            projecting.reap_snapshot(wait=True)
+            taken.append(projecting.snapshot_seq)
+        assert sorted(set(taken)) == [0, 140, 280]  # due at 100 and 240, taken at the step's end
+        assert [found.seq for found in list_snapshots(snapshots)] == [280, 140]
+        for found in list_snapshots(snapshots):
+            rebuilt = recover(journal, None, through_seq=found.seq).machine
+            assert read_snapshot(found.path) == (found.seq, rebuilt.image())
+        assert recover(journal, snapshots).snapshot_seq == 280
+        # A projector opened again counts from the snapshot it was rebuilt from.
+        assert projector.open_projector(journal, snapshots, 100).snapshot_seq == 280
 
 
 def test_the_snapshot_a_projector_behind_resumes_from_outlives_newer_ones(

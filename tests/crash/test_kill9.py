@@ -80,10 +80,11 @@ def test_sigkill_storm_loses_and_doubles_nothing(database_url: str, tmp_path: Pa
 def test_snapshot_children_survive_grpc_traffic(tmp_path: Path) -> None:
     """Every snapshot child writes its snapshot while dialers keep the server busy.
 
-    Found by the crash campaign: with grpcio's fork handlers on (its default), a
-    child forked while gRPC's threads were busy died inside gRPC's poller (SIGSEGV,
-    or SIGABRT on "ev_epoll1_linux.cc: Check failed"), about one snapshot in ten.
-    callcredit_server/__init__.py now turns them off before grpc is imported.
+    Found by the crash campaign, when the writer forked the children: with grpcio's
+    fork handlers on (its default), a child forked while gRPC's threads were busy died
+    inside gRPC's poller (SIGSEGV, or SIGABRT on "ev_epoll1_linux.cc: Check failed"),
+    about one snapshot in ten. callcredit_server/__init__.py turns them off before grpc
+    is imported; the projector, which forks them now, runs no gRPC at all.
     """
     config = CampaignConfig(database_url=f"sqlite:///{tmp_path / 'journal.db'}",
                             workdir=tmp_path, snapshot_every_records=20)  # fmt: skip

@@ -1,9 +1,13 @@
-"""Snapshots: taken by a forked child while serving; a start uses the newest usable one."""
+"""Snapshots: taken by the projector's forked child while serving; a start uses the newest
+usable one."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gzip
+import os
+import subprocess
 from collections.abc import Callable
 from hashlib import sha256
 from pathlib import Path
@@ -28,6 +32,7 @@ from callcredit_server.projector import open_projector
 from callcredit_server.recovery import recover, verify
 from callcredit_server.snapshot import (
     SnapshotError,
+    discard_older,
     list_snapshots,
     load_snapshot,
     read_snapshot,
@@ -37,6 +42,8 @@ from callcredit_server.snapshot import (
 from tests.core.helpers import rate
 from tests.service.conftest import FakeClock, Harness, open_harness
 from tests.service.streams import RawStream, release_op, renew_op, reserve_op
+
+SNAPSHOT_WAIT_SECONDS = 30.0  # the projector is a child process, at a lower priority
 
 
 async def _campaign(h: Harness, calls: int) -> None:
@@ -67,14 +74,20 @@ def _directory(h: Harness) -> Path:
     return h.settings.snapshot_root() / h.running.journal.journal_id
 
 
+async def _snapshot_at_least(directory: Path, seq: int) -> list[snapshot.SnapshotFile]:
+    """The snapshots in `directory` once the projector wrote one at `seq` or later."""
+    deadline = asyncio.get_running_loop().time() + SNAPSHOT_WAIT_SECONDS
+    while not (taken := list_snapshots(directory)) or taken[0].seq < seq:
+        assert asyncio.get_running_loop().time() < deadline, f"no snapshot at {seq}: {taken}"
+        await asyncio.sleep(0.05)
+    return taken
+
+
 async def test_a_start_replays_only_what_follows_the_newest_snapshot(harness: Harness) -> None:
     h = await _restart(harness, snapshot_every_records=25)
     await h.funded_account("acc", 100_000)
     await _campaign(h, 30)
-    await h.running.writer.wait_for_snapshot()
-    taken = list_snapshots(_directory(h))
-    assert taken and taken[0].seq >= 25
-    assert h.running.writer.snapshot_stall_seconds_max > 0
+    taken = await _snapshot_at_least(_directory(h), 25)
     before = await _state(h)
     h = await _restart(h, snapshot_every_records=0)
     try:
@@ -121,6 +134,17 @@ async def test_a_snapshot_beyond_the_journal_is_discarded_and_a_damaged_one_skip
     finally:
         await h.channel.close()
         await h.running.stop(grace_seconds=0.5)
+
+
+def test_the_file_a_snapshot_child_left_when_killed_mid_write_is_deleted(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = tmp_path / f".snapshot-{7:020d}.json.gz.{gone.pid}.tmp"
+    left.write_bytes(b"half a snapshot")
+    at_work = tmp_path / f".snapshot-{8:020d}.json.gz.{os.getpid()}.tmp"
+    at_work.write_bytes(b"being written")
+    discard_older(tmp_path, 0)  # what the projector runs after each snapshot it took
+    assert list(tmp_path.iterdir()) == [at_work]
 
 
 def test_a_snapshot_file_of_another_format_is_refused_by_name(tmp_path: Path) -> None:

@@ -18,10 +18,10 @@ What runs, and how it mirrors the real server:
   that reserved the call, even when another dialer sends a Reserve with that call
   id (a hijack: CALL_ID_CONFLICT, which must change nothing, routing included).
 - The journal is simulated: commits are group commits of a prefix of what was
-  applied, each record round-tripped through codec.py. After a commit the writer
-  may take a snapshot (`StateMachine.image()`, serialised with orjson as
-  snapshot.py does) at the last applied seq,
-  durable or not, keeping the two newest; the operator sometimes prunes the
+  applied, each record round-tripped through codec.py. After a commit that leaves
+  nothing uncommitted, a snapshot may be taken (`StateMachine.image()`, serialised
+  with orjson as snapshot.py does) at that seq, keeping the two newest: the
+  projector takes them of the committed state only; the operator sometimes prunes the
   journal through the newest snapshot it reaches. A crash drops everything not
   committed (records, parked answers, queued work, most messages in flight) and
   recovers as recovery.recover() does: snapshots beyond the journal's end are
@@ -758,11 +758,14 @@ class Simulation:
         self._crash(clean=False)
 
     def _maybe_snapshot(self) -> None:
-        """writer.py: after a commit, every `snapshot_every` durable records, the state
-        at the last applied seq — which may hold records not durable yet."""
+        """projector.py: every `snapshot_every` durable records, the state at a durable
+        seq (the projector's state is the committed journal's). Here it is the writer's
+        machine, at a moment when it holds nothing uncommitted."""
         if not self.snapshot_every or self.durable_seq - self.snapshot_seq < self.snapshot_every:
             return
-        seq = self.core.next_seq - 1
+        seq = self.durable_seq
+        if self.core.next_seq - 1 != seq:
+            return  # the machine is ahead of the journal: a later commit takes it
         image = self.machine.image()
         self.snapshots[seq] = orjson.dumps(image)  # as snapshot.py writes it
         for old in sorted(self.snapshots, reverse=True)[KEEP_SNAPSHOTS:]:
