@@ -90,6 +90,32 @@ def test_create_account_starts_empty_and_active(sim: Sim) -> None:
     assert (view.credit_limit, view.max_concurrent_calls, view.active_calls) == (250, 3, 0)
 
 
+def test_the_totals_per_currency_follow_every_change_and_the_audit_recounts_them(
+    sim: Sim,
+) -> None:
+    """Metrics read them instead of a pass over every account; the Sim audits each step."""
+    sim.put_tariff(tariff_id="U", currency="USD")
+    sim.open_account("A", balance=1_000)
+    sim.open_account("B", balance=70)
+    sim.open_account("C", balance=500, tariff_id="U", currency="USD")
+    sim.reserve("c1")
+    sim.reserve("c2", "B")
+    sim.reserve("u1", "C")
+    sim.renew("c1", 1, 60)
+    sim.release("c2", 30)
+    vnd, usd = sim.machine.totals["VND"], sim.machine.totals["USD"]
+    a, b, c = sim.view("A"), sim.view("B"), sim.view("C")
+    assert (vnd.balance, vnd.reserved, vnd.open_calls) == (
+        a.balance + b.balance,
+        a.reserved + b.reserved,
+        1,
+    )
+    assert (usd.balance, usd.reserved, usd.open_calls) == (c.balance, c.reserved, 1)
+    assert 0 < vnd.reserved and vnd.balance < 1_070
+    vnd.balance += 1  # a bug that moved the totals and not the balance
+    assert [p for p in sim.machine.audit() if "totals per currency" in p]
+
+
 @pytest.mark.parametrize(
     ("command", "reason"),
     [

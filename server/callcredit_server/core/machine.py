@@ -43,6 +43,7 @@ from callcredit_server.core.model import (
     Call,
     CallRecord,
     CallState,
+    CurrencyTotals,
     EntryKind,
     KeyRecord,
     LedgerEntry,
@@ -130,6 +131,10 @@ class StateMachine:
         self.last_call_seq = 0
         self.ledger_total = 0  # sum of every entry's amount: must equal sum of balances
         self.open_call_count = 0  # calls ACTIVE now (metrics read it: O(1), not O(accounts))
+        # Per currency, the sums of its accounts' balances and holds and its open calls,
+        # kept as they change (audit checks them): a scrape read them from a pass over
+        # every account, on the writer's turn, 180 ms with 1M accounts.
+        self.totals: dict[str, CurrencyTotals] = {}
         self._expiries: list[tuple[int, int, str]] = []  # (expires_at_ms, call_seq, call_id)
         self._ended: deque[tuple[int, str]] = deque()  # (ended_at_ms, call_id)
         self._keys: dict[tuple[str, str], KeyRecord] = {}
@@ -227,6 +232,8 @@ class StateMachine:
             low_balance_threshold=c.low_balance_threshold,
         )
         self.accounts[c.account_id] = account
+        if c.currency not in self.totals:
+            self.totals[c.currency] = CurrencyTotals()
         self._touch(account)
         view = account.view()
         if self.events:
@@ -452,6 +459,9 @@ class StateMachine:
         account.open_call(call)
         self.open_call_count += 1
         account.reserved += hold
+        totals = self.totals[account.currency]
+        totals.open_calls += 1
+        totals.reserved += hold
         account.burn_micros += rate.price_per_minute_micros
         self._push_expiry(call)
         self._touched[call_id] = call
@@ -620,6 +630,7 @@ class StateMachine:
         if allowed < allowed_before:
             raise InvariantViolation(f"call {call.call_id} would lose granted seconds")
         account.reserved += hold - held
+        self.totals[account.currency].reserved += hold - held
         call.held = hold
         call.allowed_seconds = allowed
         account.set_final(call, allowed < wanted)
@@ -710,6 +721,9 @@ class StateMachine:
         """End an open call: free its hold and remember it for the window."""
         self._touch(account)
         account.reserved -= call.held
+        totals = self.totals[account.currency]
+        totals.reserved -= call.held
+        totals.open_calls -= 1
         account.burn_micros -= call.rate.price_per_minute_micros
         call.held = 0
         call.state = state
@@ -734,6 +748,7 @@ class StateMachine:
             self._accounts_touched[account_id] = account
             self._balances_before[account_id] = account.balance
         balance = account.balance = account.balance + amount
+        self.totals[account.currency].balance += amount
         self.ledger_total += amount
         entry_id = self.last_entry_id = self.last_entry_id + 1
         entry = new_ledger_entry(
@@ -854,10 +869,17 @@ class StateMachine:
         problems: list[str] = []
         balances = 0
         open_calls_seen = 0
+        totals: dict[str, CurrencyTotals] = {}
         for account in self.accounts.values():
             balances += account.balance
             open_calls_seen += len(account.open_calls)
             open_calls = account.open_calls
+            total = totals.get(account.currency)
+            if total is None:
+                total = totals[account.currency] = CurrencyTotals()
+            total.balance += account.balance
+            total.reserved += account.reserved
+            total.open_calls += len(open_calls)
             # Most accounts have no open call: a start from a snapshot audits them all.
             holds = sum(call.held for call in open_calls.values()) if open_calls else 0
             if holds != account.reserved:
@@ -887,6 +909,8 @@ class StateMachine:
             problems.append(f"sum of balances {balances} != sum of entries {self.ledger_total}")
         if open_calls_seen != self.open_call_count:
             problems.append(f"{open_calls_seen} open calls, counted {self.open_call_count}")
+        if totals != self.totals:
+            problems.append(f"totals per currency {self.totals} != {totals}")
         return problems
 
     # ------------------------------------------------------------- images
@@ -951,9 +975,15 @@ class StateMachine:
             machine.tariffs[tariff.tariff_id] = tariff
         accounts = machine.accounts
         names: dict[str, str] = {}
+        totals = machine.totals
         for row in image["accounts"]:
             account = image_format.account_of(row, names)
             accounts[account.account_id] = account
+            total = totals.get(account.currency)
+            if total is None:
+                total = totals[account.currency] = CurrencyTotals()
+            total.balance += account.balance
+            total.reserved += account.reserved
         calls = sorted(
             (image_format.call_of(row, shared_rates) for row in image["calls"]), key=_by_call_seq
         )
@@ -964,6 +994,7 @@ class StateMachine:
                 account.open_call(call)
                 account.burn_micros += call.rate.price_per_minute_micros
                 machine.open_call_count += 1
+                totals[account.currency].open_calls += 1
                 machine._expiries.append((call.expires_at_ms, call.call_seq, call.call_id))
         heapq.heapify(machine._expiries)
         ended = [c for c in calls if c.ended_at_ms is not None]

@@ -331,6 +331,16 @@ def _without(calls: Mapping[_K, Call], key: _K) -> Mapping[_K, Call]:
 
 
 @dataclass(slots=True)
+class CurrencyTotals:
+    """Money and calls of every account in one currency (minor units): the machine keeps
+    them as they change, so metrics read them without a pass over the accounts."""
+
+    balance: int = 0
+    reserved: int = 0
+    open_calls: int = 0
+
+
+@dataclass(slots=True)
 class Account:
     """A prepaid balance. `reserved` is the sum of the holds of its open calls."""
 
