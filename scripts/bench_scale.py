@@ -14,7 +14,8 @@ state. The script:
    VmRSS, VmHWM); opens the calls over raw Control streams (`--streams` streams, at most
    `--batch` operations per message); holds them open and renews them at the big state's
    steady rate, calls / (G - 5) renewals per second, for `--seconds` (the small state's
-   fewer calls renew more often to keep the same rate); then releases every call;
+   fewer calls renew more often to keep the same rate), with /metrics scraped every
+   `--scrape-seconds` (15) as a Prometheus server would; then releases every call;
 3. checks every call reserved and released, the server's open-call gauge back to 0, each
    charge equal to the tariff's cost of its used seconds, and, on a sample of accounts,
    balance == balance before - the run's charges == the sum of the ledger entries, nothing
@@ -632,6 +633,7 @@ class Result:
     commits_per_second: float = 0.0
     release_seconds: float = 0.0
     scrape_ms: float = 0.0
+    scrapes_steady: int = 0
     problems: list[str] = field(default_factory=list)
     verified: str = "not run"
 
@@ -687,10 +689,19 @@ async def run_state(
                     result.rss_steady_max = max(result.rss_steady_max, memory_mib(pid)[0])
                     await asyncio.sleep(1.0)
 
+            async def scrape() -> None:  # as Prometheus would, every --scrape-seconds
+                while sampling and args.scrape_seconds:
+                    await asyncio.sleep(args.scrape_seconds)
+                    if sampling:
+                        await asyncio.to_thread(server.metrics)
+                        result.scrapes_steady += 1
+
             sampler = asyncio.create_task(sample_memory())
+            scraper = asyncio.create_task(scrape())
             renewals, took = await dialer.steady(rate, args.seconds)
             sampling = False
-            await sampler
+            scraper.cancel()
+            await asyncio.gather(sampler, scraper, return_exceptions=True)
             commit_seconds, commits = _commits(metrics0, server.metrics())
             result.commit_ms = commit_seconds / max(commits, 1) * 1000
             result.commits_per_second = commits / took
@@ -816,6 +827,7 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
         ),
         ("release all calls", [f"{r.release_seconds:.1f} s" for r in results]),
         ("one /metrics scrape", [f"{r.scrape_ms:.0f} ms" for r in results]),
+        ("/metrics scrapes during steady", [str(r.scrapes_steady) for r in results]),
         ("checks", ["ok" if not r.problems else "; ".join(r.problems) for r in results]),
         ("callcredit-server verify", [r.verified for r in results]),
     ]
@@ -892,6 +904,12 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--batch", type=int, default=100, help="operations per message, at most")
     parser.add_argument("--check-accounts", type=int, default=1_000, help="accounts sampled")
+    parser.add_argument(
+        "--scrape-seconds",
+        type=float,
+        default=15.0,
+        help="scrape /metrics this often during the steady phase, as Prometheus would (0: not)",
+    )
     parser.add_argument("--workdir", default="bench-scale")
     parser.add_argument(
         "--start-from",
