@@ -56,6 +56,8 @@ from callcredit_server.recovery import settle_heap, verify
 from callcredit_server.snapshot import SnapshotError, list_snapshots, read_snapshot
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+# By name: `python -m callcredit_server.cli` runs this module as __main__.
+log = logging.getLogger("callcredit_server.cli")
 _DEFAULTS = Settings()
 _EXPLICIT = ("COMMANDLINE", "ENVIRONMENT")  # click ParameterSource names (typer vendors click)
 
@@ -261,7 +263,7 @@ async def _serve(settings: Settings, log_format: str, ready_file: str) -> int:
     lost.cancel()
     if deposed.is_set():
         await running.stop()
-        logging.getLogger(__name__).critical("stopped: deposed, exiting %d", EXIT_DEPOSED)
+        log.critical("stopped: deposed, exiting %d", EXIT_DEPOSED)
         return EXIT_DEPOSED
     stop.clear()
     draining = asyncio.create_task(running.drain(settings.drain_seconds))
@@ -270,7 +272,7 @@ async def _serve(settings: Settings, log_format: str, ready_file: str) -> int:
     for task in (draining, again):
         task.cancel()
     await running.stop()
-    logging.getLogger(__name__).info("stopped: journal flushed, exiting")
+    log.info("stopped: journal flushed, exiting")
     return 0
 
 

@@ -62,7 +62,8 @@ from callcredit_server.journal import Journal, JournalError, Projected
 from callcredit_server.recovery import apply_record, recover, settle_heap
 from callcredit_server.snapshot import discard_older, fork_snapshot
 
-log = logging.getLogger(__name__)
+# By name: the child runs this module as __main__, and its lines must say whose they are.
+log = logging.getLogger("callcredit_server.projector")
 
 POLL_SECONDS = 0.05  # the projector reads new journal records this often (at once while behind)
 MAX_RECORDS_PER_STEP = 2_000  # records applied and stored per transaction

@@ -99,6 +99,9 @@ def test_snapshot_children_survive_grpc_traffic(tmp_path: Path) -> None:
     scan_server_logs(tmp_path, report)
     assert report.server_log["snapshots started"] >= 20, report.server_log
     assert report.server_log["snapshots failed"] == 0, "\n".join(report.findings)
+    logs = "".join(path.read_text() for path in tmp_path.glob("server-*.log"))
+    assert " INFO callcredit_server.projector: snapshot at seq " in logs  # not __main__
+    assert " INFO callcredit_server.cli: stopped: journal flushed, exiting" in logs
 
 
 async def _reserve_release_traffic(target: str, seconds: float, streams: int) -> None:
