@@ -11,7 +11,9 @@ side benchmark's call: reserve, 2 renews, release, over 10,000 accounts.
     python scripts/bench_latency.py --rates 5000,10000,15000 --seconds 10
 
 Starts its own server on a fresh SQLite journal (default durability: ack after commit),
-one run per rate, and prints one line per rate.
+one run per rate, and prints one line per rate, then the run's slow journal commits from
+the server's own histogram (`callcredit_journal_commit_duration_seconds`): a stall in
+the answers that they do not account for was not the disk's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import deque
 from pathlib import Path
 
@@ -29,7 +32,7 @@ import grpc
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from loadtest.baselines.procs import process_cpu_seconds
+from loadtest.baselines.procs import free_port, process_cpu_seconds
 from loadtest.baselines.workload import Histogram
 from tests.service.processes import server_process
 
@@ -158,24 +161,51 @@ class _Run:
                     self.answered += 1
 
 
-async def _main(args: argparse.Namespace, target: str, server_pid: int) -> None:
+COMMIT_HISTOGRAM = "callcredit_journal_commit_duration_seconds"
+SLOW_COMMIT_SECONDS = (0.05, 0.1, 0.25)  # bounds of the server's buckets (metrics.py)
+
+
+def commit_buckets(metrics_port: int) -> dict[str, float]:
+    """The server's commit-duration histogram: cumulative count per `le`, and `+Inf`."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text: str = response.read().decode()
+    prefix = COMMIT_HISTOGRAM + '_bucket{le="'
+    return {
+        line[len(prefix) :].partition('"')[0]: float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
+def slow_commits(before: dict[str, float], after: dict[str, float]) -> str:
+    """How many commits between two reads took longer than each SLOW_COMMIT_SECONDS."""
+    total = after["+Inf"] - before["+Inf"]
+    over = [total - (after[str(bound)] - before[str(bound)]) for bound in SLOW_COMMIT_SECONDS]
+    bounds = "/".join(f"{bound * 1000:.0f}" for bound in SLOW_COMMIT_SECONDS)
+    return f"commits over {bounds} ms {'/'.join(f'{n:.0f}' for n in over)} of {total:,.0f}"
+
+
+async def _main(args: argparse.Namespace, target: str, server_pid: int, metrics_port: int) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
         await _setup(channel)
         stub = credit_control_pb2_grpc.CreditControlServiceStub(channel)
         for rate in args.rates:
             run = _Run(rate, args.seconds, args.tick_ms / 1000)
             cpu_before = process_cpu_seconds([server_pid])
+            commits_before = commit_buckets(metrics_port)
             wall = time.perf_counter()
             await run.drive(stub)
             wall = time.perf_counter() - wall
             cpu = process_cpu_seconds([server_pid]) - cpu_before
+            commits = slow_commits(commits_before, commit_buckets(metrics_port))
             print(
                 f"offered {rate:>7,} ops/s  answered {run.answered / args.seconds:>8,.0f} ops/s  "
                 f"p50 {run.latency.quantile_ms(0.5):7.2f} ms  "
                 f"p99 {run.latency.quantile_ms(0.99):7.2f} ms  "
                 f"max {run.latency.quantile_ms(1.0):7.2f} ms  "
                 f"server CPU {cpu / wall * 100:4.0f}%  errors {run.errors}  "
-                f"ticks over {MAX_OPS_PER_MESSAGE} ops {run.late_sends}",
+                f"ticks over {MAX_OPS_PER_MESSAGE} ops {run.late_sends}  {commits}",
                 flush=True,
             )
 
@@ -194,8 +224,9 @@ def main() -> None:
     args.rates = [int(r) for r in args.rates.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         url = args.database_url or f"sqlite:///{tmp}/latency.db"
-        with server_process(url) as (process, target):
-            asyncio.run(_main(args, target, process.pid))
+        port = free_port()
+        with server_process(url, "--metrics-listen", f"127.0.0.1:{port}") as (process, target):
+            asyncio.run(_main(args, target, process.pid, port))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def test_a_tiny_scale_run_completes_and_its_checks_pass(tmp_path: Path) -> None:
         [sys.executable, str(SCRIPT), "--accounts", "2000", "--calls", "200",
          "--small-accounts", "200", "--small-calls", "20", "--seconds", "2",
          "--grant-seconds", "10", "--check-accounts", "50", "--verify",
-         "--workdir", str(tmp_path)],
+         "--scrape-seconds", "0.5", "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     report = out.stdout + out.stderr
@@ -32,3 +32,5 @@ def test_a_tiny_scale_run_completes_and_its_checks_pass(tmp_path: Path) -> None:
     # the same rate for both states: 200 calls / (10 - 5) s, for 2 s
     assert [cell.split()[0] for cell in rows["renewals (per s)"]] == ["80", "80"], report
     assert "renew p99 big / small" in out.stdout
+    # scraped as Prometheus would, within the 2 s of each state's steady phase
+    assert [int(cell) >= 2 for cell in rows["/metrics scrapes during steady"]] == [True, True]

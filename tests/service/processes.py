@@ -13,10 +13,13 @@ from callcredit_server.launch import serving
 
 
 @contextmanager
-def server_process(database_url: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`callcredit-server` on a free port and `database_url`; yields the process and its
-    target. Killed (SIGKILL) on exit."""
-    args = ["--listen", "127.0.0.1:0", "--database-url", database_url, "--log-level", "WARNING"]
+def server_process(database_url: str, *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`callcredit-server` on a free port and `database_url`, with `flags` added; yields
+    the process and its target. Killed (SIGKILL) on exit."""
+    args = [
+        "--listen", "127.0.0.1:0", "--database-url", database_url, "--log-level", "WARNING",
+        *flags,
+    ]  # fmt: skip
     with (
         tempfile.TemporaryDirectory() as folder,
         serving(args, Path(folder) / "server.log", kill=True) as server,
