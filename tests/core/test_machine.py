@@ -111,7 +111,7 @@ def test_the_totals_per_currency_follow_every_change_and_the_audit_recounts_them
         1,
     )
     assert (usd.balance, usd.reserved, usd.open_calls) == (c.balance, c.reserved, 1)
-    assert 0 < vnd.reserved and vnd.balance < 1_070
+    assert vnd.reserved > 0 and vnd.balance < 1_070
     vnd.balance += 1  # a bug that moved the totals and not the balance
     assert [p for p in sim.machine.audit() if "totals per currency" in p]
 
