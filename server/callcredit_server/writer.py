@@ -116,6 +116,7 @@ class Writer:
         self._wake_committer = asyncio.Event()
         self._committed = asyncio.Event()
         self._failure: BaseException | None = None
+        self._unavailable = Unavailable("")  # what every waiter gets once it failed
         self._commit_timed_out = False
         self._failure_listeners: list[Callable[[BaseException], None]] = []
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
@@ -218,6 +219,9 @@ class Writer:
                 while len(self._core.records) >= MAX_UNCOMMITTED_RECORDS:
                     self._committed.clear()
                     await self._committed.wait()
+                    if self._failure is not None:  # the journal failed while it waited
+                        _refuse(batch, self._unavailable)
+                        return
                 self._apply_round(batch)
                 self._wake_committer.set()
         except asyncio.CancelledError:
@@ -317,18 +321,27 @@ class Writer:
         if self._failure is not None:
             return
         self._failure = exc
+        self._committed.set()  # a round waiting for room is refused (_apply_loop)
         if log_it:
             log.critical("writer stopped taking work: %r", exc, exc_info=exc)
-        error = Unavailable(f"journal unavailable: {exc}" if log_it else str(exc))
+        error = self._unavailable = Unavailable(
+            f"journal unavailable: {exc}" if log_it else str(exc)
+        )
         for reply in self._core.drop_held():
             if not reply.future.done():
                 reply.future.set_exception(error)
+        queued = []
         while not self._queue.empty():
-            future = self._queue.get_nowait().future
-            if not future.done():
-                future.set_exception(error)
+            queued.append(self._queue.get_nowait())
+        _refuse(queued, error)
         for listener in self._failure_listeners:
             listener(exc)
+
+
+def _refuse(submissions: Sequence[_Submission], error: Unavailable) -> None:
+    for submission in submissions:
+        if not submission.future.done():
+            submission.future.set_exception(error)
 
 
 def _release(reply: _Reply) -> None:
