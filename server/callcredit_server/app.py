@@ -430,6 +430,7 @@ async def start(
     writer.on_durable = feed.durable
     writer.on_failure(lambda _: feed.close())
     metrics.feed = feed
+    metrics.snapshot_dir = snapshot_dir
     control = CreditControlServicer(writer, policy, metrics)
     register(server, control, CREDIT_CONTROL_SERVICE, credit_control_pb2)
     admin = AdminServicer(writer, journal, history, metrics, feed)

@@ -27,6 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 from wsgiref.simple_server import WSGIServer
 
@@ -60,6 +61,7 @@ from callcredit_server.core import (
     TopUp,
     UpdateAccount,
 )
+from callcredit_server.snapshot import list_snapshots
 from callcredit_server.writer import Unavailable, Writer, WriterGauges
 
 log = logging.getLogger(__name__)
@@ -180,6 +182,7 @@ class Metrics(Collector):
         self._last_totals: dict[str, CurrencyTotals] = {}
         self._exporter: MetricsServer | None = None
         self.feed: Changefeed | None = None  # set by app.py
+        self.snapshot_dir: Path | None = None  # set by app.py: this server's snapshots
         self.registry.register(self)
         ProcessCollector(registry=self.registry)
 
@@ -384,6 +387,15 @@ class Metrics(Collector):
                 "(the changefeed lags by this much; it grows if the projector is down).",
                 self.feed.lag,
             )
+            if self.snapshot_dir is not None:
+                newest = list_snapshots(self.snapshot_dir)[:1]
+                yield GaugeMetricFamily(
+                    "callcredit_snapshot_behind_records",
+                    "Durable journal records after the newest snapshot in this server's "
+                    "folder: what a start would replay now (the projector takes one every "
+                    "--snapshot-every-records records).",
+                    max(self.feed.durable_seq - (newest[0].seq if newest else 0), 0),
+                )
         sampled = self._sample()
         if sampled is None:
             return

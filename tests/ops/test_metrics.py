@@ -9,6 +9,7 @@ import pytest
 from callcredit.v1 import admin_pb2, credit_control_pb2
 from callcredit_server.core import COMPILED
 from callcredit_server.metrics import Histogram, Metrics, parse_listen
+from callcredit_server.snapshot import write_snapshot
 from tests.ops.conftest import scrape
 from tests.service.conftest import Harness
 from tests.service.streams import RawStream, release_op, renew_op, reserve_op
@@ -96,6 +97,8 @@ async def test_scrape_counts_operations_commits_streams_and_pushes(
     assert seen[plain("callcredit_writer_failed")] == 0
     assert seen[plain("callcredit_draining")] == 0
     assert seen[plain("callcredit_core_compiled")] == int(COMPILED)
+    # No snapshot yet (one every 100,000 records): a start would replay every record.
+    assert seen[plain("callcredit_snapshot_behind_records")] == records
     assert plain("process_cpu_seconds_total") in seen
     # The termination is logged with its call_id.
     (logged,) = [r for r in caplog.records if getattr(r, "call_id", None) == "c2"]
@@ -145,3 +148,16 @@ def test_weighted_histogram_and_separate_registries() -> None:
     assert parse_listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
     assert parse_listen("[::1]:9464") == ("::1", 9464)
     assert parse_listen("9464") is None
+
+
+async def test_the_records_a_start_would_replay_count_from_the_newest_snapshot(
+    harness: Harness,
+) -> None:
+    metrics = harness.running.metrics
+    assert metrics is not None and metrics.port and metrics.snapshot_dir is not None
+    await harness.funded_account("acc", 100)
+    records = harness.running.journal.last_seq()
+    image = await harness.running.writer.read(lambda machine: machine.image())
+    write_snapshot(metrics.snapshot_dir, records - 1, image, 0)  # as if one record ago
+    seen = await scrape(metrics.port)
+    assert seen[plain("callcredit_snapshot_behind_records")] == 1
