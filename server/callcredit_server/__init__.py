@@ -2,11 +2,12 @@
 
 import os
 
-# Snapshots are written by a forked child that never touches gRPC (snapshot.py).
-# grpcio's own fork handlers, on by default, then crash that child inside gRPC's
-# poller when the parent's gRPC threads are busy. They must be off before grpc is
-# first imported, which importing this package before anything else ensures for
-# `callcredit-server`; an embedding process must set it itself.
+# Snapshots are written by a child the projector forks, which never touches gRPC
+# (projector.py, snapshot.py). grpcio's own fork handlers, on by default, crashed such
+# a child inside gRPC's poller when the process that forked it had busy gRPC threads
+# (the writer did, when it took the snapshots), so no process of this package forks
+# with them on. They must be off before grpc is first imported, which importing this
+# package before anything else ensures; an embedding process must set it itself.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 # A compiled core built from older sources never runs (corebuild.py).
