@@ -23,7 +23,7 @@ async def test_a_round_waiting_for_room_is_refused_when_the_journal_fails(
     round. If that commit fails instead, the round's callers are answered UNAVAILABLE
     like every other waiter, not left waiting for an answer that never comes."""
     monkeypatch.setattr(writer, "MAX_UNCOMMITTED_RECORDS", 1)
-    monkeypatch.setattr(writer, "COMMIT_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(writer, "COMMIT_TIMEOUT_SECONDS", 2.0)  # V is queued well before
     path = tmp_path / "journal.db"
     journal = Journal(f"sqlite:///{path}")
     held = Writer(StateMachine(events=False), journal, clock_ms=lambda: 1_000, retention_ms=0)
