@@ -217,8 +217,12 @@ def run(
 
 def main() -> None:
     """The child process: settings on stdin as one JSON line, then project until the
-    pipe ends (the server closed it, or died)."""
-    settings = orjson.loads(sys.stdin.buffer.readline())
+    pipe ends (the server closed it, or died). A pipe that ends before the line (the
+    server was killed right after starting it) ends the child at once, quietly."""
+    line = sys.stdin.buffer.readline()
+    if not line:
+        sys.exit(0)
+    settings = orjson.loads(line)
     logs.configure(settings["log_level"], settings["log_format"])
     os.nice(NICENESS)
     stop = threading.Event()

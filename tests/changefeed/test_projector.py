@@ -8,6 +8,7 @@ import random
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -163,6 +164,18 @@ def test_a_server_killed_with_sigkill_leaves_no_projector_running(tmp_path: Path
         while alive(child) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not alive(child)
+
+
+def test_a_projector_whose_server_died_before_handing_its_settings_exits_quietly() -> None:
+    """The crash campaign killed a server between starting the child and writing its
+    settings: the child read an empty line and died with a traceback."""
+    done = subprocess.run(
+        [sys.executable, "-m", "callcredit_server.projector"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stderr) == (0, b"")
 
 
 async def test_a_killed_projector_is_restarted_and_the_feed_goes_on(harness: Harness) -> None:

@@ -114,7 +114,9 @@ def notifier(config: Path) -> Iterator[subprocess.Popen[bytes]]:
 def received(log: Path) -> list[dict[str, Any]]:
     if not log.exists():
         return []
-    return [json.loads(line) for line in log.read_text().splitlines()]
+    # The receiver may be writing its last line: only whole lines (ending in \n) count.
+    *whole, _partial = log.read_text().split("\n")
+    return [json.loads(line) for line in whole]
 
 
 def wait_until(check: Callable[[], bool], what: str) -> None:
