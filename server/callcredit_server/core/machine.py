@@ -232,8 +232,7 @@ class StateMachine:
             low_balance_threshold=c.low_balance_threshold,
         )
         self.accounts[c.account_id] = account
-        if c.currency not in self.totals:
-            self.totals[c.currency] = CurrencyTotals()
+        _totals_in(self.totals, c.currency)
         self._touch(account)
         view = account.view()
         if self.events:
@@ -874,9 +873,7 @@ class StateMachine:
             balances += account.balance
             open_calls_seen += len(account.open_calls)
             open_calls = account.open_calls
-            total = totals.get(account.currency)
-            if total is None:
-                total = totals[account.currency] = CurrencyTotals()
+            total = _totals_in(totals, account.currency)
             total.balance += account.balance
             total.reserved += account.reserved
             total.open_calls += len(open_calls)
@@ -979,9 +976,7 @@ class StateMachine:
         for row in image["accounts"]:
             account = image_format.account_of(row, names)
             accounts[account.account_id] = account
-            total = totals.get(account.currency)
-            if total is None:
-                total = totals[account.currency] = CurrencyTotals()
+            total = _totals_in(totals, account.currency)
             total.balance += account.balance
             total.reserved += account.reserved
         calls = sorted(
@@ -1025,6 +1020,14 @@ def _handlers_of(cls: type[StateMachine]) -> dict[type[Any], _Handler]:
 
 
 StateMachine._handlers = _handlers_of(StateMachine)
+
+
+def _totals_in(totals: dict[str, CurrencyTotals], currency: str) -> CurrencyTotals:
+    """The totals of `currency` in `totals`, added (all zero) if it has none yet."""
+    total = totals.get(currency)
+    if total is None:
+        total = totals[currency] = CurrencyTotals()
+    return total
 
 
 def _by_call_seq(call: Call) -> int:
