@@ -28,6 +28,7 @@ from collections import deque
 from pathlib import Path
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from callcredit.v1 import admin_pb2, admin_pb2_grpc, credit_control_pb2, credit_control_pb2_grpc
 
@@ -170,11 +171,12 @@ def commit_buckets(metrics_port: int) -> dict[str, float]:
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=30) as response:
         text: str = response.read().decode()
-    prefix = COMMIT_HISTOGRAM + '_bucket{le="'
     return {
-        line[len(prefix) :].partition('"')[0]: float(line.rpartition(" ")[2])
-        for line in text.splitlines()
-        if line.startswith(prefix)
+        sample.labels["le"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == COMMIT_HISTOGRAM
+        for sample in family.samples
+        if sample.name == COMMIT_HISTOGRAM + "_bucket"
     }
 
 
