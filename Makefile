@@ -26,10 +26,11 @@ $(DEV_STAMP): pyproject.toml client/pyproject.toml | $(VENV)/pyvenv.cfg
 	$(BIN)/python -m pip install -q -e ./client -e '.[dev]'
 	touch $(SERVE_STAMP) $@
 
-# The core compiled by mypyc, in place (scripts/build_compiled.py): rebuilt when a core
-# source changed since. `make pure` removes it; the server logs which core it runs.
+# The core (and the journal's codec) compiled by mypyc, in place
+# (scripts/build_compiled.py): rebuilt when one of their sources changed since.
+# `make pure` removes it; the server logs which core it runs.
 COMPILED_STAMP := server/callcredit_server/core/.compiled-stamp
-$(COMPILED_STAMP): $(wildcard server/callcredit_server/core/*.py) | $(DEV_STAMP)
+$(COMPILED_STAMP): $(wildcard server/callcredit_server/core/*.py) server/callcredit_server/codec.py | $(DEV_STAMP)
 	$(BIN)/python scripts/build_compiled.py
 	touch $@
 

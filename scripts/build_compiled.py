@@ -1,6 +1,8 @@
-"""Compile the state machine (server/callcredit_server/core/) with mypyc, in place.
+"""Compile the state machine (server/callcredit_server/core/) with mypyc, in place, and
+the journal's command codec (codec.py), which every record goes through: the writer
+encodes each command it journals, and the projector and every start decode them.
 
-    python scripts/build_compiled.py           # build: a .so beside each core module
+    python scripts/build_compiled.py           # build: a .so beside each module
     python scripts/build_compiled.py --clean   # remove them: back to pure Python
 
 The source stays the same Python; mypyc compiles it as mypy --strict reads it. Python
@@ -43,9 +45,10 @@ _spec.loader.exec_module(corebuild)
 def compiled_files() -> list[Path]:
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     shared = CORE.parent / f"core__mypyc{suffix}"
-    return sorted(p for p in CORE.iterdir() if p.name.endswith(suffix)) + (
-        [shared] if shared.exists() else []
-    )
+    codec = CORE.parent / (corebuild.CODEC.removesuffix(".py") + suffix)
+    return sorted(p for p in CORE.iterdir() if p.name.endswith(suffix)) + [
+        p for p in (codec, shared) if p.exists()
+    ]
 
 
 def clean() -> None:
@@ -68,12 +71,12 @@ def build() -> int:
     clean()
     # What is compiled: an edit made during the build leaves the build stale.
     digest = corebuild.sources_digest(CORE)
-    sources = sorted(str(p.relative_to(SERVER)) for p in CORE.glob("*.py"))
+    names = [str(p.relative_to(SERVER)) for p in corebuild.compiled_sources(CORE)]
     with tempfile.TemporaryDirectory(prefix="callcredit-mypyc-") as work:
         here = Path.cwd()
         os.chdir(SERVER)  # mypyc names modules by their path from here
         try:
-            extensions = mypycify(sources, group_name=GROUP, target_dir=f"{work}/c")
+            extensions = mypycify(names, group_name=GROUP, target_dir=f"{work}/c")
             setup(
                 name="callcredit-server-core",
                 ext_modules=extensions,

@@ -1,10 +1,11 @@
 """Which build of the state machine runs, and a refusal to run a stale compiled one.
 
-`make compiled` (scripts/build_compiled.py) compiles core/*.py with mypyc into
-extension modules beside them, which Python imports before the .py files. A core
-source edited after that build would silently not run: the build records the digest
-of the sources it compiled (core/.compiled-sources), and importing callcredit_server
-refuses a compiled core whose sources have changed since, saying what to run.
+`make compiled` (scripts/build_compiled.py) compiles core/*.py, and the journal's
+command codec (codec.py) that every record goes through, with mypyc into extension
+modules beside them, which Python imports before the .py files. A source edited after
+that build would silently not run: the build records the digest of the sources it
+compiled (core/.compiled-sources), and importing callcredit_server refuses a compiled
+core whose sources have changed since, saying what to run.
 """
 
 from __future__ import annotations
@@ -14,13 +15,20 @@ from pathlib import Path
 
 CORE = Path(__file__).resolve().parent / "core"
 DIGEST_FILE = ".compiled-sources"  # in core/, written by scripts/build_compiled.py
+CODEC = "codec.py"  # beside core/: compiled with it
+
+
+def compiled_sources(core: Path = CORE) -> list[Path]:
+    """What the build compiles: the core's .py files, in name order, then the codec."""
+    return [*sorted(core.glob("*.py")), core.parent / CODEC]
 
 
 def sources_digest(core: Path = CORE) -> str:
-    """sha256 over the core's .py files, names and contents, in name order."""
+    """sha256 over the compiled sources, names (from the package) and contents."""
     digest = hashlib.sha256()
-    for path in sorted(core.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in compiled_sources(core):
+        name = path.relative_to(core.parent).as_posix()
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 

@@ -8,9 +8,13 @@ from callcredit_server.corebuild import DIGEST_FILE, sources_digest, stale_reaso
 
 
 def _core(folder: Path) -> Path:
-    (folder / "machine.py").write_text("X = 1\n")
-    (folder / "model.py").write_text("Y = 2\n")
-    return folder
+    """A package folder's core/, with the codec beside it (both are compiled)."""
+    core = folder / "core"
+    core.mkdir()
+    (core / "machine.py").write_text("X = 1\n")
+    (core / "model.py").write_text("Y = 2\n")
+    (folder / "codec.py").write_text("W = 0\n")
+    return core
 
 
 def test_a_pure_core_is_never_stale(tmp_path: Path) -> None:
@@ -29,6 +33,13 @@ def test_an_edit_after_the_build_makes_it_stale(tmp_path: Path) -> None:
     core = _core(tmp_path)
     (core / DIGEST_FILE).write_text(sources_digest(core) + "\n")
     (core / "model.py").write_text("Y = 3\n")
+    assert stale_reason(True, core) == "the core's sources changed since it was compiled"
+
+
+def test_an_edit_to_the_codec_makes_it_stale(tmp_path: Path) -> None:
+    core = _core(tmp_path)
+    (core / DIGEST_FILE).write_text(sources_digest(core) + "\n")
+    (tmp_path / "codec.py").write_text("W = 1\n")
     assert stale_reason(True, core) == "the core's sources changed since it was compiled"
 
 
