@@ -60,7 +60,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -159,7 +159,9 @@ def kamailio(
 
     `defines` are the -A values besides SIP_LISTEN; `shm_mb` its shared memory (64 MiB,
     Kamailio's default, holds a few hundred calls a second at most); its log is
-    workdir/kamailio.log."""
+    workdir/kamailio.log. It runs in a session of its own: on the way out, whatever it
+    forked and left (its workers, when its main process had to be killed) is killed
+    with its process group."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = udp_port()
     argv = ["kamailio", "-DD", "-E", "-Y", str(workdir), "-m", str(shm_mb), "-f", str(config)]
@@ -168,7 +170,9 @@ def kamailio(
         argv += ["-A", define]
     log = workdir / "kamailio.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not sip_answers(port):
@@ -177,6 +181,8 @@ def kamailio(
         yield Listening(port, process.pid)
     finally:
         stop(process)
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 @dataclass(frozen=True)
