@@ -66,6 +66,7 @@ from loadtest.baselines import grpc_drivers, postgres, procs, redis_design
 from loadtest.baselines.workload import AccountTotals, Workload, check
 
 SYSTEMS = ("callcredit", "callcredit-pg", "postgres", "redis", "redis-aof", "echo")
+MODES = ("single", "dialer", "batched")  # the gRPC systems' ways to send operations
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/bench_compare"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 HOT_BALANCE = 10**14
@@ -102,6 +103,8 @@ class Options:
     dialers: int = 1
     """DialerClients (one stream each) the library mode spreads the calls over."""
     layouts: tuple[str, ...] = ("hot", "many")
+    modes: tuple[str, ...] = MODES
+    """The gRPC systems' modes to run (callcredit, callcredit-old, callcredit-pg, echo)."""
     use_uvloop: bool = True
     quiet: bool = False
     hot_balance: int = HOT_BALANCE
@@ -348,7 +351,7 @@ def _grpc_modes(
             window=options.window,
         )
 
-    return [
+    modes = [
         ("single", f"single: 1 op/message, {streams} streams", single),
         ("dialer", f"batched: DialerClient x {options.dialers} (1 stream each)", dialer),
         (
@@ -357,6 +360,7 @@ def _grpc_modes(
             batched,
         ),
     ]
+    return [mode for mode in modes if mode[0] in options.modes]
 
 
 async def run_callcredit(
@@ -756,6 +760,10 @@ def _parse(argv: list[str] | None) -> tuple[Options, Path]:
     )  # fmt: skip
     parser.add_argument("--layouts", default="hot,many", help="hot, many, or both")
     parser.add_argument(
+        "--modes", default=",".join(MODES),
+        help=f"comma-separated subset of {','.join(MODES)}: the gRPC systems' modes",
+    )  # fmt: skip
+    parser.add_argument(
         "--database-url", default="",
         help="also run callcredit on this PostgreSQL journal (each variant in a fresh schema)",
     )  # fmt: skip
@@ -797,6 +805,9 @@ def _parse(argv: list[str] | None) -> tuple[Options, Path]:
     layouts = tuple(s.strip() for s in args.layouts.split(",") if s.strip())
     if not layouts or any(layout not in ("hot", "many") for layout in layouts):
         parser.error("--layouts takes hot, many or hot,many")
+    modes = tuple(s.strip() for s in args.modes.split(",") if s.strip())
+    if not modes or any(mode not in MODES for mode in modes):
+        parser.error(f"--modes takes a comma-separated subset of {','.join(MODES)}")
     try:
         renews = tuple(int(r) for r in args.renews.split(","))
     except ValueError:
@@ -821,6 +832,7 @@ def _parse(argv: list[str] | None) -> tuple[Options, Path]:
         batch_streams=args.batch_streams,
         dialers=args.dialers,
         layouts=layouts,
+        modes=modes,
         use_uvloop=not args.no_uvloop,
         hot_balance=args.hot_balance,
         balance=args.balance,

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from loadtest.baselines.workload import RESERVE_HOLD
-from loadtest.bench_compare import Options, Report, run
+from loadtest.bench_compare import Options, Report, _parse, run
 from tests.conftest import POSTGRES_ENV, postgres_url
 from tests.loadtest.helpers import REDIS, redis_answers
 
@@ -89,3 +89,19 @@ async def test_refusals_on_a_small_balance_still_add_up(system: str) -> None:
     for result in report.results:
         assert result.refused > 0, result
         assert result.check_ok, _describe(report)
+
+
+async def test_modes_picks_the_grpc_modes_that_run() -> None:
+    options, _ = _parse(["--only", "callcredit", "--modes", "dialer", "--layouts", "hot"])
+    assert options.modes == ("dialer",)
+    report = await run(_options("callcredit", layouts=("hot",), modes=options.modes))
+    assert [r.mode for r in report.results] == ["batched: DialerClient x 1 (1 stream each)"]
+    assert report.results[0].check_ok, _describe(report)
+
+
+def test_modes_refuses_an_unknown_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _parse(["--modes", "dialer,pipelined"])
+    assert "--modes takes a comma-separated subset of single,dialer,batched" in (
+        capsys.readouterr().err
+    )
