@@ -12,6 +12,14 @@ records, step by step as the child does (`Projector.step`), is printed per recor
     python scripts/bench_projector.py --renews 2 --repeat 3
     python scripts/bench_projector.py --database-url postgresql+psycopg://postgres@127.0.0.1/bench
 
+Timing on a shared machine is noisy; instructions are not. Under valgrind, the
+projection's instructions per record are those of a run minus those of the same run
+with --build-only, for two sizes (the difference over the records between them leaves
+out the set-up both share):
+
+    valgrind --tool=cachegrind --cache-sim=no python scripts/bench_projector.py \
+        --accounts 1000 --calls 4000 --repeat 1      # and --build-only; and --calls 2000
+
 Another version side by side: run the same command with PYTHONPATH naming its server
 package's parent folder (a version without `Journal(durable=...)` or
 `recovery.settle_heap` runs without them, as its projector did).
@@ -110,6 +118,9 @@ def main() -> None:
     parser.add_argument("--row", type=int, default=1_000, help="records per group commit")
     parser.add_argument("--repeat", type=int, default=3, help="fresh journal each time")
     parser.add_argument("--database-url", default="", help="a PostgreSQL database to use")
+    parser.add_argument(
+        "--build-only", action="store_true", help="build the journal, project nothing"
+    )
     args = parser.parse_args()
     journal_commands, setup = commands(args.accounts, args.calls, args.renews)
     per_record: list[float] = []
@@ -119,9 +130,13 @@ def main() -> None:
             if args.database_url:
                 _reset(url)  # a fresh journal each time
             build(url, journal_commands, args.row)
+            if args.build_only:
+                continue
             seconds, count = measure(url, setup)
             per_record.append(seconds / count * 1e6)
             print(f"{count:,} records: {per_record[-1]:.1f} µs CPU per record", flush=True)
+    if args.build_only:
+        return
     print(
         f"projector, {args.renews} renewals per call, rows of {args.row:,}: "
         f"best {min(per_record):.1f}, median {statistics.median(per_record):.1f} µs per record"

@@ -21,3 +21,13 @@ def test_a_tiny_projector_run_projects_the_whole_journal() -> None:
     assert out.returncode == 0, report
     assert "2,100 records:" in out.stdout, report  # 700 calls: reserve, renew, release
     assert re.search(r"best \d+\.\d, median \d+\.\d µs per record", out.stdout), report
+
+
+def test_build_only_projects_nothing() -> None:
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--accounts", "20", "--calls", "100", "--repeat", "1",
+         "--build-only"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout == "", out.stdout
