@@ -11,6 +11,7 @@ core whose sources have changed since, saying what to run.
 from __future__ import annotations
 
 import hashlib
+from importlib.util import find_spec
 from pathlib import Path
 
 CORE = Path(__file__).resolve().parent / "core"
@@ -44,10 +45,22 @@ def stale_reason(compiled: bool, core: Path = CORE) -> str | None:
     return None
 
 
+def mixed_reason(core_compiled: bool, codec_compiled: bool) -> str | None:
+    """Why the codec must not run beside this core, or None. A compiled codec builds
+    and recognises the compiled core's classes only: beside the pure core it would
+    refuse every command (a compiled core with the codec pure works, if slower)."""
+    if codec_compiled and not core_compiled:
+        return "the codec is compiled but the core is not (its compiled files were removed)"
+    return None
+
+
 def check_core_build() -> None:
-    """Raise ImportError if the compiled core is stale (run at package import)."""
+    """Raise ImportError if the compiled core is stale, or the codec compiled without
+    it (run at package import)."""
     from callcredit_server.core import COMPILED
 
-    reason = stale_reason(COMPILED)
+    codec = find_spec(f"{__package__}.{CODEC.removesuffix('.py')}")
+    codec_compiled = codec is not None and not str(codec.origin).endswith(".py")
+    reason = stale_reason(COMPILED) or mixed_reason(COMPILED, codec_compiled)
     if reason is not None:
         raise ImportError(f"{reason}: run `make compiled` to rebuild it, or `make pure`")
