@@ -1,4 +1,5 @@
-"""Commands <-> compact JSON: the body of a journal record.
+"""Commands <-> compact JSON: the body of a journal record; a journal row's records;
+and the history rows the projector stores.
 
 The format is a persistent contract: a journal written today must replay after
 any refactor of the command classes. So every kind name and every key is
@@ -21,7 +22,7 @@ text cannot hold NUL; escaped as \\u0000 it can).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -39,9 +40,20 @@ from callcredit_server.core.commands import (
     TopUp,
     UpdateAccount,
 )
-from callcredit_server.core.model import AccountStatus, Rate, Tariff
+from callcredit_server.core.events import Event, event_image
+from callcredit_server.core.model import AccountStatus, CallRecord, LedgerEntry, Rate, Tariff
 
-__all__ = ["KINDS", "CodecError", "decode_command", "encode_command"]
+__all__ = [
+    "KINDS",
+    "CodecError",
+    "Rows",
+    "call_row",
+    "decode_command",
+    "decode_row",
+    "encode_command",
+    "entry_row",
+    "history_rows",
+]
 
 # The journal's `kind` column. Never rename one: journals on disk hold these.
 KINDS: dict[type[Any], str] = {
@@ -458,3 +470,106 @@ def decode_command(kind: str, body: str) -> Command:
     command = decoder(fields)
     fields.done()
     return command
+
+
+# ------------------------------------------------------------------ journal rows
+
+
+def decode_row(seq: int, last_seq: int, at_ms: int, body: str) -> list[tuple[int, int, Command]]:
+    """The (seq, at_ms, command) records of a journal row (one group commit's: a JSON
+    list of [at_ms, kind, body]) whose checksum matched; CodecError, naming the seq, if
+    it does not hold them."""
+    span = f"journal seq {seq}..{last_seq}"
+    try:
+        items = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise CodecError(f"{span}: the row is not JSON: {exc}") from exc
+    if not isinstance(items, list) or len(items) != last_seq - seq + 1:
+        raise CodecError(f"{span}: the row does not hold {last_seq - seq + 1} records")
+    records = []
+    for n, item in enumerate(items, seq):
+        # Type checks written out: a `match` on a sequence pattern cost more than the
+        # decoding of the command it guards.
+        if type(item) is not list or len(item) != 3:
+            raise CodecError(f"journal seq {n}: not [at_ms, kind, body]")
+        time, kind, text = item
+        if type(time) is not int or type(kind) is not str or type(text) is not str:
+            raise CodecError(f"journal seq {n}: not [at_ms, kind, body]")
+        try:
+            records.append((n, time, decode_command(kind, text)))
+        except CodecError as exc:
+            raise CodecError(f"journal seq {n}: {exc}") from exc
+    if records[-1][1] != at_ms:
+        raise CodecError(f"{span}: the row's time is not its last record's")
+    return records
+
+
+# ------------------------------------------------------------------ history rows
+
+# Rows are tuples in their table's column order (journal.py checks it at import): the
+# driver's executemany takes them as they are, without SQLAlchemy building a parameter
+# dict per row, which cost more than the database did.
+Rows = list[tuple[object, ...]]
+# What the projector derived from one record (journal.Projected): seq, at_ms, events,
+# ledger entries, call snapshots.
+ProjectedRecord = tuple[int, int, Sequence[Event], Sequence[LedgerEntry], Sequence[CallRecord]]
+
+
+def entry_row(entry: LedgerEntry, seq: int) -> tuple[object, ...]:
+    return (
+        entry.entry_id,
+        entry.account_id,
+        entry.kind.value,
+        entry.amount,
+        entry.balance_after,
+        entry.call_id,
+        entry.reference,
+        entry.idempotency_key,
+        entry.created_at_ms,
+        seq,
+    )
+
+
+def call_row(call: CallRecord, seq: int) -> tuple[object, ...]:
+    rate = call.rate
+    return (
+        call.call_id,
+        call.call_seq,
+        call.account_id,
+        call.destination,
+        call.state.value,
+        call.allowed_seconds,
+        call.used_seconds,
+        call.held,
+        call.charged,
+        call.shortfall,
+        rate.prefix,
+        rate.price_per_minute_micros,
+        rate.first_increment_seconds,
+        rate.next_increment_seconds,
+        rate.connect_fee,
+        call.started_at_ms,
+        call.ended_at_ms,
+        call.final,
+        call.expires_at_ms,
+        call.last_sequence,
+        seq,
+    )
+
+
+def history_rows(records: Sequence[ProjectedRecord]) -> tuple[Rows, Rows, Rows]:
+    """The event, entry and call rows of a projection. A call touched several times
+    keeps only its last snapshot (one row per call, which ON CONFLICT DO UPDATE needs
+    within one statement on PostgreSQL)."""
+    event_rows: Rows = []
+    entry_rows: Rows = []
+    call_rows: dict[str, tuple[object, ...]] = {}
+    for seq, at_ms, events, entries, calls in records:
+        if events:
+            body = orjson.dumps([event_image(e) for e in events]).decode()
+            event_rows.append((seq, at_ms, body))
+        for entry in entries:
+            entry_rows.append(entry_row(entry, seq))
+        for call in calls:
+            call_rows[call.call_id] = call_row(call, seq)  # the last one wins
+    return event_rows, entry_rows, list(call_rows.values())

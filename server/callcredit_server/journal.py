@@ -105,9 +105,16 @@ from sqlalchemy import (
 from sqlalchemy import inspect as sqlalchemy_inspect
 from sqlalchemy.engine import URL, Dialect, make_url
 
-from callcredit_server.codec import CodecError, decode_command, encode_command
+from callcredit_server.codec import (
+    CodecError,
+    Rows,
+    decode_command,
+    decode_row,
+    encode_command,
+    history_rows,
+)
 from callcredit_server.core.commands import Command
-from callcredit_server.core.events import Event, EventImageError, event_from_image, event_image
+from callcredit_server.core.events import Event, EventImageError, event_from_image
 from callcredit_server.core.model import (
     CallRecord,
     CallState,
@@ -506,52 +513,8 @@ def _failing_as(what: str) -> Iterator[None]:
 # ------------------------------------------------------------------ rows
 
 
-# Rows are tuples in their table's column order (checked at import, below): the
-# driver's executemany takes them as they are, without SQLAlchemy building a
-# parameter dict per row, which cost more than the database did.
-
-
-def _entry_row(entry: LedgerEntry, seq: int) -> tuple[object, ...]:
-    return (
-        entry.entry_id,
-        entry.account_id,
-        entry.kind.value,
-        entry.amount,
-        entry.balance_after,
-        entry.call_id,
-        entry.reference,
-        entry.idempotency_key,
-        entry.created_at_ms,
-        seq,
-    )
-
-
-def _call_row(call: CallRecord, seq: int) -> tuple[object, ...]:
-    rate = call.rate
-    return (
-        call.call_id,
-        call.call_seq,
-        call.account_id,
-        call.destination,
-        call.state.value,
-        call.allowed_seconds,
-        call.used_seconds,
-        call.held,
-        call.charged,
-        call.shortfall,
-        rate.prefix,
-        rate.price_per_minute_micros,
-        rate.first_increment_seconds,
-        rate.next_increment_seconds,
-        rate.connect_fee,
-        call.started_at_ms,
-        call.ended_at_ms,
-        call.final,
-        call.expires_at_ms,
-        call.last_sequence,
-        seq,
-    )
-
+# The projector's rows are tuples in their table's column order (codec.py builds them;
+# the order is checked here, at import).
 
 _ENTRY_ROW = (
     "entry_id", "account_id", "kind", "amount", "balance_after", "call_id", "reference",
@@ -635,9 +598,6 @@ def _call(row: Row[Any]) -> CallRecord:
     )
 
 
-_Rows = list[tuple[object, ...]]
-
-
 def chain_after(previous: str, seq: int, last_seq: int, at_ms: int, body: str) -> str:
     """The chain value of a row: binds it to its place and to all before it."""
     # One update of the joined text hashes the same bytes as updating part by part.
@@ -672,50 +632,14 @@ def _body(records: Sequence[JournalRecord], span: str) -> str:
 
 def _records(seq: int, last_seq: int, at_ms: int, body: str) -> list[tuple[int, int, Command]]:
     """The (seq, at_ms, command) records of a row whose checksum matched."""
-    span = f"journal seq {seq}..{last_seq}"
     try:
-        items = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise JournalError(f"{span}: the row is not JSON: {exc}") from exc
-    if not isinstance(items, list) or len(items) != last_seq - seq + 1:
-        raise JournalError(f"{span}: the row does not hold {last_seq - seq + 1} records")
-    records = []
-    for n, item in enumerate(items, seq):
-        # Type checks written out: a `match` on a sequence pattern cost more than the
-        # decoding of the command it guards.
-        if type(item) is not list or len(item) != 3:
-            raise JournalError(f"journal seq {n}: not [at_ms, kind, body]")
-        time, kind, text = item
-        if type(time) is not int or type(kind) is not str or type(text) is not str:
-            raise JournalError(f"journal seq {n}: not [at_ms, kind, body]")
-        try:
-            records.append((n, time, decode_command(kind, text)))
-        except CodecError as exc:
-            raise JournalError(f"journal seq {n}: {exc}") from exc
-    if records[-1][1] != at_ms:
-        raise JournalError(f"{span}: the row's time is not its last record's")
-    return records
-
-
-def _projected_rows(records: Sequence[Projected]) -> tuple[_Rows, _Rows, _Rows]:
-    """The event, entry and call rows of a projection. A call touched several times
-    keeps only its last snapshot (one row per call, which ON CONFLICT DO UPDATE needs
-    within one statement on PostgreSQL)."""
-    event_rows: _Rows = []
-    entry_rows: _Rows = []
-    call_rows: dict[str, tuple[object, ...]] = {}
-    for seq, at_ms, events, entries, calls in records:
-        if events:
-            body = orjson.dumps([event_image(e) for e in events]).decode()
-            event_rows.append((seq, at_ms, body))
-        entry_rows.extend(_entry_row(entry, seq) for entry in entries)
-        for call in calls:
-            call_rows[call.call_id] = _call_row(call, seq)  # the last one wins
-    return event_rows, entry_rows, list(call_rows.values())
+        return decode_row(seq, last_seq, at_ms, body)
+    except CodecError as exc:
+        raise JournalError(str(exc)) from exc
 
 
 def _insert(
-    connection: Connection, table: Table, rows: _Rows, key: str = "", newer: bool = False
+    connection: Connection, table: Table, rows: Rows, key: str = "", newer: bool = False
 ) -> None:
     """Insert `rows` (tuples in column order); with `key`, as `_insert_sql` says.
 
@@ -740,7 +664,7 @@ def _insert(
     connection.execute(insert(table), [dict(zip(names, row, strict=True)) for row in rows])
 
 
-def _copy_upsert(connection: Connection, table: Table, rows: _Rows, key: str, newer: bool) -> None:
+def _copy_upsert(connection: Connection, table: Table, rows: Rows, key: str, newer: bool) -> None:
     """PostgreSQL: COPY `rows` into a temporary twin of `table` (emptied at commit), then
     one INSERT ... SELECT with `_insert_sql`'s ON CONFLICT: the same rows as executemany."""
     quote = connection.dialect.identifier_preparer.quote
@@ -1392,7 +1316,7 @@ class Journal:
         """
         self._check_open()
         with _failing_as("preparing the projection"):
-            event_rows, entry_rows, call_rows = _projected_rows(records)
+            event_rows, entry_rows, call_rows = history_rows(records)
         with (
             _failing_as("storing the projection"),
             self._history_writer.begin() as connection,
