@@ -47,11 +47,9 @@ __all__ = [
     "KINDS",
     "CodecError",
     "Rows",
-    "call_row",
     "decode_command",
     "decode_row",
     "encode_command",
-    "entry_row",
     "history_rows",
 ]
 
@@ -515,7 +513,7 @@ Rows = list[tuple[object, ...]]
 ProjectedRecord = tuple[int, int, Sequence[Event], Sequence[LedgerEntry], Sequence[CallRecord]]
 
 
-def entry_row(entry: LedgerEntry, seq: int) -> tuple[object, ...]:
+def _entry_row(entry: LedgerEntry, seq: int) -> tuple[object, ...]:
     return (
         entry.entry_id,
         entry.account_id,
@@ -530,7 +528,7 @@ def entry_row(entry: LedgerEntry, seq: int) -> tuple[object, ...]:
     )
 
 
-def call_row(call: CallRecord, seq: int) -> tuple[object, ...]:
+def _call_row(call: CallRecord, seq: int) -> tuple[object, ...]:
     rate = call.rate
     return (
         call.call_id,
@@ -569,7 +567,7 @@ def history_rows(records: Sequence[ProjectedRecord]) -> tuple[Rows, Rows, Rows]:
             body = orjson.dumps([event_image(e) for e in events]).decode()
             event_rows.append((seq, at_ms, body))
         for entry in entries:
-            entry_rows.append(entry_row(entry, seq))
+            entry_rows.append(_entry_row(entry, seq))
         for call in calls:
-            call_rows[call.call_id] = call_row(call, seq)  # the last one wins
+            call_rows[call.call_id] = _call_row(call, seq)  # the last one wins
     return event_rows, entry_rows, list(call_rows.values())
