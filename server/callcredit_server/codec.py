@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -46,6 +46,7 @@ from callcredit_server.core.model import AccountStatus, CallRecord, LedgerEntry,
 __all__ = [
     "KINDS",
     "CodecError",
+    "Projected",
     "Rows",
     "decode_command",
     "decode_row",
@@ -508,9 +509,17 @@ def decode_row(seq: int, last_seq: int, at_ms: int, body: str) -> list[tuple[int
 # driver's executemany takes them as they are, without SQLAlchemy building a parameter
 # dict per row, which cost more than the database did.
 Rows = list[tuple[object, ...]]
-# What the projector derived from one record (journal.Projected): seq, at_ms, events,
-# ledger entries, call snapshots.
-ProjectedRecord = tuple[int, int, Sequence[Event], Sequence[LedgerEntry], Sequence[CallRecord]]
+
+
+class Projected(NamedTuple):
+    """What the projector derived from one journal record, for `Journal.project` to
+    store."""
+
+    seq: int
+    at_ms: int
+    events: Sequence[Event]
+    entries: Sequence[LedgerEntry]  # the step's own lists, never changed after
+    calls: Sequence[CallRecord]
 
 
 def _entry_row(entry: LedgerEntry, seq: int) -> tuple[object, ...]:
@@ -555,7 +564,7 @@ def _call_row(call: CallRecord, seq: int) -> tuple[object, ...]:
     )
 
 
-def history_rows(records: Sequence[ProjectedRecord]) -> tuple[Rows, Rows, Rows]:
+def history_rows(records: Sequence[Projected]) -> tuple[Rows, Rows, Rows]:
     """The event, entry and call rows of a projection. A call touched several times
     keeps only its last snapshot (one row per call, which ON CONFLICT DO UPDATE needs
     within one statement on PostgreSQL)."""

@@ -107,6 +107,7 @@ from sqlalchemy.engine import URL, Dialect, make_url
 
 from callcredit_server.codec import (
     CodecError,
+    Projected,
     Rows,
     decode_command,
     decode_row,
@@ -199,16 +200,6 @@ class JournalRecord(NamedTuple):
     seq: int  # 1, 2, 3, ... gap-free, assigned by the writer
     at_ms: int  # the time the state machine was given
     command: Command
-
-
-class Projected(NamedTuple):
-    """What the projector derived from one journal record, for `project` to store."""
-
-    seq: int
-    at_ms: int
-    events: Sequence[Event]
-    entries: Sequence[LedgerEntry]  # the step's own lists, never changed after
-    calls: Sequence[CallRecord]
 
 
 class StoredEvent(NamedTuple):
