@@ -49,7 +49,7 @@ from callcredit_server.core import (
     TopUp,
     UpdateAccount,
 )
-from callcredit_server.core.validation import ID_PATTERN, ID_RULE
+from callcredit_server.core.validation import ID_RULE, is_id
 from callcredit_server.errors import (
     invalid,
     permission_denied,
@@ -391,7 +391,7 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         draining = self.draining
         policy = self._policy
         allows = session.allows
-        valid_id = ID_PATTERN.fullmatch
+        valid_id = is_id
         # Per operation, in order: its request_id and kind (the oneof's name, "" if none).
         request_ids: list[str] = []
         kinds: list[str] = []
@@ -525,7 +525,7 @@ def _after_cursor(token: str) -> str | None:
     except (UnicodeError, binascii.Error, ValueError):
         return None
     last_id = text.removeprefix(_CURSOR_VERSION)
-    if last_id == text or not ID_PATTERN.fullmatch(last_id):
+    if last_id == text or not is_id(last_id):
         return None
     return last_id
 
@@ -590,7 +590,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, account_id: str, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AccountView:
         """The account as durable now; INVALID_ARGUMENT or ACCOUNT_NOT_FOUND aborts."""
-        if not ID_PATTERN.fullmatch(account_id):
+        if not is_id(account_id):
             await _abort(context, invalid("account_id", ID_RULE))
         view = await _read(self._writer, lambda m: m.account(account_id), context)
         if view is None:
@@ -674,7 +674,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetTariff(
         self, request: admin_pb2.GetTariffRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.GetTariffResponse:
-        if not ID_PATTERN.fullmatch(request.tariff_id):
+        if not is_id(request.tariff_id):
             await _abort(context, invalid("tariff_id", ID_RULE))
         tariff = await _read(self._writer, lambda m: m.tariffs.get(request.tariff_id), context)
         if tariff is None:
@@ -687,7 +687,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetCall(
         self, request: admin_pb2.GetCallRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.GetCallResponse:
-        if not ID_PATTERN.fullmatch(request.call_id):
+        if not is_id(request.call_id):
             await _abort(context, invalid("call_id", ID_RULE))
         call = await _read(self._writer, lambda m: m.call(request.call_id), context)
         if call is None:  # ended and forgotten by memory: history has it
@@ -923,7 +923,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 invalid("account_ids", f"at most {changefeed.MAX_ACCOUNT_FILTER} accounts"),
             )
         for account_id in request.account_ids:
-            if not ID_PATTERN.fullmatch(account_id):
+            if not is_id(account_id):
                 await _abort(context, invalid("account_ids", ID_RULE))
             if allows is not None and not allows(account_id):
                 await _abort(context, _outside(account_id))

@@ -22,10 +22,12 @@ from callcredit_server.core import (
     CallState,
     EntryKind,
     Grant,
+    GrantResult,
     InvariantViolation,
     LedgerEntry,
     Rate,
     Reason,
+    ReleaseOutcome,
     ReleaseResult,
     StateMachine,
     Tariff,
@@ -41,6 +43,7 @@ from callcredit_server.core.model import (
     new_ledger_entry,
     new_release_result,
 )
+from callcredit_server.core.outcomes import grant_result, release_outcome
 from callcredit_server.core.rating import MICROS_PER_MINUTE, affordable
 from callcredit_server.core.validation import is_valid, violations
 
@@ -146,6 +149,11 @@ def test_new_functions_build_what_the_classes_build() -> None:
     r = rate("84", fee=3)
     assert new_grant("c", 60, True, 120, 7) == Grant("c", 60, True, 120, 7)
     assert new_release_result("c", 1, 2, 3, 4, 5) == ReleaseResult("c", 1, 2, 3, 4, 5)
+    grant, result = Grant("c", 60, True, 120, 7), ReleaseResult("c", 1, 2, 3, 4, 5)
+    assert grant_result(grant) == GrantResult(grant)
+    assert type(grant_result(grant)) is GrantResult
+    assert release_outcome(result) == ReleaseOutcome(result)
+    assert type(release_outcome(result)) is ReleaseOutcome
     assert new_ledger_entry(9, "A", EntryKind.REFUND, 5, 10, "c", "r", "k", T0_MS) == LedgerEntry(
         9, "A", EntryKind.REFUND, 5, 10, "c", "r", "k", T0_MS
     )

@@ -17,7 +17,7 @@ import gc
 import heapq
 from collections import deque
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Final, NamedTuple
 
 from mypy_extensions import mypyc_attr
 
@@ -59,26 +59,26 @@ from callcredit_server.core.model import (
 from callcredit_server.core.outcomes import (
     AccountResult,
     GrantPush,
-    GrantResult,
     Outcome,
     Push,
     Reason,
     Refused,
-    ReleaseOutcome,
     TakeoverResult,
     TariffResult,
     Termination,
     TickResult,
+    grant_result,
+    release_outcome,
 )
 from callcredit_server.core.rating import affordable, billed_seconds, cost
 from callcredit_server.core.validation import MAX_BALANCE, is_valid, violations
 
 # Expiry is bounded work per step (TigerBeetle expires pending transfers in
 # bounded batches too): a burst of due calls is spread over the next steps.
-MAX_EXPIRIES_PER_STEP = 10_000
+MAX_EXPIRIES_PER_STEP: Final = 10_000
 # Stale deadlines (left by renewals) the expiry heap may hold beyond two per
 # remembered call before it is rebuilt from the open calls.
-STALE_EXPIRIES_SLACK = 1_024
+STALE_EXPIRIES_SLACK: Final = 1_024
 
 
 class InvariantViolation(Exception):
@@ -91,7 +91,7 @@ class Step(NamedTuple):
     outcome: Outcome
     changed: bool
     entries: list[LedgerEntry]
-    calls: list[CallRecord]
+    calls: list[CallRecord]  # the calls it touched, as they are after it; empty if events are off
     pushes: list[Push]
     events: list[Event]  # in the order they happened; empty if the machine's events are off
 
@@ -118,9 +118,10 @@ class StateMachine:
         cls._handlers = _handlers_of(cls)
 
     def __init__(self, *, events: bool = True) -> None:
-        # Build each step's events (core/events.py)? The changefeed's projector does;
-        # the primary's writer does not (its steps' `events` stay empty): the events are
-        # derived from the journal off its path (projector.py). Set before any apply.
+        # Build each step's history, its events (core/events.py) and the records of the
+        # calls it touched? The changefeed's projector does; the primary's writer does
+        # not (its steps' `events` and `calls` stay empty): the history is derived from
+        # the journal off its path (projector.py). Set before any apply.
         self.events = events
         self.accounts: dict[str, Account] = {}
         self.tariffs: dict[str, Tariff] = {}
@@ -192,7 +193,7 @@ class StateMachine:
                 outcome,
                 self._changed,
                 entries,
-                [call.record() for call in touched.values()],
+                [call.record() for call in touched.values()] if self.events else [],
                 pushes,
                 events,
             ),
@@ -395,7 +396,7 @@ class StateMachine:
                 )
             if call.state is not CallState.ACTIVE:
                 return _refuse(Reason.CALL_ALREADY_ENDED, f"call {c.call_id!r} has ended")
-            return GrantResult(call.grant())
+            return grant_result(call.grant())
         account = self.accounts.get(c.account_id)
         if account is None:
             return _refuse(Reason.ACCOUNT_NOT_FOUND, f"no account {c.account_id!r}")
@@ -465,7 +466,7 @@ class StateMachine:
         self._push_expiry(call)
         self._touched[call_id] = call
         self._call_event(EventKind.CALL_STARTED, account, call)
-        return GrantResult(call.grant())
+        return grant_result(call.grant())
 
     def _renew(self, c: Renew) -> Outcome:
         call = self.calls.get(c.call_id)
@@ -476,9 +477,9 @@ class StateMachine:
         if call.state is not CallState.ACTIVE:
             return _refuse(Reason.CALL_ALREADY_ENDED, f"call {c.call_id!r} has ended")
         if c.sequence == call.last_sequence and call.last_renew is not None:
-            return GrantResult(call.last_renew)
+            return grant_result(call.last_renew)
         if c.sequence <= call.last_sequence:
-            return GrantResult(call.grant())
+            return grant_result(call.grant())
         if c.used_seconds < call.used_seconds:
             message = f"must not be lower than the {call.used_seconds} already reported"
             return Refused(
@@ -501,7 +502,7 @@ class StateMachine:
         self._refresh_validity(call)
         grant = call.last_renew = call.grant()
         self._touched[call.call_id] = call
-        return GrantResult(grant)
+        return grant_result(grant)
 
     def _release(self, c: Release) -> Outcome:
         call = self.calls.get(c.call_id)
@@ -511,7 +512,7 @@ class StateMachine:
             self._expire_if_due(call)
         if call.release is not None:
             if call.release.used_seconds == c.used_seconds:
-                return ReleaseOutcome(call.release)
+                return release_outcome(call.release)
             return _refuse(
                 Reason.CALL_ALREADY_ENDED,
                 f"call {c.call_id!r} was released with {call.release.used_seconds} seconds",
@@ -540,7 +541,7 @@ class StateMachine:
         self._call_event(EventKind.CALL_ENDED, account, call)
         if account.final_calls:
             self._regrant(account)
-        return ReleaseOutcome(result)
+        return release_outcome(result)
 
     def _late_release(self, account: Account, call: Call, used_seconds: int) -> Outcome:
         """Re-rate an expired call to what it used; refund what it was overcharged."""
@@ -560,7 +561,7 @@ class StateMachine:
         self._touched[call.call_id] = call
         if refund:
             self._regrant(account)
-        return ReleaseOutcome(call.release)
+        return release_outcome(call.release)
 
     def _release_result(self, account: Account, call: Call) -> ReleaseResult:
         return new_release_result(

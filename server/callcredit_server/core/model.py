@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
-MAX_PREFIX_DIGITS = 16
+MAX_PREFIX_DIGITS: Final = 16
 
 # Whether this module runs compiled by mypyc (scripts/build_compiled.py) or as Python.
 COMPILED = not __file__.endswith(".py")
@@ -469,6 +469,7 @@ def seconds_until_empty(available: int, burn_micros: int) -> int | None:
 
 
 _NT = TypeVar("_NT", bound=tuple[Any, ...])
+_TUPLE_NEW: Final = tuple.__new__
 
 
 def _new(cls: type[_NT], values: tuple[Any, ...]) -> _NT:
@@ -476,8 +477,9 @@ def _new(cls: type[_NT], values: tuple[Any, ...]) -> _NT:
 
     tuple.__new__ skips the generated __new__ (~5x faster for 10 fields); callers
     pass every field, in order, so the value is the one the constructor would build.
+    Compiled, `_TUPLE_NEW` is a C static: no method lookup on `tuple` per call.
     """
-    return tuple.__new__(cls, values)
+    return _TUPLE_NEW(cls, values)
 
 
 def new_grant(

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 
-from callcredit_server.core.model import AccountView, Grant, ReleaseResult, Tariff
+from callcredit_server.core.model import AccountView, Grant, ReleaseResult, Tariff, _new
 
 
 class Reason(StrEnum):
@@ -71,6 +71,16 @@ class GrantResult(NamedTuple):
 
 class ReleaseOutcome(NamedTuple):
     result: ReleaseResult
+
+
+# The hot path's two outcomes, built as model.new_grant builds a Grant: a NamedTuple's
+# own __new__ stays interpreted Python when compiled (~2,300 instructions a call).
+def grant_result(grant: Grant) -> GrantResult:
+    return _new(GrantResult, (grant,))
+
+
+def release_outcome(result: ReleaseResult) -> ReleaseOutcome:
+    return _new(ReleaseOutcome, (result,))
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,9 +6,9 @@ rounding cannot drift across renewals.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, Protocol
 
-MICROS_PER_MINUTE = 60_000_000  # price is micros of the minor unit per minute
+MICROS_PER_MINUTE: Final = 60_000_000  # price is micros of the minor unit per minute
 
 
 class Rated(Protocol):
