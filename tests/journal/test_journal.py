@@ -243,6 +243,9 @@ CODEC_CASES = [
     pytest.param(PutTariff(Tariff("empty", "VND", ())), id="put-tariff-no-rates"),
     pytest.param(Reserve("c1", "acme", "+84901234567", 0, 60, 120), id="reserve"),
     pytest.param(Renew("c1", 2**63 - 1, 86_400, 600, 600, 120), id="renew-max-sequence"),
+    # A distinct value in every field: a decoder that swapped two of them fails.
+    pytest.param(Reserve("c2", "acme", "84", 1, 2, 3), id="reserve-distinct-fields"),
+    pytest.param(Renew("c2", 1, 2, 3, 4, 5), id="renew-distinct-fields"),
     pytest.param(Release("c1", 95), id="release"),
     pytest.param(Tick(retention_ms=86_400_000), id="tick"),
     # Refused commands are journaled when expiries happened in their step.
