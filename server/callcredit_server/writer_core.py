@@ -103,7 +103,7 @@ class WriterCore(Generic[Target, Answer]):
                 step = apply(command, now_ms)
                 if on_step is not None:
                     on_step(command, step)
-                outcome, changed, _, touched, step_pushes, _ = step
+                outcome, changed, _, _, step_pushes, _, ended = step
                 if changed:  # the record's fields in order, without NamedTuple's __new__
                     records.append(_new_tuple(JournalRecord, (seq, now_ms, command)))
                     seq += 1
@@ -119,9 +119,8 @@ class WriterCore(Generic[Target, Answer]):
                     routed = routes.get(push.call_id)
                     if routed is not None:
                         pushes.append((routed, push))
-                for record in touched:
-                    if record.state is not active:
-                        routes.pop(record.call_id, None)
+                for call_id in ended:
+                    routes.pop(call_id, None)
                 outcomes.append(outcome)
         finally:
             self.next_seq = seq  # even if a step broke an invariant (the shell then fails)

@@ -66,6 +66,7 @@ _STEP_ATTRIBUTES = frozenset(
         "_touched",
         "_pushes",
         "_events",
+        "_ended_now",
         "_accounts_touched",
         "_balances_before",
         "_ledger_total_before",
@@ -237,7 +238,7 @@ class Sim:
         refused = refusal(step)
         assert refused.reason is reason, refused
         assert step.changed is False
-        assert (step.entries, step.calls, step.pushes, step.events) == ([], [], [], [])
+        assert (step.entries, step.calls, step.pushes, step.events, step.ended) == ([],) * 5
         assert {a: self.machine.account(a) for a in self.machine.accounts} == views
         assert state_of(self.machine) == before
         return refused

@@ -742,6 +742,23 @@ def test_release_is_idempotent_and_final(sim: Sim) -> None:
     assert sim.view().balance == 1_055
 
 
+@pytest.mark.parametrize("events", [True, False])
+def test_a_step_names_the_calls_it_ended_with_events_on_or_off(events: bool) -> None:
+    """What the writer unroutes by: its machine builds no call records (events off)."""
+    sim = Sim()
+    sim.machine.events = events
+    sim.put_tariff()
+    sim.open_account(balance=1_000)
+    assert sim.reserve("a").ended == sim.reserve("b").ended == []
+    assert sim.apply(renew("a", 1, 5)).ended == []
+    assert sim.release("a", 9).ended == ["a"]
+    assert sim.release("a", 9).ended == []  # the repeat ends nothing
+    sim.advance(seconds=VALIDITY_SECONDS + 1)
+    step = sim.tick()
+    assert step.ended == ["b"]
+    assert step.calls == ([sim.machine.call("b")] if events else [])
+
+
 def test_release_total_is_cost_of_total_not_sum_of_pieces() -> None:
     """19.66 đ/s over three 20 s renewals: 1,180 đ once, not 3 x 394 đ."""
     w = new_sim((VND_19_66,))

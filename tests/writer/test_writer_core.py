@@ -34,7 +34,7 @@ Core = WriterCore[str, str]
 
 def funded(*accounts: tuple[str, int], last_seq: int = 0) -> Core:
     """A core over a machine with a 1-unit-per-second tariff and `accounts` topped up."""
-    core: Core = WriterCore(StateMachine(), last_seq)
+    core: Core = WriterCore(StateMachine(events=False), last_seq)  # as the server's
     setup: list[Command] = [PutTariff(Tariff("t", "VND", (rate(),)))]
     for account_id, amount in accounts:
         setup.append(CreateAccount(account_id, "VND", "t", 0, 0))

@@ -94,6 +94,7 @@ class Step(NamedTuple):
     calls: list[CallRecord]  # the calls it touched, as they are after it; empty if events are off
     pushes: list[Push]
     events: list[Event]  # in the order they happened; empty if the machine's events are off
+    ended: list[str]  # the ids of the calls it ended (released or expired), events on or off
 
 
 def _refuse(reason: Reason, message: str) -> Refused:
@@ -146,6 +147,7 @@ class StateMachine:
         self._touched: dict[str, Call] = {}
         self._pushes: list[Push] = []
         self._events: list[Event] = []
+        self._ended_now: list[str] = []
         # What the step's invariant check (_check_step) looks at instead of every
         # account: the accounts it touched, their balances before it touched them,
         # and the ledger total before.
@@ -166,10 +168,12 @@ class StateMachine:
         touched: dict[str, Call] = {}
         pushes: list[Push] = []
         events: list[Event] = []
+        ended: list[str] = []
         self._entries = entries
         self._touched = touched
         self._pushes = pushes
         self._events = events
+        self._ended_now = ended
         self._accounts_touched = {}
         self._balances_before = {}
         self._ledger_total_before = self.ledger_total
@@ -196,6 +200,7 @@ class StateMachine:
                 [call.record() for call in touched.values()] if self.events else [],
                 pushes,
                 events,
+                ended,
             ),
         )
 
@@ -731,6 +736,7 @@ class StateMachine:
         account.close_call(call)
         self.open_call_count -= 1
         self._ended.append((self.now_ms, call.call_id))
+        self._ended_now.append(call.call_id)
         self._touched[call.call_id] = call
 
     def _post(
