@@ -588,7 +588,7 @@ def history_rows(records: Sequence[Projected]) -> tuple[Rows, Rows, Rows]:
     within one statement on PostgreSQL)."""
     event_rows: Rows = []
     entry_rows: Rows = []
-    call_rows: dict[str, tuple[object, ...]] = {}
+    latest: dict[str, tuple[CallRecord, int]] = {}  # call id -> its last snapshot, and seq
     for seq, at_ms, events, entries, calls in records:
         if events:
             body = orjson.dumps([event_image(e) for e in events]).decode()
@@ -596,5 +596,5 @@ def history_rows(records: Sequence[Projected]) -> tuple[Rows, Rows, Rows]:
         for entry in entries:
             entry_rows.append(_entry_row(entry, seq))
         for call in calls:
-            call_rows[call.call_id] = _call_row(call, seq)  # the last one wins
-    return event_rows, entry_rows, list(call_rows.values())
+            latest[call.call_id] = (call, seq)  # the last one wins; its row is built once
+    return event_rows, entry_rows, [_call_row(call, seq) for call, seq in latest.values()]
