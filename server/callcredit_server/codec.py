@@ -129,7 +129,7 @@ def _typed(body: dict[str, object], *types: type) -> dict[str, object]:
 
     One comparison of the value types when all is well (this runs for every journal
     record); the field is named only when one is wrong."""
-    if tuple(map(type, body.values())) != types:
+    if tuple([type(value) for value in body.values()]) != types:
         for (name, value), kind in zip(body.items(), types, strict=True):
             if type(value) is not kind:
                 raise CodecError(f"{name}: expected {kind.__name__}, got {type(value).__name__}")
