@@ -17,6 +17,16 @@ repetition then runs the old and the new version alternately, in child processes
 
     git archive HEAD~3 server/callcredit_server | tar -x -C /tmp/old
     python scripts/bench_core.py --compare /tmp/old/server
+
+`--writer` runs the machine as the server's writer does: events off (no events, no
+call records), and the cyclic collector set as a server sets it
+(recovery.settle_heap); without it, events are on, as the projector runs it. To count
+instructions rather than time them (a noisy machine), run one mix once in this
+process under cachegrind, then the same with `--build-only` (everything built,
+nothing applied), and divide the difference by the operations:
+
+    PYTHONHASHSEED=0 valgrind --tool=cachegrind --cache-sim=no \
+        python scripts/bench_core.py --one calls-hot --calls 20000 --in-flight 500 --writer
 """
 
 from __future__ import annotations
@@ -62,8 +72,8 @@ def _tariff(rates: int) -> Tariff:
     return Tariff("t", "VND", tuple(unique.values()))
 
 
-def _setup(accounts: int, rates: int) -> tuple[StateMachine, int]:
-    machine = StateMachine()
+def _setup(accounts: int, rates: int, events: bool = True) -> tuple[StateMachine, int]:
+    machine = StateMachine(events=events)
     now_ms = START_MS
     machine.apply(PutTariff(_tariff(rates)), now_ms)
     for n in range(accounts):
@@ -107,9 +117,17 @@ def _time_apply(machine: StateMachine, commands: list[Command], now_ms: int) -> 
     return time.perf_counter() - started
 
 
-def mix_calls(accounts: int, calls: int, in_flight: int, rates: int) -> float:
-    machine, now_ms = _setup(accounts, rates)
+def mix_calls(
+    accounts: int, calls: int, in_flight: int, rates: int, writer: bool, build_only: bool
+) -> float:
+    machine, now_ms = _setup(accounts, rates, events=not writer)
     commands = _call_commands(calls, accounts, in_flight)
+    if writer:
+        from callcredit_server.recovery import settle_heap  # sqlalchemy and all: only here
+
+        settle_heap()
+    if build_only:
+        return 0.0
     return len(commands) / _time_apply(machine, commands, now_ms)
 
 
@@ -138,10 +156,11 @@ def mix_from_image(count: int) -> float:
 
 def _mixes(args: argparse.Namespace) -> dict[str, Callable[[], float]]:
     calls, in_flight, rates = args.calls, args.in_flight, args.rates
+    writer, build_only = args.writer, args.build_only
     return {
-        "calls-1k": lambda: mix_calls(1_000, calls, in_flight, rates),
-        "calls-10k": lambda: mix_calls(10_000, calls, in_flight, rates),
-        "calls-hot": lambda: mix_calls(1, calls, in_flight, rates),
+        "calls-1k": lambda: mix_calls(1_000, calls, in_flight, rates, writer, build_only),
+        "calls-10k": lambda: mix_calls(10_000, calls, in_flight, rates, writer, build_only),
+        "calls-hot": lambda: mix_calls(1, calls, in_flight, rates, writer, build_only),
         "create-accounts": lambda: mix_create(args.create),
         "from-image": lambda: mix_from_image(args.create),
     }
@@ -168,6 +187,7 @@ def _shared_argv(args: argparse.Namespace) -> list[str]:
         f"--in-flight={args.in_flight}",
         f"--rates={args.rates}",
         f"--create={args.create}",
+        *(["--writer"] if args.writer else []),
     ]
 
 
@@ -184,7 +204,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--mix", action="append", help="only these mixes (repeatable)")
     parser.add_argument("--compare", metavar="DIR", help="parent dir of an old callcredit_server")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--writer", action="store_true", help="events off and the server's collector settings"
+    )
+    parser.add_argument("--one", metavar="MIX", help="run MIX once here, print its ops/s as JSON")
+    parser.add_argument(
+        "--build-only", action="store_true", help="with --one calls-*: build, apply nothing"
+    )
     args = parser.parse_args()
     if args.one:
         _run_one(args)
