@@ -4,20 +4,12 @@ printed for each. No timing assertions."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_codec.py"
+from tests.loadtest.helpers import run_script
 
 
 def run(*flags: str) -> str:
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--commands", "400", "--repeat", "2", *flags],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
+    return run_script("bench_codec.py", "--commands", "400", "--repeat", "2", *flags)
 
 
 def test_a_tiny_run_times_both_directions() -> None:

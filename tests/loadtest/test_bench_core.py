@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_core.py"
+from tests.loadtest.helpers import run_script
 
 
 def run(*flags: str) -> str:
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--calls", "200", "--in-flight", "50", *flags],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
+    return run_script("bench_core.py", "--calls", "200", "--in-flight", "50", *flags)
 
 
 def test_the_writer_and_the_projector_machines_each_print_a_rate() -> None:
