@@ -46,10 +46,17 @@ MAX_TEXT_CHARS: Final = 256  # top-up reference, adjustment reason
 MAX_SEQUENCE: Final = 2**63 - 1
 
 Violations = list[tuple[str, str]]
+_ID_MATCH: Final = ID_PATTERN.fullmatch  # compiled: a C static, not a dict lookup per call
+
+
+def is_id(text: str) -> bool:
+    """`ID_PATTERN.fullmatch(text)`, as a bool: the one id check (violations, is_valid,
+    the servicer)."""
+    return _ID_MATCH(text) is not None
 
 
 def _id(out: Violations, name: str, value: str) -> None:
-    if not ID_PATTERN.fullmatch(value):
+    if not is_id(value):
         out.append((name, ID_RULE))
 
 
@@ -183,14 +190,8 @@ def _tariff(out: Violations, command: PutTariff) -> None:
 # holds the two to that over every limit. Only the commands of the hot path get a
 # predicate of their own; the others ask violations(). `Final`: compiled, each is read
 # from a C static, not looked up in the module's dict per call.
-_ID_MATCH: Final = ID_PATTERN.fullmatch
 _DESTINATION_MATCH: Final = DESTINATION_PATTERN.fullmatch
 _CURRENCY_MATCH: Final = CURRENCY_PATTERN.fullmatch
-
-
-def is_id(text: str) -> bool:
-    """`ID_PATTERN.fullmatch(text)`, as a bool."""
-    return _ID_MATCH(text) is not None
 
 
 def _reserve_ok(c: Reserve) -> bool:

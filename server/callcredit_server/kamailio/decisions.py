@@ -26,7 +26,7 @@ from typing import TypeAlias
 
 import orjson
 
-from callcredit_server.core.validation import DESTINATION_PATTERN, ID_PATTERN
+from callcredit_server.core.validation import DESTINATION_PATTERN, is_id
 
 __all__ = [
     "ACCOUNT_HEADER",
@@ -181,7 +181,7 @@ def ends_call_now(hangup_reason: str) -> bool:
 
 
 def derive_call_id(sip_call_id: str) -> str:
-    """The callcredit call_id of a SIP dialog: stable, bounded, within ID_PATTERN."""
+    """The callcredit call_id of a SIP dialog: stable, bounded, a valid id (validation.is_id)."""
     digest = hashlib.sha256(sip_call_id.encode("utf-8", "surrogatepass")).hexdigest()
     return CALL_ID_PREFIX + digest[:CALL_ID_HASH_HEX]
 
@@ -219,8 +219,8 @@ class CallToken:
             and isinstance(destination, str)
             and type(requested) is int
             and call_id.startswith(CALL_ID_PREFIX)
-            and ID_PATTERN.fullmatch(call_id)
-            and ID_PATTERN.fullmatch(account_id)
+            and is_id(call_id)
+            and is_id(account_id)
             and DESTINATION_PATTERN.fullmatch(destination)
             and 0 <= requested <= 86_400
         ):
@@ -378,7 +378,7 @@ def check_invite(event: Reserve) -> tuple[str, str, str] | SipAnswer:
     if len(event.sip_call_id) > MAX_SIP_CALL_ID_LENGTH:
         return _BAD_CALL_ID
     account = event.account.strip()
-    if event.account_headers != 1 or not ID_PATTERN.fullmatch(account):
+    if event.account_headers != 1 or not is_id(account):
         return _BAD_ACCOUNT
     if not DESTINATION_PATTERN.fullmatch(event.ruri_user):
         return _BAD_DESTINATION
