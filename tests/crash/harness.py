@@ -283,6 +283,7 @@ class Supervisor:
             "--validity-seconds", str(config.validity_seconds),
             "--snapshot-every-records", str(config.snapshot_every_records),
             "--log-level", "INFO",
+            "--drain-seconds", "0",  # the clean stop at the end: no drain (tests/ops tests it)
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
         self.port: int | None = None
