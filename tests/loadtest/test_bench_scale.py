@@ -5,32 +5,27 @@ verify` on both journals). No timing assertions."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_scale.py"
+from tests.loadtest.helpers import run_script
 
 
 def test_a_tiny_scale_run_completes_and_its_checks_pass(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--accounts", "2000", "--calls", "200",
-         "--small-accounts", "200", "--small-calls", "20", "--seconds", "2",
-         "--grant-seconds", "10", "--check-accounts", "50", "--verify",
-         "--scrape-seconds", "0.5", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+    report = run_script(
+        "bench_scale.py", "--accounts", "2000", "--calls", "200",
+        "--small-accounts", "200", "--small-calls", "20", "--seconds", "2",
+        "--grant-seconds", "10", "--check-accounts", "50", "--verify",
+        "--scrape-seconds", "0.5", "--workdir", str(tmp_path),
     )  # fmt: skip
-    report = out.stdout + out.stderr
-    assert out.returncode == 0, report
     rows = {
         line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
-        for line in out.stdout.splitlines()
+        for line in report.splitlines()
         if line.startswith("| ")
     }
     assert rows["checks"] == ["ok", "ok"], report
     assert [cell.startswith("ok") for cell in rows["callcredit-server verify"]] == [True, True]
     # the same rate for both states: 200 calls / (10 - 5) s, for 2 s
     assert [cell.split()[0] for cell in rows["renewals (per s)"]] == ["80", "80"], report
-    assert "renew p99 big / small" in out.stdout
+    assert "renew p99 big / small" in report
     # scraped as Prometheus would, within the 2 s of each state's steady phase
     assert [int(cell) >= 2 for cell in rows["/metrics scrapes during steady"]] == [True, True]
