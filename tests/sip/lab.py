@@ -14,6 +14,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -41,6 +42,8 @@ UNIT_PER_SECOND = RateSpec("", 60_000_000)
 """1 minor unit per second, billed per second (1/1): credit of N covers N seconds."""
 
 SETTLE_TIMEOUT_SECONDS = 10.0
+UNENDED_SHOWN = 5
+"""How many unended calls a dialer that did not finish names, with their log lines."""
 
 
 def tool(name: str) -> str | None:
@@ -131,8 +134,36 @@ class Dial:
         try:
             self.process.wait(timeout=timeout_seconds)
         except subprocess.TimeoutExpired:
-            stop(self.process)
-            raise AssertionError("the SIPp dialer did not finish in time") from None
+            stop(self.process)  # SIGTERM: SIPp writes out its log
+            self._read()
+            raise AssertionError(
+                f"the SIPp dialer did not finish in {timeout_seconds} s\n{self._unended()}"
+            ) from None
+        self._read()
+        return self
+
+    def _unended(self) -> str:
+        """The calls not ended yet, each with what the lab's other logs say of it."""
+        unended = [
+            sip
+            for sip, call in self.calls.items()
+            if call.refused is None and call.ended_ms is None
+        ]
+        logs = sorted(self.log.parent.glob("*.log"))
+        lines = [f"calls not ended: {len(unended)} of {len(self.calls)}"]
+        for sip_call_id in unended[:UNENDED_SHOWN]:
+            lines.append(f"{sip_call_id}: {self.calls[sip_call_id]}")
+            # Whole ids only: 1-42@host is not 11-42@host.
+            mention = re.compile(
+                rf"(?<![\w.@-])({re.escape(sip_call_id)}|{derive_call_id(sip_call_id)})(?![\w.@-])"
+            )
+            for log in logs:
+                for line in log.read_text(errors="replace").splitlines():
+                    if mention.search(line):
+                        lines.append(f"  {log.name}: {line}")
+        return "\n".join(lines)
+
+    def _read(self) -> None:
         for line in self.log.read_text(errors="replace").splitlines():
             parts = line.split()
             if len(parts) < 3:
@@ -147,7 +178,6 @@ class Dial:
             elif what in ("bye_in", "bye_out"):
                 call.ended_ms = value
                 call.ended_by_proxy = what == "bye_in"
-        return self
 
     @property
     def answered(self) -> list[CallRecord]:
