@@ -14,6 +14,7 @@ from callcredit_server.kamailio.decisions import (
     UNAVAILABLE,
     CallToken,
     End,
+    EndOverdue,
     Failed,
     Held,
     NetstringDecoder,
@@ -298,22 +299,30 @@ def test_commands_refuse_timeouts_the_timer_cannot_keep() -> None:
 
 
 @pytest.mark.parametrize(
-    ("start", "probe", "failed", "decision"),
+    ("start", "probe", "failed", "talked", "decision"),
     [
-        pytest.param(0, Probe(7 * S + 1, False), 0, Release(8), id="recorded-end-wins"),
-        pytest.param(0, Probe(7 * S, True), 0, Release(7), id="recorded-end-over-open-dialog"),
-        pytest.param(0, Probe(None, True), 0, Recheck(), id="still-talking"),
-        pytest.param(0, Probe(None, False), 0, Release(20), id="gone-unheard-at-grant"),
-        pytest.param(None, Probe(None, False), 0, Release(0), id="never-answered"),
-        pytest.param(None, Probe(None, True), 0, Recheck(), id="still-ringing"),
-        pytest.param(0, None, 1, Recheck(), id="lookup-failed"),
-        pytest.param(0, None, MAX_FAILED_LOOKUPS, Release(20), id="lookups-keep-failing"),
+        pytest.param(0, Probe(7 * S + 1, False), 0, 9 * S, Release(8), id="recorded-end-wins"),
+        pytest.param(
+            0, Probe(7 * S, True), 0, 30 * S, Release(7), id="recorded-end-over-open-dialog"
+        ),
+        pytest.param(0, Probe(None, True), 0, 20 * S - 1, Recheck(), id="still-talking"),
+        pytest.param(0, Probe(None, True), 0, 20 * S, EndOverdue(), id="open-past-its-grant"),
+        pytest.param(0, Probe(None, False), 0, 25 * S, Release(20), id="gone-unheard-at-grant"),
+        pytest.param(None, Probe(None, False), 0, 0, Release(0), id="never-answered"),
+        pytest.param(None, Probe(None, True), 0, 0, Recheck(), id="still-ringing"),
+        pytest.param(0, None, 1, 25 * S, Recheck(), id="lookup-failed"),
+        pytest.param(0, None, MAX_FAILED_LOOKUPS, 25 * S, Release(20), id="lookups-keep-failing"),
     ],
 )
 def test_reconciliation(
-    start: int | None, probe: Probe | None, failed: int, decision: Release | Recheck
+    start: int | None,
+    probe: Probe | None,
+    failed: int,
+    talked: int,
+    decision: Release | Recheck | EndOverdue,
 ) -> None:
-    assert reconcile(start, 20, probe, failed) == decision
+    """A grant of 20 s."""
+    assert reconcile(start, 20, probe, failed, talked) == decision
 
 
 def test_netstrings_split_across_reads_and_joined_in_one() -> None:

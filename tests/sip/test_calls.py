@@ -13,6 +13,11 @@ import time
 
 from callcredit.admin import AdminClient
 from callcredit.v1 import admin_pb2
+from callcredit_server.kamailio.decisions import (
+    RECONCILE_GRACE_SECONDS,
+    netstring,
+    timeout_command,
+)
 from tests.sip.conftest import GRANT_SECONDS, Authority
 from tests.sip.lab import (
     CarrierLeg,
@@ -328,3 +333,43 @@ async def test_calls_ending_by_timeout_together_send_a_bye_to_both_legs(
         for sip_call_id, record in dial.calls.items():
             assert_billed(calls[call_id(sip_call_id)], record)
         await assert_ledger(admin, settled_account)
+
+
+async def test_a_dialog_whose_timeout_does_not_fire_is_ended_by_the_adapter(
+    lab: Lab, admin: AdminClient
+) -> None:
+    """Kamailio's dialog timeout is the first line; the adapter is the second. Here the
+    dialog's timer is pushed an hour out (a second evapi client sends Kamailio the
+    adapter's own `timeout` command), as if it were lost: the adapter's look-up after the
+    grant finds the dialog open and ends it, instead of letting it talk on unpaid."""
+    await funded(admin, "unbounded", GRANT_SECONDS)  # one grant, nothing to renew with
+
+    dial = lab.dial("unbounded", calls=1, talk_seconds=40)
+    [dialog] = await confirmed_dialogs(lab, 1)
+    _, writer = await asyncio.open_connection("127.0.0.1", lab.events_port)
+    writer.write(netstring(timeout_command(dialog["h_entry"], dialog["h_id"], 3_600)))
+    await writer.drain()
+    dial.wait(timeout_seconds=30)
+    writer.close()
+
+    [record] = dial.answered
+    assert record.ended_by_proxy
+    # Without the adapter's look-up the call talks its 40 s; with it, it ends once
+    # RECONCILE_GRACE_SECONDS have passed after the grant ran out.
+    assert record.talk_ms <= (GRANT_SECONDS + RECONCILE_GRACE_SECONDS) * 1000 + 2 * INCREMENT_MS
+    account = await settled(admin, "unbounded")
+    assert account.active_calls == 0
+    assert account.balance >= 0
+    await assert_ledger(admin, account)
+    assert lab.dialogs() == []
+
+
+async def confirmed_dialogs(lab: Lab, count: int) -> list[dict[str, int]]:
+    """Kamailio's dialogs once `count` of them are confirmed (answered and ACKed)."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        found = [d for d in lab.dialogs() if isinstance(d, dict) and d.get("state") == 4]
+        if len(found) == count:
+            return found
+        assert time.monotonic() < deadline, f"dialogs: {lab.dialogs()}"
+        await asyncio.sleep(0.1)

@@ -34,6 +34,7 @@ from callcredit_server.kamailio.decisions import (
     UNAVAILABLE,
     CallToken,
     End,
+    EndOverdue,
     Failed,
     Held,
     NetstringDecoder,
@@ -388,8 +389,10 @@ class Adapter:
             if self._send(timeout_command(call.h_entry, call.h_id, timeout)):
                 call.timed_allowed_seconds = allowed
                 logger.info("call %s: dialog ends in %d s", call.token.call_id, timeout)
+        # The look-up is due a grace after the grant runs out, however often grants come
+        # (renewals that add nothing go on answering after it ran out): never pushed later.
         left = allowed - (asyncio.get_running_loop().time() - call.started_seen_at)
-        self._watch(call, max(left, 0.0) + RECONCILE_GRACE_SECONDS)
+        self._watch(call, max(left + RECONCILE_GRACE_SECONDS, 0.0))
 
     def _end_dialog(self, call: _Call, reason: str) -> None:
         logger.info("call %s: ending its dialog (%s)", call.token.call_id, reason)
@@ -427,9 +430,18 @@ class Adapter:
         if call.done:
             return
         allowed = call.dialer.grant.allowed_seconds if call.dialer is not None else 0
-        decision = reconcile(call.start_micros, allowed, probe, call.failed_lookups)
+        talked = 0 if call.start_micros is None else self._talked_micros(call)
+        decision = reconcile(call.start_micros, allowed, probe, call.failed_lookups, talked)
         if isinstance(decision, Recheck):
             self._watch(call, RECHECK_SECONDS)
+        elif isinstance(decision, EndOverdue):
+            logger.warning(
+                "call %s: dialog still open %.1f s into a %d s grant; ending it",
+                call.token.call_id,
+                talked / 1_000_000,
+                allowed,
+            )
+            self._end_dialog(call, "ALLOWED_SECONDS_REACHED")
         else:
             logger.warning(
                 "call %s: end not heard; released with %d s",

@@ -43,6 +43,7 @@ __all__ = [
     "UNAVAILABLE",
     "CallToken",
     "End",
+    "EndOverdue",
     "Event",
     "Failed",
     "Held",
@@ -487,17 +488,30 @@ class Recheck:
     """The call is still going: look again later."""
 
 
-def reconcile(
-    start_micros: int | None, allowed_seconds: int, probe: Probe | None, failed_lookups: int
-) -> Release | Recheck:
-    """Decide on a call whose end was not heard, from what Kamailio says of it (`probe`,
-    None when the lookup failed, for the `failed_lookups`-th time in a row).
+@dataclass(frozen=True, slots=True)
+class EndOverdue:
+    """The dialog is still open with its grant used up (Kamailio's timeout did not end
+    it): end it now, then look again."""
 
-    An end Kamailio recorded wins. An open dialog goes on (its timeout is set). A dialog
-    that is gone without a recorded end cannot happen through kamailio.cfg (every BYE
-    is recorded); it is released at its grant, the longest it can have lasted, rather
-    than left to expire (charged the same, but held until its validity ran out). So is
-    a call Kamailio could not be asked about for MAX_FAILED_LOOKUPS lookups."""
+
+def reconcile(
+    start_micros: int | None,
+    allowed_seconds: int,
+    probe: Probe | None,
+    failed_lookups: int,
+    talked_micros: int,
+) -> Release | Recheck | EndOverdue:
+    """Decide on a call whose end was not heard, from what Kamailio says of it (`probe`,
+    None when the lookup failed, for the `failed_lookups`-th time in a row) and the
+    talk time so far by the adapter's clock (`talked_micros`, counted never short).
+
+    An end Kamailio recorded wins. An open dialog goes on while its grant lasts (its
+    timeout is set); one open past its grant is ended (its timeout never fired, or its
+    BYE went nowhere: the adapter does not let it talk on unpaid). A dialog that is gone
+    without a recorded end cannot happen through kamailio.cfg (every BYE is recorded);
+    it is released at its grant, the longest it can have lasted, rather than left to
+    expire (charged the same, but held until its validity ran out). So is a call
+    Kamailio could not be asked about for MAX_FAILED_LOOKUPS lookups."""
     if probe is None:
         if failed_lookups < MAX_FAILED_LOOKUPS:
             return Recheck()
@@ -507,6 +521,8 @@ def reconcile(
             return Release(0)
         return Release(talk_seconds(start_micros, probe.ended_at_micros))
     if probe.dialog_open:
+        if start_micros is not None and talked_micros >= allowed_seconds * 1_000_000:
+            return EndOverdue()
         return Recheck()
     return Release(0 if start_micros is None else allowed_seconds)
 
