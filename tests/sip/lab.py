@@ -149,7 +149,10 @@ class Dial:
             for sip, call in self.calls.items()
             if call.refused is None and call.ended_ms is None
         ]
-        logs = sorted(self.log.parent.glob("*.log"))
+        logs = [
+            (log.name, log.read_text(errors="replace").splitlines())
+            for log in sorted(self.log.parent.glob("*.log"))
+        ]
         lines = [f"calls not ended: {len(unended)} of {len(self.calls)}"]
         for sip_call_id in unended[:UNENDED_SHOWN]:
             lines.append(f"{sip_call_id}: {self.calls[sip_call_id]}")
@@ -157,10 +160,8 @@ class Dial:
             mention = re.compile(
                 rf"(?<![\w.@-])({re.escape(sip_call_id)}|{derive_call_id(sip_call_id)})(?![\w.@-])"
             )
-            for log in logs:
-                for line in log.read_text(errors="replace").splitlines():
-                    if mention.search(line):
-                        lines.append(f"  {log.name}: {line}")
+            for name, log_lines in logs:
+                lines.extend(f"  {name}: {line}" for line in log_lines if mention.search(line))
         return "\n".join(lines)
 
     def _read(self) -> None:
