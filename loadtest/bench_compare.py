@@ -75,7 +75,8 @@ DRAIN_TIMEOUT_SECONDS = 120.0
 SHARED_NOTE = (
     "The load generator (one Python process) runs on the same machine as the servers and "
     "shares its cores; client CPU is its own process (every thread), server CPU the "
-    "server's process(es), machine = all cores busy (of 100% x cores)."
+    "server's process(es) with their children (callcredit's projector), machine = all cores "
+    "busy (of 100% x cores)."
 )
 
 
@@ -135,7 +136,10 @@ class Result:
     client_cpu_pct: float
     """CPU of the load generator's process over the window, % of one core."""
     server_cpu_pct: float | None
-    """CPU of the server process(es) we can attribute, % of one core."""
+    """CPU of the server process(es) we can attribute, their children included (the
+    projector), % of one core."""
+    server_children_cpu_pct: float | None
+    """Of server_cpu_pct, the part of the servers' child processes."""
     client_us_per_op: float
     server_us_per_op: float | None
     machine_cpu_pct: float
@@ -204,13 +208,16 @@ class Window:
     seconds: float
     client_cpu: float
     server_cpu: float | None
+    server_children_cpu: float | None
     machine_busy: float
     cores: int
 
 
-def _cpu_snapshot(server_pids: list[int]) -> tuple[float, float, float | None, float, float]:
+def _cpu_snapshot(
+    server_pids: list[int],
+) -> tuple[float, float, tuple[float, float] | None, float, float]:
     busy, total = procs.machine_cpu_seconds()
-    server = procs.process_cpu_seconds(server_pids) if server_pids else None
+    server = procs.tree_cpu_seconds(server_pids) if server_pids else None
     return time.perf_counter(), procs.self_cpu_seconds(), server, busy, total
 
 
@@ -249,7 +256,12 @@ async def measure(
         ops=workload.measured_ops,
         seconds=elapsed,
         client_cpu=(client1 - client0) / elapsed,
-        server_cpu=None if server0 is None or server1 is None else (server1 - server0) / elapsed,
+        server_cpu=None
+        if server0 is None or server1 is None
+        else (sum(server1) - sum(server0)) / elapsed,
+        server_children_cpu=(
+            None if server0 is None or server1 is None else (server1[1] - server0[1]) / elapsed
+        ),
         machine_busy=(busy1 - busy0) / max(total1 - total0, 1e-9) * cores,
         cores=cores,
     )
@@ -281,6 +293,9 @@ def _result(
         cut=workload.cut_grants,
         client_cpu_pct=100 * window.client_cpu,
         server_cpu_pct=None if window.server_cpu is None else 100 * window.server_cpu,
+        server_children_cpu_pct=(
+            None if window.server_children_cpu is None else 100 * window.server_children_cpu
+        ),
         client_us_per_op=_per_op(window.client_cpu, window),
         server_us_per_op=None if window.server_cpu is None else _per_op(window.server_cpu, window),
         machine_cpu_pct=100 * window.machine_busy,
@@ -617,8 +632,18 @@ _COLUMNS = (
 )  # fmt: skip
 
 
+def _server_cpu(result: Result) -> str:
+    """The servers' CPU, with its children's part when they have one (the projector)."""
+    if result.server_cpu_pct is None:
+        return "-"
+    children = result.server_children_cpu_pct
+    if children is None or round(children) == 0:
+        return f"{result.server_cpu_pct:.0f}%"
+    return f"{result.server_cpu_pct:.0f}% ({children:.0f}% children)"
+
+
 def _cells(result: Result, options: Options) -> list[str]:
-    server = "-" if result.server_cpu_pct is None else f"{result.server_cpu_pct:.0f}%"
+    server = _server_cpu(result)
     server_op = "-" if result.server_us_per_op is None else f"{result.server_us_per_op:.0f}"
     return [
         result.system,
@@ -641,7 +666,7 @@ def _cells(result: Result, options: Options) -> list[str]:
 
 def _line(result: Result) -> str:
     check_text = "ok" if result.check_ok else "FAILED: " + "; ".join(result.problems)
-    server = "-" if result.server_cpu_pct is None else f"{result.server_cpu_pct:.0f}%"
+    server = _server_cpu(result)
     return (
         f"{result.system:<14} {result.layout:<5} R={result.renews} {result.mode:<52} "
         f"{result.ops_per_second:>9,.0f} ops/s  p50 {result.p50_ms:7.2f} ms  "

@@ -136,17 +136,49 @@ def private_redis(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]
         process.wait()
 
 
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (field 3 on), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _descendants(pids: Sequence[int]) -> list[int]:
+    """Every live process below these ones (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(int(entry))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))  # ppid (field 4)
+    found: list[int] = []
+    todo = list(pids)
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def _ticks(pid: int) -> int:
+    """utime + stime + cutime + cstime (fields 14-17) of a process; 0 once it is gone."""
+    fields = _stat(pid)
+    return 0 if fields is None else sum(int(field) for field in fields[11:15])
+
+
+def tree_cpu_seconds(pids: Sequence[int]) -> tuple[float, float]:
+    """User + system CPU seconds (all threads) of these processes, and of every process
+    below them: the server and its projector child. Each counts its children that ended
+    and were waited for, so a child that exits between two readings keeps its time; gone
+    processes count 0."""
+    own = sum(_ticks(pid) for pid in pids)
+    below = sum(_ticks(pid) for pid in _descendants(pids))
+    return own / CLOCK_TICKS, below / CLOCK_TICKS
+
+
 def process_cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU seconds of these processes (all their threads); gone ones count 0."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / CLOCK_TICKS
+    """CPU seconds of these processes and every process below them (tree_cpu_seconds)."""
+    return sum(tree_cpu_seconds(pids))
 
 
 def machine_cpu_seconds() -> tuple[float, float]:
