@@ -77,7 +77,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import orjson
 from sqlalchemy import (
@@ -520,16 +520,27 @@ _CALL_ROW = (
 )  # fmt: skip
 if tuple(entries_table.c.keys()) != _ENTRY_ROW or tuple(calls_table.c.keys()) != _CALL_ROW:
     raise ImportError("journal row tuples do not follow their tables' column order")
+# The indexed columns of a call row that no later snapshot of the call changes.
+_CALL_FIXED = ("call_seq", "account_id")
 
 
-def _insert_sql(connection: Connection, table: Table, key: str = "", newer: bool = False) -> str:
+def _insert_sql(
+    connection: Connection,
+    table: Table,
+    key: str = "",
+    newer: bool = False,
+    fixed: tuple[str, ...] = (),
+) -> str:
     """INSERT in driver SQL; with `key`, a row with that key already there is kept
-    (ON CONFLICT DO NOTHING) or, with `newer`, replaced by one of a later seq."""
-    return _driver_sql(connection.dialect, table, key, newer)
+    (ON CONFLICT DO NOTHING) or, with `newer`, replaced by one of a later seq, all but
+    its `fixed` columns."""
+    return _driver_sql(connection.dialect, table, key, newer, fixed)
 
 
 @functools.cache
-def _driver_sql(dialect: Dialect, table: Table, key: str, newer: bool) -> str:
+def _driver_sql(
+    dialect: Dialect, table: Table, key: str, newer: bool, fixed: tuple[str, ...]
+) -> str:
     quote = dialect.identifier_preparer.quote
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
     names = [quote(c.name) for c in table.c]
@@ -538,7 +549,8 @@ def _driver_sql(dialect: Dialect, table: Table, key: str, newer: bool) -> str:
         f"VALUES ({', '.join([mark] * len(names))})"
     )
     if key and newer:
-        updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != quote(key))
+        kept = {quote(name) for name in (key, *fixed)}
+        updates = ", ".join(f"{n} = excluded.{n}" for n in names if n not in kept)
         sql += (
             f" ON CONFLICT ({quote(key)}) DO UPDATE SET {updates} "
             f"WHERE {quote(table.name)}.seq < excluded.seq"
@@ -630,7 +642,12 @@ def _records(seq: int, last_seq: int, at_ms: int, body: str) -> list[tuple[int, 
 
 
 def _insert(
-    connection: Connection, table: Table, rows: Rows, key: str = "", newer: bool = False
+    connection: Connection,
+    table: Table,
+    rows: Rows,
+    key: str = "",
+    newer: bool = False,
+    fixed: tuple[str, ...] = (),
 ) -> None:
     """Insert `rows` (tuples in column order); with `key`, as `_insert_sql` says.
 
@@ -640,12 +657,12 @@ def _insert(
     rows only: the projection needs ON CONFLICT) go through SQLAlchemy Core.
     """
     if connection.dialect.name == "postgresql" and key and len(rows) >= POSTGRES_COPY_MIN_ROWS:
-        _copy_upsert(connection, table, rows, key, newer)
+        _copy_upsert(connection, table, rows, key, newer, fixed)
         return
     if connection.dialect.name in _NATIVE_UPSERT:
         cursor = connection.connection.cursor()
         try:
-            cursor.executemany(_insert_sql(connection, table, key, newer), rows)
+            cursor.executemany(_insert_sql(connection, table, key, newer, fixed), rows)
         finally:
             cursor.close()
         return
@@ -655,13 +672,15 @@ def _insert(
     connection.execute(insert(table), [dict(zip(names, row, strict=True)) for row in rows])
 
 
-def _copy_upsert(connection: Connection, table: Table, rows: Rows, key: str, newer: bool) -> None:
+def _copy_upsert(
+    connection: Connection, table: Table, rows: Rows, key: str, newer: bool, fixed: tuple[str, ...]
+) -> None:
     """PostgreSQL: COPY `rows` into a temporary twin of `table` (emptied at commit), then
     one INSERT ... SELECT with `_insert_sql`'s ON CONFLICT: the same rows as executemany."""
     quote = connection.dialect.identifier_preparer.quote
     names = ", ".join(quote(c.name) for c in table.c)
     staging = quote(f"_staging_{table.name}")
-    upsert = _insert_sql(connection, table, key, newer)
+    upsert = _insert_sql(connection, table, key, newer, fixed)
     conflict = upsert[upsert.index(" ON CONFLICT") :]
     cursor = connection.connection.cursor()
     try:
@@ -1296,7 +1315,9 @@ class Journal:
         last = int(rows[-1].seq) if rows else None
         return events, last, len(rows) == EVENT_RECORDS_PER_READ
 
-    def project(self, records: Sequence[Projected], through_seq: int) -> None:
+    def project(
+        self, records: Sequence[Projected], through_seq: int, calls_before: int = 0
+    ) -> None:
         """Store what the projector derived from records (their events, ledger entries
         and call snapshots), and move the watermark to `through_seq`, in one transaction
         (the projector's).
@@ -1304,6 +1325,14 @@ class Journal:
         Idempotent: an event or entry row already stored is left as it is, a call row is
         replaced only by a snapshot from a later seq, and the watermark never goes back,
         so a projector redoing records, or two at once, is harmless.
+
+        `calls_before`: the last call_seq given out before these records (the
+        projector's state machine's `last_call_seq` before it applied them). The row of
+        such a call was stored by an earlier projection, so a later snapshot of it
+        leaves the columns it never changes as they are (_CALL_FIXED): SQLite rewrites
+        the index entries of every column an upsert sets, whether its value changed or
+        not. A call created in these records, under an id an ended call may have used
+        before, replaces a row whole.
         """
         self._check_open()
         with _failing_as("preparing the projection"):
@@ -1318,8 +1347,12 @@ class Journal:
                 _insert(connection, events_table, event_rows, key="seq")
             if entry_rows:
                 _insert(connection, entries_table, entry_rows, key="entry_id")
-            if call_rows:
-                _insert(connection, calls_table, call_rows, key="call_id", newer=True)
+            new_calls = [row for row in call_rows if cast(int, row[1]) > calls_before]
+            if len(new_calls) < len(call_rows):
+                known = [row for row in call_rows if cast(int, row[1]) <= calls_before]
+                _insert(connection, calls_table, known, "call_id", newer=True, fixed=_CALL_FIXED)
+            if new_calls:
+                _insert(connection, calls_table, new_calls, key="call_id", newer=True)
             # The watermark, only forward: the same upsert as a call row's (by seq).
             _insert(connection, projection_table, [(PROJECTION, through_seq)], "name", newer=True)
 

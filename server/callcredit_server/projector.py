@@ -114,11 +114,12 @@ class Projector:
         if not records:
             return 0
         machine = self._machine
+        calls_before = machine.last_call_seq
         projected: list[Projected] = []
         for seq, at_ms, command in records:
             step = apply_record(machine, seq, at_ms, command)
             projected.append(Projected(seq, at_ms, step.events, step.entries, step.calls))
-        self._journal.project(projected, records[-1][0])
+        self._journal.project(projected, records[-1][0], calls_before)
         self.applied_seq = records[-1][0]
         self._maybe_snapshot()
         return len(records)
