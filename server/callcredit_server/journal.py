@@ -522,6 +522,7 @@ if tuple(entries_table.c.keys()) != _ENTRY_ROW or tuple(calls_table.c.keys()) !=
     raise ImportError("journal row tuples do not follow their tables' column order")
 # The indexed columns of a call row that no later snapshot of the call changes.
 _CALL_FIXED = ("call_seq", "account_id")
+_OPEN = CallState.ACTIVE.value
 
 
 def _insert_sql(
@@ -1327,12 +1328,14 @@ class Journal:
         so a projector redoing records, or two at once, is harmless.
 
         `calls_before`: the last call_seq given out before these records (the
-        projector's state machine's `last_call_seq` before it applied them). The row of
-        such a call was stored by an earlier projection, so a later snapshot of it
-        leaves the columns it never changes as they are (_CALL_FIXED): SQLite rewrites
-        the index entries of every column an upsert sets, whether its value changed or
-        not. A call created in these records, under an id an ended call may have used
-        before, replaces a row whole.
+        projector's state machine's `last_call_seq` before it applied them). A call
+        created in these records, under an id an ended call may have used before,
+        replaces a row whole. The row of an older call was stored by an earlier
+        projection: while the call is open, its later snapshots (renewals) are not
+        stored, since every read of an open call takes it from memory (service.py:
+        GetCall, and ListCalls through `_live`); once it has ended, its snapshot
+        replaces all but the columns a call never changes (_CALL_FIXED), as SQLite
+        rewrites the index entries of every column an upsert sets, changed or not.
         """
         self._check_open()
         with _failing_as("preparing the projection"):
@@ -1347,12 +1350,17 @@ class Journal:
                 _insert(connection, events_table, event_rows, key="seq")
             if entry_rows:
                 _insert(connection, entries_table, entry_rows, key="entry_id")
-            new_calls = [row for row in call_rows if cast(int, row[1]) > calls_before]
-            if len(new_calls) < len(call_rows):
-                known = [row for row in call_rows if cast(int, row[1]) <= calls_before]
-                _insert(connection, calls_table, known, "call_id", newer=True, fixed=_CALL_FIXED)
+            new_calls: Rows = []
+            ended_calls: Rows = []
+            for row in call_rows:
+                if cast(int, row[1]) > calls_before:  # call_seq
+                    new_calls.append(row)
+                elif row[4] != _OPEN:  # state
+                    ended_calls.append(row)
             if new_calls:
                 _insert(connection, calls_table, new_calls, key="call_id", newer=True)
+            if ended_calls:
+                _insert(connection, calls_table, ended_calls, "call_id", True, _CALL_FIXED)
             # The watermark, only forward: the same upsert as a call row's (by seq).
             _insert(connection, projection_table, [(PROJECTION, through_seq)], "name", newer=True)
 

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from callcredit_server.core import Command, InvariantViolation, StateMachine, Step
+from callcredit_server.core import (
+    CallRecord,
+    CallState,
+    Command,
+    InvariantViolation,
+    StateMachine,
+    Step,
+)
 from callcredit_server.journal import Journal, JournalError
 from callcredit_server.snapshot import (
     SnapshotError,
@@ -205,6 +212,18 @@ def verify(journal: Journal, snapshot_dir: Path | None) -> Verification:
     return result
 
 
+def _opening(call: CallRecord) -> tuple[object, ...]:
+    """What a call's snapshots share while it is open."""
+    return (
+        call.call_seq,
+        call.account_id,
+        call.destination,
+        call.rate,
+        call.started_at_ms,
+        call.state,
+    )
+
+
 def _comparable(image: dict[str, Any]) -> str:
     """An image without its clock: a snapshot's clock may be later than its last record's
     time (ticks, refusals and repeats move it without a record), which changes nothing."""
@@ -214,8 +233,9 @@ def _comparable(image: dict[str, Any]) -> str:
 def _history_problems(journal: Journal, machine: StateMachine) -> list[str]:
     """The entries table sums to each balance; remembered calls match their rows.
 
-    An open call's row holds the deadline of its last Reserve or Renew: a `Takeover`
-    restarts it in memory only (later, never earlier), without rewriting the row."""
+    An open call's row is a snapshot of it taken while it was open: its renewals, and
+    the deadline a `Takeover` restarts, stay in memory (journal.project), so only what a
+    call never changes is compared. An ended call's row is its last snapshot."""
     problems = []
     for account in machine.accounts.values():
         total, after = 0, 0
@@ -232,13 +252,10 @@ def _history_problems(journal: Journal, machine: StateMachine) -> list[str]:
     for call in machine.calls.values():
         stored = journal.get_call(call.call_id)
         record = call.record()
-        if (
-            stored is not None
-            and record.expires_at_ms is not None
-            and stored.expires_at_ms is not None
-            and stored.expires_at_ms <= record.expires_at_ms
-        ):
-            stored = stored._replace(expires_at_ms=record.expires_at_ms)
-        if stored != record:
+        if stored is not None and record.state is CallState.ACTIVE:
+            matches = _opening(stored) == _opening(record)
+        else:
+            matches = stored == record
+        if not matches:
             problems.append(f"call {call.call_id}: history row differs from the replayed call")
     return problems

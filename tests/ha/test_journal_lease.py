@@ -16,6 +16,7 @@ from callcredit_server.core import (
     CreateAccount,
     PutTariff,
     Rate,
+    Release,
     Renew,
     Reserve,
     StateMachine,
@@ -169,14 +170,15 @@ def test_the_journals_sessions_bound_their_waits(journals: tuple[Journal, Journa
     assert name == "callcredit:a"
 
 
-def test_many_renewals_rewrite_their_rows_through_copy_and_a_takeover_writes_none(
+def test_many_ends_rewrite_their_rows_through_copy_and_renewals_and_a_takeover_write_none(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Above POSTGRES_COPY_MIN_ROWS the projector's rows go through COPY (call rows
-    inserted, then rewritten; entries and events inserted): the same rows result, and
-    a projector behind takes none back and stores no entry or event twice.
-    Takeover restarts every open call's validity in memory and writes no row: its
-    record is O(1) however many calls are open."""
+    inserted, then rewritten when the calls end, all but call_seq and account; entries
+    and events inserted): the same rows result, and a projector behind takes none back
+    and stores no entry or event twice. Renewals of calls open since an earlier read,
+    and a Takeover (it restarts every open call's validity in memory: its record is O(1)
+    however many calls are open), write no call row."""
     monkeypatch.setattr(projector, "MAX_RECORDS_PER_STEP", 50_000)  # one step, one COPY
     calls = POSTGRES_COPY_MIN_ROWS + 10
     machine = StateMachine()
@@ -187,44 +189,43 @@ def test_many_renewals_rewrite_their_rows_through_copy_and_a_takeover_writes_non
             TopUp(f"a{n}", 1_000, "seed", ""),
             Reserve(f"c{n}", f"a{n}", "84901234567", 60, 60, 120),
         ]
-    opened = []
-    for seq, command in enumerate(commands, 1):
-        machine.apply(command, 1_000)
-        opened.append(JournalRecord(seq, 1_000, command))
-    renewed = []
-    for n in range(calls):
-        renew = Renew(f"c{n}", 1, 1, 60, 60, 120)
-        machine.apply(renew, 9_000)
-        renewed.append(JournalRecord(len(opened) + n + 1, 9_000, renew))
-    machine.apply(Takeover(epoch=2), 30_000)
-    takeover_seq = len(opened) + len(renewed) + 1
-    takeover = JournalRecord(takeover_seq, 30_000, Takeover(epoch=2))
+    records: list[JournalRecord] = []
+
+    def journaled(command: Command, at_ms: int) -> JournalRecord:
+        machine.apply(command, at_ms)
+        records.append(JournalRecord(len(records) + 1, at_ms, command))
+        return records[-1]
+
+    opened = [journaled(command, 1_000) for command in commands]
+    renewed = [journaled(Renew(f"c{n}", 1, 1, 60, 60, 120), 9_000) for n in range(calls)]
+    takeover = journaled(Takeover(epoch=2), 30_000)
+    ended = [journaled(Release(f"c{n}", 45), 40_000) for n in range(calls)]
     with Journal(pg_url) as journal:
         journal.append(opened)
         projecting = projector.open_projector(journal, None)
         assert projecting.step() == len(opened)
-        journal.append(renewed)
-        assert projecting.step() == len(renewed)
-        rows_renewed = [journal.get_call(f"c{n}") for n in range(calls)]
-        journal.append([takeover])
-        assert projecting.step() == 1
+        rows_opened = [journal.get_call(f"c{n}") for n in range(calls)]
+        assert rows_opened[0] is not None and rows_opened[0].expires_at_ms == 1_000 + 120_000
+        for batch in (renewed, [takeover]):
+            journal.append(batch)
+            assert projecting.step() == len(batch)
+            assert [journal.get_call(f"c{n}") for n in range(calls)] == rows_opened
+        assert machine.calls["c0"].expires_at_ms == 30_000 + 120_000  # the takeover's, in memory
+        journal.append(ended)
+        assert projecting.step() == len(ended)
+        rows_ended = [journal.get_call(f"c{n}") for n in range(calls)]
+        assert rows_ended == [machine.calls[f"c{n}"].record() for n in range(calls)]
         history = "SELECT (SELECT count(*) FROM ledger_entries), (SELECT count(*) FROM events)"
         with journal.engine.connect() as conn:
             stored_history = tuple(conn.execute(text(history)).one())
         assert min(stored_history) >= POSTGRES_COPY_MIN_ROWS  # they went through COPY too
         late = projector.Projector(journal, StateMachine(), 0)  # redoes it all
-        assert late.step() == takeover_seq
+        assert late.step() == len(records)
         with journal.engine.connect() as conn:
             assert tuple(conn.execute(text(history)).one()) == stored_history  # none twice
-        for n in (0, calls // 2, calls - 1):
-            stored = journal.get_call(f"c{n}")
-            assert stored == rows_renewed[n]
-            assert stored is not None and stored.expires_at_ms == 9_000 + 120_000
-            assert stored == machine.calls[f"c{n}"].record()._replace(expires_at_ms=129_000)
-            assert machine.calls[f"c{n}"].expires_at_ms == 30_000 + 120_000
-        with journal.engine.connect() as conn:
             rows = conn.execute(text("SELECT count(*), min(seq), max(seq) FROM calls")).one()
-    assert tuple(rows) == (calls, len(opened) + 1, takeover_seq - 1)
+        assert [journal.get_call(f"c{n}") for n in range(calls)] == rows_ended
+    assert tuple(rows) == (calls, ended[0].seq, ended[-1].seq)
 
 
 def test_through_copy_an_entry_already_stored_is_kept_as_it_is(pg_url: str) -> None:

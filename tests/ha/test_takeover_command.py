@@ -110,7 +110,7 @@ class Journalled(Sim):
 
 def test_verify_accepts_an_open_call_whose_row_predates_the_takeover(tmp_path: Path) -> None:
     """The Takeover writes no call row: the history check of `callcredit-server verify`
-    takes an open call's row with an earlier deadline, never a later one."""
+    takes an open call's row with an earlier deadline, but not a row of another call."""
     sim = Journalled()
     sim.put_tariff()
     sim.open_account(balance=1_000)
@@ -129,11 +129,11 @@ def test_verify_accepts_an_open_call_whose_row_predates_the_takeover(tmp_path: P
         assert (checked.problems, checked.history_checked) == ([], True)
         row = journal.get_call("c")
         assert row is not None and row.expires_at_ms == restarted_ms - 5_000
-        sim.top_up(1)  # a record of another change, given a row of the call that is later:
+        sim.top_up(1)  # a record of another change, given a row of the call that is not its:
         late = sim.records[-1]
         journal.append([late])
         projector.step()
-        tampered = row._replace(expires_at_ms=restarted_ms + 1)
+        tampered = row._replace(destination=row.destination + "9")
         journal.project([Projected(late.seq, late.at_ms, (), (), (tampered,))], late.seq)
         problems = verify(journal, None).problems
     assert problems == ["call c: history row differs from the replayed call"]

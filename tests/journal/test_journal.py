@@ -565,27 +565,30 @@ def test_a_projection_done_twice_or_late_stores_each_row_once(journal: Journal) 
     assert journal.projected_through() == 3
 
 
-def test_a_later_snapshot_of_a_stored_call_updates_it_and_a_reused_id_replaces_it(
+def test_an_open_calls_row_waits_for_its_end_and_a_reused_id_replaces_it(
     journal: Journal,
 ) -> None:
     """`calls_before` (the projector's last call_seq before the records) says which calls
-    were stored by an earlier projection: their rows keep call_seq and account (which no
-    later snapshot changes), and the rest moves on; a call created in the records
-    replaces a row whole, even one an ended call left under the same id."""
-    store(journal, STORED)
-    journal.append([GOOD, record(4)])
+    were stored by an earlier projection. While such a call is open, its later
+    snapshots (renewals) stay in memory; once it ends, its row moves to its last
+    snapshot but for call_seq and account, which a call never changes. A call created
+    in the records replaces a row whole, even one an ended call left under the same id."""
+    store(journal, STORED)  # c1 and c2 open, as their reserves left them
+    journal.append([GOOD, record(4), record(5)])
+    renewed = call("c1", 1, used_seconds=30, last_sequence=1)
+    journal.project([history(3, calls=[renewed])], 3, calls_before=2)
+    assert journal.get_call("c1") == call("c1", 1)
     ended = call("c1", 1, state=CallState.RELEASED, used_seconds=61, last_sequence=2)
-    journal.project([history(3, calls=[ended])], 3, calls_before=2)
+    journal.project([history(4, calls=[ended])], 4, calls_before=2)
     assert journal.get_call("c1") == ended
-    # Only the columns a call changes move: a (wrong) snapshot of the stored c2 under
-    # another account and call_seq leaves those two as stored.
-    moved = call("c2", 9, "other", used_seconds=5)
-    journal.project([history(4, calls=[moved])], 4, calls_before=9)
+    # A (wrong) last snapshot of c2 under another account and call_seq: those two stay.
+    moved = call("c2", 9, "other", state=CallState.EXPIRED)
+    journal.project([history(5, calls=[moved])], 5, calls_before=9)
     assert journal.get_call("c2") == moved._replace(call_seq=2, account_id="acme")
     # The id c1 used again, long after, by a new call of another account.
-    journal.append([record(5)])
+    journal.append([record(6)])
     reused = call("c1", 10, "other")
-    journal.project([history(5, calls=[reused])], 5, calls_before=9)
+    journal.project([history(6, calls=[reused])], 6, calls_before=9)
     assert journal.get_call("c1") == reused
     assert [c.call_id for c in all_calls(journal, "other")] == ["c1"]
     assert [c.call_id for c in all_calls(journal, "acme")] == ["c2"]

@@ -94,6 +94,7 @@ from callcredit_server.core import (
 from callcredit_server.journal import MAX_READ_ROWS, Journal, JournalRecord
 from callcredit_server.projector import Projector, open_projector
 from callcredit_server.recovery import recover, verify
+from callcredit_server.service import _live
 from callcredit_server.snapshot import discard_older, write_snapshot
 from callcredit_server.writer_core import WriterCore
 from tests.core.helpers import fingerprint_of
@@ -998,8 +999,9 @@ class Simulation:
     def _check_history(self) -> None:
         """The real journal's history tables, once projected, say what the committed
         records said: every account's entries are the durable ledger's, and there is one
-        call row per call ever journaled, equal to the call in memory or, for a call that
-        left the window, to what it was when it was forgotten."""
+        call row per call ever journaled. Read as ListCalls reads them (an open call's row
+        swapped for the call in memory: `service._live`), each is the call in memory or,
+        for a call that left the window, what it was when it was forgotten."""
         real = self.real
         assert real is not None
         self._project_real()
@@ -1028,7 +1030,7 @@ class Simulation:
                 calls = real.list_calls(
                     account_id, active_only=False, before_call_seq=before_call_seq, limit=1_000
                 )
-                rows.update((c.call_id, c) for c in calls)
+                rows.update((c.call_id, c) for c in _live(self.machine, calls, active_only=False))
                 if len(calls) < 1_000:
                     break
                 before_call_seq = calls[-1].call_seq
