@@ -167,23 +167,6 @@ def proxy(system: str, workdir: Path) -> Iterator[tuple[int, str, dict[str, int]
             yield callcredit.sip_port, callcredit.target, callcredit.pids
 
 
-def process_tree(pid: int) -> list[int]:
-    """pid and its descendants (Kamailio's workers are children of its main process)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_bytes().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo.extend(children.get(current, []))
-    return tree
-
-
 async def _left_open(target: str) -> str:
     """After the run: "ok" once the account has no call open and nothing held (every
     answered call released), waiting up to LEFTOVER_WAIT_S; else what is left."""
@@ -220,16 +203,16 @@ def run_rate(system: str, rate: int, seconds: int, hold_s: float, workdir: Path)
             limit=math.ceil(rate * (hold_s + 10)),
             extra=["-trace_stat", "-stf", str(workdir / "caller_stat.csv"), "-fd", "1"],
         )
-        trees = {role: process_tree(pid) for role, pid in pids.items()}
-        cpu_before = {role: process_cpu_seconds(tree) for role, tree in trees.items()}
+        # Each role's process with its descendants (Kamailio's workers, the projector).
+        cpu_before = {role: process_cpu_seconds([pid]) for role, pid in pids.items()}
         busy_before, total_before = machine_cpu_seconds()
         started = time.monotonic()
         status = run_caller(argv, workdir)
         wall_s = time.monotonic() - started
         busy_after, total_after = machine_cpu_seconds()
         cpu_percent = {
-            role: round(100 * (process_cpu_seconds(tree) - cpu_before[role]) / wall_s)
-            for role, tree in trees.items()
+            role: round(100 * (process_cpu_seconds([pid]) - cpu_before[role]) / wall_s)
+            for role, pid in pids.items()
         }
         left = asyncio.run(_left_open(target)) if target else "n/a"
     placed, refused, ring_ms, answer_ms = setup_latency(workdir / "caller_messages.log")
