@@ -146,16 +146,18 @@ def _stat(pid: int) -> list[bytes] | None:
 
 
 def _descendants(pids: Sequence[int]) -> list[int]:
-    """Every live process below these ones (children, their children, ...)."""
+    """Every live process below these ones (children, their children, ...), but those
+    given: a child named with its parent counts once."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (fields := _stat(int(entry))) is not None:
             children.setdefault(int(fields[1]), []).append(int(entry))  # ppid (field 4)
+    given = set(pids)
     found: list[int] = []
     todo = list(pids)
     while todo:
         below = children.get(todo.pop(), [])
-        found += below
+        found += [pid for pid in below if pid not in given]
         todo += below
     return found
 

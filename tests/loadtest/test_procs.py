@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from loadtest.baselines.procs import process_cpu_seconds, tree_cpu_seconds
+from loadtest.baselines.procs import _descendants, process_cpu_seconds, tree_cpu_seconds
 
 # A parent that starts a child burning ~0.4 s of CPU (then a zombie until waited for),
 # and waits for it without working.
@@ -44,6 +44,10 @@ def test_a_childs_cpu_counts_while_it_runs_and_after_it_is_reaped() -> None:
             own, below = tree_cpu_seconds([parent.pid])
         assert below >= 0.3, f"the child's CPU was not counted: {below:.2f} s"
         assert own < 0.3, f"the parent only waits, yet {own:.2f} s"
+        # Named with its parent, the child counts once, as one of those given.
+        (child,) = _descendants([parent.pid])
+        both_own, both_below = tree_cpu_seconds([parent.pid, child])
+        assert both_own >= 0.3 and both_below < 0.3, (both_own, both_below)
         parent.stdin.write("\n")
         parent.stdin.flush()
         assert parent.stdout.readline() == "reaped\n"
