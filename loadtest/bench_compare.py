@@ -252,16 +252,16 @@ async def measure(
             await asyncio.wait([task])
     elapsed = t1 - t0
     cores = os.cpu_count() or 1
+    server_cpu = server_children_cpu = None
+    if server0 is not None and server1 is not None:
+        server_cpu = (sum(server1) - sum(server0)) / elapsed
+        server_children_cpu = (server1[1] - server0[1]) / elapsed
     return Window(
         ops=workload.measured_ops,
         seconds=elapsed,
         client_cpu=(client1 - client0) / elapsed,
-        server_cpu=None
-        if server0 is None or server1 is None
-        else (sum(server1) - sum(server0)) / elapsed,
-        server_children_cpu=(
-            None if server0 is None or server1 is None else (server1[1] - server0[1]) / elapsed
-        ),
+        server_cpu=server_cpu,
+        server_children_cpu=server_children_cpu,
         machine_busy=(busy1 - busy0) / max(total1 - total0, 1e-9) * cores,
         cores=cores,
     )

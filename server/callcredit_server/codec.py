@@ -44,6 +44,7 @@ from callcredit_server.core.events import Event, event_image
 from callcredit_server.core.model import (
     AccountStatus,
     CallRecord,
+    CallState,
     LedgerEntry,
     Rate,
     Tariff,
@@ -582,10 +583,13 @@ def _call_row(call: CallRecord, seq: int) -> tuple[object, ...]:
     )
 
 
-def history_rows(records: Sequence[Projected]) -> tuple[Rows, Rows, Rows]:
-    """The event, entry and call rows of a projection. A call touched several times
-    keeps only its last snapshot (one row per call, which ON CONFLICT DO UPDATE needs
-    within one statement on PostgreSQL)."""
+def history_rows(records: Sequence[Projected], calls_before: int) -> tuple[Rows, Rows, Rows, Rows]:
+    """The event, entry and call rows of a projection; the call rows in two lists: of
+    the calls created in the records (call_seq after `calls_before`), and of older ones
+    that have ended. An older call still open gets none: its row was stored with an
+    earlier projection, and its later snapshots stay in memory (journal.project). A
+    call touched several times keeps only its last snapshot (one row per call, which ON
+    CONFLICT DO UPDATE needs within one statement on PostgreSQL)."""
     event_rows: Rows = []
     entry_rows: Rows = []
     latest: dict[str, tuple[CallRecord, int]] = {}  # call id -> its last snapshot, and seq
@@ -597,4 +601,11 @@ def history_rows(records: Sequence[Projected]) -> tuple[Rows, Rows, Rows]:
             entry_rows.append(_entry_row(entry, seq))
         for call in calls:
             latest[call.call_id] = (call, seq)  # the last one wins; its row is built once
-    return event_rows, entry_rows, [_call_row(call, seq) for call, seq in latest.values()]
+    new_calls: Rows = []
+    ended_calls: Rows = []
+    for call, seq in latest.values():
+        if call.call_seq > calls_before:
+            new_calls.append(_call_row(call, seq))
+        elif call.state is not CallState.ACTIVE:
+            ended_calls.append(_call_row(call, seq))
+    return event_rows, entry_rows, new_calls, ended_calls

@@ -77,7 +77,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import (
@@ -522,7 +522,6 @@ if tuple(entries_table.c.keys()) != _ENTRY_ROW or tuple(calls_table.c.keys()) !=
     raise ImportError("journal row tuples do not follow their tables' column order")
 # The indexed columns of a call row that no later snapshot of the call changes.
 _CALL_FIXED = ("call_seq", "account_id")
-_OPEN = CallState.ACTIVE.value
 
 
 def _insert_sql(
@@ -1339,7 +1338,7 @@ class Journal:
         """
         self._check_open()
         with _failing_as("preparing the projection"):
-            event_rows, entry_rows, call_rows = history_rows(records)
+            event_rows, entry_rows, new_calls, ended_calls = history_rows(records, calls_before)
         with (
             _failing_as("storing the projection"),
             self._history_writer.begin() as connection,
@@ -1350,13 +1349,6 @@ class Journal:
                 _insert(connection, events_table, event_rows, key="seq")
             if entry_rows:
                 _insert(connection, entries_table, entry_rows, key="entry_id")
-            new_calls: Rows = []
-            ended_calls: Rows = []
-            for row in call_rows:
-                if cast(int, row[1]) > calls_before:  # call_seq
-                    new_calls.append(row)
-                elif row[4] != _OPEN:  # state
-                    ended_calls.append(row)
             if new_calls:
                 _insert(connection, calls_table, new_calls, key="call_id", newer=True)
             if ended_calls:
