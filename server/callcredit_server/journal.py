@@ -675,8 +675,10 @@ def _insert(
 def _copy_upsert(
     connection: Connection, table: Table, rows: Rows, key: str, newer: bool, fixed: tuple[str, ...]
 ) -> None:
-    """PostgreSQL: COPY `rows` into a temporary twin of `table` (emptied at commit), then
-    one INSERT ... SELECT with `_insert_sql`'s ON CONFLICT: the same rows as executemany."""
+    """PostgreSQL: COPY `rows` into a temporary twin of `table`, then one INSERT ...
+    SELECT with `_insert_sql`'s ON CONFLICT: the same rows as executemany. The twin is
+    emptied after its INSERT, as a transaction may COPY into it again (a projection's
+    new calls, then its ended ones), and at commit."""
     quote = connection.dialect.identifier_preparer.quote
     names = ", ".join(quote(c.name) for c in table.c)
     staging = quote(f"_staging_{table.name}")
@@ -694,6 +696,7 @@ def _copy_upsert(
         cursor.execute(
             f"INSERT INTO {quote(table.name)} ({names}) SELECT {names} FROM {staging}{conflict}"
         )
+        cursor.execute(f"TRUNCATE {staging}")
     finally:
         cursor.close()
 

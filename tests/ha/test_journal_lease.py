@@ -246,3 +246,19 @@ def test_through_copy_an_entry_already_stored_is_kept_as_it_is(pg_url: str) -> N
                 text("SELECT amount, seq FROM ledger_entries ORDER BY entry_id")
             ).all()
     assert [tuple(row) for row in stored] == [(5, 1)] * len(rows)
+
+
+def test_a_copy_leaves_its_staging_table_empty_for_the_next_in_the_same_transaction(
+    pg_url: str,
+) -> None:
+    """A projection may COPY into one table twice in a transaction (its new calls, then
+    its ended ones): the second upsert must take its own rows only, not the first's
+    again, which are still staged until commit unless emptied."""
+    rows: list[tuple[object, ...]] = [
+        (n, "a", "TOP_UP", 5, 5 * n, "", "", f"k{n}", 1_000, 1)
+        for n in range(1, POSTGRES_COPY_MIN_ROWS + 1)
+    ]
+    with Journal(pg_url) as journal, journal.engine.begin() as connection:
+        _insert(connection, entries_table, rows, key="entry_id")
+        staged = connection.execute(text("SELECT count(*) FROM _staging_ledger_entries"))
+        assert staged.scalar() == 0
