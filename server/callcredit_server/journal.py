@@ -101,6 +101,7 @@ from sqlalchemy import (
     insert,
     select,
     text,
+    update,
 )
 from sqlalchemy import inspect as sqlalchemy_inspect
 from sqlalchemy.engine import URL, Dialect, make_url
@@ -391,7 +392,9 @@ def _sqlite_on_connect(durable: bool, dbapi_connection: Any, _record: Any) -> No
     and a reply must never outlive its record. A journal opened with durable=False
     (the projector's) takes NORMAL: its commits do not wait for the disk while they
     hold SQLite's one write lock, which the writer's next append waits for; the WAL
-    stays consistent, and a later durable commit syncs them too.
+    stays consistent, and a later durable commit to the same file syncs them too. The
+    history has a file of its own, which the writer does not commit to: what deletes
+    on the strength of its watermark reads it with `durable_projected_through`.
 
     `isolation_level = None` stops the sqlite3 module from issuing its own BEGIN (it
     skips SELECTs and DDL); SQLAlchemy's "begin" event issues it instead
@@ -1195,7 +1198,9 @@ class Journal:
         rows after it are still verified. The projection (history, events)
         stays, and is never passed: the records it has not projected yet are refused.
         """
-        projected = self.projected_through()  # only moves forward: read before is safe
+        # Only moves forward: read before is safe; durable: a power loss cannot take the
+        # projection back behind what this deletes.
+        projected = self.durable_projected_through()
         self._tail = None
         with _failing_as(f"pruning through seq {through_seq}"), self._writer.begin() as connection:
             already = int(_meta(connection).get("pruned_through_seq", "0"))
@@ -1365,6 +1370,43 @@ class Journal:
         self._check_open()
         with _failing_as("reading the projection"), self._history.connect() as connection:
             return _projected_through(connection)
+
+    def durable_projected_through(self) -> int:
+        """The projection's watermark, on disk before it is returned: what may decide to
+        delete what a projector restarting at its watermark would need (a prune, older
+        snapshots). The projector commits without waiting for the disk (durable=False),
+        so after a power loss its newest watermark could go back to one the journal and
+        the snapshots no longer cover.
+
+        SQLite: a FULL checkpoint of the history's WAL after reading it (every frame
+        copied into the file, which is then synced); JournalError if readers or the
+        projector kept it from finishing within the busy timeout. PostgreSQL: a
+        synchronous commit after reading it, which flushes the WAL through the
+        projector's commits before it."""
+        self._check_open()
+        if self._history.dialect.name != "sqlite":
+            with _failing_as("making the projection durable"), self._history_writer.begin() as c:
+                c.execute(text("SET LOCAL synchronous_commit TO on"))
+                seq = _projected_through(c)
+                name = projection_table.c.name
+                c.execute(update(projection_table).where(name == PROJECTION).values(seq=seq))
+            return seq
+        seq = self.projected_through()
+        with _failing_as("making the projection durable"):
+            connection = self._history.raw_connection()  # autocommit: no BEGIN around it
+            try:
+                cursor = connection.cursor()
+                busy, frames, copied = cursor.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+                cursor.close()
+            finally:
+                connection.close()
+        if busy:
+            raise JournalError(
+                f"the projection's watermark (seq {seq}) could not be made durable: the "
+                f"history's WAL checkpoint copied {copied} of {frames} frames before its "
+                f"{SQLITE_BUSY_TIMEOUT_MS} ms busy timeout (try again)"
+            )
+        return seq
 
     def last_seq_before(self, at_ms: int, through_seq: int) -> int:
         """The last record with events before `at_ms`, up to seq `through_seq` (0 if none):

@@ -147,7 +147,8 @@ class Projector:
     def reap_snapshot(self, *, wait: bool = False) -> None:
         """If the snapshot child exited (with `wait`: once it does), say how; after a
         snapshot written, delete the ones no start and no projector restart needs (all
-        kept if the watermark cannot be read: the next snapshot tries again)."""
+        kept if the watermark cannot be read or made durable: the next snapshot tries
+        again)."""
         if self._child is None or self._snapshots is None:
             return
         pid, seq = self._child
@@ -162,7 +163,7 @@ class Projector:
             return
         log.info("snapshot at seq %d written", seq)
         try:
-            projected = self._journal.projected_through()
+            projected = self._journal.durable_projected_through()
         except JournalError as exc:
             log.warning("older snapshots kept: %s", exc)
             return

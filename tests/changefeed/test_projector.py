@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -19,10 +20,11 @@ from typer.testing import CliRunner
 
 from callcredit.v1 import admin_pb2
 from callcredit_server import cli, projector, service
+from callcredit_server import journal as journal_module
 from callcredit_server.core import Command, CreateAccount, PutTariff, Release, StateMachine, TopUp
 from callcredit_server.core.events import Event
 from callcredit_server.core.model import Tariff
-from callcredit_server.journal import Journal, JournalError, JournalRecord
+from callcredit_server.journal import HISTORY_SUFFIX, Journal, JournalError, JournalRecord
 from callcredit_server.recovery import recover
 from callcredit_server.snapshot import discard_older, list_snapshots, read_snapshot, write_snapshot
 from tests.changefeed.test_watch import collect, top_ups, watch
@@ -279,6 +281,24 @@ async def test_a_stopped_projector_makes_history_reads_fail_not_answer_stale(
     assert [e.balance_after for e in entries.entries] == [100, 101]
 
 
+def write_snapshots(
+    folder: Path,
+    commands: list[tuple[int, Command]],
+    seqs: tuple[int, ...],
+    each: Callable[[], None] = lambda: None,
+) -> int:
+    """Write the state at each seq of `seqs` to `folder` as a snapshot (calling `each`
+    after each one), as the projector's child would; the last seq of the commands."""
+    machine, seq = StateMachine(events=False), 0
+    for at_ms, command in commands:
+        if machine.apply(command, at_ms).changed:  # a refused command is no record
+            seq += 1
+            if seq in seqs:
+                write_snapshot(folder, seq, machine.image(), at_ms)
+                each()
+    return seq
+
+
 def test_prune_never_goes_past_the_projection(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -290,12 +310,7 @@ def test_prune_never_goes_past_the_projection(
     with Journal(database_url) as journal:
         expected = write_journal(journal, commands)
         snapshots = root / journal.journal_id  # the server's folder for this journal
-        machine, seq = StateMachine(events=False), 0
-        for at_ms, command in commands:
-            if machine.apply(command, at_ms).changed:  # a refused command is no record
-                seq += 1
-                if seq in (100, 200):
-                    write_snapshot(snapshots, seq, machine.image(), at_ms)
+        seq = write_snapshots(snapshots, commands, (100, 200))
         assert journal.last_seq() == seq > 200
         first = projector.open_projector(journal, snapshots)
         while journal.projected_through() < 140:
@@ -354,13 +369,12 @@ def test_the_snapshot_a_projector_behind_resumes_from_outlives_newer_ones(
     with Journal(database_url) as journal:
         write_journal(journal, commands)
         assert projector.open_projector(journal, snapshots).step() == 150
-        machine, seq = StateMachine(events=False), 0
-        for at_ms, command in commands:
-            if machine.apply(command, at_ms).changed:
-                seq += 1
-                if seq in (100, 200, 250, 300):
-                    write_snapshot(snapshots, seq, machine.image(), at_ms)
-                    discard_older(snapshots, journal.projected_through())
+        write_snapshots(
+            snapshots,
+            commands,
+            (100, 200, 250, 300),
+            lambda: discard_older(snapshots, journal.projected_through()),
+        )
         assert [found.seq for found in list_snapshots(snapshots)] == [300, 250, 100]
         assert journal.prune(100) == 100
         resumed = projector.open_projector(journal, snapshots)
@@ -380,12 +394,7 @@ def test_a_projection_that_cannot_resume_stops_rather_than_skip(
     snapshots = tmp_path / "snapshots"
     with Journal(database_url) as journal:
         write_journal(journal, commands)
-        machine, seq = StateMachine(events=False), 0
-        for at_ms, command in commands:
-            if machine.apply(command, at_ms).changed:
-                seq += 1
-                if seq in (100, 200):
-                    write_snapshot(snapshots, seq, machine.image(), at_ms)
+        write_snapshots(snapshots, commands, (100, 200))
         assert projector.open_projector(journal, snapshots).step() == 150
         assert journal.prune(100) == 100
         oldest = list_snapshots(snapshots)[-1]
@@ -394,3 +403,56 @@ def test_a_projection_that_cannot_resume_stops_rather_than_skip(
         with pytest.raises(JournalError, match="cannot resume at seq 150"):
             projector.open_projector(journal, snapshots)
         assert journal.projected_through() == 150
+
+
+def test_a_power_loss_after_a_prune_cannot_take_the_projection_behind_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: the projector commits to the history's file without waiting for the disk,
+    and the writer never commits to that file, so nothing else syncs it. A prune (and a
+    snapshot's clean-up) must not trust a watermark a power loss could take back: with
+    the journal pruned through seq 100, a history back at seq 0 could never be derived
+    again. Modelled here as the loss of every history WAL frame not checkpointed: the
+    history's file as it was just after the prune, without its WAL."""
+    monkeypatch.setattr(projector, "MAX_RECORDS_PER_STEP", 150)
+    url = f"sqlite:///{tmp_path / 'journal.db'}"
+    history = tmp_path / f"journal.db{HISTORY_SUFFIX}"
+    commands = workload(300)
+    snapshots = tmp_path / "snapshots"
+    with Journal(url) as journal, Journal(url, durable=False) as projecting:
+        write_journal(journal, commands)
+        write_snapshots(snapshots, commands, (100,))
+        assert projector.open_projector(projecting, snapshots).step() == 150
+        assert journal.prune(100) == 100
+        shutil.copy(history, tmp_path / "on-disk")
+    for name in (f"{history}-wal", f"{history}-shm"):
+        Path(name).unlink(missing_ok=True)
+    shutil.copy(tmp_path / "on-disk", history)
+    with Journal(url, durable=False) as projecting:
+        assert projecting.projected_through() == 150
+        assert projector.open_projector(projecting, snapshots).applied_seq == 150
+
+
+def test_a_watermark_that_cannot_be_made_durable_deletes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: a reader holding an older state of the history keeps its WAL checkpoint
+    from finishing: a prune then refuses (nothing deleted), naming the reason."""
+    monkeypatch.setattr(journal_module, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    monkeypatch.setattr(projector, "MAX_RECORDS_PER_STEP", 150)
+    url = f"sqlite:///{tmp_path / 'journal.db'}"
+    with Journal(url) as journal:
+        write_journal(journal, workload(300))
+        projecting = projector.open_projector(journal, None)
+        assert projecting.step() == 150
+        reader = sqlite3.connect(f"{tmp_path / 'journal.db'}{HISTORY_SUFFIX}")
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM events").fetchone()  # holds this state
+            assert projecting.step() > 0  # the projection moves on past it
+            with pytest.raises(JournalError, match="could not be made durable"):
+                journal.prune(100)
+        finally:
+            reader.close()
+        assert journal.pruned_through() == 0
+        assert journal.prune(100) == 100
