@@ -847,10 +847,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             parsed = changefeed.parse_cursor(request.after)
             if parsed is None:
                 await _abort(context, invalid("after", "is not a cursor this server gave"))
-            if parsed[0] > durable_seq:
-                await _abort(
-                    context, invalid("after", f"is beyond the journal's end (seq {durable_seq})")
-                )
+            # The projector (another process) may store and publish a record before the
+            # writer's own durable mark moves past it: a cursor given for it is valid.
+            end = max(durable_seq, feed.projected_seq)
+            if parsed[0] > end:
+                await _abort(context, invalid("after", f"is beyond the journal's end (seq {end})"))
             cursor = parsed
         if not request.from_end:
             await self._projected(durable_seq, context)

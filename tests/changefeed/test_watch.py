@@ -167,6 +167,28 @@ async def test_a_cursor_beyond_the_end_and_conflicting_fields_are_refused(
     assert event.seq == tail + 1
 
 
+async def test_a_cursor_the_projection_covers_is_valid_before_the_writer_marks_it_durable(
+    harness: Harness,
+) -> None:
+    """The projector sees a commit as soon as it is made, and may publish its events
+    before the writer's event loop runs the commit's on_durable: a client resuming from
+    such an event's cursor at that moment is not refused."""
+    await harness.funded_account("acme", 1)
+    tail = harness.running.journal.last_seq()
+    feed = harness.running.metrics.feed if harness.running.metrics else None
+    assert feed is not None
+    await asyncio.wait_for(feed.projected(tail), 5.0)
+    feed.durable_seq = tail - 1  # the writer's mark, one record behind the projection
+    resumed = watch(harness, after=f"{tail}.{changefeed.END_OF_RECORD}")
+    live = asyncio.ensure_future(collect(resumed, 1))
+    await asyncio.sleep(0.1)
+    feed.durable_seq = tail
+    await top_ups(harness, "acme", 0, 1)
+    (event,), _ = await live
+    resumed.cancel()
+    assert event.seq == tail + 1
+
+
 async def test_a_slow_consumer_is_cut_and_resumes_from_its_cursor(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
