@@ -38,6 +38,9 @@ T = TypeVar("T")
 
 MAX_QUEUED_SUBMISSIONS = 10_000  # submissions waiting for the apply task
 MAX_SUBMISSIONS_PER_ROUND = 1_024  # applied at one instant before yielding
+# ... and at most this many commands (one submission may hold 10,000): a round holds the
+# event loop, and the room check before it (MAX_UNCOMMITTED_RECORDS) is passed by this.
+MAX_COMMANDS_PER_ROUND = 20_000
 MAX_RECORDS_PER_COMMIT = 20_000  # journal records in one transaction
 MAX_UNCOMMITTED_RECORDS = 100_000  # the apply task waits for the journal beyond this
 # A commit that has not returned in this long is a failed journal (a stalled
@@ -206,16 +209,28 @@ class Writer:
         if self._failure is not None:
             raise Unavailable(str(self._failure))
         await self._queue.put(submission)
+        if self._failure is not None:  # it failed while this waited for room in the queue:
+            _refuse([submission], self._unavailable)  # no apply task will take it now
         return submission.future
 
     # ------------------------------------------------------------ apply task
 
     async def _apply_loop(self) -> None:
+        batch: list[_Submission] = []
         try:
             while True:
                 batch = [await self._queue.get()]
-                while len(batch) < MAX_SUBMISSIONS_PER_ROUND and not self._queue.empty():
+                commands = len(batch[0].commands)
+                while (
+                    len(batch) < MAX_SUBMISSIONS_PER_ROUND
+                    and commands < MAX_COMMANDS_PER_ROUND
+                    and not self._queue.empty()
+                ):
                     batch.append(self._queue.get_nowait())
+                    commands += len(batch[-1].commands)
+                if self._failure is not None:  # the commit task failed since the last round
+                    _refuse(batch, self._unavailable)
+                    return
                 while len(self._core.records) >= MAX_UNCOMMITTED_RECORDS:
                     self._committed.clear()
                     await self._committed.wait()
@@ -228,6 +243,7 @@ class Writer:
             raise
         except BaseException as exc:  # an invariant broke: stop taking work
             self._fail(exc)
+            _refuse(batch, self._unavailable)  # the round's submissions not yet answered
 
     def _apply_round(self, batch: list[_Submission]) -> None:
         core = self._core
