@@ -78,6 +78,7 @@ MAX_UNSENT_OPERATIONS_PER_STREAM = 10_000  # a full 10,000-operation message alw
 MAX_ECHOED_REQUEST_ID_CHARS = 256
 MAX_PUSHES_BUFFERED_PER_STREAM = 10_000  # a stream that cannot keep up is closed
 MAX_ITEMS_PER_RESPONSE = 10_000  # answers and pushes merged into one ControlResponse
+MAX_CONTROL_STREAMS = 1_000  # Control streams at once; more are refused UNAVAILABLE
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1_000
 MAX_PAGE_TOKEN = 2**63 - 1  # a call_seq: BIGINT in the journal
@@ -294,6 +295,11 @@ def _allows() -> AccountFilter | None:
 
 
 def _outside(account_id: str) -> status_pb2.Status:
+    """The refusal of an account outside the token's tenant. An id no account can have
+    is refused as invalid, and not echoed: 10,000 refusals repeating a 1,000-character id
+    would make an answer larger than gRPC sends."""
+    if not is_id(account_id):
+        return invalid("account_id", ID_RULE)
     return permission_denied(f"account {account_id!r} is outside this token's tenant")
 
 
@@ -312,6 +318,11 @@ class CreditControlServicer(credit_control_pb2_grpc.CreditControlServiceServicer
         request_iterator: AsyncIterator[credit_control_pb2.ControlRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[credit_control_pb2.ControlResponse]:
+        if len(self._streams) >= MAX_CONTROL_STREAMS:
+            await _abort(
+                context,
+                unavailable(f"too many Control streams ({MAX_CONTROL_STREAMS}); retry later"),
+            )
         session = StreamSession(_allows())
         reader = asyncio.create_task(self._read_requests(request_iterator, session))
         self._streams[session] = reader

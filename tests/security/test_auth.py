@@ -425,3 +425,24 @@ async def test_no_token_or_hash_reaches_the_logs(
         assert token not in text
         assert hash_token(token) not in text
         assert hash_token(token).removeprefix("sha256:") not in text
+
+
+async def test_a_full_batch_of_refusals_for_a_long_foreign_id_fits_one_answer(
+    secured: Secured, acme_stream: Stream
+) -> None:
+    """10,000 reserves on a 790-character id outside the tenant (a legal 8 MB message):
+    an id no account can have is refused as invalid and not echoed, so the answers fit
+    what gRPC sends, and the stream goes on. Echoed, they came to 9.3 MB and the stream
+    died RESOURCE_EXHAUSTED."""
+    await secured.fund("acme-1", 100)
+    before = secured.last_seq()
+    foreign = "b" * 790
+    operations = [reserve_op(f"r{n}", f"c-{n}", foreign) for n in range(10_000)]
+    answers = await exchange(acme_stream, *operations)
+    assert {answer.error.code for answer in answers.values()} == {
+        grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    }
+    assert all(foreign not in answer.error.message for answer in answers.values())
+    assert secured.last_seq() == before
+    answers = await exchange(acme_stream, reserve_op("ok", "c-ok", "acme-1"))
+    assert answers["ok"].reserve.grant.allowed_seconds == 60

@@ -11,6 +11,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from callcredit.v1 import admin_pb2, credit_control_pb2
+from callcredit_server import service
 from tests.service.conftest import UNIT_PER_SECOND, Harness
 from tests.service.streams import RawStream, release_op, renew_op, reserve_op
 
@@ -227,3 +228,24 @@ async def test_a_batch_over_ten_thousand_operations_is_refused(harness: Harness)
     assert await stream.ended() == grpc.StatusCode.INVALID_ARGUMENT
     assert stream.outcomes == {}
     assert await _digest(harness) == before
+
+
+async def test_control_streams_past_the_limit_are_refused_and_a_closed_one_frees_a_place(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each Control stream holds buffers of its own (unsent answers, pushes): their
+    number is bounded too. One more is refused UNAVAILABLE before it is read."""
+    monkeypatch.setattr(service, "MAX_CONTROL_STREAMS", 2)
+    await harness.funded_account("acme", 10**6)
+    streams = [RawStream(harness.dialer) for _ in range(2)]
+    for n, stream in enumerate(streams):  # both are open at the server
+        (answer,) = await stream.ask(release_op(f"r{n}", f"no-such-call-{n}", 0))
+        assert answer.WhichOneof("result") == "error"
+    extra = RawStream(harness.dialer)
+    assert await extra.ended() is grpc.StatusCode.UNAVAILABLE
+    await streams[0].close()
+    again = RawStream(harness.dialer)
+    (answer,) = await again.ask(reserve_op("r-again", "c-again", "acme"))
+    assert answer.WhichOneof("result") == "reserve"
+    await again.close()
+    await streams[1].close()
