@@ -9,6 +9,7 @@ the SIPp dialer measured.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 from callcredit.admin import AdminClient
@@ -28,6 +29,7 @@ from tests.sip.lab import (
     call_id,
     calls_of,
     funded,
+    rpc,
     settled,
     stop,
 )
@@ -373,3 +375,50 @@ async def confirmed_dialogs(lab: Lab, count: int) -> list[dict[str, int]]:
             return found
         assert time.monotonic() < deadline, f"dialogs: {lab.dialogs()}"
         await asyncio.sleep(0.1)
+
+
+async def made_up_bye(lab: Lab, sip_call_id: str) -> object:
+    """Send Kamailio a BYE routed through it for `sip_call_id`, with tags of no dialog;
+    what its `ccend` table holds for that Call-ID a second later."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        bye = (
+            f"BYE sip:x@127.0.0.1:{lab.carrier_port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-madeup\r\n"
+            f"Route: <sip:127.0.0.1:{lab.sip_port};lr>\r\n"
+            "Max-Forwards: 70\r\nFrom: <sip:a@x>;tag=made-up-1\r\n"
+            "To: <sip:b@y>;tag=made-up-2\r\n"
+            f"Call-ID: {sip_call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+        )
+        sock.sendto(bye.encode(), ("127.0.0.1", lab.sip_port))
+        await asyncio.sleep(1.0)
+    return rpc(lab.rpc_port, "htable.get", "ccend", sip_call_id)
+
+
+def stamped(found: object) -> bool:
+    return isinstance(found, dict) and bool(found.get("item"))
+
+
+async def test_a_bye_of_no_dialog_is_not_a_call_s_end(lab: Lab) -> None:
+    """A BYE with a Route to Kamailio but no dialog behind it (a Call-ID not seen yet)
+    must not stamp that Call-ID's end: a call placed under it later would be released
+    at that earlier time, its talk unpaid."""
+    found = await made_up_bye(lab, "not-yet-placed@elsewhere")
+    assert not stamped(found), found
+
+
+async def test_a_bye_with_other_tags_does_not_end_a_live_call(lab: Lab, admin: AdminClient) -> None:
+    """A BYE with a live call's Call-ID but tags of no dialog is not that call's end:
+    the call talks on to its own end and is charged for all of it."""
+    await funded(admin, "tagged", 20)
+    dial = lab.dial("tagged", calls=1, talk_seconds=4)
+    [dialog] = await confirmed_dialogs(lab, 1)
+    sip_call_id = str(dialog["call-id"])
+    found = await made_up_bye(lab, sip_call_id)
+    assert not stamped(found), found
+    dial.wait(timeout_seconds=30)
+    [record] = dial.answered
+    assert not record.ended_by_proxy  # the dialer hung up after its 4 s
+    calls = await calls_of(admin, "tagged")
+    assert_billed(calls[call_id(sip_call_id)], record)
