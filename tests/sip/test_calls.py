@@ -422,3 +422,35 @@ async def test_a_bye_with_other_tags_does_not_end_a_live_call(lab: Lab, admin: A
     assert not record.ended_by_proxy  # the dialer hung up after its 4 s
     calls = await calls_of(admin, "tagged")
     assert_billed(calls[call_id(sip_call_id)], record)
+
+
+async def test_an_invite_whose_event_would_be_too_large_is_refused_by_kamailio(
+    lab: Lab, admin: AdminClient
+) -> None:
+    """JSON escapes a control character in six bytes: an INVITE with a 12,000-character
+    Call-ID of them makes a 72 KB event, over the adapter's 64 KiB frame bound, and was
+    left unanswered until Kamailio gave up on the adapter. Kamailio now refuses such
+    INVITEs itself (as it does an account header over 128 characters, and a destination
+    over 64), and the adapter stays connected."""
+    await funded(admin, "after", 20)
+    fields = {"Call-ID": "\x01" * 12_000, "X-Callcredit-Account": "after"}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(1.0)
+        port = sock.getsockname()[1]
+        invite = (
+            f"INVITE sip:84901234567@127.0.0.1:{lab.sip_port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-large\r\n"
+            "Max-Forwards: 70\r\nFrom: <sip:a@x>;tag=large-1\r\nTo: <sip:84901234567@y>\r\n"
+            + "".join(f"{name}: {text}\r\n" for name, text in fields.items())
+            + f"CSeq: 1 INVITE\r\nContact: <sip:a@127.0.0.1:{port}>\r\nContent-Length: 0\r\n\r\n"
+        )
+        sock.sendto(invite.encode("latin-1"), ("127.0.0.1", lab.sip_port))
+        statuses: list[str] = []
+        while not statuses or statuses[-1].startswith("SIP/2.0 1"):
+            statuses.append(sock.recv(65_535).decode("latin-1").split("\r\n", 1)[0])
+    assert statuses[-1] == "SIP/2.0 400 Bad Call-ID"
+    adapter_log = (lab.folder / f"adapter-{lab.adapter_starts}.log").read_text()
+    assert "connection lost" not in adapter_log  # it never had to reconnect
+    dial = lab.dial("after", calls=1, talk_seconds=2).wait(timeout_seconds=30)
+    assert len(dial.answered) == 1
