@@ -377,21 +377,28 @@ async def confirmed_dialogs(lab: Lab, count: int) -> list[dict[str, int]]:
         await asyncio.sleep(0.1)
 
 
+def sip_request(request_line: str, port: int, headers: dict[str, str]) -> bytes:
+    """A SIP request with no body, sent over UDP from 127.0.0.1:`port`: `headers` in order
+    after its Via and Max-Forwards."""
+    lines = [request_line, f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-test"]
+    lines += ["Max-Forwards: 70", *(f"{name}: {value}" for name, value in headers.items())]
+    return "\r\n".join([*lines, "Content-Length: 0", "", ""]).encode("latin-1")
+
+
 async def made_up_bye(lab: Lab, sip_call_id: str) -> object:
     """Send Kamailio a BYE routed through it for `sip_call_id`, with tags of no dialog;
     what its `ccend` table holds for that Call-ID a second later."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        bye = (
-            f"BYE sip:x@127.0.0.1:{lab.carrier_port} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-madeup\r\n"
-            f"Route: <sip:127.0.0.1:{lab.sip_port};lr>\r\n"
-            "Max-Forwards: 70\r\nFrom: <sip:a@x>;tag=made-up-1\r\n"
-            "To: <sip:b@y>;tag=made-up-2\r\n"
-            f"Call-ID: {sip_call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
-        )
-        sock.sendto(bye.encode(), ("127.0.0.1", lab.sip_port))
+        headers = {
+            "Route": f"<sip:127.0.0.1:{lab.sip_port};lr>",
+            "From": "<sip:a@x>;tag=made-up-1",
+            "To": "<sip:b@y>;tag=made-up-2",
+            "Call-ID": sip_call_id,
+            "CSeq": "2 BYE",
+        }
+        bye = f"BYE sip:x@127.0.0.1:{lab.carrier_port} SIP/2.0"
+        sock.sendto(sip_request(bye, sock.getsockname()[1], headers), ("127.0.0.1", lab.sip_port))
         await asyncio.sleep(1.0)
     return rpc(lab.rpc_port, "htable.get", "ccend", sip_call_id)
 
@@ -433,19 +440,20 @@ async def test_an_invite_whose_event_would_be_too_large_is_refused_by_kamailio(
     INVITEs itself (as it does an account header over 128 characters, and a destination
     over 64), and the adapter stays connected."""
     await funded(admin, "after", 20)
-    fields = {"Call-ID": "\x01" * 12_000, "X-Callcredit-Account": "after"}
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         sock.settimeout(1.0)
         port = sock.getsockname()[1]
-        invite = (
-            f"INVITE sip:84901234567@127.0.0.1:{lab.sip_port} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-large\r\n"
-            "Max-Forwards: 70\r\nFrom: <sip:a@x>;tag=large-1\r\nTo: <sip:84901234567@y>\r\n"
-            + "".join(f"{name}: {text}\r\n" for name, text in fields.items())
-            + f"CSeq: 1 INVITE\r\nContact: <sip:a@127.0.0.1:{port}>\r\nContent-Length: 0\r\n\r\n"
-        )
-        sock.sendto(invite.encode("latin-1"), ("127.0.0.1", lab.sip_port))
+        headers = {
+            "From": "<sip:a@x>;tag=large-1",
+            "To": "<sip:84901234567@y>",
+            "Call-ID": "\x01" * 12_000,
+            "X-Callcredit-Account": "after",
+            "CSeq": "1 INVITE",
+            "Contact": f"<sip:a@127.0.0.1:{port}>",
+        }
+        invite = f"INVITE sip:84901234567@127.0.0.1:{lab.sip_port} SIP/2.0"
+        sock.sendto(sip_request(invite, port, headers), ("127.0.0.1", lab.sip_port))
         statuses: list[str] = []
         while not statuses or statuses[-1].startswith("SIP/2.0 1"):
             statuses.append(sock.recv(65_535).decode("latin-1").split("\r\n", 1)[0])
