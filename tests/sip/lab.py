@@ -14,6 +14,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -51,12 +52,34 @@ def tool(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
 
 
+def _below_ephemeral() -> range:
+    """Ports below the kernel's ephemeral range, which sockets bound to port 0 take from."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return range(max(1_024, low - 12_000), low)
+
+
+_PORTS = _below_ephemeral()
+_handed_out: set[int] = set()
+
+
 def free_port(kind: int) -> int:
-    """A loopback port free right now (SOCK_DGRAM or SOCK_STREAM)."""
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
+    """A loopback port free right now (SOCK_DGRAM or SOCK_STREAM), for a program to bind.
+
+    Below the ephemeral range: a port 0 picks would be free here and taken a moment later
+    by any socket bound to port 0 (every rpc() call's is), before the program binds it
+    (SIPp then exits "Unable to bind main socket", once in a CI run). And never one
+    handed out before in this process."""
+    for port in random.sample(_PORTS, len(_PORTS)):
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, kind) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError(f"no free port in {_PORTS}")
 
 
 def stop(process: subprocess.Popen[bytes], *, kill: bool = False) -> None:
