@@ -794,6 +794,20 @@ def _row_holding(connection: Connection, seq: int) -> int:
     return int(found.seq) if found is not None and found.last_seq >= seq else seq
 
 
+def _checkpoint(engine: Engine, mode: str) -> tuple[int, int, int]:
+    """SQLite: `PRAGMA wal_checkpoint(mode)` on a connection of its own, outside any
+    transaction (a raw connection is in autocommit); its (busy, WAL frames, frames
+    checkpointed)."""
+    connection = engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        busy, frames, copied = cursor.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        cursor.close()
+    finally:
+        connection.close()
+    return int(busy), int(frames), int(copied)
+
+
 def _projected_through(connection: Connection) -> int:
     query = select(projection_table.c.seq).where(projection_table.c.name == PROJECTION)
     found = connection.execute(query).scalar()
@@ -1001,13 +1015,7 @@ class Journal:
         if self._engine.dialect.name != "sqlite":
             return
         with _failing_as("checkpointing the journal's WAL"):
-            connection = self._engine.raw_connection()  # autocommit: no BEGIN around it
-            try:
-                cursor = connection.cursor()
-                cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                cursor.close()
-            finally:
-                connection.close()
+            _checkpoint(self._engine, "PASSIVE")
 
     # ------------------------------------------------------------- the lease
 
@@ -1393,13 +1401,7 @@ class Journal:
             return seq
         seq = self.projected_through()
         with _failing_as("making the projection durable"):
-            connection = self._history.raw_connection()  # autocommit: no BEGIN around it
-            try:
-                cursor = connection.cursor()
-                busy, frames, copied = cursor.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
-                cursor.close()
-            finally:
-                connection.close()
+            busy, frames, copied = _checkpoint(self._history, "FULL")
         if busy:
             raise JournalError(
                 f"the projection's watermark (seq {seq}) could not be made durable: the "
